@@ -1,0 +1,364 @@
+"""The TOML configuration: parsed into frozen dataclasses, checked key by key.
+
+Every error names the file, the key path and what was expected, e.g.
+``models.toml: models[2].max_batch_size: expected a positive integer, got "abc"``,
+because the operator reading it at 3 a.m. should not have to guess.  Unknown
+keys are errors too: a typo that silently does nothing is worse than a refusal.
+
+The same checks serve models registered at run time (``model_from_dict``),
+so a control call gets exactly the messages a config file does.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from .tensors import DATATYPES, TensorSpec, parse_shape
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+SOURCE_KINDS = ("zoo", "torchscript", "export", "safetensors")
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+DTYPES = ("FP32", "FP16", "BF16")
+
+
+class ConfigError(ValueError):
+    """A configuration (file or control call) is wrong; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One model version: where it comes from and how it is served."""
+
+    name: str
+    source: str
+    version: str = "1"
+    factory: str | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+    inputs: tuple[TensorSpec, ...] | None = None
+    outputs: tuple[TensorSpec, ...] | None = None
+    device: str = "auto"
+    dtype: str | None = None
+    warmup: int = 1
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 0.0
+    max_queue_size: int = 1024
+    priority: int = 2
+    timeout_ms: float = 30_000.0
+    # Where relative source paths and factory modules are looked up, and the
+    # directories a source path must stay inside.
+    base_dir: str = "."
+    model_roots: tuple[str, ...] = ()
+
+    @property
+    def source_kind(self) -> str:
+        return self.source.split(":", 1)[0]
+
+    @property
+    def source_ref(self) -> str:
+        return self.source.split(":", 1)[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as registered (JSON-able), for the store and the API."""
+        d: dict[str, Any] = {
+            "name": self.name,
+            "version": self.version,
+            "source": self.source,
+            "device": self.device,
+            "warmup": self.warmup,
+            "max_batch_size": self.max_batch_size,
+            "max_queue_delay_ms": self.max_queue_delay_ms,
+            "max_queue_size": self.max_queue_size,
+            "priority": self.priority,
+            "timeout_ms": self.timeout_ms,
+        }
+        if self.factory:
+            d["factory"] = self.factory
+        if self.args:
+            d["args"] = dict(self.args)
+        if self.dtype:
+            d["dtype"] = self.dtype
+        if self.inputs is not None:
+            d["inputs"] = [s.to_dict() for s in self.inputs]
+        if self.outputs is not None:
+            d["outputs"] = [s.to_dict() for s in self.outputs]
+        return d
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: str | None = None  # None: the user's data directory
+
+
+@dataclass(frozen=True)
+class GpuConfig:
+    default_device: str = "auto"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str | None
+    server: ServerConfig
+    store: StoreConfig
+    gpu: GpuConfig
+    models: tuple[ModelConfig, ...]
+    model_roots: tuple[str, ...]
+
+
+# ---------------------------------------------------------------- checkers
+# Each checker takes (key path, value) and returns the cleaned value or raises
+# ConfigError naming the path.
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return '"' + value + '"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+def _fail(path: str, expected: str, value: Any) -> ConfigError:
+    return ConfigError(f"{path}: expected {expected}, got {_show(value)}")
+
+
+def _int(minimum: int, what: str) -> Callable[[str, Any], int]:
+    def check(path: str, v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise _fail(path, what, v)
+        return v
+
+    return check
+
+
+def _number(minimum: float, what: str, strict: bool = False) -> Callable[[str, Any], float]:
+    def check(path: str, v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < minimum or (strict and v == minimum):
+            raise _fail(path, what, v)
+        return float(v)
+
+    return check
+
+
+def _str(path: str, v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise _fail(path, "a non-empty string", v)
+    return v
+
+
+def _name(path: str, v: Any) -> str:
+    if not isinstance(v, str) or not NAME_RE.match(v):
+        raise _fail(path, "a name of letters, digits, '_', '.', '-' (starting with a letter or digit)", v)
+    return v
+
+
+def _version(path: str, v: Any) -> str:
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 1:
+        return str(v)
+    if isinstance(v, str) and re.fullmatch(r"[1-9][0-9]{0,8}", v):
+        return v
+    raise _fail(path, 'a positive integer version such as "1"', v)
+
+
+def _device(path: str, v: Any) -> str:
+    if not isinstance(v, str) or not DEVICE_RE.match(v):
+        raise _fail(path, '"auto", "cpu", "cuda" or "cuda:N"', v)
+    return v
+
+
+def _source(path: str, v: Any) -> str:
+    if not isinstance(v, str) or ":" not in v or v.split(":", 1)[0] not in SOURCE_KINDS or not v.split(":", 1)[1]:
+        raise _fail(path, "a source like zoo:NAME, torchscript:PATH, export:PATH or safetensors:PATH", v)
+    return v
+
+
+def _factory(path: str, v: Any) -> str:
+    if not isinstance(v, str) or not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", v):
+        raise _fail(path, '"package.module:callable"', v)
+    return v
+
+
+def _dtype(path: str, v: Any) -> str:
+    if v not in DTYPES:
+        raise _fail(path, "one of " + ", ".join(DTYPES), v)
+    return v
+
+
+def _table(path: str, v: Any) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise _fail(path, "a table", v)
+    return dict(v)
+
+
+def _specs(path: str, v: Any) -> tuple[TensorSpec, ...]:
+    if not isinstance(v, list) or not v:
+        raise _fail(path, 'a non-empty list of { name = "x", datatype = "FP32", shape = [-1, 16] }', v)
+    out = []
+    seen = set()
+    for i, item in enumerate(v):
+        p = f"{path}[{i}]"
+        if not isinstance(item, dict):
+            raise _fail(p, 'a table { name = "x", datatype = "FP32", shape = [-1, 16] }', item)
+        for k in item:
+            if k not in ("name", "datatype", "shape"):
+                raise ConfigError(f"{p}.{k}: unknown key (expected name, datatype, shape)")
+        for k in ("name", "datatype", "shape"):
+            if k not in item:
+                raise ConfigError(f"{p}.{k}: missing (every tensor needs name, datatype and shape)")
+        name = _str(f"{p}.name", item["name"])
+        if name in seen:
+            raise ConfigError(f"{p}.name: duplicate tensor name \"{name}\"")
+        seen.add(name)
+        if item["datatype"] not in DATATYPES:
+            raise _fail(f"{p}.datatype", "one of " + ", ".join(DATATYPES), item["datatype"])
+        try:
+            shape = parse_shape(item["shape"])
+        except ValueError as e:
+            raise ConfigError(f"{p}.shape: {e}") from None
+        out.append(TensorSpec(name, item["datatype"], shape))
+    return tuple(out)
+
+
+_MODEL_KEYS: dict[str, Callable[[str, Any], Any]] = {
+    "name": _name,
+    "source": _source,
+    "version": _version,
+    "factory": _factory,
+    "args": _table,
+    "inputs": _specs,
+    "outputs": _specs,
+    "device": _device,
+    "dtype": _dtype,
+    "warmup": _int(0, "a non-negative integer"),
+    "max_batch_size": _int(0, "a non-negative integer (0 turns batching off)"),
+    "max_queue_delay_ms": _number(0, "a non-negative number of milliseconds"),
+    "max_queue_size": _int(1, "a positive integer"),
+    "priority": _int(1, "a positive integer (1 is most urgent)"),
+    "timeout_ms": _number(0, "a positive number of milliseconds", strict=True),
+}
+MODEL_KEYS = tuple(_MODEL_KEYS)
+
+
+def model_from_dict(
+    raw: Any, path: str = "model", base_dir: str = ".", model_roots: tuple[str, ...] = ()
+) -> ModelConfig:
+    """Check one model table (config file or control call) and build its config."""
+    if not isinstance(raw, dict):
+        raise _fail(path, "a table", raw)
+    for key in raw:
+        if key not in _MODEL_KEYS:
+            raise ConfigError(f"{path}.{key}: unknown key (expected one of: {', '.join(MODEL_KEYS)})")
+    for key in ("name", "source"):
+        if key not in raw:
+            raise ConfigError(f"{path}.{key}: missing (every model needs a name and a source)")
+    values = {key: check(f"{path}.{key}", raw[key]) for key, check in _MODEL_KEYS.items() if key in raw}
+    kind = values["source"].split(":", 1)[0]
+    if kind == "safetensors" and "factory" not in values:
+        raise ConfigError(f"{path}.factory: missing (a safetensors source needs factory = \"module:callable\")")
+    if kind != "safetensors" and "factory" in values:
+        raise ConfigError(f"{path}.factory: only used with safetensors sources, not {kind}")
+    if "dtype" in values and kind not in ("zoo", "safetensors"):
+        raise ConfigError(f"{path}.dtype: only zoo and safetensors models can be cast, not {kind}")
+    cfg = ModelConfig(base_dir=base_dir, model_roots=model_roots or (base_dir,), **values)
+    if cfg.max_batch_size > 0:
+        for label, specs in (("inputs", cfg.inputs), ("outputs", cfg.outputs)):
+            for i, s in enumerate(specs or ()):
+                if not s.shape or s.shape[0] != -1:
+                    raise ConfigError(
+                        f"{path}.{label}[{i}].shape: expected -1 as the first (batch) dimension "
+                        f"because max_batch_size > 0, got {list(s.shape)}"
+                    )
+    return cfg
+
+
+def _section(raw: dict, key: str, allowed: dict[str, Callable[[str, Any], Any]]) -> dict[str, Any]:
+    table = raw.get(key, {})
+    if not isinstance(table, dict):
+        raise _fail(key, "a table", table)
+    for k in table:
+        if k not in allowed:
+            raise ConfigError(f"{key}.{k}: unknown key (expected one of: {', '.join(allowed)})")
+    return {k: check(f"{key}.{k}", table[k]) for k, check in allowed.items() if k in table}
+
+
+def _port(path: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 65535:
+        raise _fail(path, "a port number 0-65535", v)
+    return v
+
+
+def parse_config(raw: dict[str, Any], base_dir: str, path: str | None = None) -> Config:
+    """Check a parsed TOML document; ConfigError messages carry key paths (no file)."""
+    top = {"model_roots", "server", "store", "gpu", "models"}
+    for key in raw:
+        if key not in top:
+            raise ConfigError(f"{key}: unknown key (expected one of: {', '.join(sorted(top))})")
+    base = Path(base_dir).resolve()
+    roots_raw = raw.get("model_roots", ["."])
+    if not isinstance(roots_raw, list) or not roots_raw or not all(isinstance(r, str) and r for r in roots_raw):
+        raise _fail("model_roots", "a non-empty list of directory paths", roots_raw)
+    roots = tuple(str((base / r).resolve()) for r in roots_raw)
+    server = ServerConfig(**_section(raw, "server", {"host": _str, "port": _port, "token": _str}))
+    store = StoreConfig(**_section(raw, "store", {"path": _str}))
+    if store.path is not None and store.path != ":memory:":
+        store = StoreConfig(path=str((base / store.path).resolve()))
+    gpu = GpuConfig(**_section(raw, "gpu", {"default_device": _device}))
+    models_raw = raw.get("models", [])
+    if not isinstance(models_raw, list):
+        raise _fail("models", "an array of tables ([[models]])", models_raw)
+    models = []
+    seen: set[tuple[str, str]] = set()
+    for i, m in enumerate(models_raw):
+        cfg = model_from_dict(m, f"models[{i}]", str(base), roots)
+        if "device" not in m:
+            cfg = replace(cfg, device=gpu.default_device)
+        if (cfg.name, cfg.version) in seen:
+            raise ConfigError(f"models[{i}]: duplicate model {cfg.name} version {cfg.version}")
+        seen.add((cfg.name, cfg.version))
+        models.append(cfg)
+    return Config(path, server, store, gpu, tuple(models), roots)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and check a TOML file; every ConfigError message starts with the file name."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read: {e}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    try:
+        return parse_config(raw, str(p.resolve().parent), str(p))
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+
+
+DEMO_MODELS: tuple[dict[str, Any], ...] = (
+    {"name": "tiny-mlp", "source": "zoo:tiny-mlp"},
+    {"name": "small-cnn", "source": "zoo:small-cnn"},
+    {"name": "encoder", "source": "zoo:encoder", "args": {"layers": 2, "d_model": 256, "heads": 4, "seq": 64}},
+)
+
+
+def demo_config() -> Config:
+    """What modelconsole serves with no config file: the demo zoo."""
+    return parse_config({"models": [dict(m) for m in DEMO_MODELS]}, ".", None)

@@ -1,0 +1,456 @@
+"""One model version: its lifecycle, its queue, its batches and its worker thread.
+
+States: UNLOADED -> LOADING -> WARMING -> READY -> UNLOADING -> UNLOADED, and
+FAILED (with the reason) when a load or warmup fails.  The engine's control
+path drives the transitions (``load``/``unload``); the request path only
+reads ``state`` and pushes requests.
+
+The request path (all on the event loop, no torch):
+``infer`` validates and queues; ``_dispatch`` forms a batch when the worker
+is idle and the batch is full or its oldest request has waited
+``max_queue_delay_ms``; the worker thread concatenates, runs the forward
+pass, splits the outputs and hands the batch back in one callback
+(``_batch_done``) that resolves every caller's future.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from . import sources
+from .config import ModelConfig
+from .errors import DeadlineExceeded, EngineError, InputError, ModelFailed, ModelUnavailable, QueueFull
+from .events import EventBus
+from .queueing import Request, RequestQueue
+from .stats import ModelStats
+from .tensors import TensorSpec, random_tensor, validate_inputs
+from .worker import ModelWorker
+
+UNLOADED, LOADING, WARMING, READY, UNLOADING, FAILED = (
+    "UNLOADED",
+    "LOADING",
+    "WARMING",
+    "READY",
+    "UNLOADING",
+    "FAILED",
+)
+PRIORITY_LEVELS = 3
+
+
+class LoadFailed(EngineError):
+    status = 500
+    kind = "load_failed"
+
+
+class InferResult:
+    """The answer to one request: which model version served it and its outputs."""
+
+    __slots__ = ("model", "version", "outputs")
+
+    def __init__(self, model: str, version: str, outputs: dict[str, Any]):
+        self.model = model
+        self.version = version
+        self.outputs = outputs
+
+    def __repr__(self) -> str:
+        return f"InferResult({self.model!r}, {self.version!r}, {list(self.outputs)})"
+
+
+def resolve_device(spec: str) -> torch.device:
+    """'auto' is the first GPU when there is one, else the CPU."""
+    if spec == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LoadFailed(f"device {spec}: no CUDA device on this machine")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise LoadFailed(f"device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
+        return torch.device("cuda", index)
+    return device
+
+
+def _as_outputs(result: Any, names: Sequence[str]) -> list[Any]:
+    """The model's return value as a list in declared output order."""
+    if isinstance(result, torch.Tensor):
+        outs = [result]
+    elif isinstance(result, Mapping):
+        missing = [n for n in names if n not in result]
+        if missing:
+            raise ModelFailed(f"model returned no output '{missing[0]}' (it returned {', '.join(map(str, result))})")
+        outs = [result[n] for n in names]
+    elif isinstance(result, (tuple, list)):
+        outs = list(result)
+    else:
+        raise ModelFailed(f"model returned {type(result).__name__}, expected tensors")
+    if len(outs) != len(names):
+        raise ModelFailed(f"model returned {len(outs)} outputs, {len(names)} declared ({', '.join(names)})")
+    return outs
+
+
+class ModelInstance:
+    def __init__(self, cfg: ModelConfig, events: EventBus):
+        self.cfg = cfg
+        self.name = cfg.name
+        self.version = cfg.version
+        self.events = events
+        self.state = UNLOADED
+        self.reason: str | None = None
+        self.inputs, self.outputs = sources.declared_specs(cfg)
+        self.platform: str | None = None
+        self.device: torch.device | None = None
+        self.weight_bytes = 0
+        self.footprint_bytes = 0
+        self.load_seconds: float | None = None
+        self.loaded_at: float | None = None
+        self.warmup_runs = 0  # real forward passes run before READY (not counted in stats)
+        self.stats = ModelStats()
+        self.queue = RequestQueue(PRIORITY_LEVELS, cfg.max_queue_size)
+        self.in_flight = 0  # requests inside the batch on the worker
+        self.load_task: asyncio.Task | None = None  # shared by concurrent lazy loads
+        self._module: Any = None
+        self._worker: ModelWorker | None = None
+        self._busy = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+        self._sweep: asyncio.TimerHandle | None = None
+        self._sweep_at = float("inf")
+        self._drained: asyncio.Event | None = None
+        self._input_names: tuple[str, ...] = ()
+        self._output_names: tuple[str, ...] = ()
+        self._grouped = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def load(self) -> None:
+        """Load, measure, warm up; READY on success, FAILED (and LoadFailed raised) otherwise."""
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        self._set_state(LOADING)
+        self.events.publish("loading", f"loading {self.name} v{self.version} from {self.cfg.source}",
+                            model=self.name, version=self.version)
+        worker = None
+        try:
+            device = resolve_device(self.cfg.device)
+            worker = ModelWorker(f"{self.name}:{self.version}", device, loop)
+            loaded, footprint = await worker.call(lambda: self._load_on_thread(device))
+            self.device = device
+            self._worker = worker
+            self._install(loaded, footprint)
+            self._set_state(WARMING)
+            self.warmup_runs = 0
+            for _ in range(self.cfg.warmup):
+                batch = [random_tensor(s) for s in self.inputs]
+                await worker.call(lambda b=batch: self._forward(b))
+                self.warmup_runs += 1
+        except Exception as e:  # noqa: BLE001 - a failed load is reported, never raised raw
+            reason = e.message if isinstance(e, EngineError) else f"{type(e).__name__}: {e}"
+            if worker is not None:
+                await self._free(worker)
+            self._module = None
+            self._worker = None
+            self._set_state(FAILED, reason)
+            self.events.publish("load_failed", f"{self.name} v{self.version} failed to load: {reason}",
+                                model=self.name, version=self.version, level="error")
+            raise LoadFailed(f"model {self.name} version {self.version} failed to load: {reason}") from e
+        self.load_seconds = time.perf_counter() - started
+        self.loaded_at = time.time()
+        self._set_state(READY)
+        self.events.publish(
+            "loaded",
+            f"{self.name} v{self.version} ready on {self.device} in {self.load_seconds:.2f}s "
+            f"({self.footprint_bytes / 2**20:.1f} MiB)",
+            model=self.name, version=self.version,
+            data={"load_seconds": self.load_seconds, "footprint_bytes": self.footprint_bytes,
+                  "device": str(self.device)},
+        )
+
+    def _load_on_thread(self, device: torch.device) -> tuple[sources.LoadedModel, int]:
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        loaded = sources.load_model(self.cfg, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            footprint = torch.cuda.memory_allocated(device) - before
+        else:
+            footprint = loaded.weight_bytes
+        return loaded, footprint
+
+    def _install(self, loaded: sources.LoadedModel, footprint: int) -> None:
+        self._module = loaded.module
+        self.inputs = loaded.inputs
+        self.outputs = loaded.outputs
+        self.platform = loaded.platform
+        self.weight_bytes = loaded.weight_bytes
+        self.footprint_bytes = footprint
+        self._input_names = tuple(s.name for s in self.inputs)
+        self._output_names = tuple(s.name for s in self.outputs)
+        # Variable non-batch dimensions: requests are grouped by shape so a batch concatenates.
+        self._grouped = any(-1 in s.shape[1:] for s in self.inputs)
+
+    async def unload(self, drain_timeout: float = 30.0) -> None:
+        """Stop routing, let queued and in-flight work finish (bounded), then free."""
+        if self.state not in (READY, WARMING):
+            if self.state == FAILED:
+                self._set_state(UNLOADED)
+            return
+        self._set_state(UNLOADING)
+        self.events.publish("unloading", f"unloading {self.name} v{self.version}",
+                            model=self.name, version=self.version)
+        if self.queue.size or self._busy:
+            self._drained = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._drained.wait(), drain_timeout)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                self._drained = None
+        for req in self.queue.drain():
+            self._answer_error(req, ModelUnavailable(f"model {self.name} version {self.version} was unloaded"))
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            await self._free(worker)
+        self._set_state(UNLOADED)
+        self.events.publish("unloaded", f"{self.name} v{self.version} unloaded",
+                            model=self.name, version=self.version,
+                            data={"freed_bytes": self.footprint_bytes})
+
+    async def _free(self, worker: ModelWorker) -> None:
+        """Drop the module on its own thread, empty the CUDA cache, end the thread."""
+        device = worker.device
+
+        def free() -> None:
+            self._module = None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.empty_cache()
+
+        try:
+            await worker.call(free)
+        finally:
+            worker.stop()
+
+    def _set_state(self, state: str, reason: str | None = None) -> None:
+        self.state = state
+        self.reason = reason
+
+    # ------------------------------------------------------------ request path
+
+    def infer(
+        self,
+        inputs: Mapping[str, Any],
+        priority: int | None,
+        timeout_ms: float | None,
+        outputs: Sequence[str] | None,
+    ) -> "asyncio.Future[InferResult]":
+        """Validate and queue one request; the returned future is its one answer."""
+        if self.state != READY:
+            raise ModelUnavailable(
+                f"model {self.name} version {self.version} is {self.state}"
+                + (f": {self.reason}" if self.reason else "")
+            )
+        cfg = self.cfg
+        tensors, size = validate_inputs(self.inputs, inputs, cfg.max_batch_size)
+        if outputs is not None:
+            for o in outputs:
+                if o not in self._output_names:
+                    raise InputError(f"unknown output '{o}' (model outputs: {', '.join(self._output_names)})")
+        if priority is None or priority == 0:
+            level = cfg.priority if cfg.priority <= PRIORITY_LEVELS else PRIORITY_LEVELS
+        elif isinstance(priority, bool) or not isinstance(priority, int) or priority < 0:
+            raise InputError(f"priority: expected an integer from 1 (most urgent) to {PRIORITY_LEVELS}, got {priority!r}")
+        else:
+            level = min(priority, PRIORITY_LEVELS)
+        timeout = cfg.timeout_ms
+        if timeout_ms is not None:
+            if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float)) or timeout_ms <= 0:
+                raise InputError(f"timeout: expected a positive number, got {timeout_ms!r}")
+            timeout = min(timeout, timeout_ms)  # may only shorten the model's default
+        if self.queue.full():
+            self.stats.fail(QueueFull.kind)
+            raise QueueFull(
+                f"model {self.name} queue is full ({self.queue.max_size} requests); retry later",
+                retry_after=1.0,
+            )
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        fut = loop.create_future()
+        group = tuple(t.shape[1:] for t in tensors) if self._grouped else None
+        req = Request(tensors, size, fut, level, now + timeout / 1000.0, now, group,
+                      tuple(outputs) if outputs is not None else None)
+        self.queue.push(req)
+        if req.deadline < self._sweep_at:
+            self._arm_sweep(loop, req.deadline)
+        if not self._busy:
+            self._dispatch(loop, now)
+        return fut
+
+    def _dispatch(self, loop: asyncio.AbstractEventLoop, now: float) -> None:
+        """Send the next batch to the worker if it is idle and the batch should go now."""
+        cfg = self.cfg
+        max_samples = cfg.max_batch_size or 1
+        delay = cfg.max_queue_delay_ms / 1000.0
+        if delay > 0 and self.queue.size:
+            go_at = self.queue.oldest_enqueued() + delay
+            if now < go_at and self.queue.pending_samples(max_samples) < max_samples:
+                if go_at < self._timer_at:
+                    if self._timer is not None:
+                        self._timer.cancel()
+                    self._timer_at = go_at
+                    self._timer = loop.call_at(go_at, self._on_timer)
+                return
+        batch = self.queue.take_batch(max_samples, now, self._expire)
+        if not batch:
+            self._check_drained()
+            return
+        self._busy = True
+        self.in_flight = len(batch)
+        self._worker.submit(lambda: self._run_batch(batch, now), lambda r, e: self._batch_done(batch, r, e))
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = float("inf")
+        if not self._busy:
+            loop = asyncio.get_running_loop()
+            self._dispatch(loop, loop.time())
+
+    def _arm_sweep(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+        self._sweep_at = at
+        self._sweep = loop.call_at(at, self._on_sweep)
+
+    def _on_sweep(self) -> None:
+        """A deadline passed: answer every expired queued request now, not when a batch forms."""
+        self._sweep = None
+        self._sweep_at = float("inf")
+        loop = asyncio.get_running_loop()
+        nxt = self.queue.expire(loop.time(), self._expire)
+        if nxt != float("inf"):
+            self._arm_sweep(loop, nxt)
+        self._check_drained()
+
+    def _expire(self, req: Request) -> None:
+        self._answer_error(req, DeadlineExceeded(
+            f"model {self.name}: request timed out after waiting "
+            f"{(req.deadline - req.enqueued) * 1000:.0f} ms in the queue"
+        ))
+
+    def _answer_error(self, req: Request, error: EngineError) -> None:
+        self.stats.fail(error.kind)
+        if not req.future.done():
+            req.future.set_exception(error)
+
+    def _forward(self, tensors: list[Any]) -> list[Any]:
+        """Run the model on one set of input tensors (worker thread)."""
+        device = self.device
+        if device.type != "cpu":
+            tensors = [t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t for t in tensors]
+        with torch.inference_mode():
+            result = self._module(*tensors)
+        outs = _as_outputs(result, self._output_names)
+        if device.type != "cpu":
+            outs = [o.cpu() if isinstance(o, torch.Tensor) else o for o in outs]
+        return outs
+
+    def _run_batch(self, batch: list[Request], formed: float) -> tuple[list[dict[str, Any]], int]:
+        """Concatenate, forward, split (worker thread).  Returns per-request outputs."""
+        t0 = time.perf_counter_ns()
+        if len(batch) == 1:
+            tensors = batch[0].tensors
+        else:
+            tensors = [
+                torch.cat([r.tensors[i] for r in batch]) if isinstance(batch[0].tensors[i], torch.Tensor)
+                else _concat_objects([r.tensors[i] for r in batch])
+                for i in range(len(batch[0].tensors))
+            ]
+        outs = self._forward(tensors)
+        names = self._output_names
+        if len(batch) == 1:
+            return [dict(zip(names, outs))], time.perf_counter_ns() - t0
+        total = sum(r.size for r in batch)
+        for name, o in zip(names, outs):
+            if getattr(o, "shape", (None,))[0] != total:
+                raise ModelFailed(
+                    f"output '{name}' has {getattr(o, 'shape', ['?'])[0]} rows for a batch of {total} samples"
+                )
+        sizes = [r.size for r in batch]
+        parts = [o.split(sizes) if isinstance(o, torch.Tensor) else _split_objects(o, sizes) for o in outs]
+        return [dict(zip(names, row)) for row in zip(*parts)], time.perf_counter_ns() - t0
+
+    def _batch_done(self, batch: list[Request], result: Any, error: BaseException | None) -> None:
+        """Back on the loop: answer every request of the batch, then start the next one."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        stats = self.stats
+        if error is None:
+            per_request, compute_ns = result
+            samples = 0
+            name, version = self.name, self.version
+            for req, outs in zip(batch, per_request):
+                samples += req.size
+                if req.outputs is not None:
+                    outs = {k: outs[k] for k in req.outputs}
+                if not req.future.done():
+                    req.future.set_result(InferResult(name, version, outs))
+                stats.record_latency(now - req.enqueued)
+            stats.success += len(batch)
+            queue_ns = int(sum(now - r.enqueued for r in batch) * 1e9) - compute_ns * len(batch)
+            stats.record_batch(samples, max(queue_ns, 0), compute_ns)
+        else:
+            message = error.message if isinstance(error, EngineError) else f"{type(error).__name__}: {error}"
+            self.events.publish("model_error", f"{self.name} v{self.version}: batch of {len(batch)} failed: {message}",
+                                model=self.name, version=self.version, level="error")
+            for req in batch:
+                self._answer_error(req, ModelFailed(f"model {self.name} version {self.version} failed: {message}"))
+        self._busy = False
+        self.in_flight = 0
+        if self.queue.size and self._worker is not None:
+            self._dispatch(loop, now)
+        else:
+            self._check_drained()
+
+    def _check_drained(self) -> None:
+        if self._drained is not None and not self._busy and not self.queue.size:
+            self._drained.set()
+
+    # ------------------------------------------------------------ observation
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "state": self.state,
+            "reason": self.reason,
+            "source": self.cfg.source,
+            "platform": self.platform,
+            "device": str(self.device) if self.device is not None else self.cfg.device,
+            "weight_bytes": self.weight_bytes,
+            "footprint_bytes": self.footprint_bytes if self.state in (READY, WARMING, UNLOADING) else 0,
+            "load_seconds": self.load_seconds,
+            "loaded_at": self.loaded_at,
+            "queue": self.queue.size,
+            "in_flight": self.in_flight,
+            "inputs": [s.to_dict() for s in self.inputs] if self.inputs else None,
+            "outputs": [s.to_dict() for s in self.outputs] if self.outputs else None,
+            "config": self.cfg.to_dict(),
+            "stats": self.stats.to_dict(),
+        }
+
+
+def _concat_objects(parts: list[Any]) -> Any:
+    import numpy as np
+
+    return np.concatenate(parts)
+
+
+def _split_objects(value: Any, sizes: list[int]) -> list[Any]:
+    import numpy as np
+
+    return np.split(value, np.cumsum(sizes)[:-1])

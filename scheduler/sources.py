@@ -1,0 +1,394 @@
+"""Loading a model version from its configured source, safely.
+
+Sources are ``zoo:NAME`` (built-in demo models), ``torchscript:PATH``,
+``export:PATH`` (a ``torch.export`` .pt2 program) and ``safetensors:PATH``
+(weights, plus a ``factory = "module:callable"`` that builds the module).
+
+Nothing is ever unpickled (design invariant 8): a pickle can run arbitrary
+code, and a model file is exactly what an operator downloads from somewhere.
+TorchScript archives, export programs and safetensors files carry tensors
+and code in formats that do not execute Python on load.  The only Python a
+load runs is the factory the operator named in their own config.
+
+Source paths are resolved (symlinks included) and must stay inside the
+configured model roots, so neither "../" nor a planted symlink can make the
+server read a file elsewhere.
+
+``load_model`` runs in a worker thread (it may take seconds); everything it
+raises is a ``SourceError`` whose message names the source and the problem.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import zoo
+from .config import ModelConfig
+from .tensors import TensorSpec, torch_dtype, v2_datatype
+from .zoo import SourceError
+
+__all__ = ["LoadedModel", "SourceError", "declared_specs", "load_model", "resolve_path"]
+
+PLATFORMS = {
+    "zoo": "pytorch_zoo",
+    "torchscript": "pytorch_torchscript",
+    "export": "pytorch_export",
+    "safetensors": "pytorch_safetensors",
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run: call ``module(*inputs)`` with tensors in declared order."""
+
+    module: Any
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    weight_bytes: int  # parameters + buffers, as loaded (after any dtype cast)
+    platform: str
+
+
+# ------------------------------------------------------------------ paths
+
+
+def resolve_path(cfg: ModelConfig) -> Path:
+    """The source file, resolved against base_dir with symlinks followed.
+
+    The roots check comes before the existence check, so a probe outside the
+    roots learns nothing about which files exist there.
+    """
+    ref = Path(cfg.source_ref).expanduser()
+    base = Path(cfg.base_dir)
+    path = (ref if ref.is_absolute() else base / ref).resolve()
+    roots = [Path(r).resolve() for r in (cfg.model_roots or (cfg.base_dir,))]
+    if not any(path.is_relative_to(root) for root in roots):
+        shown = ", ".join(str(r) for r in roots)
+        raise SourceError(f"{cfg.source}: source path {path} resolves outside the model roots ({shown})")
+    if not path.exists():
+        raise SourceError(f"{cfg.source}: no such file: {path}")
+    if not path.is_file():
+        raise SourceError(f"{cfg.source}: not a file: {path}")
+    return path
+
+
+# ------------------------------------------------------------------ specs
+
+
+def _check_args_used(cfg: ModelConfig) -> None:
+    """args only reach zoo models and factories; elsewhere they would silently do nothing."""
+    if cfg.args and cfg.source_kind in ("torchscript", "export"):
+        raise SourceError(
+            f"{cfg.source}: args are only used by zoo models and safetensors factories, not {cfg.source_kind}"
+        )
+
+
+def declared_specs(cfg: ModelConfig) -> tuple[tuple[TensorSpec, ...] | None, tuple[TensorSpec, ...] | None]:
+    """(inputs, outputs) known without loading weights; None where only a load can tell.
+
+    Cheap enough for register time: zoo specs come from the zoo's table
+    (which also checks the args), the rest from the config.
+    """
+    _check_args_used(cfg)
+    if cfg.source_kind == "zoo":
+        try:
+            inputs, outputs = zoo.specs(cfg.source_ref, cfg.args)
+        except SourceError as e:
+            raise SourceError(f"{cfg.source}: {e}") from None
+        return cfg.inputs or inputs, cfg.outputs or outputs
+    return cfg.inputs, cfg.outputs
+
+
+def _require_specs(cfg: ModelConfig) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    if cfg.inputs is None or cfg.outputs is None:
+        raise SourceError(
+            f"{cfg.source}: {cfg.source_kind} models need inputs and outputs declared in the config "
+            "(the file does not say what its tensors are called)"
+        )
+    return cfg.inputs, cfg.outputs
+
+
+# ------------------------------------------------------------ helpers
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes held by a module's parameters and buffers (each counted once)."""
+    return sum(t.nbytes for t in module.parameters()) + sum(t.nbytes for t in module.buffers())
+
+
+class CastModule(nn.Module):
+    """Runs a module in a reduced precision behind full-precision tensors.
+
+    Clients keep sending and receiving the declared datatypes (FP32 for the
+    zoo); floating inputs are cast to the compute dtype on the way in and
+    floating outputs back to their declared datatypes on the way out.
+    """
+
+    def __init__(self, inner: nn.Module, dtype: torch.dtype, output_dtypes: tuple[torch.dtype | None, ...]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.dtype = dtype
+        self.output_dtypes = output_dtypes
+
+    def _out(self, t: Any, i: int) -> Any:
+        want = self.output_dtypes[i] if i < len(self.output_dtypes) else None
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and want is not None and want.is_floating_point:
+            return t.to(want)
+        return t
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        args = [x.to(self.dtype) if x.is_floating_point() else x for x in inputs]
+        out = self.inner(*args)
+        if isinstance(out, (tuple, list)):
+            return type(out)(self._out(t, i) for i, t in enumerate(out))
+        return self._out(out, 0)
+
+
+def _cast(module: nn.Module, cfg: ModelConfig, outputs: tuple[TensorSpec, ...]) -> nn.Module:
+    if cfg.dtype is None:
+        return module
+    dtype = torch_dtype(cfg.dtype)
+    out_dtypes = tuple(torch_dtype(s.datatype) if s.datatype != "BYTES" else None for s in outputs)
+    return CastModule(module.to(dtype), dtype, out_dtypes)
+
+
+def _finish(module: nn.Module, device: torch.device, eval_mode: bool = True) -> nn.Module:
+    module = module.to(device)
+    if eval_mode:
+        module.eval()
+    # Per parameter, because ScriptModules refuse module.requires_grad_().
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+# ------------------------------------------------------------- factory
+
+# sys.path and sys.modules are process-wide and loads run in worker threads.
+_IMPORT_LOCK = threading.Lock()
+# Top-level module name -> the base_dir we imported it from.
+_IMPORTED_FROM: dict[str, Path] = {}
+
+
+def _import_factory(cfg: ModelConfig) -> Any:
+    """Import cfg.factory's module with base_dir first on sys.path; return the callable.
+
+    A factory module usually sits next to the config file, so base_dir goes
+    on sys.path only for the import.  Two configs in different directories
+    may both call their module ``model``: if we imported that name from
+    another base_dir before, it is forgotten first so each gets its own file.
+    A module already imported from the same base_dir is reused.
+    """
+    assert cfg.factory is not None
+    mod_name, _, attr = cfg.factory.partition(":")
+    base = Path(cfg.base_dir).resolve()
+    top = mod_name.split(".")[0]
+    with _IMPORT_LOCK:
+        if _IMPORTED_FROM.get(top, base) != base:
+            for key in [k for k in sys.modules if k == top or k.startswith(top + ".")]:
+                del sys.modules[key]
+        importlib.invalidate_caches()  # files written moments ago must be seen
+        sys.path.insert(0, str(base))
+        try:
+            module = importlib.import_module(mod_name)
+        except Exception as e:
+            raise SourceError(
+                f"{cfg.source}: factory {cfg.factory}: cannot import {mod_name} "
+                f"(looked in {base} and the installed packages): {type(e).__name__}: {e}"
+            ) from None
+        finally:
+            sys.path.remove(str(base))
+        if getattr(module, "__file__", None) and Path(module.__file__).resolve().is_relative_to(base):
+            _IMPORTED_FROM[top] = base
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise SourceError(f"{cfg.source}: factory {cfg.factory}: {mod_name} has no attribute {attr}") from None
+    if not callable(obj):
+        raise SourceError(f"{cfg.source}: factory {cfg.factory}: {attr} is not callable")
+    return obj
+
+
+def _build_from_factory(cfg: ModelConfig) -> nn.Module:
+    factory = _import_factory(cfg)
+    try:
+        module = factory(**cfg.args)
+    except Exception as e:
+        raise SourceError(f"{cfg.source}: factory {cfg.factory} raised {type(e).__name__}: {e}") from None
+    if not isinstance(module, nn.Module):
+        raise SourceError(
+            f"{cfg.source}: factory {cfg.factory} returned {type(module).__name__}, expected a torch.nn.Module"
+        )
+    return module
+
+
+def _fit_problems(module: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Why state cannot be loaded strictly into module, in words (empty if it can)."""
+    want = module.state_dict()
+    problems = []
+    missing = [k for k in want if k not in state]
+    unexpected = [k for k in state if k not in want]
+    if missing:
+        problems.append("missing " + ", ".join(missing))
+    if unexpected:
+        problems.append("unexpected " + ", ".join(unexpected))
+    for k, t in want.items():
+        if k in state and tuple(state[k].shape) != tuple(t.shape):
+            problems.append(f"{k} has shape {list(state[k].shape)} in the file but {list(t.shape)} in the module")
+    return problems
+
+
+# --------------------------------------------------------------- loaders
+
+
+def _load_zoo(cfg: ModelConfig, device: torch.device) -> LoadedModel:
+    try:
+        module, inputs, outputs = zoo.build(cfg.source_ref, cfg.args)
+    except SourceError as e:
+        raise SourceError(f"{cfg.source}: {e}") from None
+    inputs, outputs = cfg.inputs or inputs, cfg.outputs or outputs
+    module = _finish(_cast(module, cfg, outputs), device)
+    return LoadedModel(module, inputs, outputs, weight_bytes(module), PLATFORMS["zoo"])
+
+
+def _load_torchscript(cfg: ModelConfig, device: torch.device) -> LoadedModel:
+    inputs, outputs = _require_specs(cfg)
+    path = resolve_path(cfg)
+    try:
+        module = torch.jit.load(str(path), map_location=device)
+    except Exception as e:
+        raise SourceError(f"{cfg.source}: not a loadable TorchScript archive: {type(e).__name__}: {e}") from None
+    module = _finish(module, device)
+    return LoadedModel(module, inputs, outputs, weight_bytes(module), PLATFORMS["torchscript"])
+
+
+def _spec_from_node(node: Any, name: str, cfg: ModelConfig) -> TensorSpec:
+    val = node.meta.get("val") if hasattr(node, "meta") else None
+    if not isinstance(val, torch.Tensor):
+        raise SourceError(
+            f"{cfg.source}: export program's {name} is not a tensor ({type(val).__name__}); "
+            "only tensor inputs and outputs can be served"
+        )
+    datatype = v2_datatype(val.dtype)
+    if datatype is None:
+        raise SourceError(f"{cfg.source}: export program's {name} has dtype {val.dtype}, which V2 cannot carry")
+    # A symbolic dimension (dynamic Dim at export time) is a SymInt, not an int.
+    shape = tuple(d if type(d) is int else -1 for d in val.shape)
+    return TensorSpec(name, datatype, shape)
+
+
+def export_specs(ep: Any, cfg: ModelConfig) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """Inputs and outputs of an ExportedProgram, read from its graph.
+
+    Inputs keep the forward's argument names; outputs are named output0,
+    output1, ...  Dimensions exported as dynamic become -1.
+    """
+    from torch.export.graph_signature import OutputKind
+
+    sig = ep.graph_signature
+    nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    inputs = tuple(_spec_from_node(nodes[name], name, cfg) for name in sig.user_inputs)
+    out_node = next(n for n in ep.graph.nodes if n.op == "output")
+    results = out_node.args[0]
+    user = [r for spec, r in zip(sig.output_specs, results) if spec.kind == OutputKind.USER_OUTPUT]
+    outputs = tuple(_spec_from_node(r, f"output{i}", cfg) for i, r in enumerate(user))
+    return inputs, outputs
+
+
+def _load_export(cfg: ModelConfig, device: torch.device) -> LoadedModel:
+    path = resolve_path(cfg)
+    try:
+        ep = torch.export.load(str(path))
+    except Exception as e:
+        raise SourceError(f"{cfg.source}: not a loadable torch.export program: {type(e).__name__}: {e}") from None
+    derived_in, derived_out = export_specs(ep, cfg)
+    if cfg.inputs is not None and len(cfg.inputs) != len(derived_in):
+        raise SourceError(
+            f"{cfg.source}: config declares {len(cfg.inputs)} inputs but the program takes {len(derived_in)}"
+        )
+    if cfg.outputs is not None and len(cfg.outputs) != len(derived_out):
+        raise SourceError(
+            f"{cfg.source}: config declares {len(cfg.outputs)} outputs but the program returns {len(derived_out)}"
+        )
+    inputs, outputs = cfg.inputs or derived_in, cfg.outputs or derived_out
+    if cfg.max_batch_size > 0:
+        for s in inputs + outputs:
+            if not s.shape or s.shape[0] != -1:
+                raise SourceError(
+                    f"{cfg.source}: tensor {s.name} has a fixed first dimension {list(s.shape)} but "
+                    "max_batch_size > 0 needs a dynamic batch (export with a Dim for dim 0, "
+                    "or set max_batch_size = 0)"
+                )
+    if device.type != "cpu":
+        # Rewrites device constants baked into the graph too, which .to() on
+        # the unlifted module would miss.
+        from torch.export.passes import move_to_device_pass
+
+        ep = move_to_device_pass(ep, device)
+    try:
+        module = ep.module()
+    except Exception as e:
+        raise SourceError(f"{cfg.source}: cannot build a module from the program: {type(e).__name__}: {e}") from None
+    # Exported modules refuse .eval() ("not supported yet"); they are traced
+    # in whatever mode they were exported in, so there is nothing to switch.
+    module = _finish(module, device, eval_mode=False)
+    return LoadedModel(module, inputs, outputs, weight_bytes(module), PLATFORMS["export"])
+
+
+def _load_safetensors(cfg: ModelConfig, device: torch.device) -> LoadedModel:
+    from safetensors.torch import load_file
+
+    inputs, outputs = _require_specs(cfg)
+    path = resolve_path(cfg)
+    module = _build_from_factory(cfg)
+    try:
+        state = load_file(str(path), device=str(device))
+    except Exception as e:
+        raise SourceError(f"{cfg.source}: not a readable safetensors file: {type(e).__name__}: {e}") from None
+    problems = _fit_problems(module, state)
+    if problems:
+        raise SourceError(f"{cfg.source}: weights do not fit the factory's module: {'; '.join(problems)}")
+    # The module keeps its own dtypes (what copying into it would do), but
+    # the tensors are adopted (assign=True) rather than copied, so the
+    # device holds one copy of the weights, not the factory's and the file's.
+    want = module.state_dict()
+    for k, t in state.items():
+        if t.dtype != want[k].dtype:
+            state[k] = t.to(want[k].dtype)
+    try:
+        module.load_state_dict(state, strict=True, assign=True)
+    except Exception as e:
+        raise SourceError(f"{cfg.source}: weights do not fit the factory's module: {e}") from None
+    del state, want
+    module = _finish(_cast(module, cfg, outputs), device)
+    return LoadedModel(module, inputs, outputs, weight_bytes(module), PLATFORMS["safetensors"])
+
+
+_LOADERS = {
+    "zoo": _load_zoo,
+    "torchscript": _load_torchscript,
+    "export": _load_export,
+    "safetensors": _load_safetensors,
+}
+
+
+def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
+    """Load cfg's model onto device, in eval mode with gradients off.
+
+    Slow (file reads, factory code, device copies): call it from a worker
+    thread, never the event loop.  Raises SourceError for every failure.
+    """
+    _check_args_used(cfg)
+    loader = _LOADERS.get(cfg.source_kind)
+    if loader is None:
+        raise SourceError(f"{cfg.source}: unknown source kind {cfg.source_kind}")
+    return loader(cfg, torch.device(device))

@@ -1,0 +1,65 @@
+"""Per-model statistics, kept cheaply on the hot path.
+
+Recording is a few integer additions and one store into a ring buffer; the
+percentiles are only computed when a snapshot asks for them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+WINDOW = 2048  # latencies kept for percentiles (the most recent ones)
+
+
+class ModelStats:
+    def __init__(self) -> None:
+        self.success = 0
+        self.failures: Counter[str] = Counter()  # error kind -> count
+        self.inference_count = 0  # samples run on the device
+        self.execution_count = 0  # batches run on the device
+        self.queue_ns = 0
+        self.compute_ns = 0
+        self.batch_sizes: Counter[int] = Counter()
+        self.last_inference = 0.0
+        self._lat = np.zeros(WINDOW, dtype=np.float64)  # seconds
+        self._lat_n = 0
+
+    def record_latency(self, seconds: float) -> None:
+        self._lat[self._lat_n % WINDOW] = seconds
+        self._lat_n += 1
+
+    def record_batch(self, samples: int, queue_ns: int, compute_ns: int) -> None:
+        self.execution_count += 1
+        self.inference_count += samples
+        self.batch_sizes[samples] += 1
+        self.queue_ns += queue_ns
+        self.compute_ns += compute_ns
+        self.last_inference = time.time()
+
+    def fail(self, kind: str, n: int = 1) -> None:
+        self.failures[kind] += n
+
+    def latency_ms(self) -> dict[str, float | None]:
+        n = min(self._lat_n, WINDOW)
+        if n == 0:
+            return {"p50": None, "p95": None, "p99": None}
+        p = np.percentile(self._lat[:n], [50, 95, 99]) * 1000.0
+        return {"p50": float(p[0]), "p95": float(p[1]), "p99": float(p[2])}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "success": self.success,
+            "fail": sum(self.failures.values()),
+            "failures": dict(self.failures),
+            "inference_count": self.inference_count,
+            "execution_count": self.execution_count,
+            "queue_ms_total": self.queue_ns / 1e6,
+            "compute_ms_total": self.compute_ns / 1e6,
+            "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+            "last_inference": self.last_inference or None,
+            "latency_ms": self.latency_ms(),
+        }

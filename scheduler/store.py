@@ -1,0 +1,212 @@
+"""The embedded SQLite store (aiosqlite, WAL): what the operator changed.
+
+It holds the models registered at run time (their versions and options),
+each model name's active version, and an append-only audit log of every
+control action.  The config file is the baseline and is not copied here; the
+store layers the operator's changes over it and is restored at start.
+
+Each change is one transaction, committed before the change is acknowledged:
+a crash leaves either the old state or the new one, never half of it.  The
+schema is versioned with ``PRAGMA user_version``; ``MIGRATIONS[i]`` moves a
+database from version i to i+1, so an older file upgrades in place.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+MIGRATIONS: tuple[str, ...] = (
+    # 0 -> 1: models, routing, audit log
+    """
+    CREATE TABLE models (
+        name TEXT NOT NULL,
+        version TEXT NOT NULL,
+        config TEXT NOT NULL,
+        registered_at REAL NOT NULL,
+        PRIMARY KEY (name, version)
+    );
+    CREATE TABLE routing (
+        name TEXT PRIMARY KEY,
+        active_version TEXT NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts REAL NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        model TEXT,
+        version TEXT,
+        params TEXT NOT NULL,
+        result TEXT NOT NULL,
+        detail TEXT
+    );
+    CREATE INDEX audit_model ON audit (model, ts);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def default_path() -> Path:
+    """The store under the user's data directory (XDG on Linux)."""
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("modelconsole", appauthor=False)) / "modelconsole.db"
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+class Store:
+    """One SQLite file; every public method is one committed transaction."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self._db: aiosqlite.Connection | None = None
+
+    async def open(self) -> "Store":
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._db.execute("PRAGMA journal_mode=WAL")
+            await self._db.execute("PRAGMA synchronous=NORMAL")
+            await self._db.execute("PRAGMA foreign_keys=ON")
+            await self._migrate()
+        except Exception as e:
+            await self.close()
+            raise StoreError(f"store {self.path}: {e}") from e
+        return self
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    async def __aenter__(self) -> "Store":
+        return await self.open()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise StoreError("store is not open")
+        return self._db
+
+    async def schema_version(self) -> int:
+        async with self.db.execute("PRAGMA user_version") as cur:
+            return (await cur.fetchone())[0]
+
+    async def _migrate(self) -> None:
+        current = await self.schema_version()
+        if current > SCHEMA_VERSION:
+            raise StoreError(
+                f"schema version {current} is newer than this modelconsole understands ({SCHEMA_VERSION})"
+            )
+        for version in range(current, SCHEMA_VERSION):
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in MIGRATIONS[version].split(";"):
+                    if statement.strip():
+                        await self.db.execute(statement)
+                await self.db.execute(f"PRAGMA user_version = {version + 1}")
+                await self.db.execute("COMMIT")
+            except Exception:
+                await self.db.execute("ROLLBACK")
+                raise
+
+    async def _tx(self, statements: list[tuple[str, tuple]]) -> None:
+        """Run statements in one transaction: all of them or none."""
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, params in statements:
+                await self.db.execute(sql, params)
+            await self.db.execute("COMMIT")
+        except Exception:
+            await self.db.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def _audit_row(
+        actor: str, action: str, model: str | None, version: str | None, params: dict, result: str, detail: str | None
+    ) -> tuple[str, tuple]:
+        return (
+            "INSERT INTO audit (ts, actor, action, model, version, params, result, detail) VALUES (?,?,?,?,?,?,?,?)",
+            (time.time(), actor, action, model, version, json.dumps(params, sort_keys=True), result, detail),
+        )
+
+    async def audit(
+        self,
+        actor: str,
+        action: str,
+        model: str | None = None,
+        version: str | None = None,
+        params: dict | None = None,
+        result: str = "ok",
+        detail: str | None = None,
+    ) -> None:
+        await self._tx([self._audit_row(actor, action, model, version, params or {}, result, detail)])
+
+    async def save_model(
+        self, config: dict[str, Any], actor: str, active_version: str | None = None
+    ) -> None:
+        """Register a model version (and maybe make it active), with its audit row, atomically."""
+        now = time.time()
+        statements = [
+            (
+                "INSERT INTO models (name, version, config, registered_at) VALUES (?,?,?,?)",
+                (config["name"], config["version"], json.dumps(config, sort_keys=True), now),
+            ),
+            self._audit_row(actor, "register", config["name"], config["version"], config, "ok", None),
+        ]
+        if active_version is not None:
+            statements.append(
+                (
+                    "INSERT INTO routing (name, active_version, updated_at) VALUES (?,?,?) "
+                    "ON CONFLICT(name) DO UPDATE SET active_version=excluded.active_version, updated_at=excluded.updated_at",
+                    (config["name"], active_version, now),
+                )
+            )
+        await self._tx(statements)
+
+    async def delete_model(self, name: str, version: str, actor: str) -> None:
+        await self._tx(
+            [
+                ("DELETE FROM models WHERE name=? AND version=?", (name, version)),
+                ("DELETE FROM routing WHERE name=? AND active_version=?", (name, version)),
+                self._audit_row(actor, "unregister", name, version, {}, "ok", None),
+            ]
+        )
+
+    async def models(self) -> list[dict[str, Any]]:
+        async with self.db.execute("SELECT config FROM models ORDER BY registered_at, name, version") as cur:
+            return [json.loads(row[0]) for row in await cur.fetchall()]
+
+    async def routing(self) -> dict[str, str]:
+        async with self.db.execute("SELECT name, active_version FROM routing") as cur:
+            return {name: version for name, version in await cur.fetchall()}
+
+    async def audit_log(self, limit: int = 100, model: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT id, ts, actor, action, model, version, params, result, detail FROM audit"
+        params: tuple = ()
+        if model is not None:
+            sql += " WHERE model=?"
+            params = (model,)
+        sql += " ORDER BY id DESC LIMIT ?"
+        async with self.db.execute(sql, params + (limit,)) as cur:
+            rows = await cur.fetchall()
+        keys = ("id", "ts", "actor", "action", "model", "version", "params", "result", "detail")
+        out = []
+        for row in rows:
+            item = dict(zip(keys, row))
+            item["params"] = json.loads(item["params"])
+            out.append(item)
+        return out

@@ -1,0 +1,1 @@
+"""modelconsole.themes: Textual stylesheets, shipped as package data (found with importlib.resources)."""
