@@ -47,7 +47,10 @@ class ModelConfig:
     max_queue_delay_ms: float = 0.0
     max_queue_size: int = 1024
     priority: int = 2
+    priority_levels: int = 3
     timeout_ms: float = 30_000.0
+    rate_limit: dict[str, float] | None = None  # {"rps": float, "burst": int}
+    cache: bool = False
     # Where relative source paths and factory modules are looked up, and the
     # directories a source path must stay inside.
     base_dir: str = "."
@@ -74,7 +77,11 @@ class ModelConfig:
             "max_queue_size": self.max_queue_size,
             "priority": self.priority,
             "timeout_ms": self.timeout_ms,
+            "priority_levels": self.priority_levels,
+            "cache": self.cache,
         }
+        if self.rate_limit:
+            d["rate_limit"] = dict(self.rate_limit)
         if self.factory:
             d["factory"] = self.factory
         if self.args:
@@ -106,11 +113,17 @@ class GpuConfig:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    max_bytes: int = 256 * 2**20  # the result cache's bound, across all models
+
+
+@dataclass(frozen=True)
 class Config:
     path: str | None
     server: ServerConfig
     store: StoreConfig
     gpu: GpuConfig
+    cache: CacheConfig
     models: tuple[ModelConfig, ...]
     model_roots: tuple[str, ...]
 
@@ -198,6 +211,39 @@ def _dtype(path: str, v: Any) -> str:
     return v
 
 
+def _bool(path: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise _fail(path, "true or false", v)
+    return v
+
+
+_UNITS = {"B": 1, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
+
+
+def _size(path: str, v: Any) -> int:
+    """A byte count: an integer, or a string like "512MiB" / "2 GiB"."""
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+        return v
+    if isinstance(v, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", v)
+        if m and (m.group(2).upper() or "B") in _UNITS:
+            return int(float(m.group(1)) * _UNITS[m.group(2).upper() or "B"])
+    raise _fail(path, 'a size in bytes or a string like "512MiB"', v)
+
+
+def _rate_limit(path: str, v: Any) -> dict[str, float]:
+    if not isinstance(v, dict):
+        raise _fail(path, "a table { rps = 100, burst = 10 }", v)
+    for k in v:
+        if k not in ("rps", "burst"):
+            raise ConfigError(f"{path}.{k}: unknown key (expected rps, burst)")
+    if "rps" not in v:
+        raise ConfigError(f"{path}.rps: missing (requests per second)")
+    rps = _number(0, "a positive number of requests per second", strict=True)(f"{path}.rps", v["rps"])
+    burst = _int(1, "a positive integer")(f"{path}.burst", v.get("burst", max(1, int(rps))))
+    return {"rps": rps, "burst": burst}
+
+
 def _table(path: str, v: Any) -> dict[str, Any]:
     if not isinstance(v, dict):
         raise _fail(path, "a table", v)
@@ -248,6 +294,9 @@ _MODEL_KEYS: dict[str, Callable[[str, Any], Any]] = {
     "max_queue_delay_ms": _number(0, "a non-negative number of milliseconds"),
     "max_queue_size": _int(1, "a positive integer"),
     "priority": _int(1, "a positive integer (1 is most urgent)"),
+    "priority_levels": _int(1, "a positive integer"),
+    "rate_limit": _rate_limit,
+    "cache": _bool,
     "timeout_ms": _number(0, "a positive number of milliseconds", strict=True),
 }
 MODEL_KEYS = tuple(_MODEL_KEYS)
@@ -274,6 +323,10 @@ def model_from_dict(
     if "dtype" in values and kind not in ("zoo", "safetensors"):
         raise ConfigError(f"{path}.dtype: only zoo and safetensors models can be cast, not {kind}")
     cfg = ModelConfig(base_dir=base_dir, model_roots=model_roots or (base_dir,), **values)
+    if cfg.priority > cfg.priority_levels:
+        raise ConfigError(
+            f"{path}.priority: expected a level from 1 to priority_levels ({cfg.priority_levels}), got {cfg.priority}"
+        )
     if cfg.max_batch_size > 0:
         for label, specs in (("inputs", cfg.inputs), ("outputs", cfg.outputs)):
             for i, s in enumerate(specs or ()):
@@ -303,7 +356,7 @@ def _port(path: str, v: Any) -> int:
 
 def parse_config(raw: dict[str, Any], base_dir: str, path: str | None = None) -> Config:
     """Check a parsed TOML document; ConfigError messages carry key paths (no file)."""
-    top = {"model_roots", "server", "store", "gpu", "models"}
+    top = {"model_roots", "server", "store", "gpu", "cache", "models"}
     for key in raw:
         if key not in top:
             raise ConfigError(f"{key}: unknown key (expected one of: {', '.join(sorted(top))})")
@@ -317,6 +370,7 @@ def parse_config(raw: dict[str, Any], base_dir: str, path: str | None = None) ->
     if store.path is not None and store.path != ":memory:":
         store = StoreConfig(path=str((base / store.path).resolve()))
     gpu = GpuConfig(**_section(raw, "gpu", {"default_device": _device}))
+    cache = CacheConfig(**_section(raw, "cache", {"max_bytes": _size}))
     models_raw = raw.get("models", [])
     if not isinstance(models_raw, list):
         raise _fail("models", "an array of tables ([[models]])", models_raw)
@@ -330,7 +384,7 @@ def parse_config(raw: dict[str, Any], base_dir: str, path: str | None = None) ->
             raise ConfigError(f"models[{i}]: duplicate model {cfg.name} version {cfg.version}")
         seen.add((cfg.name, cfg.version))
         models.append(cfg)
-    return Config(path, server, store, gpu, tuple(models), roots)
+    return Config(path, server, store, gpu, cache, tuple(models), roots)
 
 
 def load_config(path: str | Path) -> Config:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -22,6 +23,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from . import sources
 from .config import Config, ConfigError, ModelConfig, model_from_dict
 from .errors import Conflict, EngineError, InputError, ModelNotFound, ModelUnavailable
+from .cache import ResultCache
 from .events import EventBus, Subscription
 from .instance import FAILED, READY, UNLOADED, InferResult, ModelInstance
 from .store import Store
@@ -47,12 +49,14 @@ class Engine:
         model_roots: Sequence[str] = (),
         base_dir: str | None = None,
         default_device: str = "auto",
+        cache_bytes: int = 256 * 2**20,
     ):
         self.store = store
         self.base_dir = str(Path(base_dir or ".").resolve())
         self.model_roots = tuple(model_roots) or (self.base_dir,)
         self.default_device = default_device
         self.events = EventBus()
+        self.cache = ResultCache(cache_bytes)
         self._models: dict[str, ModelEntry] = {}
         self._control = asyncio.Lock()
         self._closing = False
@@ -63,7 +67,8 @@ class Engine:
     @classmethod
     def from_config(cls, config: Config, store: Store | None = None) -> "Engine":
         base = str(Path(config.path).resolve().parent) if config.path else None
-        return cls(store, model_roots=config.model_roots, base_dir=base, default_device=config.gpu.default_device)
+        return cls(store, model_roots=config.model_roots, base_dir=base, default_device=config.gpu.default_device,
+                   cache_bytes=config.cache.max_bytes)
 
     async def start(self, models: Iterable[ModelConfig] = ()) -> None:
         """Register the config's models, then restore what the store holds."""
@@ -183,7 +188,8 @@ class Engine:
 
     def _register(self, cfg: ModelConfig, origin: str) -> ModelInstance:
         entry = self._models.setdefault(cfg.name, ModelEntry(cfg.name))
-        inst = ModelInstance(cfg, self.events)
+        inst = ModelInstance(cfg, self.events, self.cache)
+        self.cache.invalidate((cfg.name, cfg.version))  # a new definition: old answers are stale
         entry.versions[cfg.version] = inst
         entry.origin[cfg.version] = origin
         if entry.active is None:
@@ -252,10 +258,20 @@ class Engine:
         if self._closing:
             raise ModelUnavailable("the engine is shutting down")
         inst = self._instance(name, version)
-        if inst.state != READY:
-            if inst.state == UNLOADED:
+        try:
+            if inst.state != READY and inst.state == UNLOADED:
                 await self._ensure_loaded(inst)
-        return await inst.infer(inputs, priority, timeout_ms, outputs)
+            req = inst.prepare(inputs, priority, timeout_ms, outputs, time.monotonic())
+            if inst.cache is not None:
+                hit = inst.cached(req)
+                if hit is not None:
+                    return hit
+            if inst.limiter is not None:
+                await inst.limiter.admit(req.deadline, inst.name)
+            return await inst.enqueue(req)
+        except EngineError as e:
+            inst.stats.fail(e.kind)  # every failed answer is counted here, once, by kind
+            raise
 
     # ------------------------------------------------------------ observation
 
@@ -269,7 +285,7 @@ class Engine:
                 snap["active"] = v == entry.active
                 snap["origin"] = entry.origin[v]
                 models.append(snap)
-        return {"models": models}
+        return {"models": models, "cache": self.cache.to_dict()}
 
     def subscribe(self, maxsize: int = 1000) -> Subscription:
         """Discrete events (registered, loading, loaded, load_failed, unloaded, model_error, ...)."""

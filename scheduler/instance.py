@@ -25,8 +25,10 @@ import torch
 from . import sources
 from .config import ModelConfig
 from .errors import DeadlineExceeded, EngineError, InputError, ModelFailed, ModelUnavailable, QueueFull
+from .cache import ResultCache
 from .events import EventBus
 from .queueing import Request, RequestQueue
+from .ratelimit import RateLimit
 from .stats import ModelStats
 from .tensors import TensorSpec, random_tensor, validate_inputs
 from .worker import ModelWorker
@@ -39,7 +41,6 @@ UNLOADED, LOADING, WARMING, READY, UNLOADING, FAILED = (
     "UNLOADING",
     "FAILED",
 )
-PRIORITY_LEVELS = 3
 
 
 class LoadFailed(EngineError):
@@ -95,7 +96,7 @@ def _as_outputs(result: Any, names: Sequence[str]) -> list[Any]:
 
 
 class ModelInstance:
-    def __init__(self, cfg: ModelConfig, events: EventBus):
+    def __init__(self, cfg: ModelConfig, events: EventBus, cache: ResultCache | None = None):
         self.cfg = cfg
         self.name = cfg.name
         self.version = cfg.version
@@ -111,7 +112,13 @@ class ModelInstance:
         self.loaded_at: float | None = None
         self.warmup_runs = 0  # real forward passes run before READY (not counted in stats)
         self.stats = ModelStats()
-        self.queue = RequestQueue(PRIORITY_LEVELS, cfg.max_queue_size)
+        self.queue = RequestQueue(cfg.priority_levels, cfg.max_queue_size)
+        # the shared result cache, when this model uses it
+        self.cache = cache if cfg.cache else None
+        self._cache_prefix = f"{cfg.name}\0{cfg.version}\0".encode()
+        self.limiter = (
+            RateLimit(cfg.rate_limit["rps"], int(cfg.rate_limit["burst"])) if cfg.rate_limit else None
+        )
         self.in_flight = 0  # requests inside the batch on the worker
         self.load_task: asyncio.Task | None = None  # shared by concurrent lazy loads
         self._module: Any = None
@@ -147,7 +154,7 @@ class ModelInstance:
             self.warmup_runs = 0
             for _ in range(self.cfg.warmup):
                 batch = [random_tensor(s) for s in self.inputs]
-                await worker.call(lambda b=batch: self._forward(b))
+                await worker.call(lambda b=batch: self._forward(b), inference=True)
                 self.warmup_runs += 1
         except Exception as e:  # noqa: BLE001 - a failed load is reported, never raised raw
             reason = e.message if isinstance(e, EngineError) else f"{type(e).__name__}: {e}"
@@ -242,53 +249,73 @@ class ModelInstance:
 
     # ------------------------------------------------------------ request path
 
-    def infer(
+    def prepare(
         self,
         inputs: Mapping[str, Any],
         priority: int | None,
         timeout_ms: float | None,
         outputs: Sequence[str] | None,
-    ) -> "asyncio.Future[InferResult]":
-        """Validate and queue one request; the returned future is its one answer."""
-        if self.state != READY:
-            raise ModelUnavailable(
-                f"model {self.name} version {self.version} is {self.state}"
-                + (f": {self.reason}" if self.reason else "")
-            )
+        now: float,
+    ) -> Request:
+        """Validate one request (raises InputError naming the field); no side effects."""
         cfg = self.cfg
         tensors, size = validate_inputs(self.inputs, inputs, cfg.max_batch_size)
         if outputs is not None:
             for o in outputs:
                 if o not in self._output_names:
                     raise InputError(f"unknown output '{o}' (model outputs: {', '.join(self._output_names)})")
+            outputs = tuple(outputs)
+        levels = cfg.priority_levels
         if priority is None or priority == 0:
-            level = cfg.priority if cfg.priority <= PRIORITY_LEVELS else PRIORITY_LEVELS
-        elif isinstance(priority, bool) or not isinstance(priority, int) or priority < 0:
-            raise InputError(f"priority: expected an integer from 1 (most urgent) to {PRIORITY_LEVELS}, got {priority!r}")
+            level = cfg.priority
+        elif isinstance(priority, bool) or not isinstance(priority, int) or not 1 <= priority <= levels:
+            raise InputError(f"priority: expected an integer from 1 (most urgent) to {levels}, or 0 for the "
+                             f"model's default, got {priority!r}")
         else:
-            level = min(priority, PRIORITY_LEVELS)
+            level = priority
         timeout = cfg.timeout_ms
         if timeout_ms is not None:
             if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float)) or timeout_ms <= 0:
-                raise InputError(f"timeout: expected a positive number, got {timeout_ms!r}")
-            timeout = min(timeout, timeout_ms)  # may only shorten the model's default
-        if self.queue.full():
-            self.stats.fail(QueueFull.kind)
+                raise InputError(f"timeout: expected a positive number of milliseconds, got {timeout_ms!r}")
+            if timeout_ms < timeout:
+                timeout = timeout_ms  # a request may only shorten the model's default
+        group = tuple(t.shape[1:] for t in tensors) if self._grouped else None
+        return Request(tensors, size, None, level, now + timeout / 1000.0, now, group, outputs)
+
+    def cached(self, req: Request) -> InferResult | None:
+        """The cached answer to req, or None (and req remembers its key to store the result)."""
+        req.cache_key = key = ResultCache.key(self._cache_prefix, self.inputs, req.tensors)
+        outs = self.cache.get(key)
+        if outs is None:
+            self.stats.cache_misses += 1
+            return None
+        stats = self.stats
+        stats.cache_hits += 1
+        stats.success += 1
+        stats.record_latency(time.monotonic() - req.enqueued)
+        if req.outputs is not None:
+            outs = {k: outs[k] for k in req.outputs}
+        return InferResult(self.name, self.version, outs)
+
+    def enqueue(self, req: Request) -> "asyncio.Future[InferResult]":
+        """Queue a validated request; the returned future is its one answer."""
+        if self.state != READY:
+            raise ModelUnavailable(
+                f"model {self.name} version {self.version} is {self.state}"
+                + (f": {self.reason}" if self.reason else "")
+            )
+        if self.queue.size >= self.queue.max_size:
             raise QueueFull(
                 f"model {self.name} queue is full ({self.queue.max_size} requests); retry later",
                 retry_after=1.0,
             )
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        fut = loop.create_future()
-        group = tuple(t.shape[1:] for t in tensors) if self._grouped else None
-        req = Request(tensors, size, fut, level, now + timeout / 1000.0, now, group,
-                      tuple(outputs) if outputs is not None else None)
+        req.future = fut = loop.create_future()
         self.queue.push(req)
         if req.deadline < self._sweep_at:
             self._arm_sweep(loop, req.deadline)
         if not self._busy:
-            self._dispatch(loop, now)
+            self._dispatch(loop, loop.time())
         return fut
 
     def _dispatch(self, loop: asyncio.AbstractEventLoop, now: float) -> None:
@@ -311,7 +338,7 @@ class ModelInstance:
             return
         self._busy = True
         self.in_flight = len(batch)
-        self._worker.submit(lambda: self._run_batch(batch, now), lambda r, e: self._batch_done(batch, r, e))
+        self._worker.submit(lambda: self._run_batch(batch), lambda r, e: self._batch_done(batch, now, r, e))
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -343,23 +370,21 @@ class ModelInstance:
         ))
 
     def _answer_error(self, req: Request, error: EngineError) -> None:
-        self.stats.fail(error.kind)
         if not req.future.done():
             req.future.set_exception(error)
 
     def _forward(self, tensors: list[Any]) -> list[Any]:
-        """Run the model on one set of input tensors (worker thread)."""
+        """Run the model on one set of input tensors (worker thread, already in inference mode)."""
         device = self.device
         if device.type != "cpu":
             tensors = [t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t for t in tensors]
-        with torch.inference_mode():
-            result = self._module(*tensors)
+        result = self._module(*tensors)
         outs = _as_outputs(result, self._output_names)
         if device.type != "cpu":
             outs = [o.cpu() if isinstance(o, torch.Tensor) else o for o in outs]
         return outs
 
-    def _run_batch(self, batch: list[Request], formed: float) -> tuple[list[dict[str, Any]], int]:
+    def _run_batch(self, batch: list[Request]) -> tuple[list[dict[str, Any]], int]:
         """Concatenate, forward, split (worker thread).  Returns per-request outputs."""
         t0 = time.perf_counter_ns()
         if len(batch) == 1:
@@ -384,7 +409,7 @@ class ModelInstance:
         parts = [o.split(sizes) if isinstance(o, torch.Tensor) else _split_objects(o, sizes) for o in outs]
         return [dict(zip(names, row)) for row in zip(*parts)], time.perf_counter_ns() - t0
 
-    def _batch_done(self, batch: list[Request], result: Any, error: BaseException | None) -> None:
+    def _batch_done(self, batch: list[Request], formed: float, result: Any, error: BaseException | None) -> None:
         """Back on the loop: answer every request of the batch, then start the next one."""
         loop = asyncio.get_running_loop()
         now = loop.time()
@@ -392,17 +417,20 @@ class ModelInstance:
         if error is None:
             per_request, compute_ns = result
             samples = 0
-            name, version = self.name, self.version
+            waited = 0.0
+            name, version, cache = self.name, self.version, self.cache
             for req, outs in zip(batch, per_request):
                 samples += req.size
+                waited += formed - req.enqueued
+                if cache is not None and req.cache_key is not None:
+                    cache.put(req.cache_key, outs, (name, version))
                 if req.outputs is not None:
                     outs = {k: outs[k] for k in req.outputs}
                 if not req.future.done():
                     req.future.set_result(InferResult(name, version, outs))
                 stats.record_latency(now - req.enqueued)
             stats.success += len(batch)
-            queue_ns = int(sum(now - r.enqueued for r in batch) * 1e9) - compute_ns * len(batch)
-            stats.record_batch(samples, max(queue_ns, 0), compute_ns)
+            stats.record_batch(samples, int(waited * 1e9), compute_ns)
         else:
             message = error.message if isinstance(error, EngineError) else f"{type(error).__name__}: {error}"
             self.events.publish("model_error", f"{self.name} v{self.version}: batch of {len(batch)} failed: {message}",

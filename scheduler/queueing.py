@@ -19,7 +19,7 @@ from typing import Any, Callable
 class Request:
     """One inference request waiting for (or inside) a batch."""
 
-    __slots__ = ("tensors", "size", "future", "level", "deadline", "enqueued", "group", "outputs")
+    __slots__ = ("tensors", "size", "future", "level", "deadline", "enqueued", "group", "outputs", "cache_key")
 
     def __init__(
         self, tensors: list[Any], size: int, future: Any, level: int, deadline: float, enqueued: float,
@@ -33,6 +33,7 @@ class Request:
         self.enqueued = enqueued
         self.group = group  # non-batch shapes when they can vary, else None
         self.outputs = outputs  # the outputs the caller asked for (None: all)
+        self.cache_key: bytes | None = None
 
 
 class RequestQueue:

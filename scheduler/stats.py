@@ -25,6 +25,8 @@ class ModelStats:
         self.compute_ns = 0
         self.batch_sizes: Counter[int] = Counter()
         self.last_inference = 0.0
+        self.cache_hits = 0
+        self.cache_misses = 0
         self._lat = np.zeros(WINDOW, dtype=np.float64)  # seconds
         self._lat_n = 0
 
@@ -62,4 +64,6 @@ class ModelStats:
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "last_inference": self.last_inference or None,
             "latency_ms": self.latency_ms(),
+            "cache_hits": self.cache_hits,
+            "cache_misses": self.cache_misses,
         }

@@ -29,9 +29,20 @@ class ModelWorker:
         """Run fn() on the thread; done(result, error) is then called on the event loop."""
         self._jobs.put((fn, done))
 
-    def call(self, fn: Callable[[], Any]) -> "asyncio.Future[Any]":
-        """Run fn() on the thread and await its result (for loads, warmup, frees)."""
+    def call(self, fn: Callable[[], Any], inference: bool = False) -> "asyncio.Future[Any]":
+        """Run fn() on the thread and await its result (loads, warmup, frees).
+
+        The thread lives in inference mode (entered once: it costs microseconds
+        per entry on the hot path); loads run with it off, so that the
+        parameters they create are ordinary tensors.
+        """
         fut = self._loop.create_future()
+        if not inference:
+            inner = fn
+
+            def fn() -> Any:
+                with torch.inference_mode(False):
+                    return inner()
 
         def done(result: Any, error: BaseException | None) -> None:
             if fut.done():
@@ -58,6 +69,8 @@ class ModelWorker:
             stream_ctx = torch.cuda.stream(torch.cuda.Stream(self.device))
             stream_ctx.__enter__()
         call_soon = self._loop.call_soon_threadsafe
+        mode = torch.inference_mode()
+        mode.__enter__()
         try:
             while True:
                 job = self._jobs.get()
@@ -73,5 +86,6 @@ class ModelWorker:
                 except RuntimeError:
                     return  # the loop is closed: nobody is waiting any more
         finally:
+            mode.__exit__(None, None, None)
             if stream_ctx is not None:
                 stream_ctx.__exit__(None, None, None)
