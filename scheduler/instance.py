@@ -43,6 +43,15 @@ UNLOADED, LOADING, WARMING, READY, UNLOADING, FAILED = (
 )
 
 
+# Batches a model on a GPU may have on its worker at once.  Two lets the loop
+# form and hand over the next full batch while the GPU runs the current one,
+# so the GPU never idles while the loop answers a batch's callers (a full
+# second batch only: a half-empty one would just split the next batch in two).
+# On the CPU the worker thread *is* the compute, so a second batch gains
+# nothing and would only commit requests before a more urgent one arrives.
+GPU_INFLIGHT = 2
+
+
 class LoadFailed(EngineError):
     status = 500
     kind = "load_failed"
@@ -119,11 +128,12 @@ class ModelInstance:
         self.limiter = (
             RateLimit(cfg.rate_limit["rps"], int(cfg.rate_limit["burst"])) if cfg.rate_limit else None
         )
-        self.in_flight = 0  # requests inside the batch on the worker
+        self.in_flight = 0  # requests inside batches handed to the worker
         self.load_task: asyncio.Task | None = None  # shared by concurrent lazy loads
         self._module: Any = None
         self._worker: ModelWorker | None = None
-        self._busy = False
+        self._batches = 0  # batches handed to the worker and not yet answered
+        self._max_batches = 1  # GPU_INFLIGHT on a GPU
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
         self._sweep: asyncio.TimerHandle | None = None
@@ -132,6 +142,7 @@ class ModelInstance:
         self._input_names: tuple[str, ...] = ()
         self._output_names: tuple[str, ...] = ()
         self._grouped = False
+        self._cuda_base = 0
 
     # ------------------------------------------------------------ lifecycle
 
@@ -149,6 +160,7 @@ class ModelInstance:
             loaded, footprint = await worker.call(lambda: self._load_on_thread(device))
             self.device = device
             self._worker = worker
+            self._max_batches = GPU_INFLIGHT if device.type == "cuda" else 1
             self._install(loaded, footprint)
             self._set_state(WARMING)
             self.warmup_runs = 0
@@ -156,6 +168,11 @@ class ModelInstance:
                 batch = [random_tensor(s) for s in self.inputs]
                 await worker.call(lambda b=batch: self._forward(b), inference=True)
                 self.warmup_runs += 1
+            if device.type == "cuda":
+                # what the model really holds once it has run: weights, plus the
+                # workspaces and cached blocks its forward passes keep
+                after = await worker.call(lambda: torch.cuda.memory_allocated(device))
+                self.footprint_bytes = max(footprint, after - self._cuda_base)
         except Exception as e:  # noqa: BLE001 - a failed load is reported, never raised raw
             reason = e.message if isinstance(e, EngineError) else f"{type(e).__name__}: {e}"
             if worker is not None:
@@ -180,6 +197,7 @@ class ModelInstance:
 
     def _load_on_thread(self, device: torch.device) -> tuple[sources.LoadedModel, int]:
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        self._cuda_base = before
         loaded = sources.load_model(self.cfg, device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -209,7 +227,7 @@ class ModelInstance:
         self._set_state(UNLOADING)
         self.events.publish("unloading", f"unloading {self.name} v{self.version}",
                             model=self.name, version=self.version)
-        if self.queue.size or self._busy:
+        if self.queue.size or self._batches:
             self._drained = asyncio.Event()
             try:
                 await asyncio.wait_for(self._drained.wait(), drain_timeout)
@@ -236,6 +254,10 @@ class ModelInstance:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
+                # cuBLAS keeps a workspace per stream; this thread's stream is going away
+                clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+                if clear is not None:
+                    clear()
                 torch.cuda.empty_cache()
 
         try:
@@ -314,7 +336,8 @@ class ModelInstance:
         self.queue.push(req)
         if req.deadline < self._sweep_at:
             self._arm_sweep(loop, req.deadline)
-        if not self._busy:
+        batches = self._batches
+        if batches == 0 or (batches < self._max_batches and self.queue.samples >= (self.cfg.max_batch_size or 1)):
             self._dispatch(loop, loop.time())
         return fut
 
@@ -325,7 +348,7 @@ class ModelInstance:
         delay = cfg.max_queue_delay_ms / 1000.0
         if delay > 0 and self.queue.size:
             go_at = self.queue.oldest_enqueued() + delay
-            if now < go_at and self.queue.pending_samples(max_samples) < max_samples:
+            if now < go_at and self.queue.samples < max_samples:
                 if go_at < self._timer_at:
                     if self._timer is not None:
                         self._timer.cancel()
@@ -336,14 +359,14 @@ class ModelInstance:
         if not batch:
             self._check_drained()
             return
-        self._busy = True
-        self.in_flight = len(batch)
+        self._batches += 1
+        self.in_flight += len(batch)
         self._worker.submit(lambda: self._run_batch(batch), lambda r, e: self._batch_done(batch, now, r, e))
 
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = float("inf")
-        if not self._busy:
+        if self._batches == 0:
             loop = asyncio.get_running_loop()
             self._dispatch(loop, loop.time())
 
@@ -437,15 +460,18 @@ class ModelInstance:
                                 model=self.name, version=self.version, level="error")
             for req in batch:
                 self._answer_error(req, ModelFailed(f"model {self.name} version {self.version} failed: {message}"))
-        self._busy = False
-        self.in_flight = 0
-        if self.queue.size and self._worker is not None:
+        self._batches -= 1
+        self.in_flight -= len(batch)
+        if self.queue.size and self._worker is not None and (
+            self._batches == 0
+            or (self._batches < self._max_batches and self.queue.samples >= (self.cfg.max_batch_size or 1))
+        ):
             self._dispatch(loop, now)
         else:
             self._check_drained()
 
     def _check_drained(self) -> None:
-        if self._drained is not None and not self._busy and not self.queue.size:
+        if self._drained is not None and not self._batches and not self.queue.size:
             self._drained.set()
 
     # ------------------------------------------------------------ observation

@@ -41,6 +41,7 @@ class RequestQueue:
         self._levels: list[deque[Request]] = [deque() for _ in range(levels)]
         self.max_size = max_size
         self.size = 0  # requests queued
+        self.samples = 0  # samples queued (a request may carry several)
         self.earliest_deadline = float("inf")
 
     def __len__(self) -> int:
@@ -52,6 +53,7 @@ class RequestQueue:
     def push(self, req: Request) -> None:
         self._levels[req.level - 1].append(req)
         self.size += 1
+        self.samples += req.size
         if req.deadline < self.earliest_deadline:
             self.earliest_deadline = req.deadline
 
@@ -61,16 +63,6 @@ class RequestQueue:
             if level:
                 return level[0].enqueued
         return float("inf")
-
-    def pending_samples(self, limit: int) -> int:
-        """Samples queued, counted up to limit (cheap 'is the batch full' test)."""
-        n = 0
-        for level in self._levels:
-            for r in level:
-                n += r.size
-                if n >= limit:
-                    return n
-        return n
 
     def take_batch(self, max_samples: int, now: float, expire: Callable[[Request], None]) -> list[Request]:
         """Remove and return the next batch; expired requests go to expire()."""
@@ -85,6 +77,7 @@ class RequestQueue:
                 req = level.popleft()
                 if req.deadline <= now:
                     self.size -= 1
+                    self.samples -= req.size
                     expire(req)
                     continue
                 if batch and (req.group != group or samples + req.size > max_samples):
@@ -98,6 +91,7 @@ class RequestQueue:
                 batch.append(req)
                 samples += req.size
                 self.size -= 1
+                self.samples -= req.size
             if skipped:
                 level.extendleft(reversed(skipped))
             if samples >= max_samples:
@@ -116,6 +110,7 @@ class RequestQueue:
             for req in level:
                 if req.deadline <= now:
                     self.size -= 1
+                    self.samples -= req.size
                     expire(req)
                 else:
                     keep.append(req)
@@ -133,5 +128,6 @@ class RequestQueue:
             out.extend(level)
             level.clear()
         self.size = 0
+        self.samples = 0
         self.earliest_deadline = float("inf")
         return out
