@@ -58,7 +58,12 @@ class LoadFailed(EngineError):
 
 
 class InferResult:
-    """The answer to one request: which model version served it and its outputs."""
+    """The answer to one request: which model version served it and its outputs.
+
+    Outputs are CPU tensors.  Fresh from the device they are inference-mode
+    views into the batch's output (read-only outside ``torch.inference_mode``:
+    clone one to modify it); from the cache they are private copies.
+    """
 
     __slots__ = ("model", "version", "outputs")
 
@@ -288,7 +293,7 @@ class ModelInstance:
                     raise InputError(f"unknown output '{o}' (model outputs: {', '.join(self._output_names)})")
             outputs = tuple(outputs)
         levels = cfg.priority_levels
-        if priority is None or priority == 0:
+        if priority is None or (type(priority) is int and priority == 0):
             level = cfg.priority
         elif isinstance(priority, bool) or not isinstance(priority, int) or not 1 <= priority <= levels:
             raise InputError(f"priority: expected an integer from 1 (most urgent) to {levels}, or 0 for the "
@@ -297,7 +302,7 @@ class ModelInstance:
             level = priority
         timeout = cfg.timeout_ms
         if timeout_ms is not None:
-            if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float)) or timeout_ms <= 0:
+            if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float)) or not timeout_ms > 0:
                 raise InputError(f"timeout: expected a positive number of milliseconds, got {timeout_ms!r}")
             if timeout_ms < timeout:
                 timeout = timeout_ms  # a request may only shorten the model's default
@@ -359,9 +364,12 @@ class ModelInstance:
         if not batch:
             self._check_drained()
             return
+        # A batch handed over while another runs waits on the worker: its
+        # deadlines are checked again when it starts (it left the queue's sweep).
+        run = self._run_batch if self._batches == 0 else self._run_batch_if_live
         self._batches += 1
         self.in_flight += len(batch)
-        self._worker.submit(lambda: self._run_batch(batch), lambda r, e: self._batch_done(batch, now, r, e))
+        self._worker.submit(lambda: run(batch), lambda r, e: self._batch_done(batch, now, r, e))
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -407,6 +415,16 @@ class ModelInstance:
             outs = [o.cpu() if isinstance(o, torch.Tensor) else o for o in outs]
         return outs
 
+    def _run_batch_if_live(self, batch: list[Request]) -> tuple[list[dict[str, Any] | None], int]:
+        """_run_batch for the requests still within their deadline; None for the others."""
+        now = time.monotonic()
+        live = [r for r in batch if r.deadline > now]
+        if len(live) == len(batch):
+            return self._run_batch(batch)
+        outs, compute_ns = self._run_batch(live) if live else ([], 0)
+        by_req = dict(zip(map(id, live), outs))
+        return [by_req.get(id(r)) for r in batch], compute_ns
+
     def _run_batch(self, batch: list[Request]) -> tuple[list[dict[str, Any]], int]:
         """Concatenate, forward, split (worker thread).  Returns per-request outputs."""
         t0 = time.perf_counter_ns()
@@ -439,11 +457,15 @@ class ModelInstance:
         stats = self.stats
         if error is None:
             per_request, compute_ns = result
-            samples = 0
+            samples = answered = 0
             waited = 0.0
             name, version, cache = self.name, self.version, self.cache
             for req, outs in zip(batch, per_request):
+                if outs is None:  # its deadline passed while the batch waited on the worker
+                    self._expire(req)
+                    continue
                 samples += req.size
+                answered += 1
                 waited += formed - req.enqueued
                 if cache is not None and req.cache_key is not None:
                     cache.put(req.cache_key, outs, (name, version))
@@ -452,8 +474,9 @@ class ModelInstance:
                 if not req.future.done():
                     req.future.set_result(InferResult(name, version, outs))
                 stats.record_latency(now - req.enqueued)
-            stats.success += len(batch)
-            stats.record_batch(samples, int(waited * 1e9), compute_ns)
+            stats.success += answered
+            if samples:
+                stats.record_batch(samples, int(waited * 1e9), compute_ns)
         else:
             message = error.message if isinstance(error, EngineError) else f"{type(error).__name__}: {error}"
             self.events.publish("model_error", f"{self.name} v{self.version}: batch of {len(batch)} failed: {message}",
