@@ -25,7 +25,7 @@ from .config import Config, ConfigError, ModelConfig, model_from_dict
 from .errors import Conflict, EngineError, InputError, ModelNotFound, ModelUnavailable
 from .cache import ResultCache
 from .events import EventBus, Subscription
-from .instance import FAILED, READY, UNLOADED, InferResult, ModelInstance
+from .instance import FAILED, LOADING, READY, UNLOADED, WARMING, InferResult, ModelInstance
 from .store import Store
 
 log = logging.getLogger("modelconsole.engine")
@@ -259,8 +259,10 @@ class Engine:
             raise ModelUnavailable("the engine is shutting down")
         inst = self._instance(name, version)
         try:
-            if inst.state != READY and inst.state == UNLOADED:
-                await self._ensure_loaded(inst)
+            if inst.state != READY:
+                if inst.state not in (UNLOADED, LOADING, WARMING):
+                    raise inst.unavailable()
+                await self._ensure_loaded(inst)  # lazy load, or join the one under way
             req = inst.prepare(inputs, priority, timeout_ms, outputs, time.monotonic())
             if inst.cache is not None:
                 hit = inst.cached(req)

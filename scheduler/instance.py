@@ -324,13 +324,15 @@ class ModelInstance:
             outs = {k: outs[k] for k in req.outputs}
         return InferResult(self.name, self.version, outs)
 
+    def unavailable(self) -> ModelUnavailable:
+        return ModelUnavailable(
+            f"model {self.name} version {self.version} is {self.state}" + (f": {self.reason}" if self.reason else "")
+        )
+
     def enqueue(self, req: Request) -> "asyncio.Future[InferResult]":
         """Queue a validated request; the returned future is its one answer."""
         if self.state != READY:
-            raise ModelUnavailable(
-                f"model {self.name} version {self.version} is {self.state}"
-                + (f": {self.reason}" if self.reason else "")
-            )
+            raise self.unavailable()
         if self.queue.size >= self.queue.max_size:
             raise QueueFull(
                 f"model {self.name} queue is full ({self.queue.max_size} requests); retry later",

@@ -220,3 +220,25 @@ async def test_close_answers_everything_and_refuses_new(engine):
     assert all(not isinstance(a, BaseException) for a in answers)
     with pytest.raises(ModelUnavailable, match="shutting down"):
         await engine.infer("tiny", {"input": torch.ones(1, 64)})
+
+
+async def test_requests_during_a_load_wait_for_it(engine):
+    await engine.register({"name": "enc", "source": "zoo:encoder", "device": "cpu", "warmup": 2,
+                           "args": {"layers": 2, "d_model": 64, "heads": 4, "seq": 16}})
+    inst = engine.instance("enc")
+    load = asyncio.ensure_future(engine.load("enc"))
+    while inst.state not in ("LOADING", "WARMING"):
+        await asyncio.sleep(0)
+    answers = await asyncio.gather(*(engine.infer("enc", {"input_ids": torch.ones(1, 16, dtype=torch.int64)})
+                                     for _ in range(5)))
+    await load
+    assert all(a.outputs["embedding"].shape == (1, 64) for a in answers)
+
+
+async def test_failed_export_model_without_declared_inputs_answers_unavailable(engine, tmp_path):
+    (tmp_path / "broken.pt2").write_bytes(b"not a program")
+    await engine.register({"name": "ex", "source": "export:broken.pt2", "device": "cpu"})
+    with pytest.raises(LoadFailed):
+        await engine.infer("ex", {"x": torch.zeros(1, 4)})  # the lazy load fails: that is the answer
+    with pytest.raises(ModelUnavailable, match="FAILED"):
+        await engine.infer("ex", {"x": torch.zeros(1, 4)})  # then the reason, without reloading
