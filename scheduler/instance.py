@@ -30,7 +30,7 @@ from .events import EventBus
 from .queueing import Request, RequestQueue
 from .ratelimit import RateLimit
 from .stats import ModelStats
-from .tensors import TensorSpec, random_tensor, validate_inputs
+from .tensors import random_tensor, validate_inputs
 from .worker import ModelWorker
 
 UNLOADED, LOADING, WARMING, READY, UNLOADING, FAILED = (
