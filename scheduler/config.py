@@ -51,6 +51,10 @@ class ModelConfig:
     timeout_ms: float = 30_000.0
     rate_limit: dict[str, float] | None = None  # {"rps": float, "burst": int}
     cache: bool = False
+    keep_alive: float | None = None  # idle seconds before unloading (None: stay until evicted)
+    pin: bool = False  # never evicted, never unloaded for being idle
+    latency_target_ms: float = 100.0  # drives urgency on a shared device
+    estimate_mib: float | None = None  # the footprint to reserve before the first load (else derived)
     # Where relative source paths and factory modules are looked up, and the
     # directories a source path must stay inside.
     base_dir: str = "."
@@ -79,7 +83,13 @@ class ModelConfig:
             "timeout_ms": self.timeout_ms,
             "priority_levels": self.priority_levels,
             "cache": self.cache,
+            "pin": self.pin,
+            "latency_target_ms": self.latency_target_ms,
         }
+        if self.keep_alive is not None:
+            d["keep_alive"] = self.keep_alive
+        if self.estimate_mib is not None:
+            d["estimate_mib"] = self.estimate_mib
         if self.rate_limit:
             d["rate_limit"] = dict(self.rate_limit)
         if self.factory:
@@ -110,6 +120,13 @@ class StoreConfig:
 @dataclass(frozen=True)
 class GpuConfig:
     default_device: str = "auto"
+    simulate: str | None = None  # e.g. "2x24GiB": simulated devices (models run on the CPU)
+    memory_fraction: float = 1.0  # of each device's total that models may use
+    budget_gib: float | None = None  # an absolute cap per device
+    reserve_mib: float = 512.0  # kept back per device (context, fragmentation)
+    host_tier_gib: float = 0.0  # pinned host memory for evicted models' weights (0: off)
+    unload_wait_s: float = 5.0  # how long an unload waits for the device to show memory back
+    min_residency_s: float = 30.0  # churn guard: a model this young is not evicted for another
 
 
 @dataclass(frozen=True)
@@ -231,6 +248,24 @@ def _size(path: str, v: Any) -> int:
     raise _fail(path, 'a size in bytes or a string like "512MiB"', v)
 
 
+def _fraction(path: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+        raise _fail(path, "a fraction greater than 0 and at most 1", v)
+    return float(v)
+
+
+def _simulate(path: str, v: Any) -> str:
+    from modelconsole.gpu.devices import parse_simulate
+
+    if not isinstance(v, str):
+        raise _fail(path, 'a device list like "2x24GiB"', v)
+    try:
+        parse_simulate(v)
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return v
+
+
 def _rate_limit(path: str, v: Any) -> dict[str, float]:
     if not isinstance(v, dict):
         raise _fail(path, "a table { rps = 100, burst = 10 }", v)
@@ -297,6 +332,10 @@ _MODEL_KEYS: dict[str, Callable[[str, Any], Any]] = {
     "priority_levels": _int(1, "a positive integer"),
     "rate_limit": _rate_limit,
     "cache": _bool,
+    "keep_alive": _number(0, "a non-negative number of idle seconds"),
+    "pin": _bool,
+    "latency_target_ms": _number(0, "a positive number of milliseconds", strict=True),
+    "estimate_mib": _number(0, "a positive number of MiB", strict=True),
     "timeout_ms": _number(0, "a positive number of milliseconds", strict=True),
 }
 MODEL_KEYS = tuple(_MODEL_KEYS)
@@ -369,7 +408,16 @@ def parse_config(raw: dict[str, Any], base_dir: str, path: str | None = None) ->
     store = StoreConfig(**_section(raw, "store", {"path": _str}))
     if store.path is not None and store.path != ":memory:":
         store = StoreConfig(path=str((base / store.path).resolve()))
-    gpu = GpuConfig(**_section(raw, "gpu", {"default_device": _device}))
+    gpu = GpuConfig(**_section(raw, "gpu", {
+        "default_device": _device,
+        "simulate": _simulate,
+        "memory_fraction": _fraction,
+        "budget_gib": _number(0, "a positive number of GiB", strict=True),
+        "reserve_mib": _number(0, "a non-negative number of MiB"),
+        "host_tier_gib": _number(0, "a non-negative number of GiB"),
+        "unload_wait_s": _number(0, "a non-negative number of seconds"),
+        "min_residency_s": _number(0, "a non-negative number of seconds"),
+    }))
     cache = CacheConfig(**_section(raw, "cache", {"max_bytes": _size}))
     models_raw = raw.get("models", [])
     if not isinstance(models_raw, list):

@@ -16,16 +16,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+
+import torch
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from . import sources
-from .config import Config, ConfigError, ModelConfig, model_from_dict
+from modelconsole.gpu.devices import DeviceBackend, open_backend
+
+from .config import Config, ConfigError, GpuConfig, ModelConfig, model_from_dict
 from .errors import Conflict, EngineError, InputError, ModelNotFound, ModelUnavailable
 from .cache import ResultCache
 from .events import EventBus, Subscription
-from .instance import FAILED, LOADING, READY, UNLOADED, WARMING, InferResult, ModelInstance
+from .memory import MemoryManager, weights_estimate
+from .instance import FAILED, LOADING, READY, UNLOADED, WARMING, InferResult, LoadFailed, ModelInstance
 from .store import Store
 
 log = logging.getLogger("modelconsole.engine")
@@ -41,6 +46,15 @@ class ModelEntry:
     origin: dict[str, str] = field(default_factory=dict)  # version -> "config" | "store"
 
 
+def _is_oom(e: BaseException) -> bool:
+    """A CUDA (or simulated) out-of-memory, possibly wrapped in LoadFailed."""
+    while e is not None:
+        if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
+            return True
+        e = e.__cause__
+    return False
+
+
 class Engine:
     def __init__(
         self,
@@ -50,13 +64,23 @@ class Engine:
         base_dir: str | None = None,
         default_device: str = "auto",
         cache_bytes: int = 256 * 2**20,
+        gpu: GpuConfig | None = None,
+        backend: DeviceBackend | None = None,
+        tick_s: float = 1.0,
     ):
         self.store = store
+        self.gpu = gpu if gpu is not None else GpuConfig(default_device=default_device)
+        if gpu is not None:
+            default_device = gpu.default_device
         self.base_dir = str(Path(base_dir or ".").resolve())
         self.model_roots = tuple(model_roots) or (self.base_dir,)
         self.default_device = default_device
         self.events = EventBus()
         self.cache = ResultCache(cache_bytes)
+        self.backend = backend if backend is not None else open_backend(self.gpu.simulate)
+        self.memory = MemoryManager(self.backend, self.gpu, self.events)
+        self.tick_s = tick_s
+        self._janitor: asyncio.Task | None = None
         self._models: dict[str, ModelEntry] = {}
         self._control = asyncio.Lock()
         self._closing = False
@@ -67,8 +91,8 @@ class Engine:
     @classmethod
     def from_config(cls, config: Config, store: Store | None = None) -> "Engine":
         base = str(Path(config.path).resolve().parent) if config.path else None
-        return cls(store, model_roots=config.model_roots, base_dir=base, default_device=config.gpu.default_device,
-                   cache_bytes=config.cache.max_bytes)
+        return cls(store, model_roots=config.model_roots, base_dir=base, cache_bytes=config.cache.max_bytes,
+                   gpu=config.gpu)
 
     async def start(self, models: Iterable[ModelConfig] = ()) -> None:
         """Register the config's models, then restore what the store holds."""
@@ -99,21 +123,33 @@ class Engine:
                 entry = self._models.get(name)
                 if entry is not None and version in entry.versions:
                     entry.active = version
+            for name, version in await self.store.pins():
+                entry = self._models.get(name)
+                if entry is not None and version in entry.versions:
+                    entry.versions[version].pinned = True
         self._started = True
+        loop = asyncio.get_running_loop()
+        self._janitor = loop.create_task(self._janitor_loop())
+        for inst in self._instances():
+            if inst.pinned:  # a pinned model is kept resident: bring it up now, in the background
+                loop.create_task(self._load_quietly(inst))
         self.events.publish("started", f"engine started with {sum(len(e.versions) for e in self._models.values())} model versions")
 
     async def close(self, drain_timeout: float = 30.0) -> None:
         """Refuse new requests, finish queued and in-flight ones (bounded), free every model."""
         self._closing = True
+        if self._janitor is not None:
+            self._janitor.cancel()
         # Loads under way finish first (they take the control lock themselves).
         loads = [inst.load_task for e in self._models.values() for inst in e.versions.values()
                  if inst.load_task is not None and not inst.load_task.done()]
         await asyncio.gather(*loads, return_exceptions=True)
         async with self._control:
             await asyncio.gather(
-                *(inst.unload(drain_timeout) for e in self._models.values() for inst in e.versions.values()),
+                *(self._unload_locked(inst, drain_timeout) for inst in self._instances()),
                 return_exceptions=True,
             )
+        self.backend.close()
         if self.store is not None:
             await self.store.close()
 
@@ -223,15 +259,104 @@ class Engine:
                 return
             if inst.state not in (UNLOADED, FAILED):
                 raise ModelUnavailable(f"model {inst.name} version {inst.version} is {inst.state}")
+            await self._load(inst)
+
+    async def _load(self, inst: ModelInstance, need: int | None = None, retried: bool = False) -> None:
+        """Place, reserve, load, commit the measured footprint (control lock held).
+
+        An out-of-memory while loading (real or simulated) makes room for
+        half as much again and retries once; a second one is the answer.
+        """
+        targets = self.memory.target_devices(inst.cfg.device)
+        if targets is None:  # unmanaged: the CPU
             await inst.load()
+            return
+        need = need or weights_estimate(inst)
+        index = await self.memory.make_room(inst, need, targets, self._residents, self._evict_locked)
+        inst.device_index = index
+        try:
+            await inst.load(self.memory.torch_device(index))
+            self.memory.commit(index, inst, inst.footprint_bytes)
+        except Exception as e:  # noqa: BLE001 - undo the reservation, then decide
+            if inst.state == READY:  # loaded, but the device refused to hold it (simulated OOM)
+                await inst.unload()
+            self.memory.forget(index, inst)
+            self.memory.backend.release(index, inst.key)
+            inst.device_index = None
+            if not _is_oom(e):
+                raise
+            if retried:
+                inst.state, inst.reason = FAILED, f"out of memory on device {index} after one retry"
+                raise LoadFailed(f"model {inst.key} ran out of memory on device {index} twice; "
+                                 f"it needs more than {need / 2**30:.2f} GiB") from e
+            self.events.publish("oom", f"out of memory loading {inst.key} on device {index}; "
+                                f"making room for {1.5 * need / 2**30:.2f} GiB and retrying once",
+                                model=inst.name, version=inst.version, level="warning")
+            await self._load(inst, int(need * 1.5), retried=True)
+
+    async def _evict_locked(self, inst: ModelInstance, reason: str) -> None:
+        self.events.publish("evicted", f"evicted {inst.key} {reason}", model=inst.name, version=inst.version,
+                            level="warning", data={"reason": reason})
+        await self._unload_locked(inst)
+
+    async def _unload_locked(self, inst: ModelInstance, drain_timeout: float = 30.0) -> None:
+        freed = inst.footprint_bytes
+        await inst.unload(drain_timeout)
+        if inst.device_index is not None:
+            index, inst.device_index = inst.device_index, None
+            await self.memory.release(index, inst, freed)
+
+    def _instances(self) -> list[ModelInstance]:
+        return [inst for e in self._models.values() for inst in e.versions.values()]
+
+    def _residents(self, index: int) -> list[ModelInstance]:
+        """The versions holding (or about to hold) memory on a managed device."""
+        return [i for i in self._instances() if i.device_index == index and i.state != UNLOADED]
+
+    async def _load_quietly(self, inst: ModelInstance) -> None:
+        try:
+            await self._ensure_loaded(inst)
+        except EngineError:
+            pass  # the failure is already an event and the model's state
 
     async def unload(self, name: str, version: str | None = None, actor: str = "api") -> dict[str, Any]:
         """Stop routing to a version, let its queued work finish, free its memory."""
         inst = self._instance(name, version)
         async with self._control:
-            await inst.unload()
+            await self._unload_locked(inst)
         await self._audit(actor, "unload", inst)
         return inst.snapshot()
+
+    async def pin(self, name: str, version: str | None = None, pinned: bool = True,
+                  actor: str = "api") -> dict[str, Any]:
+        """Keep a version resident (never evicted, never unloaded for idleness), or stop."""
+        inst = self._instance(name, version)
+        async with self._control:
+            if self.store is not None:
+                await self.store.set_pin(inst.name, inst.version, pinned, actor)
+            inst.pinned = pinned
+        self.events.publish("pinned" if pinned else "unpinned", f"{inst.key} {'pinned' if pinned else 'unpinned'}",
+                            model=inst.name, version=inst.version, data={"actor": actor})
+        if pinned and inst.state == UNLOADED:
+            asyncio.get_running_loop().create_task(self._load_quietly(inst))
+        return inst.snapshot()
+
+    async def _janitor_loop(self) -> None:
+        """Every tick: fold request counts into rates; unload models idle past keep_alive."""
+        while True:
+            await asyncio.sleep(self.tick_s)
+            now = time.monotonic()
+            for inst in self._instances():
+                inst.tick(now)
+                ka = inst.cfg.keep_alive
+                if (ka is not None and inst.state == READY and not inst.pinned and not inst.busy()
+                        and now - max(inst.last_used, inst.loaded_mono) > ka):
+                    async with self._control:
+                        idle = now - max(inst.last_used, inst.loaded_mono)
+                        if inst.state == READY and not inst.pinned and not inst.busy() and idle > ka:
+                            self.events.publish("expired", f"{inst.key} idle for {idle:.0f}s (keep_alive {ka:g}s): "
+                                                "unloading", model=inst.name, version=inst.version)
+                            await self._unload_locked(inst)
 
     async def _audit(self, actor: str, action: str, inst: ModelInstance, result: str = "ok",
                      detail: str | None = None) -> None:
@@ -287,7 +412,7 @@ class Engine:
                 snap["active"] = v == entry.active
                 snap["origin"] = entry.origin[v]
                 models.append(snap)
-        return {"models": models, "cache": self.cache.to_dict()}
+        return {"models": models, "cache": self.cache.to_dict(), "devices": self.memory.snapshot(self._residents)}
 
     def subscribe(self, maxsize: int = 1000) -> Subscription:
         """Discrete events (registered, loading, loaded, load_failed, unloaded, model_error, ...)."""

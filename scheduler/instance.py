@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from . import sources
+from . import policy, sources
 from .config import ModelConfig
 from .errors import DeadlineExceeded, EngineError, InputError, ModelFailed, ModelUnavailable, QueueFull
 from .cache import ResultCache
@@ -125,6 +125,15 @@ class ModelInstance:
         self.load_seconds: float | None = None
         self.loaded_at: float | None = None
         self.warmup_runs = 0  # real forward passes run before READY (not counted in stats)
+        self.key = f"{cfg.name}:{cfg.version}"
+        # residency: set by the engine's control path (memory.py), read by the policy
+        self.device_index: int | None = None  # the managed device it holds memory on
+        self.pinned = cfg.pin
+        self.learned_footprint = 0  # measured at its last load: the next load's estimate
+        self.loaded_mono = 0.0
+        self.last_used = 0.0  # monotonic time of its last request
+        self.rate = policy.Ewma(half_life_s=60.0)  # requests per second, decayed
+        self._rate_seen = 0  # requests counted into rate so far
         self.stats = ModelStats()
         self.queue = RequestQueue(cfg.priority_levels, cfg.max_queue_size)
         # the shared result cache, when this model uses it
@@ -151,8 +160,11 @@ class ModelInstance:
 
     # ------------------------------------------------------------ lifecycle
 
-    async def load(self) -> None:
-        """Load, measure, warm up; READY on success, FAILED (and LoadFailed raised) otherwise."""
+    async def load(self, device: torch.device | None = None) -> None:
+        """Load, measure, warm up; READY on success, FAILED (and LoadFailed raised) otherwise.
+
+        device: where the engine placed it (None: resolve the config's device).
+        """
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         self._set_state(LOADING)
@@ -160,7 +172,8 @@ class ModelInstance:
                             model=self.name, version=self.version)
         worker = None
         try:
-            device = resolve_device(self.cfg.device)
+            if device is None:
+                device = resolve_device(self.cfg.device)
             worker = ModelWorker(f"{self.name}:{self.version}", device, loop)
             loaded, footprint = await worker.call(lambda: self._load_on_thread(device))
             self.device = device
@@ -190,6 +203,7 @@ class ModelInstance:
             raise LoadFailed(f"model {self.name} version {self.version} failed to load: {reason}") from e
         self.load_seconds = time.perf_counter() - started
         self.loaded_at = time.time()
+        self.loaded_mono = time.monotonic()
         self._set_state(READY)
         self.events.publish(
             "loaded",
@@ -286,6 +300,7 @@ class ModelInstance:
     ) -> Request:
         """Validate one request (raises InputError naming the field); no side effects."""
         cfg = self.cfg
+        self.last_used = now
         tensors, size = validate_inputs(self.inputs, inputs, cfg.max_batch_size)
         if outputs is not None:
             for o in outputs:
@@ -501,6 +516,34 @@ class ModelInstance:
 
     # ------------------------------------------------------------ observation
 
+    def busy(self) -> bool:
+        return bool(self.queue.size or self._batches or self.state in (LOADING, WARMING))
+
+    def requests_total(self) -> int:
+        return self.stats.success + sum(self.stats.failures.values())
+
+    def tick(self, now: float) -> None:
+        """Fold the requests seen since the last tick into the rate EWMA (off the hot path)."""
+        total = self.requests_total()
+        self.rate.add_event(now, total - self._rate_seen)
+        self._rate_seen = total
+
+    def residency(self, now: float, nbytes: int | None = None) -> policy.Residency:
+        """What the eviction policy knows about this model, all measured where it can be."""
+        held = self.footprint_bytes if nbytes is None else nbytes
+        reload = self.load_seconds if self.load_seconds else 0.5 + held / 2e9  # ~2 GB/s until measured
+        return policy.Residency(
+            key=self.key,
+            bytes=max(1, held),
+            request_rate=self.rate.rate(now),
+            reload_seconds=reload,
+            base_priority=self.cfg.priority,
+            pinned=self.pinned,
+            busy=self.busy(),
+            loaded_at=self.loaded_mono,
+            last_used=self.last_used,
+        )
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -514,6 +557,9 @@ class ModelInstance:
             "footprint_bytes": self.footprint_bytes if self.state in (READY, WARMING, UNLOADING) else 0,
             "load_seconds": self.load_seconds,
             "loaded_at": self.loaded_at,
+            "device_index": self.device_index,
+            "pinned": self.pinned,
+            "request_rate": self.rate.rate(time.monotonic()),
             "queue": self.queue.size,
             "in_flight": self.in_flight,
             "inputs": [s.to_dict() for s in self.inputs] if self.inputs else None,

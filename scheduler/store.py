@@ -48,6 +48,15 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX audit_model ON audit (model, ts);
     """,
+    # 1 -> 2: pinned model versions
+    """
+    CREATE TABLE pins (
+        name TEXT NOT NULL,
+        version TEXT NOT NULL,
+        pinned_at REAL NOT NULL,
+        PRIMARY KEY (name, version)
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -185,6 +194,15 @@ class Store:
                 self._audit_row(actor, "unregister", name, version, {}, "ok", None),
             ]
         )
+
+    async def set_pin(self, name: str, version: str, pinned: bool, actor: str) -> None:
+        sql = ("INSERT OR REPLACE INTO pins (name, version, pinned_at) VALUES (?,?,?)", (name, version, time.time())) \
+            if pinned else ("DELETE FROM pins WHERE name=? AND version=?", (name, version))
+        await self._tx([sql, self._audit_row(actor, "pin" if pinned else "unpin", name, version, {}, "ok", None)])
+
+    async def pins(self) -> list[tuple[str, str]]:
+        async with self.db.execute("SELECT name, version FROM pins ORDER BY pinned_at") as cur:
+            return [(n, v) for n, v in await cur.fetchall()]
 
     async def models(self) -> list[dict[str, Any]]:
         async with self.db.execute("SELECT config FROM models ORDER BY registered_at, name, version") as cur:

@@ -1,0 +1,238 @@
+"""GPU memory management on the simulated backend: budgets, placement, eviction, keep-alive, pins, OOM."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from modelconsole.gpu.devices import SimulatedBackend
+from modelconsole.scheduler.config import GpuConfig
+from modelconsole.scheduler.engine import Engine
+from modelconsole.scheduler.instance import LoadFailed
+from modelconsole.scheduler.memory import InsufficientMemory
+from modelconsole.scheduler.store import Store
+
+MiB = 2**20
+
+
+def sized(name, mib=32, **kw):
+    cfg = {"name": name, "source": "zoo:sized", "args": {"mib": mib}, "warmup": 0, "device": "auto"}
+    cfg.update(kw)
+    return cfg
+
+
+@pytest.fixture
+async def make_engine(tmp_path):
+    engines = []
+
+    async def make(capacities_mib=(256,), store=False, tick_s=3600.0, free_delay_s=0.0, **gpu):
+        gpu.setdefault("reserve_mib", 0)
+        gpu.setdefault("min_residency_s", 0)
+        backend = SimulatedBackend([c * MiB for c in capacities_mib], free_delay_s=free_delay_s)
+        eng = Engine(Store(tmp_path / "state.db") if store else None, gpu=GpuConfig(**gpu), backend=backend,
+                     base_dir=str(tmp_path), tick_s=tick_s)
+        await eng.start()
+        engines.append(eng)
+        return eng, backend
+
+    yield make
+    for eng in engines:
+        if not eng._closing:
+            await eng.close()
+
+
+def one(x=1.0):
+    return {"input": torch.full((1, 16), x)}
+
+
+def events_of(sub):
+    out = []
+    while not sub._queue.empty():
+        out.append(sub._queue.get_nowait())
+    return out
+
+
+async def test_load_is_placed_reserved_and_charged(make_engine):
+    eng, backend = await make_engine((256,))
+    await eng.register(sized("a", 64))
+    await eng.load("a")
+    inst = eng.instance("a")
+    assert inst.device_index == 0
+    assert backend.allocations(0)["a:1"] == inst.footprint_bytes >= 64 * MiB
+    budget = eng.memory.budgets[0]
+    assert budget.reservations == {"a:1": inst.footprint_bytes}  # measured replaced the estimate
+    dev = eng.snapshot()["devices"][0]
+    assert dev["budget"]["reserved_bytes"] == inst.footprint_bytes and dev["models"] == ["a:1"]
+    await eng.unload("a")
+    assert budget.reservations == {} and backend.allocations(0) == {}
+    assert inst.learned_footprint >= 64 * MiB  # the next load reserves what was measured
+
+
+async def test_other_processes_memory_is_subtracted(make_engine):
+    eng, backend = await make_engine((256,))
+    backend.set_other_process(0, 160 * MiB)
+    await eng.register(sized("big", 128))
+    with pytest.raises(InsufficientMemory, match="needs about .* GiB") as err:
+        await eng.load("big")
+    assert err.value.status == 503
+    assert "device 0" in err.value.message
+    backend.set_other_process(0, 0)  # the other process went away: now it fits
+    await eng.load("big")
+    assert eng.instance("big").state == "READY"
+
+
+async def test_eviction_takes_the_lowest_keep_value_first(make_engine):
+    eng, _ = await make_engine((256,))
+    for name in ("hot", "warm", "cold"):
+        await eng.register(sized(name, 64))
+        await eng.load(name)
+    # measured traffic: hot gets many requests, warm a few, cold none
+    for _ in range(40):
+        await eng.infer("hot", one())
+    for _ in range(5):
+        await eng.infer("warm", one())
+    loop_now = asyncio.get_running_loop().time()
+    for inst in (eng.instance(n) for n in ("hot", "warm", "cold")):
+        inst.tick(loop_now)
+    sub = eng.subscribe()
+    await eng.register(sized("new", 64))
+    await eng.load("new")
+    states = {n: eng.instance(n).state for n in ("hot", "warm", "cold", "new")}
+    assert states["cold"] == "UNLOADED" and states["hot"] == "READY" and states["new"] == "READY"
+    evicted = [e for e in events_of(sub) if e.kind == "evicted"]
+    assert evicted and evicted[0].model == "cold" and "to make room for new:1" in evicted[0].message
+    assert sum(eng.memory.budgets[0].reservations.values()) <= 256 * MiB
+
+
+async def test_pinned_and_busy_models_are_never_evicted(make_engine):
+    eng, _ = await make_engine((200,))
+    await eng.register(sized("pinned", 64))
+    await eng.register(sized("other", 64))
+    await eng.load("pinned")
+    await eng.load("other")
+    await eng.pin("pinned")
+    await eng.register(sized("third", 64))
+    await eng.load("third")  # evicts "other", never "pinned"
+    assert eng.instance("pinned").state == "READY" and eng.instance("other").state == "UNLOADED"
+    await eng.register(sized("fourth", 64))
+    third = eng.instance("third")
+    third._batches = 1  # work in flight: not a candidate either
+    try:
+        with pytest.raises(InsufficientMemory, match=r"2 resident \(1 pinned, 1 busy\)"):
+            await eng.load("fourth")
+    finally:
+        third._batches = 0
+    assert eng.instance("pinned").state == "READY" and third.state == "READY"
+
+
+async def test_placement_spreads_over_two_devices_and_honours_a_pinned_device(make_engine):
+    eng, backend = await make_engine((256, 256))
+    await eng.register(sized("a", 64))
+    await eng.register(sized("b", 64))
+    await eng.register(sized("c", 32, device="cuda:1"))
+    await eng.load("a")
+    await eng.load("b")
+    await eng.load("c")
+    assert {eng.instance("a").device_index, eng.instance("b").device_index} == {0, 1}
+    assert eng.instance("c").device_index == 1
+    assert set(backend.allocations(1)) >= {"c:1"}
+    res = await eng.infer("c", one())
+    assert res.outputs["output"].shape == (1, 16)
+
+
+async def test_unload_waits_until_the_device_shows_memory_back(make_engine):
+    eng, backend = await make_engine((256,), free_delay_s=0.3, unload_wait_s=5)
+    await eng.register(sized("a", 64))
+    await eng.load("a")
+    footprint = eng.instance("a").footprint_bytes
+    await eng.unload("a")
+    # the reservation was released only once the reading no longer showed the bytes
+    reading = backend.read(0)
+    assert reading.own_bytes(eng.memory.budgets[0].own_pid) < footprint * 0.25
+    assert eng.memory.budgets[0].reservations == {}
+
+
+async def test_a_free_that_never_shows_is_reported_and_bounded(make_engine):
+    eng, backend = await make_engine((256,), free_delay_s=30, unload_wait_s=0.2)
+    await eng.register(sized("a", 64))
+    await eng.load("a")
+    sub = eng.subscribe()
+    await eng.unload("a")
+    slow = [e for e in events_of(sub) if e.kind == "memory_slow"]
+    assert slow and "did not show as free" in slow[0].message
+    assert eng.instance("a").state == "UNLOADED"
+
+
+async def test_injected_oom_evicts_and_retries_once(make_engine):
+    eng, backend = await make_engine((256,))
+    await eng.register(sized("a", 32))
+    sub = eng.subscribe()
+    backend.fail_next_allocations(0, 1)
+    await eng.load("a")
+    assert eng.instance("a").state == "READY"
+    oom = [e for e in events_of(sub) if e.kind == "oom"]
+    assert oom and "retrying once" in oom[0].message
+    # twice in a row: the load fails with a clear reason; nothing stays reserved
+    await eng.register(sized("b", 32))
+    backend.fail_next_allocations(0, 2)
+    with pytest.raises(LoadFailed, match="out of memory"):
+        await eng.load("b")
+    assert eng.instance("b").state == "FAILED"
+    assert "b:1" not in eng.memory.budgets[0].reservations and "b:1" not in backend.allocations(0)
+    assert eng.instance("a").state == "READY"  # the engine survived and keeps serving
+    assert (await eng.infer("a", one())).outputs["output"].shape == (1, 16)
+
+
+async def test_keep_alive_unloads_idle_models_but_not_pinned_ones(make_engine):
+    eng, _ = await make_engine((256,), tick_s=0.05)
+    await eng.register(sized("idle", 16, keep_alive=0.2))
+    await eng.register(sized("kept", 16, keep_alive=0.2, pin=True))
+    await eng.load("idle")
+    await eng.load("kept")
+    for _ in range(100):
+        if eng.instance("idle").state == "UNLOADED":
+            break
+        await asyncio.sleep(0.05)
+    assert eng.instance("idle").state == "UNLOADED"
+    assert eng.instance("kept").state == "READY"
+    # a request brings it back (lazy load)
+    assert (await eng.infer("idle", one())).outputs["output"].shape == (1, 16)
+
+
+async def test_concurrent_requests_to_models_that_do_not_fit_together(make_engine):
+    eng, _ = await make_engine((160,))
+    await eng.register(sized("x", 64))
+    await eng.register(sized("y", 64))
+    answers = await asyncio.gather(*(eng.infer(n, one()) for n in ("x", "y") * 5), return_exceptions=True)
+    assert all(not isinstance(a, BaseException) for a in answers), answers
+    assert sum(eng.memory.budgets[0].reservations.values()) <= 160 * MiB
+
+
+async def test_pins_survive_a_restart(make_engine):
+    eng, _ = await make_engine((256,), store=True)
+    await eng.register(sized("p", 16))
+    await eng.pin("p")
+    await eng.close()
+    eng2, _ = await make_engine((256,), store=True)
+    inst = eng2.instance("p")
+    assert inst.pinned
+    for _ in range(100):  # a pinned model is brought up at start
+        if inst.state == "READY":
+            break
+        await asyncio.sleep(0.02)
+    assert inst.state == "READY"
+    await eng2.pin("p", pinned=False)
+    assert not eng2.instance("p").pinned
+    log = await eng2.audit_log(model="p")
+    assert [r["action"] for r in log][:2] == ["unpin", "pin"]
+
+
+async def test_model_larger_than_any_device_is_refused_clearly(make_engine):
+    eng, _ = await make_engine((128,))
+    await eng.register(sized("huge", 256))
+    with pytest.raises(InsufficientMemory, match="needs about 0.3"):
+        await eng.infer("huge", one())
+    assert eng.instance("huge").state == "UNLOADED"
+    assert eng.memory.budgets[0].reservations == {}
