@@ -29,6 +29,7 @@ from .config import Config, ConfigError, GpuConfig, ModelConfig, model_from_dict
 from .errors import Conflict, EngineError, InputError, ModelNotFound, ModelUnavailable
 from .cache import ResultCache
 from .events import EventBus, Subscription
+from .hosttier import HostTier
 from .memory import MemoryManager, weights_estimate
 from .instance import FAILED, LOADING, READY, UNLOADED, WARMING, InferResult, LoadFailed, ModelInstance
 from .store import Store
@@ -79,6 +80,7 @@ class Engine:
         self.cache = ResultCache(cache_bytes)
         self.backend = backend if backend is not None else open_backend(self.gpu.simulate)
         self.memory = MemoryManager(self.backend, self.gpu, self.events)
+        self.host_tier = HostTier(int(self.gpu.host_tier_gib * 2**30))
         self.tick_s = tick_s
         self._janitor: asyncio.Task | None = None
         self._models: dict[str, ModelEntry] = {}
@@ -146,7 +148,7 @@ class Engine:
         await asyncio.gather(*loads, return_exceptions=True)
         async with self._control:
             await asyncio.gather(
-                *(self._unload_locked(inst, drain_timeout) for inst in self._instances()),
+                *(self._unload_locked(inst, drain_timeout, keep=False) for inst in self._instances()),
                 return_exceptions=True,
             )
         self.backend.close()
@@ -224,7 +226,7 @@ class Engine:
 
     def _register(self, cfg: ModelConfig, origin: str) -> ModelInstance:
         entry = self._models.setdefault(cfg.name, ModelEntry(cfg.name))
-        inst = ModelInstance(cfg, self.events, self.cache)
+        inst = ModelInstance(cfg, self.events, self.cache, self.host_tier)
         self.cache.invalidate((cfg.name, cfg.version))  # a new definition: old answers are stale
         entry.versions[cfg.version] = inst
         entry.origin[cfg.version] = origin
@@ -299,9 +301,9 @@ class Engine:
                             level="warning", data={"reason": reason})
         await self._unload_locked(inst)
 
-    async def _unload_locked(self, inst: ModelInstance, drain_timeout: float = 30.0) -> None:
+    async def _unload_locked(self, inst: ModelInstance, drain_timeout: float = 30.0, keep: bool = True) -> None:
         freed = inst.footprint_bytes
-        await inst.unload(drain_timeout)
+        await inst.unload(drain_timeout, keep)
         if inst.device_index is not None:
             index, inst.device_index = inst.device_index, None
             await self.memory.release(index, inst, freed)
@@ -412,7 +414,8 @@ class Engine:
                 snap["active"] = v == entry.active
                 snap["origin"] = entry.origin[v]
                 models.append(snap)
-        return {"models": models, "cache": self.cache.to_dict(), "devices": self.memory.snapshot(self._residents)}
+        return {"models": models, "cache": self.cache.to_dict(), "devices": self.memory.snapshot(self._residents),
+                "host_tier": self.host_tier.to_dict()}
 
     def subscribe(self, maxsize: int = 1000) -> Subscription:
         """Discrete events (registered, loading, loaded, load_failed, unloaded, model_error, ...)."""

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from . import policy, sources
+from . import hosttier, policy, sources
 from .config import ModelConfig
 from .errors import DeadlineExceeded, EngineError, InputError, ModelFailed, ModelUnavailable, QueueFull
 from .cache import ResultCache
@@ -110,7 +110,8 @@ def _as_outputs(result: Any, names: Sequence[str]) -> list[Any]:
 
 
 class ModelInstance:
-    def __init__(self, cfg: ModelConfig, events: EventBus, cache: ResultCache | None = None):
+    def __init__(self, cfg: ModelConfig, events: EventBus, cache: ResultCache | None = None,
+                 host_tier: "hosttier.HostTier | None" = None):
         self.cfg = cfg
         self.name = cfg.name
         self.version = cfg.version
@@ -126,6 +127,8 @@ class ModelInstance:
         self.loaded_at: float | None = None
         self.warmup_runs = 0  # real forward passes run before READY (not counted in stats)
         self.key = f"{cfg.name}:{cfg.version}"
+        self.host_tier = host_tier  # where its weights wait after an unload (None: dropped)
+        self.load_source: str | None = None  # what the last load read: the source or "host tier"
         # residency: set by the engine's control path (memory.py), read by the policy
         self.device_index: int | None = None  # the managed device it holds memory on
         self.pinned = cfg.pin
@@ -175,7 +178,9 @@ class ModelInstance:
             if device is None:
                 device = resolve_device(self.cfg.device)
             worker = ModelWorker(f"{self.name}:{self.version}", device, loop)
-            loaded, footprint = await worker.call(lambda: self._load_on_thread(device))
+            kept = self.host_tier.take(self.key) if self.host_tier is not None else None
+            self.load_source = "host tier" if kept is not None else self.cfg.source
+            loaded, footprint = await worker.call(lambda: self._load_on_thread(device, kept))
             self.device = device
             self._worker = worker
             self._max_batches = GPU_INFLIGHT if device.type == "cuda" else 1
@@ -207,17 +212,20 @@ class ModelInstance:
         self._set_state(READY)
         self.events.publish(
             "loaded",
-            f"{self.name} v{self.version} ready on {self.device} in {self.load_seconds:.2f}s "
+            f"{self.name} v{self.version} ready on {self.device} in {self.load_seconds:.2f}s from {self.load_source} "
             f"({self.footprint_bytes / 2**20:.1f} MiB)",
             model=self.name, version=self.version,
             data={"load_seconds": self.load_seconds, "footprint_bytes": self.footprint_bytes,
+                  "load_source": self.load_source,
                   "device": str(self.device)},
         )
 
-    def _load_on_thread(self, device: torch.device) -> tuple[sources.LoadedModel, int]:
+    def _load_on_thread(
+        self, device: torch.device, kept: sources.LoadedModel | None = None
+    ) -> tuple[sources.LoadedModel, int]:
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         self._cuda_base = before
-        loaded = sources.load_model(self.cfg, device)
+        loaded = hosttier.to_device(kept, device) if kept is not None else sources.load_model(self.cfg, device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             footprint = torch.cuda.memory_allocated(device) - before
@@ -237,8 +245,12 @@ class ModelInstance:
         # Variable non-batch dimensions: requests are grouped by shape so a batch concatenates.
         self._grouped = any(-1 in s.shape[1:] for s in self.inputs)
 
-    async def unload(self, drain_timeout: float = 30.0) -> None:
-        """Stop routing, let queued and in-flight work finish (bounded), then free."""
+    async def unload(self, drain_timeout: float = 30.0, keep: bool = True) -> None:
+        """Stop routing, let queued and in-flight work finish (bounded), then free.
+
+        keep: move the weights to the host-memory tier (if there is one)
+        instead of dropping them.
+        """
         if self.state not in (READY, WARMING):
             if self.state == FAILED:
                 self._set_state(UNLOADED)
@@ -258,17 +270,22 @@ class ModelInstance:
             self._answer_error(req, ModelUnavailable(f"model {self.name} version {self.version} was unloaded"))
         worker, self._worker = self._worker, None
         if worker is not None:
-            await self._free(worker)
+            await self._free(worker, keep=keep and self.host_tier is not None and self.host_tier.enabled)
         self._set_state(UNLOADED)
         self.events.publish("unloaded", f"{self.name} v{self.version} unloaded",
                             model=self.name, version=self.version,
                             data={"freed_bytes": self.footprint_bytes})
 
-    async def _free(self, worker: ModelWorker) -> None:
-        """Drop the module on its own thread, empty the CUDA cache, end the thread."""
+    async def _free(self, worker: ModelWorker, keep: bool = False) -> None:
+        """Drop the module (or move it to the host tier) on its own thread, empty the CUDA cache."""
         device = worker.device
+        loaded = sources.LoadedModel(self._module, self.inputs, self.outputs, self.weight_bytes,
+                                     self.platform or "") if keep and self._module is not None else None
+        kept: list[sources.LoadedModel] = []
 
         def free() -> None:
+            if loaded is not None and self.host_tier.accepts(loaded):
+                kept.append(hosttier.to_host(loaded))
             self._module = None
             gc.collect()
             if device.type == "cuda":
@@ -283,6 +300,10 @@ class ModelInstance:
             await worker.call(free)
         finally:
             worker.stop()
+        if kept:
+            for dropped in self.host_tier.put(self.key, kept[0]):
+                self.events.publish("host_tier_dropped", f"{dropped} dropped from the host-memory tier (full)",
+                                    data={"key": dropped})
 
     def _set_state(self, state: str, reason: str | None = None) -> None:
         self.state = state
@@ -558,6 +579,8 @@ class ModelInstance:
             "load_seconds": self.load_seconds,
             "loaded_at": self.loaded_at,
             "device_index": self.device_index,
+            "load_source": self.load_source,
+            "in_host_tier": self.host_tier is not None and self.key in self.host_tier,
             "pinned": self.pinned,
             "request_rate": self.rate.rate(time.monotonic()),
             "queue": self.queue.size,

@@ -236,3 +236,53 @@ async def test_model_larger_than_any_device_is_refused_clearly(make_engine):
         await eng.infer("huge", one())
     assert eng.instance("huge").state == "UNLOADED"
     assert eng.memory.budgets[0].reservations == {}
+
+
+async def test_reload_from_the_host_tier_does_not_read_the_source(make_engine, tmp_path):
+    eng, _ = await make_engine((256,), host_tier_gib=0.5)
+    torch.manual_seed(0)
+    torch.jit.save(torch.jit.script(torch.nn.Linear(16, 4)), str(tmp_path / "lin.pt"))
+    await eng.register({"name": "lin", "source": "torchscript:lin.pt", "warmup": 0,
+                        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 16]}],
+                        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}]})
+    x = {"x": torch.ones(2, 16)}
+    before = (await eng.infer("lin", x)).outputs["y"].clone()
+    await eng.unload("lin")
+    assert eng.snapshot()["host_tier"]["entries"] == ["lin:1"]
+    (tmp_path / "lin.pt").unlink()  # the file is gone: only the tier can bring it back
+    after = (await eng.infer("lin", x)).outputs["y"]
+    inst = eng.instance("lin")
+    assert inst.load_source == "host tier" and inst.device_index == 0
+    assert torch.equal(before, after)
+    assert eng.host_tier.hits == 1 and "lin:1" not in eng.host_tier
+
+
+async def test_without_the_tier_a_reload_reads_the_source(make_engine, tmp_path):
+    eng, _ = await make_engine((256,))
+    torch.jit.save(torch.jit.script(torch.nn.Linear(16, 4)), str(tmp_path / "lin.pt"))
+    await eng.register({"name": "lin", "source": "torchscript:lin.pt", "warmup": 0,
+                        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 16]}],
+                        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}]})
+    await eng.load("lin")
+    await eng.unload("lin")
+    (tmp_path / "lin.pt").unlink()
+    with pytest.raises(LoadFailed, match="no such file"):
+        await eng.load("lin")
+
+
+async def test_host_tier_is_bounded_and_lru(make_engine):
+    eng, _ = await make_engine((512,), host_tier_gib=100 / 1024)  # 100 MiB
+    sub = eng.subscribe()
+    for name in ("a", "b", "c"):
+        await eng.register(sized(name, 40))
+        await eng.load(name)
+    for name in ("a", "b", "c"):
+        await eng.unload(name)
+    tier = eng.snapshot()["host_tier"]
+    assert tier["entries"] == ["b:1", "c:1"] and tier["bytes"] <= 100 * MiB and tier["drops"] == 1
+    dropped = [e for e in events_of(sub) if e.kind == "host_tier_dropped"]
+    assert dropped and "a:1" in dropped[0].message
+    await eng.load("b")
+    assert eng.instance("b").load_source == "host tier"
+    await eng.load("a")
+    assert eng.instance("a").load_source == "zoo:sized"
