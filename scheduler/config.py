@@ -127,6 +127,7 @@ class GpuConfig:
     host_tier_gib: float = 0.0  # pinned host memory for evicted models' weights (0: off)
     unload_wait_s: float = 5.0  # how long an unload waits for the device to show memory back
     min_residency_s: float = 30.0  # churn guard: a model this young is not evicted for another
+    device_slots: int = 2  # batches running at once on one device; beyond, the most urgent goes next
 
 
 @dataclass(frozen=True)
@@ -417,6 +418,7 @@ def parse_config(raw: dict[str, Any], base_dir: str, path: str | None = None) ->
         "host_tier_gib": _number(0, "a non-negative number of GiB"),
         "unload_wait_s": _number(0, "a non-negative number of seconds"),
         "min_residency_s": _number(0, "a non-negative number of seconds"),
+        "device_slots": _int(1, "a positive integer"),
     }))
     cache = CacheConfig(**_section(raw, "cache", {"max_bytes": _size}))
     models_raw = raw.get("models", [])

@@ -31,6 +31,7 @@ from .cache import ResultCache
 from .events import EventBus, Subscription
 from .hosttier import HostTier
 from .memory import MemoryManager, weights_estimate
+from .shared import SharedDevice
 from .instance import FAILED, LOADING, READY, UNLOADED, WARMING, InferResult, LoadFailed, ModelInstance
 from .store import Store
 
@@ -81,6 +82,7 @@ class Engine:
         self.backend = backend if backend is not None else open_backend(self.gpu.simulate)
         self.memory = MemoryManager(self.backend, self.gpu, self.events)
         self.host_tier = HostTier(int(self.gpu.host_tier_gib * 2**30))
+        self.shared = {i: SharedDevice(i, self.gpu.device_slots) for i in self.memory.budgets}
         self.tick_s = tick_s
         self._janitor: asyncio.Task | None = None
         self._models: dict[str, ModelEntry] = {}
@@ -276,6 +278,7 @@ class Engine:
         need = need or weights_estimate(inst)
         index = await self.memory.make_room(inst, need, targets, self._residents, self._evict_locked)
         inst.device_index = index
+        inst.shared = self.shared[index]
         try:
             await inst.load(self.memory.torch_device(index))
             self.memory.commit(index, inst, inst.footprint_bytes)
@@ -304,6 +307,9 @@ class Engine:
     async def _unload_locked(self, inst: ModelInstance, drain_timeout: float = 30.0, keep: bool = True) -> None:
         freed = inst.footprint_bytes
         await inst.unload(drain_timeout, keep)
+        if inst.shared is not None:
+            inst.shared.forget(inst)
+            inst.shared = None
         if inst.device_index is not None:
             index, inst.device_index = inst.device_index, None
             await self.memory.release(index, inst, freed)
@@ -414,7 +420,8 @@ class Engine:
                 snap["active"] = v == entry.active
                 snap["origin"] = entry.origin[v]
                 models.append(snap)
-        return {"models": models, "cache": self.cache.to_dict(), "devices": self.memory.snapshot(self._residents),
+        return {"models": models, "cache": self.cache.to_dict(), "devices": [dict(d, slots=self.shared[d["index"]].to_dict())
+                            for d in self.memory.snapshot(self._residents)],
                 "host_tier": self.host_tier.to_dict()}
 
     def subscribe(self, maxsize: int = 1000) -> Subscription:

@@ -23,6 +23,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from . import hosttier, policy, sources
+from . import shared as shared_mod
+from .shared import SharedDevice
 from .config import ModelConfig
 from .errors import DeadlineExceeded, EngineError, InputError, ModelFailed, ModelUnavailable, QueueFull
 from .cache import ResultCache
@@ -136,6 +138,10 @@ class ModelInstance:
         self.loaded_mono = 0.0
         self.last_used = 0.0  # monotonic time of its last request
         self.rate = policy.Ewma(half_life_s=60.0)  # requests per second, decayed
+        self.shared: "SharedDevice | None" = None  # the managed device's slots, when it is shared
+        self._granted = False  # holding a slot the shared device granted, not yet used
+        self.last_run = 0.0  # monotonic time its last batch went to the worker
+        self.p95_s: float | None = None  # measured p95 latency, refreshed every tick
         self._rate_seen = 0  # requests counted into rate so far
         self.stats = ModelStats()
         self.queue = RequestQueue(cfg.priority_levels, cfg.max_queue_size)
@@ -398,16 +404,29 @@ class ModelInstance:
                     self._timer_at = go_at
                     self._timer = loop.call_at(go_at, self._on_timer)
                 return
+        shared = self.shared
+        if shared is not None and not self._granted and not shared.acquire(self):
+            return  # the device is busy: shared.release() grants us a slot by urgency
+        self._granted = False
         batch = self.queue.take_batch(max_samples, now, self._expire)
         if not batch:
+            if shared is not None:
+                shared.release()
             self._check_drained()
             return
+        self.last_run = now
         # A batch handed over while another runs waits on the worker: its
         # deadlines are checked again when it starts (it left the queue's sweep).
         run = self._run_batch if self._batches == 0 else self._run_batch_if_live
         self._batches += 1
         self.in_flight += len(batch)
         self._worker.submit(lambda: run(batch), lambda r, e: self._batch_done(batch, now, r, e))
+
+    def granted(self) -> None:
+        """The shared device gave this model a slot (called by SharedDevice.release)."""
+        self._granted = True
+        loop = asyncio.get_running_loop()
+        self._dispatch(loop, loop.time())
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -523,6 +542,9 @@ class ModelInstance:
                 self._answer_error(req, ModelFailed(f"model {self.name} version {self.version} failed: {message}"))
         self._batches -= 1
         self.in_flight -= len(batch)
+        if self.shared is not None:
+            # compete for the freed slot on urgency, like every other waiting model
+            self.shared.release(self if self.queue.size else None)
         if self.queue.size and self._worker is not None and (
             self._batches == 0
             or (self._batches < self._max_batches and self.queue.samples >= (self.cfg.max_batch_size or 1))
@@ -548,6 +570,8 @@ class ModelInstance:
         total = self.requests_total()
         self.rate.add_event(now, total - self._rate_seen)
         self._rate_seen = total
+        p95 = self.stats.latency_ms()["p95"]
+        self.p95_s = p95 / 1000.0 if p95 is not None else None
 
     def residency(self, now: float, nbytes: int | None = None) -> policy.Residency:
         """What the eviction policy knows about this model, all measured where it can be."""
@@ -580,6 +604,8 @@ class ModelInstance:
             "loaded_at": self.loaded_at,
             "device_index": self.device_index,
             "load_source": self.load_source,
+            "urgency": shared_mod.model_urgency(self, time.monotonic()) if self.queue.size else 0.0,
+            "latency_target_ms": self.cfg.latency_target_ms,
             "in_host_tier": self.host_tier is not None and self.key in self.host_tier,
             "pinned": self.pinned,
             "request_rate": self.rate.rate(time.monotonic()),

@@ -259,6 +259,20 @@ def _mature(r: Residency, now: float, min_residency_s: float) -> bool:
     return now - r.loaded_at >= min_residency_s
 
 
+def churn_risk(incoming: Residency | None, now: float, min_residency_s: float) -> bool:
+    """Whether loading ``incoming`` may be one half of a swap loop (so young models are protected).
+
+    True when the incoming model is unknown (None: assume the worst) or was
+    itself used within the last ``min_residency_s`` — it was resident a
+    moment ago and wants back in, the pattern of two models evicting each
+    other.  A model not used for longer than that is a newcomer: it cannot be
+    part of such a loop, and a young model may make room for it like any other.
+    """
+    if min_residency_s <= 0:
+        return False
+    return incoming is None or now - incoming.last_used < min_residency_s
+
+
 def plan_eviction(
     resident: Sequence[Residency],
     need_bytes: int,
@@ -266,6 +280,7 @@ def plan_eviction(
     now: float,
     min_residency_s: float = 30.0,
     incoming_value: float | None = None,
+    incoming: Residency | None = None,
 ) -> EvictionPlan | None:
     """The models to evict so that ``need_bytes`` fit, or None if that cannot be done now.
 
@@ -280,9 +295,12 @@ def plan_eviction(
     movable = [r for r in resident if not r.pinned and not r.busy]
     if sum(r.bytes for r in movable) < shortfall:
         return None  # pinned and busy models hold too much: wait for work to drain
-    mature = [r for r in movable if _mature(r, now, min_residency_s)]
-    if sum(r.bytes for r in mature) < shortfall:
-        return None  # churn guard: only models younger than min_residency_s could make room
+    if churn_risk(incoming, now, min_residency_s):
+        mature = [r for r in movable if _mature(r, now, min_residency_s)]
+        if sum(r.bytes for r in mature) < shortfall:
+            return None  # churn guard: only models younger than min_residency_s could make room
+    else:
+        mature = movable
     values = {r.key: keep_value(r, now) for r in mature}
     eligible = mature
     if incoming_value is not None:

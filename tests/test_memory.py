@@ -286,3 +286,45 @@ async def test_host_tier_is_bounded_and_lru(make_engine):
     assert eng.instance("b").load_source == "host tier"
     await eng.load("a")
     assert eng.instance("a").load_source == "zoo:sized"
+
+
+async def test_a_shared_device_runs_the_most_urgent_batch_next(make_engine, tmp_path):
+    from safetensors.torch import save_file
+    from test_request_path import GATED_MODULE, X4, Y2
+
+    (tmp_path / "gatedmodels.py").write_text(GATED_MODULE)
+    lin = torch.nn.Linear(4, 2)
+    save_file({"lin.weight": lin.weight.detach().contiguous(), "lin.bias": lin.bias.detach().contiguous()},
+              str(tmp_path / "gated.safetensors"))
+    eng, _ = await make_engine((256,), device_slots=1)
+
+    def gated(name, gate_open, priority):
+        return {"name": name, "source": "safetensors:gated.safetensors", "factory": "gatedmodels:build",
+                "args": {"gate_open": gate_open}, "inputs": X4, "outputs": Y2, "warmup": 0,
+                "max_batch_size": 1, "priority": priority, "latency_target_ms": 50}
+
+    for name, gate_open, prio in (("blocker", False, 2), ("low", True, 3), ("high", True, 1)):
+        await eng.register(gated(name, gate_open, prio))
+        await eng.load(name)
+    blocker = eng.instance("blocker")
+    try:
+        first = asyncio.ensure_future(eng.infer("blocker", {"x": torch.zeros(1, 4)}))
+        while not blocker._module.entered.is_set():
+            await asyncio.sleep(0.001)
+        done: list[str] = []
+        tasks = []
+        for name in ("low", "low", "low", "high", "high", "high"):  # low queued first
+            t = asyncio.ensure_future(eng.infer(name, {"x": torch.ones(1, 4)}))
+            t.add_done_callback(lambda _t, n=name: done.append(n))
+            tasks.append(t)
+        await asyncio.sleep(0.05)
+        assert eng.snapshot()["devices"][0]["slots"]["waiting"] == ["low:1", "high:1"] or \
+            set(eng.snapshot()["devices"][0]["slots"]["waiting"]) == {"low:1", "high:1"}
+        snap = {m["name"]: m for m in eng.snapshot()["models"]}
+        assert snap["high"]["urgency"] > snap["low"]["urgency"] > 0
+    finally:
+        blocker._module.gate.set()
+    await asyncio.gather(first, *tasks)
+    assert done == ["high"] * 3 + ["low"] * 3
+    slots = eng.snapshot()["devices"][0]["slots"]
+    assert slots["grants"] >= 6 and slots["running"] == 0 and slots["waiting"] == []
