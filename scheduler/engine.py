@@ -30,6 +30,7 @@ from .errors import Conflict, EngineError, InputError, ModelNotFound, ModelUnava
 from .cache import ResultCache
 from .events import EventBus, Subscription
 from .hosttier import HostTier
+from . import policy
 from .memory import MemoryManager, weights_estimate
 from .shared import SharedDevice
 from .instance import FAILED, LOADING, READY, UNLOADED, WARMING, InferResult, LoadFailed, ModelInstance
@@ -229,6 +230,7 @@ class Engine:
     def _register(self, cfg: ModelConfig, origin: str) -> ModelInstance:
         entry = self._models.setdefault(cfg.name, ModelEntry(cfg.name))
         inst = ModelInstance(cfg, self.events, self.cache, self.host_tier)
+        inst.on_oom = self._make_room_after_oom
         self.cache.invalidate((cfg.name, cfg.version))  # a new definition: old answers are stale
         entry.versions[cfg.version] = inst
         entry.origin[cfg.version] = origin
@@ -298,6 +300,20 @@ class Engine:
                                 f"making room for {1.5 * need / 2**30:.2f} GiB and retrying once",
                                 model=inst.name, version=inst.version, level="warning")
             await self._load(inst, int(need * 1.5), retried=True)
+
+    async def _make_room_after_oom(self, inst: ModelInstance) -> None:
+        """A forward ran out of memory: evict the lowest keep-value idle model on its device."""
+        index = inst.device_index
+        if index is None:
+            return
+        async with self._control:
+            now = time.monotonic()
+            others = [r for r in self._residents(index) if r is not inst and r.state == READY]
+            plan = policy.plan_eviction([r.residency(now) for r in others], 1, 0, now,
+                                        min_residency_s=0.0)
+            by_key = {r.key: r for r in others}
+            for key in plan.victims if plan is not None else ():
+                await self._evict_locked(by_key[key], f"after {inst.key} ran out of memory: {plan.reason}")
 
     async def _evict_locked(self, inst: ModelInstance, reason: str) -> None:
         self.events.publish("evicted", f"evicted {inst.key} {reason}", model=inst.name, version=inst.version,

@@ -142,6 +142,8 @@ class ModelInstance:
         self._granted = False  # holding a slot the shared device granted, not yet used
         self.last_run = 0.0  # monotonic time its last batch went to the worker
         self.p95_s: float | None = None  # measured p95 latency, refreshed every tick
+        # set by the engine: evicts something idle on this model's device after a forward OOM
+        self.on_oom: Any = None
         self._rate_seen = 0  # requests counted into rate so far
         self.stats = ModelStats()
         self.queue = RequestQueue(cfg.priority_levels, cfg.max_queue_size)
@@ -422,6 +424,23 @@ class ModelInstance:
         self.in_flight += len(batch)
         self._worker.submit(lambda: run(batch), lambda r, e: self._batch_done(batch, now, r, e))
 
+    async def _retry_after_oom(self, batch: list[Request], formed: float) -> None:
+        """Ask the engine to evict an idle model on this device, empty the cache, rerun the batch."""
+        worker = self._worker
+        try:
+            if self.on_oom is not None:
+                await self.on_oom(self)
+            if worker is not None and self.device is not None and self.device.type == "cuda":
+                await worker.call(torch.cuda.empty_cache, inference=True)
+        except Exception as e:  # noqa: BLE001 - the retry still runs; the event says what happened
+            self.events.publish("oom", f"{self.key}: making room after an OOM failed: {e}", level="error",
+                                model=self.name, version=self.version)
+        if worker is None or self._worker is not worker:
+            self._batch_done(batch, formed, None, ModelUnavailable(f"model {self.key} was unloaded"), retried=True)
+            return
+        worker.submit(lambda: self._run_batch_if_live(batch),
+                      lambda r, e: self._batch_done(batch, formed, r, e, retried=True))
+
     def granted(self) -> None:
         """The shared device gave this model a slot (called by SharedDevice.release)."""
         self._granted = True
@@ -507,11 +526,19 @@ class ModelInstance:
         parts = [o.split(sizes) if isinstance(o, torch.Tensor) else _split_objects(o, sizes) for o in outs]
         return [dict(zip(names, row)) for row in zip(*parts)], time.perf_counter_ns() - t0
 
-    def _batch_done(self, batch: list[Request], formed: float, result: Any, error: BaseException | None) -> None:
+    def _batch_done(self, batch: list[Request], formed: float, result: Any, error: BaseException | None,
+                    retried: bool = False) -> None:
         """Back on the loop: answer every request of the batch, then start the next one."""
         loop = asyncio.get_running_loop()
         now = loop.time()
         stats = self.stats
+        if error is not None and not retried and isinstance(error, torch.OutOfMemoryError):
+            # Out of memory in a forward: free what we can and run this batch once more.
+            self.events.publish("oom", f"{self.key}: out of memory running a batch of {len(batch)}; "
+                                "freeing memory and retrying it once", model=self.name, version=self.version,
+                                level="warning")
+            loop.create_task(self._retry_after_oom(batch, formed))
+            return
         if error is None:
             per_request, compute_ns = result
             samples = answered = 0

@@ -328,3 +328,65 @@ async def test_a_shared_device_runs_the_most_urgent_batch_next(make_engine, tmp_
     assert done == ["high"] * 3 + ["low"] * 3
     slots = eng.snapshot()["devices"][0]["slots"]
     assert slots["grants"] >= 6 and slots["running"] == 0 and slots["waiting"] == []
+
+
+OOM_ONCE = '''
+import torch
+
+
+class OomOnce(torch.nn.Module):
+    """Raises CUDA's out-of-memory error on its first forward after warmup, then works."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 16)
+        self.armed = False
+
+    def forward(self, x):
+        if self.armed:
+            self.armed = False
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.lin(x)
+
+
+def build():
+    return OomOnce()
+'''
+
+
+async def test_a_forward_oom_evicts_an_idle_model_and_retries_once(make_engine, tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "oommodels.py").write_text(OOM_ONCE)
+    lin = torch.nn.Linear(16, 16)
+    save_file({"lin.weight": lin.weight.detach().contiguous(), "lin.bias": lin.bias.detach().contiguous()},
+              str(tmp_path / "oom.safetensors"))
+    eng, _ = await make_engine((256,))
+    await eng.register(sized("idle", 32))
+    await eng.load("idle")
+    await eng.register({"name": "oom", "source": "safetensors:oom.safetensors", "factory": "oommodels:build",
+                        "warmup": 0, "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 16]}],
+                        "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, 16]}]})
+    await eng.load("oom")
+    sub = eng.subscribe()
+    eng.instance("oom")._module.armed = True
+    res = await eng.infer("oom", one())  # the caller never sees the OOM: the batch ran again
+    assert res.outputs["output"].shape == (1, 16)
+    kinds = [(e.kind, e.model) for e in events_of(sub)]
+    assert ("oom", "oom") in kinds and ("evicted", "idle") in kinds
+    assert eng.instance("idle").state == "UNLOADED"
+    # a second OOM in a row is the answer for that batch only; the model keeps serving
+    mod = eng.instance("oom")._module
+    mod.armed = True
+    orig = mod.forward
+
+    def always_oom(x):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    mod.forward = always_oom
+    from modelconsole.scheduler.errors import ModelFailed
+    with pytest.raises(ModelFailed, match="out of memory"):
+        await eng.infer("oom", one(2.0))
+    mod.forward = orig
+    mod.armed = False
+    assert (await eng.infer("oom", one(3.0))).outputs["output"].shape == (1, 16)
