@@ -1,0 +1,162 @@
+"""Reload and cold-load speed on a real GPU, against the hardware measured in the same run.
+
+    python bench/reload.py            # a 2 GiB model (needs CUDA)
+    python bench/reload.py --gib 4
+
+Measures, side by side:
+- the pinned host -> device copy bandwidth of one buffer of the model's size
+  (the ceiling for a reload from the host-memory tier), and the engine's
+  reload of the model from its host tier (unload, then load);
+- ``safetensors.torch.load_file(path, device="cuda")`` of the model's file
+  (the file is read once first so both read it from the page cache), and the
+  engine's cold load of the same file through a factory.
+
+Last line: one JSON object with host_tier_reload_gbps, pinned_copy_gbps,
+reload_vs_pinned (target >= 0.70), cold_load_s, load_file_s,
+cold_vs_load_file (target <= 1.2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+FACTORY = '''
+import torch
+
+
+class Big(torch.nn.Module):
+    """Weights of a chosen size in a few large matrices, and a cheap forward."""
+
+    def __init__(self, gib=2.0, parts=8):
+        super().__init__()
+        n = int(gib * 2**30 / 4 / parts / 4096)
+        self.blocks = torch.nn.ParameterList(torch.nn.Parameter(torch.empty(n, 4096)) for _ in range(parts))
+        self.head = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.head(x) + self.blocks[0][0, :16]
+
+
+def build(gib=2.0):
+    return Big(gib)
+'''
+
+
+def pinned_copy_gbps(nbytes: int, repeats: int = 5) -> float:
+    host = torch.empty(nbytes // 4, dtype=torch.float32).pin_memory()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        dev = host.to("cuda", non_blocking=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        del dev
+    torch.cuda.empty_cache()
+    return nbytes / min(times) / 1e9
+
+
+def load_file_seconds(path: Path, repeats: int = 3) -> float:
+    from safetensors.torch import load_file
+
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        state = load_file(str(path), device="cuda")
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        del state
+        torch.cuda.empty_cache()
+    return statistics.median(times)
+
+
+async def engine_loads(root: Path, gib: float, repeats: int = 3) -> tuple[float, float, int]:
+    from modelconsole.scheduler.config import GpuConfig
+    from modelconsole.scheduler.engine import Engine
+
+    engine = Engine(None, base_dir=str(root), gpu=GpuConfig(host_tier_gib=gib * 2 + 1))
+    await engine.start()
+    await engine.register({"name": "big", "source": "safetensors:big.safetensors", "factory": "bigmodel:build",
+                           "args": {"gib": gib}, "warmup": 0, "device": "cuda:0",
+                           "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 16]}],
+                           "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 16]}]})
+    inst = engine.instance("big")
+    cold, warm = [], []
+    for _ in range(repeats):
+        engine.host_tier.take("big:1")  # drop it from the tier: a cold load reads the file
+        t = time.perf_counter()
+        await engine.load("big")
+        cold.append(time.perf_counter() - t)
+        assert inst.load_source.startswith("safetensors"), inst.load_source
+        await engine.unload("big")  # -> host tier
+        t = time.perf_counter()
+        await engine.load("big")
+        warm.append(time.perf_counter() - t)
+        assert inst.load_source == "host tier", inst.load_source
+        await engine.unload("big")
+    nbytes = inst.weight_bytes
+    await engine.close()
+    return statistics.median(cold), statistics.median(warm), nbytes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gib", type=float, default=2.0, help="model size (default 2 GiB)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/reload.py needs a CUDA GPU")
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "bigmodel.py").write_text(FACTORY)
+        import sys
+
+        sys.path.insert(0, str(root))
+        import bigmodel  # noqa: E402
+
+        model = bigmodel.build(args.gib)
+        for p in model.parameters():
+            p.data.normal_()
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "big.safetensors"))
+        del model
+        (root / "big.safetensors").read_bytes()  # into the page cache for both readers
+        nbytes = (root / "big.safetensors").stat().st_size
+        torch.cuda.init()
+        copy_gbps = pinned_copy_gbps(nbytes)
+        lf = load_file_seconds(root / "big.safetensors")
+        cold, warm, weight_bytes = asyncio.run(engine_loads(root, args.gib))
+    reload_gbps = weight_bytes / warm / 1e9
+    rows = [
+        ("model weights", f"{weight_bytes / 2**30:.2f} GiB", ""),
+        ("pinned host -> device copy", f"{copy_gbps:.1f} GB/s", "ceiling"),
+        ("engine reload from host tier", f"{warm * 1000:.0f} ms = {reload_gbps:.1f} GB/s",
+         f"{reload_gbps / copy_gbps:.2f} of the copy (target >= 0.70)"),
+        ("safetensors load_file(device=cuda)", f"{lf * 1000:.0f} ms", "reference"),
+        ("engine cold load (factory + file)", f"{cold * 1000:.0f} ms",
+         f"{cold / lf:.2f}x load_file (target <= 1.2)"),
+    ]
+    print(f"device: {torch.cuda.get_device_name(0)} | torch {torch.__version__}")
+    for name, value, note in rows:
+        print(f"{name:<36} {value:>26}  {note}")
+    print(json.dumps({
+        "host_tier_reload_gbps": round(reload_gbps, 2),
+        "pinned_copy_gbps": round(copy_gbps, 2),
+        "reload_vs_pinned": round(reload_gbps / copy_gbps, 3),
+        "cold_load_s": round(cold, 3),
+        "load_file_s": round(lf, 3),
+        "cold_vs_load_file": round(cold / lf, 3),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Budgets on a real GPU: load, evict and reload under a budget smaller than the card,
+with NVML's readings checked against the engine's accounting."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from modelconsole.scheduler.config import GpuConfig
+from modelconsole.scheduler.engine import Engine
+
+MiB = 2**20
+
+
+def own_used(engine) -> int:
+    reading = engine.backend.read(0)
+    return reading.own_bytes(os.getpid())
+
+
+async def test_evict_and_reload_under_a_budget_with_nvml_agreeing():
+    # 1.5 GiB of budget: two 400 MiB models fit (estimates 500 MiB each), a third does not
+    engine = Engine(None, gpu=GpuConfig(budget_gib=1.5, reserve_mib=512, min_residency_s=0, host_tier_gib=2,
+                                        default_device="cuda:0"))
+    await engine.start()
+    try:
+        assert engine.backend.kind == "nvml"
+        for name in ("a", "b", "c"):
+            await engine.register({"name": name, "source": "zoo:sized", "args": {"mib": 400}, "warmup": 1})
+        await engine.load("a")
+        await engine.load("b")
+        base = own_used(engine)
+        resident = sum(engine.memory.budgets[0].reservations.values())
+        # NVML sees at least what we account for (plus the context and the allocator's cache)
+        assert base >= resident >= 800 * MiB
+        await engine.infer("b", {"input": torch.ones(1, 16)})  # b is used, a is not
+        await engine.load("c")
+        states = {n: engine.instance(n).state for n in "abc"}
+        assert states == {"a": "UNLOADED", "b": "READY", "c": "READY"}
+        assert sum(engine.memory.budgets[0].reservations.values()) <= 1.5 * 1024 * MiB
+        # a's memory really went back to the device (NVML), not just out of our books
+        assert own_used(engine) <= base + 50 * MiB
+        # a reload from the host tier lands on the GPU and answers
+        await engine.unload("b")
+        res = await engine.infer("a", {"input": torch.ones(2, 16)})
+        assert res.outputs["output"].shape == (2, 16)
+        a = engine.instance("a")
+        assert a.load_source == "host tier" and str(a.device) == "cuda:0"
+        assert a.footprint_bytes >= 400 * MiB
+        snap = engine.snapshot()["devices"][0]
+        assert snap["backend"] == "nvml" and snap["budget"]["usable_bytes"] <= 1.5 * 1024 * MiB
+    finally:
+        await engine.close()
