@@ -387,10 +387,14 @@ class ModelInstance:
         self.queue.push(req)
         if req.deadline < self._sweep_at:
             self._arm_sweep(loop, req.deadline)
-        batches = self._batches
-        if batches == 0 or (batches < self._max_batches and self.queue.samples >= (self.cfg.max_batch_size or 1)):
+        if self._should_dispatch():
             self._dispatch(loop, loop.time())
         return fut
+
+    def _should_dispatch(self) -> bool:
+        """Idle worker: yes.  Busy: only a full batch, and only up to _max_batches in flight."""
+        b = self._batches
+        return b == 0 or (b < self._max_batches and self.queue.samples >= (self.cfg.max_batch_size or 1))
 
     def _dispatch(self, loop: asyncio.AbstractEventLoop, now: float) -> None:
         """Send the next batch to the worker if it is idle and the batch should go now."""
@@ -571,11 +575,8 @@ class ModelInstance:
         self.in_flight -= len(batch)
         if self.shared is not None:
             # compete for the freed slot on urgency, like every other waiting model
-            self.shared.release(self if self.queue.size else None)
-        if self.queue.size and self._worker is not None and (
-            self._batches == 0
-            or (self._batches < self._max_batches and self.queue.samples >= (self.cfg.max_batch_size or 1))
-        ):
+            self.shared.release(self if self.queue.size and self._should_dispatch() else None)
+        if self.queue.size and self._worker is not None and self._should_dispatch():
             self._dispatch(loop, now)
         else:
             self._check_drained()
