@@ -634,6 +634,8 @@ class ModelInstance:
             "load_source": self.load_source,
             "urgency": shared_mod.model_urgency(self, time.monotonic()) if self.queue.size else 0.0,
             "latency_target_ms": self.cfg.latency_target_ms,
+            "eviction": policy.explain(self.residency(time.monotonic()), time.monotonic())
+            if self.device_index is not None and self.state == READY else None,
             "in_host_tier": self.host_tier is not None and self.key in self.host_tier,
             "pinned": self.pinned,
             "request_rate": self.rate.rate(time.monotonic()),

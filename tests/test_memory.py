@@ -101,6 +101,9 @@ async def test_eviction_takes_the_lowest_keep_value_first(make_engine):
     await eng.load("new")
     states = {n: eng.instance(n).state for n in ("hot", "warm", "cold", "new")}
     assert states["cold"] == "UNLOADED" and states["hot"] == "READY" and states["new"] == "READY"
+    snap = {m["name"]: m for m in eng.snapshot()["models"]}
+    assert snap["hot"]["eviction"]["keep_value"] > snap["warm"]["eviction"]["keep_value"]
+    assert snap["hot"]["eviction"]["request_rate"] > 0 and snap["cold"]["eviction"] is None
     evicted = [e for e in events_of(sub) if e.kind == "evicted"]
     assert evicted and evicted[0].model == "cold" and "to make room for new:1" in evicted[0].message
     assert sum(eng.memory.budgets[0].reservations.values()) <= 256 * MiB
