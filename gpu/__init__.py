@@ -1,5 +1,6 @@
-"""modelconsole.gpu: what the hardware says and allows (NVML readings, budgets, the simulated device).
+"""modelconsole.gpu: what the hardware says and allows.
 
-Device selection lives in ``modelconsole.scheduler.instance.resolve_device``
-until the budget and placement work lands here.
+devices.py reads devices (NVML, or a simulated backend for machines without
+an NVIDIA GPU); budget.py turns a reading into what may still be placed on a
+device.  The decisions that use them live in modelconsole.scheduler.memory.
 """

@@ -338,10 +338,14 @@ class Engine:
         return [i for i in self._instances() if i.device_index == index and i.state != UNLOADED]
 
     async def _load_quietly(self, inst: ModelInstance) -> None:
+        """Bring a pinned model up in the background; a refusal becomes an event."""
         try:
             await self._ensure_loaded(inst)
-        except EngineError:
-            pass  # the failure is already an event and the model's state
+        except LoadFailed:
+            pass  # already a load_failed event and the model's state
+        except EngineError as e:
+            self.events.publish("load_failed", f"pinned {inst.key} could not be loaded: {e.message}",
+                                model=inst.name, version=inst.version, level="error")
 
     async def unload(self, name: str, version: str | None = None, actor: str = "api") -> dict[str, Any]:
         """Stop routing to a version, let its queued work finish, free its memory."""
@@ -411,6 +415,7 @@ class Engine:
             if inst.state != READY:
                 if inst.state not in (UNLOADED, LOADING, WARMING):
                     raise inst.unavailable()
+                inst.last_used = time.monotonic()  # this request counts when its load is weighed
                 await self._ensure_loaded(inst)  # lazy load, or join the one under way
             req = inst.prepare(inputs, priority, timeout_ms, outputs, time.monotonic())
             if inst.cache is not None:

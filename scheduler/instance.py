@@ -137,7 +137,7 @@ class ModelInstance:
         self.learned_footprint = 0  # measured at its last load: the next load's estimate
         self.loaded_mono = 0.0
         self.last_used = 0.0  # monotonic time of its last request
-        self.rate = policy.Ewma(half_life_s=60.0)  # requests per second, decayed
+        self.rate = policy.Ewma(half_life_s=policy.RATE_HALF_LIFE_S)  # requests per second, decayed
         self.shared: "SharedDevice | None" = None  # the managed device's slots, when it is shared
         self._granted = False  # holding a slot the shared device granted, not yet used
         self.last_run = 0.0  # monotonic time its last batch went to the worker

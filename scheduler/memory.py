@@ -113,6 +113,12 @@ class MemoryManager:
     ) -> int:
         """Choose a device with `need` bytes available, evicting by keep-value if none has.
 
+        Every load that the policy allows goes ahead (no admission test
+        against the newcomer's value): a model asked for rarely must still be
+        served when asked.  Thrashing is held off by the churn guard
+        (min_residency_s), which the policy applies when the incoming model
+        was itself used recently (half of a swap loop), not to a newcomer.
+
         Returns the device index, with `need` reserved for inst there.
         """
         now = time.monotonic()
@@ -120,17 +126,22 @@ class MemoryManager:
         cands = [(i, self.available(i), float(loads[i])) for i in targets]
         index = place(need, cands)
         if index is None:
-            incoming = policy.keep_value(inst.residency(now, need), now)
             plans = []
             for i, avail, _ in cands:
                 plan = policy.plan_eviction(
                     [r.residency(now) for r in residents(i)], need, avail, now,
-                    min_residency_s=self.cfg.min_residency_s, incoming_value=incoming,
+                    min_residency_s=self.cfg.min_residency_s, incoming=inst.residency(now, need),
                 )
                 if plan is not None:
                     plans.append((plan.freed_bytes, i, plan))
             if not plans:
-                raise InsufficientMemory(self._why_no_room(inst, need, targets, residents))
+                # when the churn guard will let a plan through (None: pinned/busy models hold it)
+                times = [policy.earliest_room([r.residency(now) for r in residents(i)], need, avail, now,
+                                              self.cfg.min_residency_s) for i, avail, _ in cands]
+                times = [t for t in times if t is not None]
+                retry = max(1.0, min(times) - now) if times else 5.0
+                raise InsufficientMemory(self._why_no_room(inst, need, targets, residents)
+                                         + f"; retry in {retry:.0f}s", retry_after=retry)
             _, index, plan = min(plans, key=lambda p: (p[0], p[1]))  # the plan that frees least
             by_key = {r.key: r for r in residents(index)}
             for key in plan.victims:

@@ -393,3 +393,18 @@ async def test_a_forward_oom_evicts_an_idle_model_and_retries_once(make_engine, 
     mod.forward = orig
     mod.armed = False
     assert (await eng.infer("oom", one(3.0))).outputs["output"].shape == (1, 16)
+
+
+async def test_churn_guard_refuses_with_a_retry_time_instead_of_thrashing(make_engine):
+    eng, _ = await make_engine((150,), min_residency_s=30)
+    await eng.register(sized("x", 80))
+    await eng.register(sized("y", 80))
+    await eng.infer("x", one())  # x loads and is used
+    await eng.infer("y", one())  # y is a newcomer: x is evicted even though it is young
+    assert eng.instance("x").state == "UNLOADED" and eng.instance("y").state == "READY"
+    # x comes straight back: it was used moments ago, so this is a swap loop; y is protected
+    with pytest.raises(InsufficientMemory) as err:
+        await eng.infer("x", one())
+    assert err.value.retry_after is not None and 1 <= err.value.retry_after <= 30
+    assert "retry in" in err.value.message
+    assert eng.instance("y").state == "READY"
