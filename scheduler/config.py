@@ -55,6 +55,7 @@ class ModelConfig:
     pin: bool = False  # never evicted, never unloaded for being idle
     latency_target_ms: float = 100.0  # drives urgency on a shared device
     estimate_mib: float | None = None  # the footprint to reserve before the first load (else derived)
+    cuda_graphs: bool = False  # on a GPU: replay captured graphs per batch-size bucket (graphs.py)
     # Where relative source paths and factory modules are looked up, and the
     # directories a source path must stay inside.
     base_dir: str = "."
@@ -85,6 +86,7 @@ class ModelConfig:
             "cache": self.cache,
             "pin": self.pin,
             "latency_target_ms": self.latency_target_ms,
+            "cuda_graphs": self.cuda_graphs,
         }
         if self.keep_alive is not None:
             d["keep_alive"] = self.keep_alive
@@ -337,6 +339,7 @@ _MODEL_KEYS: dict[str, Callable[[str, Any], Any]] = {
     "pin": _bool,
     "latency_target_ms": _number(0, "a positive number of milliseconds", strict=True),
     "estimate_mib": _number(0, "a positive number of MiB", strict=True),
+    "cuda_graphs": _bool,
     "timeout_ms": _number(0, "a positive number of milliseconds", strict=True),
 }
 MODEL_KEYS = tuple(_MODEL_KEYS)

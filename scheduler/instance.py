@@ -24,6 +24,7 @@ import torch
 
 from . import hosttier, policy, sources
 from . import shared as shared_mod
+from .graphs import GraphRunner
 from .shared import SharedDevice
 from .config import ModelConfig
 from .errors import DeadlineExceeded, EngineError, InputError, ModelFailed, ModelUnavailable, QueueFull
@@ -168,6 +169,7 @@ class ModelInstance:
         self._output_names: tuple[str, ...] = ()
         self._grouped = False
         self._cuda_base = 0
+        self._graphs: GraphRunner | None = None  # captured CUDA graphs (cuda_graphs = true)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -199,6 +201,12 @@ class ModelInstance:
                 batch = [random_tensor(s) for s in self.inputs]
                 await worker.call(lambda b=batch: self._forward(b), inference=True)
                 self.warmup_runs += 1
+            self._graphs = None
+            if self.cfg.cuda_graphs and device.type == "cuda" and self.cfg.max_batch_size > 0:
+                names = self._output_names
+                self._graphs = await worker.call(lambda: GraphRunner(
+                    self._module, self.inputs, lambda r: _as_outputs(r, names), device, self.cfg.max_batch_size),
+                    inference=True)
             if device.type == "cuda":
                 # what the model really holds once it has run: weights, plus the
                 # workspaces and cached blocks its forward passes keep
@@ -295,6 +303,7 @@ class ModelInstance:
             if loaded is not None and self.host_tier.accepts(loaded):
                 kept.append(hosttier.to_host(loaded))
             self._module = None
+            self._graphs = None
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -486,6 +495,8 @@ class ModelInstance:
 
     def _forward(self, tensors: list[Any]) -> list[Any]:
         """Run the model on one set of input tensors (worker thread, already in inference mode)."""
+        if self._graphs is not None:
+            return self._graphs.run(tensors)
         device = self.device
         if device.type != "cpu":
             tensors = [t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t for t in tensors]
@@ -634,6 +645,7 @@ class ModelInstance:
             "load_source": self.load_source,
             "urgency": shared_mod.model_urgency(self, time.monotonic()) if self.queue.size else 0.0,
             "latency_target_ms": self.cfg.latency_target_ms,
+            "cuda_graphs": self._graphs.sizes if self._graphs is not None else None,
             "eviction": policy.explain(self.residency(time.monotonic()), time.monotonic())
             if self.device_index is not None and self.state == READY else None,
             "in_host_tier": self.host_tier is not None and self.key in self.host_tier,

@@ -408,3 +408,10 @@ async def test_churn_guard_refuses_with_a_retry_time_instead_of_thrashing(make_e
     assert err.value.retry_after is not None and 1 <= err.value.retry_after <= 30
     assert "retry in" in err.value.message
     assert eng.instance("y").state == "READY"
+
+
+async def test_cuda_graphs_is_ignored_on_the_cpu(make_engine):
+    eng, _ = await make_engine((256,))
+    await eng.register(sized("g", 8, cuda_graphs=True))
+    assert (await eng.infer("g", one())).outputs["output"].shape == (1, 16)
+    assert next(m for m in eng.snapshot()["models"] if m["name"] == "g")["cuda_graphs"] is None
