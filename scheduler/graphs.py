@@ -43,6 +43,8 @@ class GraphRunner:
         self.device = device
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], list[torch.Tensor]]] = {}
+        self.host: dict[int, list[list[torch.Tensor]]] = {}
+        self.flip: dict[int, int] = {}
         side = torch.cuda.Stream(device)
         for b in sorted(buckets(max_batch), reverse=True):  # largest first: the pool is sized once
             static_in = [torch.zeros((b,) + tuple(s.shape[1:]), dtype=torch_dtype(s.datatype), device=device)
@@ -56,15 +58,39 @@ class GraphRunner:
             with torch.cuda.graph(graph, pool=self.pool):
                 static_out = as_outputs(module(*static_in))
             self.graphs[b] = (graph, static_in, static_out)
+            # two pinned host copies of the outputs per bucket: one batch's results are read
+            # while the next batch's are copied in
+            self.host[b] = [[torch.empty(o.shape, dtype=o.dtype).pin_memory() for o in static_out]
+                            for _ in range(2)]
+            self.flip[b] = 0
         self.sizes = sorted(self.graphs)
         torch.cuda.synchronize(device)
 
-    def run(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Copy the batch in, replay the smallest graph that holds it, copy its rows out (to the CPU)."""
+    def launch(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.cuda.Event, list[torch.Tensor], int]:
+        """Copy the batch in, replay the smallest graph that holds it, start copying its rows out.
+
+        Returns without waiting for the device; collect() waits.
+        """
         n = tensors[0].shape[0]
         size = next(b for b in self.sizes if b >= n)
         graph, static_in, static_out = self.graphs[size]
         for dst, src in zip(static_in, tensors):
             dst[:n].copy_(src, non_blocking=True)
         graph.replay()
-        return [o[:n].cpu() for o in static_out]
+        self.flip[size] ^= 1
+        host = self.host[size][self.flip[size]]
+        for h, o in zip(host, static_out):
+            h[:n].copy_(o[:n], non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return done, host, n
+
+    @staticmethod
+    def collect(handle: tuple[torch.cuda.Event, list[torch.Tensor], int]) -> list[torch.Tensor]:
+        """Wait for a launched batch and return its outputs as CPU tensors of its own."""
+        done, host, n = handle
+        done.synchronize()
+        return [h[:n].clone() for h in host]
+
+    def run(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return self.collect(self.launch(tensors))

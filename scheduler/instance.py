@@ -34,7 +34,7 @@ from .queueing import Request, RequestQueue
 from .ratelimit import RateLimit
 from .stats import ModelStats
 from .tensors import random_tensor, validate_inputs
-from .worker import ModelWorker
+from .worker import ModelWorker, Pending
 
 UNLOADED, LOADING, WARMING, READY, UNLOADING, FAILED = (
     "UNLOADED",
@@ -512,9 +512,16 @@ class ModelInstance:
         live = [r for r in batch if r.deadline > now]
         if len(live) == len(batch):
             return self._run_batch(batch)
-        outs, compute_ns = self._run_batch(live) if live else ([], 0)
-        by_req = dict(zip(map(id, live), outs))
-        return [by_req.get(id(r)) for r in batch], compute_ns
+
+        def remap(result: tuple[list[dict[str, Any]], int]) -> tuple[list[dict[str, Any] | None], int]:
+            outs, compute_ns = result
+            by_req = dict(zip(map(id, live), outs))
+            return [by_req.get(id(r)) for r in batch], compute_ns
+
+        result = self._run_batch(live) if live else ([], 0)
+        if isinstance(result, Pending):
+            return Pending(lambda: remap(result.finish()))
+        return remap(result)
 
     def _run_batch(self, batch: list[Request]) -> tuple[list[dict[str, Any]], int]:
         """Concatenate, forward, split (worker thread).  Returns per-request outputs."""
@@ -527,7 +534,14 @@ class ModelInstance:
                 else _concat_objects([r.tensors[i] for r in batch])
                 for i in range(len(batch[0].tensors))
             ]
-        outs = self._forward(tensors)
+        graphs = self._graphs
+        if graphs is not None:  # queue it on the GPU; the worker finishes it after starting the next
+            handle = graphs.launch(tensors)
+            return Pending(lambda: self._split(batch, graphs.collect(handle), t0))
+        return self._split(batch, self._forward(tensors), t0)
+
+    def _split(self, batch: list[Request], outs: list[Any], t0: int) -> tuple[list[dict[str, Any]], int]:
+        """Each request's rows of the batch's outputs (worker thread)."""
         names = self._output_names
         if len(batch) == 1:
             return [dict(zip(names, outs))], time.perf_counter_ns() - t0

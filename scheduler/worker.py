@@ -68,24 +68,79 @@ class ModelWorker:
             torch.cuda.set_device(self.device)
             stream_ctx = torch.cuda.stream(torch.cuda.Stream(self.device))
             stream_ctx.__enter__()
-        call_soon = self._loop.call_soon_threadsafe
         mode = torch.inference_mode()
         mode.__enter__()
         try:
-            while True:
-                job = self._jobs.get()
-                if job is None:
+            self._serve()
+        finally:
+            mode.__exit__(None, None, None)
+            if stream_ctx is not None:
+                stream_ctx.__exit__(None, None, None)
+
+    def _serve(self) -> None:
+        """Run jobs in order; keep one Pending job's device work overlapped with the next job's start.
+
+        A job that returns a ``Pending`` has queued its work on the device
+        without waiting for it.  Before finishing it (waiting), the worker
+        starts the next job if one is already queued, so the device goes
+        from one batch to the next without idling while this thread copies,
+        splits and hands results back.
+        """
+        call_soon = self._loop.call_soon_threadsafe
+        held: tuple[Pending, Callable] | None = None  # started, not yet finished
+        stopping = False
+        while True:
+            if held is None:
+                if stopping:
                     return
+                job = self._jobs.get()
+            else:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    job = _NONE
+            started: tuple[Pending, Callable] | None = None
+            ready: tuple[Callable, Any, BaseException | None] | None = None
+            if job is None:
+                stopping = True
+            elif job is not _NONE:
                 fn, done = job
                 try:
                     result, error = fn(), None
                 except BaseException as e:  # noqa: BLE001 - every failure is answered
                     result, error = None, e
+                if error is None and isinstance(result, Pending):
+                    started = (result, done)
+                else:
+                    ready = (done, result, error)
+            if held is not None:  # answers go back in the order the jobs came
+                pending, done = held
                 try:
-                    call_soon(done, result, error)
-                except RuntimeError:
-                    return  # the loop is closed: nobody is waiting any more
-        finally:
-            mode.__exit__(None, None, None)
-            if stream_ctx is not None:
-                stream_ctx.__exit__(None, None, None)
+                    result, error = pending.finish(), None
+                except BaseException as e:  # noqa: BLE001
+                    result, error = None, e
+                if not self._deliver(call_soon, done, result, error):
+                    return
+            if ready is not None and not self._deliver(call_soon, *ready):
+                return
+            held = started
+
+    @staticmethod
+    def _deliver(call_soon: Callable, done: Callable, result: Any, error: BaseException | None) -> bool:
+        try:
+            call_soon(done, result, error)
+            return True
+        except RuntimeError:
+            return False  # the loop is closed: nobody is waiting any more
+
+
+class Pending:
+    """A job whose device work is queued; finish() waits for it and returns the job's result."""
+
+    __slots__ = ("finish",)
+
+    def __init__(self, finish: Callable[[], Any]):
+        self.finish = finish
+
+
+_NONE = object()  # "no job queued right now"
