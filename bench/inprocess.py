@@ -104,23 +104,33 @@ async def run(args: argparse.Namespace) -> dict:
     await engine.load("tiny")
     inst = engine.instance("tiny")
     x = torch.randn(1, 64)
-    n = 1000 if quick else 5000
     for _ in range(200):
         await engine.infer("tiny", {"input": x})
-    lat = []
-    for _ in range(n):
-        t = time.perf_counter()
-        await engine.infer("tiny", {"input": x})
-        lat.append((time.perf_counter() - t) * 1e6)
-    bare = in_thread(bare_forward_us, inst._module, x, dev, n)
-    overhead = p50(lat) - p50(bare)
-    rows += [("tiny-mlp c=1 engine p50", f"{p50(lat):.1f} us", ""),
+    # Interleaved rounds (engine, then the bare model), overhead = the median of the
+    # per-round differences of p50s: a noisy neighbour on a shared VM then hits both
+    # sides of a difference instead of one whole measurement.
+    rounds, per_round = (10, 200) if quick else (25, 200)
+    lat, bare, diffs = [], [], []
+    for _ in range(rounds):
+        el = []
+        for _ in range(per_round):
+            t = time.perf_counter()
+            await engine.infer("tiny", {"input": x})
+            el.append((time.perf_counter() - t) * 1e6)
+        bl = in_thread(bare_forward_us, inst._module, x, dev, per_round)
+        lat += el
+        bare += bl
+        diffs.append(p50(el) - p50(bl))
+    overhead = p50(diffs)
+    rows += [("tiny-mlp c=1 engine p50", f"{p50(lat):.1f} us", f"{rounds} interleaved rounds of {per_round}"),
              ("tiny-mlp c=1 bare forward p50", f"{p50(bare):.1f} us", ""),
-             ("tiny-mlp c=1 engine overhead p50", f"{overhead:.1f} us", "target <= 100 us")]
+             ("tiny-mlp c=1 engine overhead p50", f"{overhead:.1f} us",
+              f"median of per-round differences (range {min(diffs):.0f}-{max(diffs):.0f}); target <= 100 us")]
     tiny_rps = await closed_loop(engine, "tiny", lambda i: {"input": torch.randn(1, 64)}, 256, secs)
     rows.append(("tiny-mlp c=256 throughput", f"{tiny_rps:,.0f} req/s", "target >= 20,000"))
 
     # --- result cache hit ---------------------------------------------------------------
+    n = 1000 if quick else 5000
     await engine.register({"name": "tiny-cached", "source": "zoo:tiny-mlp", "device": device, "cache": True})
     await engine.load("tiny-cached")
     await engine.infer("tiny-cached", {"input": x})
