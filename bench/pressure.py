@@ -188,6 +188,10 @@ class LruBytes(Cache):
         self.used -= self.models[k].bytes
         self.res.evictions += 1
 
+    def _make_room(self, m) -> None:
+        while self.used + m.bytes > self.budget:
+            self._evict_lru()
+
     def request(self, i: int, idx: int, t: float) -> None:
         self.res.requests += 1
         if i in self.lru:
@@ -195,8 +199,7 @@ class LruBytes(Cache):
             self.lru.move_to_end(i)
             return
         m = self.models[i]
-        while self.used + m.bytes > self.budget:
-            self._evict_lru()
+        self._make_room(m)
         self.lru[i] = None
         self._load(m)
 
@@ -209,21 +212,12 @@ class LruCount(LruBytes):
         mean = sum(m.bytes for m in models) / len(models)
         self.max_models = max(1, int(budget // mean))
 
-    def request(self, i: int, idx: int, t: float) -> None:
-        self.res.requests += 1
-        if i in self.lru:
-            self.res.hits += 1
-            self.lru.move_to_end(i)
-            return
-        m = self.models[i]
+    def _make_room(self, m) -> None:
         while len(self.lru) >= self.max_models:
             self._evict_lru()
         if self.used + m.bytes > self.budget:
             self.res.ooms += 1  # a real GPU fails this load; evict so the replay goes on
-            while self.used + m.bytes > self.budget:
-                self._evict_lru()
-        self.lru[i] = None
-        self._load(m)
+            super()._make_room(m)
 
 
 class Belady(Cache):

@@ -58,6 +58,13 @@ def _is_oom(e: BaseException) -> bool:
     return False
 
 
+def _expired(inst: ModelInstance, now: float) -> bool:
+    """READY, not pinned, idle and past its keep_alive."""
+    ka = inst.cfg.keep_alive
+    return (ka is not None and inst.state == READY and not inst.pinned and not inst.busy()
+            and now - max(inst.last_used, inst.loaded_mono) > ka)
+
+
 class Engine:
     def __init__(
         self,
@@ -288,7 +295,6 @@ class Engine:
             if inst.state == READY:  # loaded, but the device refused to hold it (simulated OOM)
                 await inst.unload()
             self.memory.forget(index, inst)
-            self.memory.backend.release(index, inst.key)
             inst.device_index = None
             if not _is_oom(e):
                 raise
@@ -376,14 +382,13 @@ class Engine:
             now = time.monotonic()
             for inst in self._instances():
                 inst.tick(now)
-                ka = inst.cfg.keep_alive
-                if (ka is not None and inst.state == READY and not inst.pinned and not inst.busy()
-                        and now - max(inst.last_used, inst.loaded_mono) > ka):
+                if _expired(inst, now):
                     async with self._control:
-                        idle = now - max(inst.last_used, inst.loaded_mono)
-                        if inst.state == READY and not inst.pinned and not inst.busy() and idle > ka:
-                            self.events.publish("expired", f"{inst.key} idle for {idle:.0f}s (keep_alive {ka:g}s): "
-                                                "unloading", model=inst.name, version=inst.version)
+                        if _expired(inst, now):  # re-read under the lock that gates the unload
+                            idle = now - max(inst.last_used, inst.loaded_mono)
+                            self.events.publish("expired", f"{inst.key} idle for {idle:.0f}s (keep_alive "
+                                                f"{inst.cfg.keep_alive:g}s): unloading",
+                                                model=inst.name, version=inst.version)
                             await self._unload_locked(inst)
 
     async def _audit(self, actor: str, action: str, inst: ModelInstance, result: str = "ok",

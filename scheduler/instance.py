@@ -643,6 +643,7 @@ class ModelInstance:
         )
 
     def snapshot(self) -> dict[str, Any]:
+        now = time.monotonic()
         return {
             "name": self.name,
             "version": self.version,
@@ -657,14 +658,14 @@ class ModelInstance:
             "loaded_at": self.loaded_at,
             "device_index": self.device_index,
             "load_source": self.load_source,
-            "urgency": shared_mod.model_urgency(self, time.monotonic()) if self.queue.size else 0.0,
+            "urgency": shared_mod.model_urgency(self, now) if self.queue.size else 0.0,
             "latency_target_ms": self.cfg.latency_target_ms,
             "cuda_graphs": self._graphs.sizes if self._graphs is not None else None,
-            "eviction": policy.explain(self.residency(time.monotonic()), time.monotonic())
+            "eviction": policy.explain(self.residency(now), now)
             if self.device_index is not None and self.state == READY else None,
             "in_host_tier": self.host_tier is not None and self.key in self.host_tier,
             "pinned": self.pinned,
-            "request_rate": self.rate.rate(time.monotonic()),
+            "request_rate": self.rate.rate(now),
             "queue": self.queue.size,
             "in_flight": self.in_flight,
             "inputs": [s.to_dict() for s in self.inputs] if self.inputs else None,

@@ -174,8 +174,9 @@ class MemoryManager:
         inst.learned_footprint = footprint
 
     def forget(self, index: int, inst: "ModelInstance") -> None:
-        """Drop a reservation whose load never happened (failed before allocating)."""
+        """Drop the reservation (and any device charge) of a load that failed."""
         self.budgets[index].release(inst.key)
+        self.backend.release(index, inst.key)
 
     async def release(self, index: int, inst: "ModelInstance", freed: int) -> bool:
         """After a model's memory was freed: wait until the device shows it back, then release.
