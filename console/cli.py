@@ -1,8 +1,10 @@
 """The ``modelconsole`` command.
 
-Today it offers ``--check-config [FILE]`` (validate a config and load every
-model once, like ``nginx -t``).  The engine is imported lazily so that a
-future ``--attach`` mode never loads torch.
+* ``--serve``: the engine and the HTTP server, headless (``server/serve.py``);
+* ``--check-config [FILE]``: validate a config and load every model once,
+  like ``nginx -t``.
+
+The engine is imported lazily so that ``--attach`` never loads torch.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from . import __version__
@@ -30,7 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
         "exit status 1 on any failure",
     )
     p.add_argument("--config", metavar="FILE", help="the TOML configuration (default: the demo zoo)")
-    p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
+    p.add_argument("--serve", action="store_true",
+                   help="run the engine and the HTTP server headless until SIGINT/SIGTERM")
+    p.add_argument("--host", help="address to bind (default: [server] host, else 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to bind (default: [server] port, else 8000; 0 picks a free one)")
+    p.add_argument("--store", metavar="PATH",
+                   help="the SQLite store (default: [store] path, else the user's data directory)")
+    p.add_argument("--token", help="bearer token for /api/ and /v2/repository (or MODELCONSOLE_TOKEN); "
+                   "required when binding anything but loopback")
+    p.add_argument("--access-log", action="store_true", help="log one line per HTTP request")
+    p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR "
+                   "(default: INFO with --serve, else WARNING)")
     return p
 
 
@@ -63,15 +76,63 @@ def check_config(path: str | None) -> int:
     return 0
 
 
+def server_settings(args: argparse.Namespace, config) -> "tuple[object, str] | str":
+    """The server's settings from flags over the config file; a message if they are unsafe."""
+    from modelconsole.server.app import ServerSettings, is_loopback
+
+    host = args.host if args.host is not None else config.server.host
+    port = args.port if args.port is not None else config.server.port
+    if not 0 <= port <= 65535:
+        return f"--port: expected 0-65535, got {port}"
+    token = args.token or os.environ.get("MODELCONSOLE_TOKEN") or config.server.token
+    if not is_loopback(host) and not token:
+        return (f"refusing to bind {host!r} without a token: anyone who can reach it could load, unload and "
+                "register models. Pass --token (or set MODELCONSOLE_TOKEN, or [server] token), or bind 127.0.0.1.")
+    return ServerSettings(host=host, port=port, token=token or None,
+                          infer_requires_token=config.server.infer_requires_token,
+                          max_body_bytes=int(config.server.max_body_mib * 2**20),
+                          access_log=args.access_log), host
+
+
+def store_path(args: argparse.Namespace, config) -> str:
+    from modelconsole.scheduler.store import default_path
+
+    return args.store or config.store.path or str(default_path())
+
+
+def serve(args: argparse.Namespace) -> int:
+    from modelconsole.scheduler.config import ConfigError
+    from modelconsole.server.serve import serve as run
+
+    try:
+        config = _load(args.config)
+    except ConfigError as e:
+        print(f"modelconsole: {e}", file=sys.stderr)
+        return 1
+    settings = server_settings(args, config)
+    if isinstance(settings, str):
+        print(f"modelconsole: {settings}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(run(config, settings[0], store_path(args, config)))
+    except Exception as e:  # noqa: BLE001 - a clear line, not a traceback, for what stops the start
+        logging.getLogger("modelconsole").debug("start failed", exc_info=True)
+        print(f"modelconsole: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    level = args.log_level or ("INFO" if args.serve else "WARNING")
     logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=getattr(logging, str(level).upper(), logging.WARNING),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     if args.check_config is not None:
         return check_config(args.check_config or args.config)
+    if args.serve:
+        return serve(args)
     print(
         "modelconsole: the console and the HTTP server are not built yet.\n"
         "  modelconsole --check-config [FILE]   validate a config and load every model once",

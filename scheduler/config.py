@@ -112,6 +112,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     token: str | None = None
+    infer_requires_token: bool = False  # clients' infer calls need the token too
+    max_body_mib: float = 64.0  # the largest request body accepted
 
 
 @dataclass(frozen=True)
@@ -408,7 +410,10 @@ def parse_config(raw: dict[str, Any], base_dir: str, path: str | None = None) ->
     if not isinstance(roots_raw, list) or not roots_raw or not all(isinstance(r, str) and r for r in roots_raw):
         raise _fail("model_roots", "a non-empty list of directory paths", roots_raw)
     roots = tuple(str((base / r).resolve()) for r in roots_raw)
-    server = ServerConfig(**_section(raw, "server", {"host": _str, "port": _port, "token": _str}))
+    server = ServerConfig(**_section(raw, "server", {
+        "host": _str, "port": _port, "token": _str, "infer_requires_token": _bool,
+        "max_body_mib": _number(0, "a positive number of MiB", strict=True),
+    }))
     store = StoreConfig(**_section(raw, "store", {"path": _str}))
     if store.path is not None and store.path != ":memory:":
         store = StoreConfig(path=str((base / store.path).resolve()))

@@ -14,6 +14,7 @@ baseline; models registered at run time live in the store and layer over it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 
@@ -139,6 +140,12 @@ class Engine:
                 entry = self._models.get(name)
                 if entry is not None and version in entry.versions:
                     entry.versions[version].pinned = True
+            for (name, version), prio in (await self.store.priorities()).items():
+                entry = self._models.get(name)
+                if entry is not None and version in entry.versions:
+                    inst = entry.versions[version]
+                    if 1 <= prio <= inst.cfg.priority_levels:
+                        inst.cfg = dataclasses.replace(inst.cfg, priority=prio)
         self._started = True
         loop = asyncio.get_running_loop()
         self._janitor = loop.create_task(self._janitor_loop())
@@ -375,6 +382,39 @@ class Engine:
             asyncio.get_running_loop().create_task(self._load_quietly(inst))
         return inst.snapshot()
 
+    async def evict(self, name: str, version: str | None = None, actor: str = "api") -> dict[str, Any]:
+        """Free a version's device memory now, as an eviction would: its weights go to the
+        host tier (when there is one) so the next request reloads it fast.  A pinned
+        version is refused: unpin it first."""
+        inst = self._instance(name, version)
+        async with self._control:
+            if inst.pinned:
+                raise Conflict(f"{inst.key} is pinned; unpin it before evicting it")
+            if inst.state == UNLOADED:
+                raise Conflict(f"{inst.key} is not loaded")
+            await self._audit(actor, "evict", inst)
+            await self._evict_locked(inst, f"by {actor}")
+        return inst.snapshot()
+
+    async def set_priority(self, name: str, version: str | None, priority: Any,
+                           actor: str = "api") -> dict[str, Any]:
+        """Change a version's base priority (its default queue level and its weight in
+        urgency and keep-value).  Stored, so it survives a restart."""
+        inst = self._instance(name, version)
+        levels = inst.cfg.priority_levels
+        if isinstance(priority, bool) or not isinstance(priority, int) or not 1 <= priority <= levels:
+            raise InputError(f"priority: expected an integer from 1 (most urgent) to {levels} "
+                             f"(the model's priority_levels), got {priority!r}")
+        async with self._control:
+            previous = inst.cfg.priority
+            if self.store is not None:
+                await self.store.set_priority(inst.name, inst.version, priority, previous, actor)
+            inst.cfg = dataclasses.replace(inst.cfg, priority=priority)
+        self.events.publish("priority", f"{inst.key} base priority {previous} -> {priority}",
+                            model=inst.name, version=inst.version,
+                            data={"actor": actor, "priority": priority, "previous": previous})
+        return inst.snapshot()
+
     async def _janitor_loop(self) -> None:
         """Every tick: fold request counts into rates; unload models idle past keep_alive."""
         while True:
@@ -436,16 +476,27 @@ class Engine:
 
     # ------------------------------------------------------------ observation
 
-    def snapshot(self) -> dict[str, Any]:
-        """Everything an observer shows: every version's state, queue, memory and counters."""
+    @property
+    def accepting(self) -> bool:
+        """Started and not shutting down: what a readiness probe asks."""
+        return self._started and not self._closing
+
+    def snapshot_models(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Every version's snapshot (of one model name, or all), by name then version."""
+        names = sorted(self._models) if name is None else [name] if name in self._models else []
         models = []
-        for name in sorted(self._models):
-            entry = self._models[name]
+        for n in names:
+            entry = self._models[n]
             for v in sorted(entry.versions, key=int):
                 snap = entry.versions[v].snapshot()
                 snap["active"] = v == entry.active
                 snap["origin"] = entry.origin[v]
                 models.append(snap)
+        return models
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything an observer shows: every version's state, queue, memory and counters."""
+        models = self.snapshot_models()
         return {"models": models, "cache": self.cache.to_dict(), "devices": [dict(d, slots=self.shared[d["index"]].to_dict())
                             for d in self.memory.snapshot(self._residents)],
                 "host_tier": self.host_tier.to_dict()}

@@ -96,7 +96,7 @@ def resolve_device(spec: str) -> torch.device:
 
 def _as_outputs(result: Any, names: Sequence[str]) -> list[Any]:
     """The model's return value as a list in declared output order."""
-    if isinstance(result, torch.Tensor):
+    if isinstance(result, torch.Tensor) or type(result).__name__ == "ndarray":  # BYTES outputs are numpy
         outs = [result]
     elif isinstance(result, Mapping):
         missing = [n for n in names if n not in result]

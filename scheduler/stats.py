@@ -29,8 +29,10 @@ class ModelStats:
         self.cache_misses = 0
         self._lat = np.zeros(WINDOW, dtype=np.float64)  # seconds
         self._lat_n = 0
+        self.request_ns = 0  # summed end-to-end time of the successful requests (Triton's "success" duration)
 
     def record_latency(self, seconds: float) -> None:
+        self.request_ns += int(seconds * 1e9)
         self._lat[self._lat_n % WINDOW] = seconds
         self._lat_n += 1
 
@@ -59,6 +61,7 @@ class ModelStats:
             "failures": dict(self.failures),
             "inference_count": self.inference_count,
             "execution_count": self.execution_count,
+            "request_ms_total": self.request_ns / 1e6,
             "queue_ms_total": self.queue_ns / 1e6,
             "compute_ms_total": self.compute_ns / 1e6,
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},

@@ -57,6 +57,16 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (name, version)
     );
     """,
+    # 2 -> 3: base priorities the operator set at run time (over the config's)
+    """
+    CREATE TABLE priorities (
+        name TEXT NOT NULL,
+        version TEXT NOT NULL,
+        priority INTEGER NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (name, version)
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -199,6 +209,17 @@ class Store:
         sql = ("INSERT OR REPLACE INTO pins (name, version, pinned_at) VALUES (?,?,?)", (name, version, time.time())) \
             if pinned else ("DELETE FROM pins WHERE name=? AND version=?", (name, version))
         await self._tx([sql, self._audit_row(actor, "pin" if pinned else "unpin", name, version, {}, "ok", None)])
+
+    async def set_priority(self, name: str, version: str, priority: int, previous: int, actor: str) -> None:
+        await self._tx([
+            ("INSERT OR REPLACE INTO priorities (name, version, priority, updated_at) VALUES (?,?,?,?)",
+             (name, version, priority, time.time())),
+            self._audit_row(actor, "priority", name, version, {"priority": priority, "previous": previous}, "ok", None),
+        ])
+
+    async def priorities(self) -> dict[tuple[str, str], int]:
+        async with self.db.execute("SELECT name, version, priority FROM priorities") as cur:
+            return {(n, v): p for n, v, p in await cur.fetchall()}
 
     async def pins(self) -> list[tuple[str, str]]:
         async with self.db.execute("SELECT name, version FROM pins ORDER BY pinned_at") as cur:

@@ -112,6 +112,18 @@ class Sized(nn.Module):
         return self.proj(x) + self.bank[0, :16]
 
 
+class Identity(nn.Module):
+    """Returns its inputs as its outputs: every datatype (BYTES included) end to end.
+
+    Declare its tensors in the config (``inputs``/``outputs``, same datatypes
+    and shapes, in order); without them it echoes one FP32 ``input`` [-1, -1]
+    as ``output``.  Protocol tests and demos use it; it holds no weights.
+    """
+
+    def forward(self, *xs: Any) -> Any:
+        return xs[0] if len(xs) == 1 else xs
+
+
 # ------------------------------------------------------------ registry
 
 
@@ -165,6 +177,12 @@ ZOO: dict[str, ZooModel] = {
         {"mib": 64},
         lambda a: ((_fp32("input", 16),), (_fp32("output", 16),)),
         Sized,
+    ),
+    "identity": ZooModel(
+        "echoes its inputs (declare inputs/outputs for any datatypes); no weights",
+        {},
+        lambda a: ((TensorSpec("input", "FP32", (-1, -1)),), (TensorSpec("output", "FP32", (-1, -1)),)),
+        Identity,
     ),
 }
 

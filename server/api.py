@@ -1,0 +1,321 @@
+"""The operator's face: the control API under ``/api/``, the event stream, and ``GET /v1/models``.
+
+Everything the console shows comes from ``GET /api/snapshot`` and
+``GET /api/events``; everything it changes goes through a control call here,
+so ``modelconsole --attach`` can do over HTTP what the embedded console does
+in-process.  Each control call is one engine call, which writes its audit row
+(and the state it changes) to the store before the call is answered.
+
+Documented in ``docs/api.md``; ``docs/openapi.yaml`` describes every route
+and a test checks the running server against it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+
+from modelconsole.console import __version__
+
+from .app import CLOSING, ENGINE, SETTINGS, STARTED, HttpError, json_response, read_json
+
+STATES = ("UNLOADED", "LOADING", "WARMING", "READY", "UNLOADING", "FAILED")
+REGISTER_KEYS = ("name", "version", "source", "options")
+SNAPSHOT_EVENTS = 100  # recent events carried in a snapshot
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/api/snapshot", snapshot)
+    r.add_get("/api/events", events)
+    r.add_get("/api/audit", audit)
+    r.add_get("/api/models", list_models)
+    r.add_post("/api/models", register)
+    r.add_get("/api/models/{name}", get_model)
+    for action in ("load", "unload", "evict", "pin", "unpin"):
+        r.add_post(f"/api/models/{{name}}/{action}", _control(action))
+    r.add_put("/api/models/{name}/priority", set_priority)
+    r.add_get("/v1/models", v1_models)
+
+
+# --------------------------------------------------------------------------- observation
+
+
+def full_snapshot(app: web.Application) -> dict[str, Any]:
+    engine = app[ENGINE]
+    snap = engine.snapshot()
+    snap["server"] = {
+        "version": __version__,
+        "started": app[STARTED],
+        "uptime_s": time.time() - app[STARTED],
+        "accepting": engine.accepting,
+        "token_required": app[SETTINGS].token is not None,
+    }
+    snap["events"] = [e.to_dict() for e in list(engine.events.recent)[-SNAPSHOT_EVENTS:]]
+    snap["ts"] = time.time()
+    return snap
+
+
+async def snapshot(request: web.Request) -> web.Response:
+    return json_response(full_snapshot(request.app))
+
+
+def _sse(kind: str, data: Any, event_id: int | None = None) -> bytes:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {kind}\ndata: {json.dumps(data, default=str)}\n\n".encode()
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: ``event`` for each engine event (``id`` = its sequence number, so a
+    client reconnecting with ``Last-Event-ID`` gets what it missed, as far as the engine's
+    recent history reaches), ``snapshot`` every ``snapshot_interval_s`` (and at once), and
+    ``dropped`` when this client read too slowly and lost events."""
+    app = request.app
+    engine = app[ENGINE]
+    closing: asyncio.Event = app[CLOSING]
+    interval = app[SETTINGS].snapshot_interval_s
+    raw = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+    last_seq = 0
+    if raw is not None:
+        try:
+            last_seq = int(raw)
+        except ValueError:
+            raise HttpError(400, f"Last-Event-ID: expected an event sequence number, got '{raw}'") from None
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                       "X-Accel-Buffering": "no"})
+    await resp.prepare(request)
+    loop = asyncio.get_running_loop()
+    with engine.subscribe(maxsize=1000) as sub:
+        await resp.write(b"retry: 2000\n\n")
+        if raw is not None:
+            for ev in list(engine.events.recent):
+                if ev.seq > last_seq:
+                    await resp.write(_sse("event", ev.to_dict(), ev.seq))
+                    last_seq = ev.seq
+        await resp.write(_sse("snapshot", full_snapshot(app)))
+        next_snapshot = loop.time() + interval
+        dropped = 0
+        try:
+            while not closing.is_set():
+                try:
+                    ev = await asyncio.wait_for(sub.get(), max(0.0, next_snapshot - loop.time()))
+                except TimeoutError:
+                    await resp.write(_sse("snapshot", full_snapshot(app)))
+                    next_snapshot = loop.time() + interval
+                    continue
+                if sub.dropped != dropped:
+                    await resp.write(_sse("dropped", {"count": sub.dropped - dropped}))
+                    dropped = sub.dropped
+                if ev.seq > last_seq:
+                    await resp.write(_sse("event", ev.to_dict(), ev.seq))
+                    last_seq = ev.seq
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass  # the client went away, or the server is stopping
+    return resp
+
+
+async def audit(request: web.Request) -> web.Response:
+    limit = _int_param(request, "limit", 100, 1, 10_000)
+    model = request.query.get("model")
+    return json_response({"entries": await request.app[ENGINE].audit_log(limit, model)})
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return json_response({"models": request.app[ENGINE].snapshot_models()})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    engine = request.app[ENGINE]
+    engine.instance(name)  # 404 for an unknown name
+    return json_response({"name": name, "versions": engine.snapshot_models(name)})
+
+
+# --------------------------------------------------------------------------- control
+
+
+async def register(request: web.Request) -> web.Response:
+    """``{"name", "version"?, "source", "options"?: {config keys}}`` -> 201 and the new version."""
+    body = await read_json(request)
+    unknown = [k for k in body if k not in REGISTER_KEYS]
+    if unknown:
+        raise HttpError(400, f"{unknown[0]}: unknown field (expected {', '.join(REGISTER_KEYS)}; "
+                             "model settings go in options)")
+    for key in ("name", "source"):
+        if key not in body:
+            raise HttpError(400, f"{key}: required")
+    options = body.get("options", {})
+    if not isinstance(options, dict):
+        raise HttpError(400, f"options: expected an object of model settings, got {type(options).__name__}")
+    clash = [k for k in options if k in ("name", "version", "source")]
+    if clash:
+        raise HttpError(400, f"options.{clash[0]}: give {clash[0]} at the top level, not in options")
+    raw = {k: body[k] for k in ("name", "version", "source") if k in body}
+    if "version" in raw and isinstance(raw["version"], int) and not isinstance(raw["version"], bool):
+        raw["version"] = str(raw["version"])
+    raw.update(options)
+    snap = await request.app[ENGINE].register(raw, actor=_actor(request))
+    return json_response(snap, status=201)
+
+
+def _actor(request: web.Request) -> str:
+    return request.headers.get("X-Modelconsole-Actor", "api")[:64] or "api"
+
+
+async def _version_of(request: web.Request) -> str | None:
+    body = await read_json(request, optional=True)
+    version = body.get("version", request.query.get("version"))
+    if version is None:
+        return None
+    if isinstance(version, int) and not isinstance(version, bool):
+        version = str(version)
+    if not isinstance(version, str) or not version.isdigit():
+        raise HttpError(400, f"version: expected a version number such as \"2\", got {json.dumps(version)}")
+    return version
+
+
+def _control(action: str) -> Any:
+    async def handler(request: web.Request) -> web.Response:
+        engine = request.app[ENGINE]
+        name = request.match_info["name"]
+        version = await _version_of(request)
+        actor = _actor(request)
+        if action == "load":
+            snap = await engine.load(name, version, actor=actor)
+        elif action == "unload":
+            snap = await engine.unload(name, version, actor=actor)
+        elif action == "evict":
+            snap = await engine.evict(name, version, actor=actor)
+        else:
+            snap = await engine.pin(name, version, pinned=action == "pin", actor=actor)
+        return json_response(snap)
+
+    handler.__name__ = f"control_{action}"
+    return handler
+
+
+async def set_priority(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    if "priority" not in body:
+        raise HttpError(400, "priority: required (an integer, 1 is most urgent)")
+    version = body.get("version", request.query.get("version"))
+    if version is not None and not (isinstance(version, str) and version.isdigit()):
+        raise HttpError(400, f"version: expected a version number such as \"2\", got {json.dumps(version)}")
+    snap = await request.app[ENGINE].set_priority(request.match_info["name"], version, body["priority"],
+                                                    actor=_actor(request))
+    return json_response(snap)
+
+
+# --------------------------------------------------------------------------- GET /v1/models
+
+
+def _int_param(request: web.Request, key: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(key)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = lo - 1
+    if not lo <= value <= hi:
+        raise HttpError(400, f"{key}: expected an integer from {lo} to {hi}, got '{raw}'")
+    return value
+
+
+def health(snap: dict[str, Any]) -> str:
+    """``failed`` (cannot load), ``degraded`` (p95 over its latency target, queue ≥ 90% full,
+    or over 5% of answers failed in the model), else ``ok``."""
+    if snap["state"] == "FAILED":
+        return "failed"
+    st = snap["stats"]
+    p95 = st["latency_ms"]["p95"]
+    cfg = snap["config"]
+    errors = st["failures"].get("model_error", 0)
+    answered = st["success"] + st["fail"]
+    if (p95 is not None and p95 > snap["latency_target_ms"]) \
+            or snap["queue"] >= 0.9 * cfg.get("max_queue_size", 1024) \
+            or (answered >= 20 and errors / answered > 0.05):
+        return "degraded"
+    return "ok"
+
+
+def _version_entry(snap: dict[str, Any]) -> dict[str, Any]:
+    st = snap["stats"]
+    answered = st["cache_hits"] + st["cache_misses"]
+    return {
+        "version": snap["version"],
+        "active": snap["active"],
+        "state": snap["state"],
+        "reason": snap["reason"],
+        "device": snap["device"],
+        "memory_bytes": snap["footprint_bytes"],
+        "pinned": snap["pinned"],
+        "priority": snap["config"].get("priority"),
+        "health": health(snap),
+        "metrics": {
+            "request_rate": round(snap["request_rate"], 3),
+            "queue": snap["queue"],
+            "in_flight": snap["in_flight"],
+            "success": st["success"],
+            "fail": st["fail"],
+            "p50_ms": st["latency_ms"]["p50"],
+            "p95_ms": st["latency_ms"]["p95"],
+            "cache_hit_ratio": st["cache_hits"] / answered if answered else None,
+        },
+    }
+
+
+def v1_list(snaps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for s in snaps:
+        by_name.setdefault(s["name"], []).append(s)
+    out = []
+    for name, versions in by_name.items():
+        entries = [_version_entry(s) for s in versions]
+        active = next((e for e in entries if e["active"]), entries[0])
+        out.append({
+            "id": name,
+            "object": "model",
+            "active_version": active["version"],
+            "state": active["state"],
+            "health": active["health"],
+            "versions": entries,
+        })
+    return out
+
+
+async def v1_models(request: web.Request) -> web.Response:
+    """One aggregated list; ``?state=`` (any version in that state), ``?q=`` (name contains,
+    case-insensitive), ``limit`` (1–1000, default 100) and ``after`` (the last name of the
+    previous page).  An ETag over the body: a client polling with If-None-Match gets 304."""
+    q = request.query
+    state = q.get("state")
+    if state is not None and state.upper() not in STATES:
+        raise HttpError(400, f"state: expected one of {', '.join(STATES)}, got '{state}'")
+    limit = _int_param(request, "limit", 100, 1, 1000)
+    after = q.get("after")
+    needle = q.get("q", "").lower()
+    models = v1_list(request.app[ENGINE].snapshot_models())
+    if state is not None:
+        models = [m for m in models if any(v["state"] == state.upper() for v in m["versions"])]
+    if needle:
+        models = [m for m in models if needle in m["id"].lower()]
+    if after is not None:
+        models = [m for m in models if m["id"] > after]
+    page = models[:limit]
+    body = json.dumps({
+        "object": "list",
+        "data": page,
+        "has_more": len(models) > limit,
+        "next_after": page[-1]["id"] if len(models) > limit else None,
+    }, default=str).encode()
+    etag = '"' + hashlib.blake2b(body, digest_size=16).hexdigest() + '"'
+    inm = request.headers.get("If-None-Match")
+    if inm is not None and (inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")]):
+        return web.Response(status=304, headers={"ETag": etag})
+    return web.Response(body=body, content_type="application/json", headers={"ETag": etag})

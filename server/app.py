@@ -1,0 +1,241 @@
+"""The aiohttp application: routes, the one guard every request passes, and the server's life.
+
+Three faces, one engine (``build_app``):
+
+* ``v2.py``      KServe V2 / Open Inference Protocol as Triton extends it — what
+                 clients (``tritonclient[http]``, perf_analyzer, curl) speak;
+* ``api.py``     the operator's control API under ``/api/``, the event stream,
+                 and ``GET /v1/models``;
+* ``metrics.py`` ``GET /metrics`` for Prometheus.
+
+One middleware (``_guard``) does what every route needs, so handlers stay
+plain: it checks the bearer token where one is required (constant-time
+compare), and turns every error into ``{"error": "..."}`` with the status the
+engine's error kind carries (400 bad input, 404 unknown, 409 conflict, 429
+rate limited, 503 unavailable / queue full with ``Retry-After``, 504 deadline).
+An exception nobody anticipated is logged with its traceback and answered
+500 — the process keeps serving.
+
+Safe by default: ``127.0.0.1``; when bound elsewhere a token is required
+(``console/cli.py`` refuses to start without one); request bodies are bounded
+(``[server] max_body_mib``, 64 MiB), and the codec refuses declared shapes the
+body cannot hold before allocating anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from modelconsole.scheduler.config import ConfigError
+from modelconsole.scheduler.errors import EngineError
+
+log = logging.getLogger("modelconsole.server")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# What every handler may read from its app (typed keys, as aiohttp recommends)
+ENGINE: web.AppKey[Any] = web.AppKey("engine", object)
+SETTINGS: web.AppKey["ServerSettings"] = web.AppKey("settings", object)
+STARTED: web.AppKey[float] = web.AppKey("started", float)
+CLOSING: web.AppKey[asyncio.Event] = web.AppKey("closing", asyncio.Event)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None
+    infer_requires_token: bool = False  # also ask clients' infer calls for the token
+    max_body_bytes: int = 64 * 2**20
+    snapshot_interval_s: float = 1.0  # the event stream's periodic snapshot
+    shutdown_timeout_s: float = 30.0  # in-flight requests get this long at shutdown
+    access_log: bool = False  # one line per request costs ~10% of throughput: off unless asked
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.1, ::1, localhost: only this machine can connect."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class HttpError(Exception):
+    """An error a handler answers with before the engine is involved (bad URL, bad JSON)."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=json.dumps({"error": message}).encode(),
+                        content_type="application/json", headers=headers)
+
+
+def engine_error_response(e: EngineError) -> web.Response:
+    headers = None
+    if e.retry_after is not None:
+        headers = {"Retry-After": str(max(1, int(e.retry_after + 0.999)))}
+    return error_response(e.status, e.message, headers)
+
+
+def _needs_token(path: str, infer_too: bool) -> bool:
+    if path.startswith("/api/") or path.startswith("/v2/repository"):
+        return True
+    return infer_too and path.startswith("/v2/") and path.endswith("/infer")
+
+
+def _check_token(request: web.Request, token: str) -> web.Response | None:
+    got = request.headers.get("Authorization", "")
+    if not got:
+        return error_response(401, "this call needs 'Authorization: Bearer <token>'",
+                              {"WWW-Authenticate": 'Bearer realm="modelconsole"'})
+    scheme, _, value = got.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+        return error_response(403, "the bearer token is not valid")
+    return None
+
+
+def _make_guard(settings: ServerSettings) -> Any:
+    token = settings.token
+    infer_too = settings.infer_requires_token
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if token is not None and _needs_token(request.path, infer_too):
+            refused = _check_token(request, token)
+            if refused is not None:
+                return refused
+        try:
+            return await handler(request)
+        except EngineError as e:
+            return engine_error_response(e)
+        except HttpError as e:
+            return error_response(e.status, e.message, e.headers)
+        except ConfigError as e:
+            return error_response(400, str(e))
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(413, f"request body too large: the limit is {settings.max_body_bytes} bytes "
+                                       "([server] max_body_mib)")
+        except web.HTTPException as e:
+            if e.status >= 400 and e.content_type != "application/json":
+                return error_response(e.status, e.reason if e.text is None or e.text.startswith(str(e.status))
+                                      else e.text, {k: v for k, v in e.headers.items() if k == "Allow"})
+            raise
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:  # noqa: BLE001 - one bad request must not take the server down
+            log.exception("unhandled error in %s %s", request.method, request.path)
+            return error_response(500, "internal error (logged by the server)")
+
+    return guard
+
+
+async def read_json(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
+    """The body as a JSON object; an empty body is {} when ``optional``."""
+    body = await request.read()
+    if not body.strip():
+        if optional:
+            return {}
+        raise HttpError(400, "expected a JSON object in the request body, got an empty body")
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise HttpError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise HttpError(400, f"expected a JSON object in the request body, got {type(value).__name__}")
+    return value
+
+
+def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=json.dumps(value, default=_jsonable).encode(),
+                        content_type="application/json", headers=headers)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and value != value:
+        return None
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    return str(value)
+
+
+def build_app(engine: Any, settings: ServerSettings | None = None) -> web.Application:
+    """The whole HTTP face of one engine."""
+    from . import api, metrics, v2
+
+    settings = settings or ServerSettings()
+    app = web.Application(middlewares=[_make_guard(settings)], client_max_size=settings.max_body_bytes)
+    app[ENGINE] = engine
+    app[SETTINGS] = settings
+    app[STARTED] = time.time()
+    app[CLOSING] = asyncio.Event()
+    v2.add_routes(app)
+    api.add_routes(app)
+    registry = metrics.make_registry(engine)
+
+    async def get_metrics(request: web.Request) -> web.Response:
+        body, content_type = metrics.render(registry, request.headers.get("Accept"))
+        resp = web.Response(body=body)
+        resp.headers["Content-Type"] = content_type
+        return resp
+
+    app.router.add_get("/metrics", get_metrics)
+
+    async def on_shutdown(app: web.Application) -> None:
+        app[CLOSING].set()  # event streams end, so shutdown does not wait on them
+
+    app.on_shutdown.append(on_shutdown)
+    return app
+
+
+class Server:
+    """Runs an app on a host and port; ``stop()`` stops accepting and drains in-flight requests."""
+
+    def __init__(self, engine: Any, settings: ServerSettings):
+        self.engine = engine
+        self.settings = settings
+        self.app = build_app(engine, settings)
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        self._runner = web.AppRunner(self.app, access_log=log if s.access_log else None,
+                                     shutdown_timeout=s.shutdown_timeout_s, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, s.host, s.port, reuse_address=True)
+        await site.start()
+        sockets = getattr(site._server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else s.port
+        log.info("listening on http://%s:%s (token %s)", s.host, self.port,
+                 "required for /api/ and /v2/repository" if s.token else "not set: loopback only")
+
+    @property
+    def url(self) -> str:
+        host = self.settings.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (bounded by shutdown_timeout_s)."""
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
