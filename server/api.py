@@ -46,19 +46,25 @@ def add_routes(app: web.Application) -> None:
 # --------------------------------------------------------------------------- observation
 
 
+def build_snapshot(engine: Any, server: dict[str, Any]) -> dict[str, Any]:
+    """What ``GET /api/snapshot`` answers (and the embedded console reads in-process):
+    the engine's snapshot, ``server`` facts, and the most recent events."""
+    snap = engine.snapshot()
+    snap["server"] = server
+    snap["events"] = [e.to_dict() for e in list(engine.events.recent)[-SNAPSHOT_EVENTS:]]
+    snap["ts"] = time.time()
+    return snap
+
+
 def full_snapshot(app: web.Application) -> dict[str, Any]:
     engine = app[ENGINE]
-    snap = engine.snapshot()
-    snap["server"] = {
+    return build_snapshot(engine, {
         "version": __version__,
         "started": app[STARTED],
         "uptime_s": time.time() - app[STARTED],
         "accepting": engine.accepting,
         "token_required": app[SETTINGS].token is not None,
-    }
-    snap["events"] = [e.to_dict() for e in list(engine.events.recent)[-SNAPSHOT_EVENTS:]]
-    snap["ts"] = time.time()
-    return snap
+    })
 
 
 async def snapshot(request: web.Request) -> web.Response:

@@ -27,23 +27,31 @@ BYTES tensors are walked element by element.
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import orjson
 import torch
 
 from modelconsole.scheduler.errors import InputError
-from modelconsole.scheduler.tensors import DATATYPES, TensorSpec, element_size, numpy_dtype, torch_dtype, v2_datatype
+from modelconsole.scheduler.tensors import (
+    DATATYPES,
+    TensorSpec,
+    element_size,
+    numpy_dtype,
+    torch_dtype,
+    v2_datatype,
+)
 
 __all__ = [
     "DecodeError",
     "RequestedOutput",
     "V2Request",
     "decode_request",
-    "encode_response",
     "encode_error",
+    "encode_response",
 ]
 
 
@@ -94,12 +102,37 @@ _TORCH_V2 = {torch_dtype(dt): dt for dt in DATATYPES if dt != "BYTES"}
 
 
 def _show(value: Any, limit: int = 80) -> str:
-    """A short JSON rendering of a (parsed JSON) value for error messages."""
-    try:
-        text = orjson.dumps(value).decode()
-    except Exception:  # pragma: no cover - parsed JSON always serialises
-        text = repr(value)
+    """A short JSON-like rendering of a parsed JSON value for error messages (bounded work)."""
+    text = _fmt(value, 0)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _fmt(v: Any, depth: int) -> str:
+    t = type(v)
+    if t is list:
+        if depth >= 3:
+            return "[...]" if v else "[]"
+        items = [_fmt(x, depth + 1) for x in v[:8]]
+        if len(v) > 8:
+            items.append("...")
+        return "[" + ", ".join(items) + "]"
+    if t is dict:
+        if depth >= 3:
+            return "{...}" if v else "{}"
+        items = []
+        for k, x in v.items():
+            if len(items) == 8:
+                items.append("...")
+                break
+            items.append(_fmt(k, 3) + ": " + _fmt(x, depth + 1))
+        return "{" + ", ".join(items) + "}"
+    if t is str:
+        return orjson.dumps(v[:40]).decode() + ("..." if len(v) > 40 else "")
+    try:
+        return orjson.dumps(v).decode()
+    except Exception:  # noqa: BLE001 - ints beyond 64 bits
+
+        return repr(v)
 
 
 def _shape_text(shape: Sequence[int]) -> str:
@@ -251,10 +284,14 @@ def decode_request(
                     b = op.get("binary_data")
                     if b is not None:
                         if type(b) is not bool:
-                            raise DecodeError(f"outputs[{j}].parameters.binary_data: expected true or false, got {_show(b)}")
+                            raise DecodeError(
+                                f"outputs[{j}].parameters.binary_data: expected true or false, got {_show(b)}"
+                            )
                         binary = b
                     if op.get("shared_memory_region") is not None:
-                        raise DecodeError(f"outputs[{j}].parameters.shared_memory_region: shared memory is not supported")
+                        raise DecodeError(
+                            f"outputs[{j}].parameters.shared_memory_region: shared memory is not supported"
+                        )
                     cls = op.get("classification")
                     if cls is not None and cls != 0:
                         raise DecodeError(f"outputs[{j}].parameters.classification: classification is not supported")
@@ -335,7 +372,9 @@ def _split_bytes(body: Any, offset: int, nbytes: int, count: int | None, where: 
     k = 0
     while (pos < nbytes) if count is None else (k < count):
         if pos + 4 > nbytes:
-            raise DecodeError(f"{where}: BYTES element {k}'s 4-byte length runs past the end of its data ({nbytes} bytes)")
+            raise DecodeError(
+                f"{where}: BYTES element {k}'s 4-byte length runs past the end of its data ({nbytes} bytes)"
+            )
         (length,) = _unpack_u32(data, pos)
         pos += 4
         end = pos + length
@@ -365,10 +404,12 @@ def _from_json(data: Any, datatype: str, shape: list, count: int, field: str, wh
             arr[:] = items
         return arr.reshape(shape)
     if datatype == "BF16":
-        raise DecodeError(f"{where}: BF16 data cannot travel as JSON; send it as binary data (parameters.binary_data_size)")
+        raise DecodeError(
+            f"{where}: BF16 data cannot travel as JSON; send it as binary data (parameters.binary_data_size)"
+        )
     try:
         arr = np.array(data)
-    except Exception:
+    except Exception:  # noqa: BLE001 - ragged, too deep, ...: all mean the same to the client
         raise DecodeError(f"{field}.data: not a rectangular (nested) list of values") from None
     if arr.size != count:
         raise DecodeError(f"{where}: data has {arr.size} elements but shape {_shape_text(shape)} needs {count}")
@@ -408,9 +449,8 @@ def _from_json(data: Any, datatype: str, shape: list, count: int, field: str, wh
             if min(flat) < lo or max(flat) > hi:
                 raise DecodeError(f"{field}.data: values out of range for {datatype} ({lo}..{hi})")
             return np.array(flat, dtype=dtype).reshape(shape)
-        if arr.dtype != dtype:
-            if int(arr.min()) < lo or int(arr.max()) > hi:
-                raise DecodeError(f"{field}.data: values out of range for {datatype} ({lo}..{hi})")
+        if arr.dtype != dtype and (int(arr.min()) < lo or int(arr.max()) > hi):
+            raise DecodeError(f"{field}.data: values out of range for {datatype} ({lo}..{hi})")
     return arr.astype(dtype, copy=False).reshape(shape)
 
 
