@@ -52,6 +52,9 @@ _HEADER_LENGTH = "Inference-Header-Content-Length"
 
 def add_routes(app: web.Application) -> None:
     r = app.router
+    # infer first: aiohttp tries the /v2/models/{name}... routes in registration order
+    r.add_post("/v2/models/{name}/infer", infer)
+    r.add_post("/v2/models/{name}/versions/{version}/infer", infer)
     r.add_get("/v2/health/live", live)
     r.add_get("/v2/health/ready", ready)
     r.add_get("/v2", server_metadata)
@@ -64,7 +67,6 @@ def add_routes(app: web.Application) -> None:
         r.add_get(base + "/ready", model_ready)
         r.add_get(base + "/config", model_config)
         r.add_get(base + "/stats", statistics)
-        r.add_post(base + "/infer", infer)
 
 
 # --------------------------------------------------------------------------- helpers
