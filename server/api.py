@@ -99,7 +99,10 @@ async def events(request: web.Request) -> web.StreamResponse:
     with engine.subscribe(maxsize=1000) as sub:
         await resp.write(b"retry: 2000\n\n")
         if raw is not None:
-            for ev in list(engine.events.recent):
+            recent = list(engine.events.recent)
+            if recent and last_seq > recent[-1].seq or not recent:
+                last_seq = 0  # an id from before a restart: this run's numbering began again
+            for ev in recent:
                 if ev.seq > last_seq:
                     await resp.write(_sse("event", ev.to_dict(), ev.seq))
                     last_seq = ev.seq
