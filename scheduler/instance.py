@@ -122,7 +122,7 @@ class ModelInstance:
         self.state = UNLOADED
         self.reason: str | None = None
         self.inputs, self.outputs = sources.declared_specs(cfg)
-        self.platform: str | None = None
+        self.platform: str | None = sources.PLATFORMS.get(cfg.source_kind)  # the load confirms it
         self.device: torch.device | None = None
         self.weight_bytes = 0
         self.footprint_bytes = 0

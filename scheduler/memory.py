@@ -134,6 +134,13 @@ class MemoryManager:
                 )
                 if plan is not None:
                     plans.append((plan.freed_bytes, i, plan))
+            if not plans and all(need > self.budgets[i].usable(self.backend.read(i)) for i in targets):
+                # bigger than any device's whole budget: retrying cannot help, so no Retry-After
+                raise InsufficientMemory(
+                    f"model {inst.key} needs about {need / GiB:.2f} GiB, more than the whole budget of any "
+                    "device it may use (" + ", ".join(
+                        f"device {i}: {self.budgets[i].usable(self.backend.read(i)) / GiB:.2f} GiB usable"
+                        for i in targets) + "); raise [gpu] budget_gib/memory_fraction or set estimate_mib")
             if not plans:
                 # when the churn guard will let a plan through (None: pinned/busy models hold it)
                 times = [policy.earliest_room([r.residency(now) for r in residents(i)], need, avail, now,

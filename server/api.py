@@ -22,7 +22,7 @@ from aiohttp import web
 
 from modelconsole.console import __version__
 
-from .app import CLOSING, ENGINE, SETTINGS, STARTED, HttpError, json_response, read_json
+from .app import CLOSING, ENGINE, SETTINGS, STARTED, HttpError, dumps, json_response, read_json
 
 STATES = ("UNLOADED", "LOADING", "WARMING", "READY", "UNLOADING", "FAILED")
 REGISTER_KEYS = ("name", "version", "source", "options")
@@ -32,7 +32,7 @@ SNAPSHOT_EVENTS = 100  # recent events carried in a snapshot
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/api/snapshot", snapshot)
-    r.add_get("/api/events", events)
+    r.add_get("/api/events", events, allow_head=False)  # a stream: HEAD would get its bytes
     r.add_get("/api/audit", audit)
     r.add_get("/api/models", list_models)
     r.add_post("/api/models", register)
@@ -73,7 +73,7 @@ async def snapshot(request: web.Request) -> web.Response:
 
 def _sse(kind: str, data: Any, event_id: int | None = None) -> bytes:
     head = f"id: {event_id}\n" if event_id is not None else ""
-    return f"{head}event: {kind}\ndata: {json.dumps(data, default=str)}\n\n".encode()
+    return f"{head}event: {kind}\ndata: ".encode() + dumps(data) + b"\n\n"
 
 
 async def events(request: web.Request) -> web.StreamResponse:
@@ -102,6 +102,9 @@ async def events(request: web.Request) -> web.StreamResponse:
             recent = list(engine.events.recent)
             if recent and last_seq > recent[-1].seq or not recent:
                 last_seq = 0  # an id from before a restart: this run's numbering began again
+            missed = [ev for ev in recent if ev.seq > last_seq]
+            if missed and missed[0].seq > last_seq + 1:  # older than the history kept: say how many are gone
+                await resp.write(_sse("dropped", {"count": missed[0].seq - last_seq - 1}))
             for ev in recent:
                 if ev.seq > last_seq:
                     await resp.write(_sse("event", ev.to_dict(), ev.seq))
@@ -168,8 +171,17 @@ async def register(request: web.Request) -> web.Response:
     if "version" in raw and isinstance(raw["version"], int) and not isinstance(raw["version"], bool):
         raw["version"] = str(raw["version"])
     raw.update(options)
-    snap = await request.app[ENGINE].register(raw, actor=_actor(request))
-    return json_response(snap, status=201)
+    engine = request.app[ENGINE]
+    snap = await engine.register(raw, actor=_actor(request))
+    return json_response(_listed(engine, snap), status=201)
+
+
+def _listed(engine: Any, snap: dict[str, Any]) -> dict[str, Any]:
+    """A version's snapshot as the lists give it (with ``active`` and ``origin``)."""
+    for s in engine.snapshot_models(snap["name"]):
+        if s["version"] == snap["version"]:
+            return s
+    return snap
 
 
 def _actor(request: web.Request) -> str:
@@ -202,7 +214,7 @@ def _control(action: str) -> Any:
             snap = await engine.evict(name, version, actor=actor)
         else:
             snap = await engine.pin(name, version, pinned=action == "pin", actor=actor)
-        return json_response(snap)
+        return json_response(_listed(engine, snap))
 
     handler.__name__ = f"control_{action}"
     return handler
@@ -213,11 +225,13 @@ async def set_priority(request: web.Request) -> web.Response:
     if "priority" not in body:
         raise HttpError(400, "priority: required (an integer, 1 is most urgent)")
     version = body.get("version", request.query.get("version"))
+    if isinstance(version, int) and not isinstance(version, bool):
+        version = str(version)
     if version is not None and not (isinstance(version, str) and version.isdigit()):
         raise HttpError(400, f"version: expected a version number such as \"2\", got {json.dumps(version)}")
-    snap = await request.app[ENGINE].set_priority(request.match_info["name"], version, body["priority"],
-                                                    actor=_actor(request))
-    return json_response(snap)
+    engine = request.app[ENGINE]
+    snap = await engine.set_priority(request.match_info["name"], version, body["priority"], actor=_actor(request))
+    return json_response(_listed(engine, snap))
 
 
 # --------------------------------------------------------------------------- GET /v1/models
@@ -317,12 +331,12 @@ async def v1_models(request: web.Request) -> web.Response:
     if after is not None:
         models = [m for m in models if m["id"] > after]
     page = models[:limit]
-    body = json.dumps({
+    body = dumps({
         "object": "list",
         "data": page,
         "has_more": len(models) > limit,
         "next_after": page[-1]["id"] if len(models) > limit else None,
-    }, default=str).encode()
+    })
     etag = '"' + hashlib.blake2b(body, digest_size=16).hexdigest() + '"'
     inm = request.headers.get("If-None-Match")
     if inm is not None and (inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")]):

@@ -31,6 +31,8 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+
+import orjson
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
@@ -161,14 +163,17 @@ async def read_json(request: web.Request, *, optional: bool = False) -> dict[str
     return value
 
 
+def dumps(value: Any) -> bytes:
+    """JSON for every answer and event: orjson (NaN and ±Inf become null, as JSON has no
+    such numbers; numpy values serialise natively; anything else by ``_jsonable``)."""
+    return orjson.dumps(value, default=_jsonable, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
+
+
 def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, body=json.dumps(value, default=_jsonable).encode(),
-                        content_type="application/json", headers=headers)
+    return web.Response(status=status, body=dumps(value), content_type="application/json", headers=headers)
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and value != value:
-        return None
     if hasattr(value, "tolist"):
         return value.tolist()
     if isinstance(value, (set, frozenset, tuple)):
