@@ -137,8 +137,17 @@ def _worker(host: str, port: int, kind: str, conns: int, warmup_s: float, second
         out.put(([], [f"load generator failed: {type(e).__name__}: {e}"]))
 
 
+def _cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process so far (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, TypeError):
+        return 0.0
+
+
 def run_load(host: str, port: int, kind: str, concurrency: int, procs: int, warmup_s: float,
-             seconds: float) -> dict:
+             seconds: float, server_pid: int | None = None) -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = max(1, min(procs, concurrency))
@@ -147,6 +156,10 @@ def run_load(host: str, port: int, kind: str, concurrency: int, procs: int, warm
     ps = [ctx.Process(target=_worker, args=(host, port, kind, n, warmup_s, seconds, t_start, q)) for n in per]
     for p in ps:
         p.start()
+    time.sleep(max(0.0, t_start + warmup_s - time.time()))
+    cpu0 = _cpu_seconds(server_pid)
+    time.sleep(seconds)
+    cpu1 = _cpu_seconds(server_pid)
     lat: list[int] = []
     errors: list[str] = []
     for _ in ps:
@@ -160,6 +173,7 @@ def run_load(host: str, port: int, kind: str, concurrency: int, procs: int, warm
     pct = (lambda q: lat[min(n - 1, int(q * n))] / 1000.0) if n else (lambda q: float("nan"))
     return {"kind": kind, "c": concurrency, "procs": procs, "requests": n, "errors": len(errors),
             "first_error": errors[0] if errors else None, "rps": n / seconds,
+            "server_cpu_us": (cpu1 - cpu0) / n * 1e6 if n and server_pid else float("nan"),
             "p50_us": pct(0.50), "p99_us": pct(0.99)}
 
 
@@ -239,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each scenario")
     ap.add_argument("--procs", type=int, default=2, help="load-generator processes for c=64")
     ap.add_argument("--port", type=int, default=0, help="0: a free port")
+    ap.add_argument("--server-pid", type=int, help="with --attach: the server's pid, for its CPU per request")
     ap.add_argument("--attach", type=int, metavar="PORT",
                     help="load a server already listening on 127.0.0.1:PORT (serving zoo:tiny-mlp as \"tiny\") "
                     "instead of starting one; e.g. to profile it")
@@ -251,12 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     ref = inprocess_p50_us(min(args.seconds, 5.0))
     scenarios = [("json", 1, 1), ("binary", 1, 1), ("json", 64, args.procs), ("binary", 64, args.procs)]
     if args.attach:
-        rows = [run_load(host, args.attach, k, c, p, args.warmup, args.seconds) for k, c, p in scenarios]
+        rows = [run_load(host, args.attach, k, c, p, args.warmup, args.seconds, args.server_pid)
+                for k, c, p in scenarios]
     else:
         with tempfile.TemporaryDirectory() as tmp:
             proc = start_server(Path(tmp), port)
             try:
-                rows = [run_load(host, port, k, c, p, args.warmup, args.seconds) for k, c, p in scenarios]
+                rows = [run_load(host, port, k, c, p, args.warmup, args.seconds, proc.pid) for k, c, p in scenarios]
             finally:
                 proc.terminate()
                 proc.wait(60)
@@ -264,10 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"zoo:tiny-mlp over loopback; {os.cpu_count()} CPUs shared by server and load generator; "
           f"{args.seconds:g} s measured per row")
     print(f"  {'body':<7} {'conc':>4} {'procs':>5} {'requests':>9} {'req/s':>8} {'p50 us':>8} {'p99 us':>8} "
-          f"{'errors':>6}")
+          f"{'errors':>6} {'server CPU us/req':>17}")
     for r in rows:
         print(f"  {r['kind']:<7} {r['c']:>4} {r['procs']:>5} {r['requests']:>9} {r['rps']:>8.0f} "
-              f"{r['p50_us']:>8.0f} {r['p99_us']:>8.0f} {r['errors']:>6}")
+              f"{r['p50_us']:>8.0f} {r['p99_us']:>8.0f} {r['errors']:>6} {r['server_cpu_us']:>17.0f}")
         if r["first_error"]:
             print(f"    first error: {r['first_error']}")
     j1 = rows[0]

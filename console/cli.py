@@ -1,5 +1,8 @@
 """The ``modelconsole`` command.
 
+* ``modelconsole [--config FILE] [--demo]``: the console with the engine and
+  the HTTP server embedded (``console/run.py``);
+* ``--attach URL``: the same console on a running ``--serve`` process;
 * ``--serve``: the engine and the HTTP server, headless (``server/serve.py``);
 * ``--check-config [FILE]``: validate a config and load every model once,
   like ``nginx -t``.
@@ -42,6 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="bearer token for /api/ and /v2/repository (or MODELCONSOLE_TOKEN); "
                    "required when binding anything but loopback")
     p.add_argument("--access-log", action="store_true", help="log one line per HTTP request")
+    p.add_argument("--attach", metavar="URL",
+                   help="open the console on a running `modelconsole --serve` (e.g. http://127.0.0.1:8000)")
+    p.add_argument("--demo", action="store_true",
+                   help="embedded console: add the zoo models and run a traffic generator ([ and ] change its rate)")
+    p.add_argument("--theme", help="console theme (t cycles them): modelconsole-dark, modelconsole-light, "
+                   "or any Textual theme")
+    p.add_argument("--read-only", action="store_true", help="console: hide every action that changes state")
+    p.add_argument("--log-file", metavar="PATH",
+                   help="console modes: where logs go (default: modelconsole.log next to the store)")
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR "
                    "(default: INFO with --serve, else WARNING)")
     return p
@@ -114,31 +126,94 @@ def serve(args: argparse.Namespace) -> int:
         print(f"modelconsole: {settings}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(run(config, settings[0], store_path(args, config)))
+        return _run_loop(run(config, settings[0], store_path(args, config)))
     except Exception as e:  # noqa: BLE001 - a clear line, not a traceback, for what stops the start
         logging.getLogger("modelconsole").debug("start failed", exc_info=True)
         print(f"modelconsole: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
 
 
+def _run_loop(coro) -> int:
+    """asyncio.run, on uvloop where it is installed (Linux, macOS): the server's per-request
+    cost is mostly event-loop and socket work, which uvloop does in C."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def attach(args: argparse.Namespace) -> int:
+    """The console on a running server: no engine, no torch."""
+    from .run import run_attached
+
+    url = args.attach if "://" in args.attach else f"http://{args.attach}"
+    token = args.token or os.environ.get("MODELCONSOLE_TOKEN")
+    return asyncio.run(run_attached(url.rstrip("/"), token, theme=args.theme, read_only=args.read_only))
+
+
+def embedded(args: argparse.Namespace) -> int:
+    from modelconsole.scheduler.config import ConfigError
+
+    from .run import run_embedded
+
+    try:
+        config = _load(args.config)
+    except ConfigError as e:
+        print(f"modelconsole: {e}", file=sys.stderr)
+        return 1
+    if args.demo and args.config is None and config.gpu.simulate is None:
+        import dataclasses
+
+        import torch
+
+        if not torch.cuda.is_available():  # a live GPU panel for the demo: two simulated devices
+            config = dataclasses.replace(config, gpu=dataclasses.replace(config.gpu, simulate="2x8GiB"))
+    settings = server_settings(args, config)
+    if isinstance(settings, str):
+        print(f"modelconsole: {settings}", file=sys.stderr)
+        return 2
+    path = store_path(args, config)
+    return _run_loop(run_embedded(config, settings[0], path, demo=args.demo, theme=args.theme,
+                                  read_only=args.read_only))
+
+
+def _console_log(args: argparse.Namespace, level: str) -> None:
+    """A full-screen console owns the terminal: logs go to a file."""
+    from pathlib import Path
+
+    if args.log_file:
+        path = Path(args.log_file)
+    elif args.store and args.store != ":memory:":
+        path = Path(args.store).resolve().parent / "modelconsole.log"
+    else:
+        import platformdirs
+
+        path = Path(platformdirs.user_log_dir("modelconsole", appauthor=False)) / "modelconsole.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.WARNING),
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", filename=str(path))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = args.log_level or ("INFO" if args.serve else "WARNING")
-    logging.basicConfig(
-        level=getattr(logging, str(level).upper(), logging.WARNING),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    console = args.check_config is None and not args.serve
+    if console:
+        _console_log(args, level)
+    else:
+        logging.basicConfig(
+            level=getattr(logging, str(level).upper(), logging.WARNING),
+            format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
     if args.check_config is not None:
         return check_config(args.check_config or args.config)
     if args.serve:
         return serve(args)
-    print(
-        "modelconsole: the console and the HTTP server are not built yet.\n"
-        "  modelconsole --check-config [FILE]   validate a config and load every model once",
-        file=sys.stderr,
-    )
-    return 2
+    if args.attach:
+        return attach(args)
+    return embedded(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,729 @@
+"""The operator console: a Textual app over an ``EngineClient`` (embedded or attached).
+
+The app never imports torch, the scheduler or the server: it reads
+``client.snapshot()`` on a timer and ``client.events()`` in an async worker,
+and changes things through the client's control calls, each run as a worker
+on the app's loop, so the screen keeps updating while a model loads.
+
+Refreshing is cheap on purpose: the models table is diffed by row key
+(``name:version``) and only changed cells are rewritten, inside one
+``batch_update()``; the GPU and detail widgets repaint only when their text
+changed; nothing is refreshed while a dialog is open.
+
+The caller owns the client: it calls ``client.start()`` before ``run()`` and
+``client.close()`` after.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import deque
+from collections.abc import Iterable
+from functools import partial
+from typing import Any
+
+from modelconsole.themes import DEFAULT_THEME, THEMES, stylesheet
+from rich.text import Text
+from textual import on
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.command import DiscoveryHit, Hit, Hits, Provider
+from textual.containers import Horizontal
+from textual.coordinate import Coordinate
+from textual.widgets import DataTable, Footer, Input, RichLog
+
+from . import __version__
+from . import format as fmt
+from .client import ClientError, EngineClient
+from .screens import ConfirmScreen, HelpScreen, RegisterScreen
+from .widgets import HISTORY, DetailPane, GpuPanel, Line, ModelTable
+
+# actions that change the engine: hidden and refused in read-only mode
+MUTATING = frozenset({"load", "unload", "evict", "pin", "priority_up", "priority_down", "register"})
+DEMO_ACTIONS = frozenset({"demo_slower", "demo_faster"})
+# actions that make sense only on the main screen (not from inside a dialog)
+MAIN_ONLY = MUTATING | DEMO_ACTIONS | frozenset({"filter", "sort", "reverse_sort", "help", "cycle_theme",
+                                                 "request_quit", "clear_filter"})
+# engine events after which the table should show the new state at once, not at the next tick
+STATE_EVENTS = frozenset({"loading", "loaded", "load_failed", "unloading", "unloaded", "evicted", "pinned",
+                          "unpinned", "priority", "registered", "expired", "oom", "connection"})
+THEME_CYCLE = (DEFAULT_THEME, *(t.name for t in THEMES if t.name != DEFAULT_THEME),
+               "textual-dark", "nord", "gruvbox", "textual-light")
+FAILURE_MEMORY_S = 30.0  # a model that failed a request this recently shows health "errors"
+LEVEL_STYLE = {"error": "bold red", "warning": "yellow"}
+
+# (action, palette title, help) for the command palette; every action the keys reach
+PALETTE: tuple[tuple[str, str, str], ...] = (
+    ("load", "Load the selected model", "load its weights onto its device (l)"),
+    ("unload", "Unload the selected model", "stop serving it and free its memory, after a confirmation (u)"),
+    ("evict", "Evict the selected model", "free its device memory now, as an eviction would (e)"),
+    ("pin", "Pin / unpin the selected model", "a pinned model is never evicted (p)"),
+    ("priority_up", "Raise base priority", "one level more urgent, toward P1 (+)"),
+    ("priority_down", "Lower base priority", "one level less urgent (-)"),
+    ("register", "Register a model", "name, source, version and options (r)"),
+    ("filter", "Filter models", "a regular expression over name, version, state, device (/)"),
+    ("clear_filter", "Clear the filter", "show every model (esc)"),
+    ("sort", "Sort by the next column", "cycle the sort column (s)"),
+    ("reverse_sort", "Reverse the sort order", "(S)"),
+    ("cycle_theme", "Next theme", "cycle the console's themes (t)"),
+    ("demo_slower", "Demo traffic: halve the rate", "([)"),
+    ("demo_faster", "Demo traffic: double the rate", "(])"),
+    ("help", "Help: every key", "(?)"),
+    ("request_quit", "Quit", "attached: the server keeps running (q)"),
+)
+
+
+class SortText(Text):
+    """A table cell that carries the value its column sorts by."""
+
+    sort_key: Any = None
+
+
+class ActionCommands(Provider):
+    """Every console action in the command palette (the ones read-only mode allows)."""
+
+    def _commands(self) -> Iterable[tuple[str, str, Any]]:
+        app = self.app
+        if not isinstance(app, ModelConsoleApp):
+            return []
+        out = []
+        for action, title, help_text in PALETTE:
+            if app.allowed(action, main=True):
+                out.append((title, help_text, partial(app.run_action, action)))
+        for key, label, _ in fmt.COLUMNS:
+            out.append((f"Sort by {label}", f"sort the models table by its '{label}' column",
+                        partial(app.sort_by, key)))
+        return out
+
+    async def discover(self) -> Hits:
+        for title, help_text, callback in self._commands():
+            yield DiscoveryHit(title, callback, help=help_text)
+
+    async def search(self, query: str) -> Hits:
+        matcher = self.matcher(query)
+        for title, help_text, callback in self._commands():
+            score = matcher.match(title)
+            if score > 0:
+                yield Hit(score, matcher.highlight(title), callback, help=help_text)
+
+
+class ModelConsoleApp(App[None]):
+    """The console.  ``embedded``: the engine lives in this process (quitting stops it, so ``q``
+    asks while traffic flows); ``read_only``: every state-changing action is hidden and refused;
+    ``theme``: a registered theme's name; ``demo``: an object with a settable ``rate`` (req/s)
+    that ``[``/``]`` halve/double; ``refresh_s``: the screen's refresh period;
+    ``keymap``: binding id -> keys, to remap (e.g. ``{"load": "L"}``)."""
+
+    CSS_PATH = str(stylesheet())
+    TITLE = "modelconsole"
+    COMMANDS = App.COMMANDS | {ActionCommands}
+    ENABLE_COMMAND_PALETTE = True
+
+    BINDINGS = [
+        Binding("l", "load", "Load", id="load"),
+        Binding("u", "unload", "Unload", id="unload"),
+        Binding("e", "evict", "Evict", id="evict"),
+        Binding("p", "pin", "Pin", id="pin"),
+        Binding("plus,equals_sign", "priority_up", "Prio+", id="priority_up", key_display="+"),
+        Binding("minus", "priority_down", "Prio-", id="priority_down", key_display="-"),
+        Binding("r", "register", "Register", id="register"),
+        Binding("slash", "filter", "Filter", id="filter", key_display="/"),
+        Binding("escape", "clear_filter", "Clear filter", id="clear_filter", show=False),
+        Binding("s", "sort", "Sort", id="sort"),
+        Binding("S", "reverse_sort", "Reverse sort", id="reverse_sort", show=False),
+        Binding("colon", "command_palette", "Palette", id="palette", key_display=":"),
+        Binding("t", "cycle_theme", "Theme", id="theme"),
+        Binding("left_square_bracket", "demo_slower", "Demo-", id="demo_slower", key_display="["),
+        Binding("right_square_bracket", "demo_faster", "Demo+", id="demo_faster", key_display="]"),
+        Binding("question_mark,f1", "help", "Help", id="help", key_display="?"),
+        Binding("q", "request_quit", "Quit", id="quit"),
+    ]
+
+    def __init__(self, client: EngineClient, *, embedded: bool = False, read_only: bool = False,
+                 theme: str | None = None, demo: Any = None, refresh_s: float = 1.0,
+                 keymap: dict[str, str] | None = None) -> None:
+        super().__init__()
+        self.client = client
+        self.embedded = embedded
+        self.read_only = bool(read_only or getattr(client, "read_only", False))
+        self.demo = demo
+        self.refresh_s = max(0.25, float(refresh_s))
+        for t in THEMES:
+            self.register_theme(t)
+        name = theme or DEFAULT_THEME
+        if name not in self.available_themes:
+            raise ValueError(f"unknown theme '{name}': choose one of {', '.join(sorted(self.available_themes))}")
+        self.theme = name
+        if keymap:
+            self.set_keymap(keymap)
+        # the picture
+        self.models: dict[str, dict[str, Any]] = {}  # row key -> the version's latest snapshot
+        self._cells: dict[str, dict[str, tuple[str, Any]]] = {}  # row key -> shown (text, sort value)
+        self._lat_hist: dict[str, deque[float]] = {}
+        self._rate_hist: dict[str, deque[float]] = {}
+        self._fail_seen: dict[str, tuple[int, float]] = {}
+        self._model_events: dict[str, deque[dict[str, Any]]] = {}
+        self.event_lines: deque[str] = deque(maxlen=1000)  # the event log, as plain text
+        self._max_seq = 0
+        self._seeded = False
+        self._snapshot_ts: float | None = None
+        self._sort_col = "name"
+        self._sort_reverse = False
+        self._filter_text = ""
+        self._filter_re: re.Pattern[str] | None = None
+        self._styles: dict[str, str] = {}
+        self._restyle = True
+        self._soon = False
+        self._connected = True
+        self._main: Any = None
+
+    # ------------------------------------------------------------------ layout
+
+    def compose(self) -> ComposeResult:
+        yield Line(id="status")
+        yield Line(id="banner")
+        yield GpuPanel(id="gpus")
+        table = ModelTable(id="models", cursor_type="row", zebra_stripes=False)
+        yield table
+        with Horizontal(id="bottom"):
+            yield DetailPane(id="detail")
+            yield RichLog(id="events", max_lines=1000, wrap=False, markup=False, auto_scroll=True)
+        yield Input(placeholder="filter: a regular expression over name:version, state, device "
+                                "(enter keeps it, esc clears)", id="filter")
+        yield Footer(compact=True)
+
+    def on_mount(self) -> None:
+        self._main = self.screen
+        self.table = self.query_one("#models", ModelTable)
+        self.gpus = self.query_one("#gpus", GpuPanel)
+        self.detail = self.query_one("#detail", DetailPane)
+        self.log_widget = self.query_one("#events", RichLog)
+        self.status_line = self.query_one("#status", Line)
+        self.banner = self.query_one("#banner", Line)
+        self.filter_box = self.query_one("#filter", Input)
+        for key, label, width in fmt.COLUMNS:
+            self.table.add_column(label, key=key, width=width)
+        self.table.focus()
+        self.theme_changed_signal.subscribe(self, self._on_theme_changed)
+        self.refresh_view(force=True)  # seeds the log with the snapshot's recent events first...
+        self.run_worker(self._consume_events(), name="events", group="events", exit_on_error=False)  # ...then follows
+        self.set_interval(self.refresh_s, self.refresh_view, name="refresh")
+
+    # ------------------------------------------------------------------ permissions
+
+    def allowed(self, action: str, main: bool = False) -> bool:
+        """Whether ``action`` may run now (``main``: as if from the main screen)."""
+        if action in MUTATING and self.read_only:
+            return False
+        if action in DEMO_ACTIONS and self.demo is None:
+            return False
+        if not main and action in MAIN_ONLY and self._main is not None and self.screen is not self._main:
+            return False
+        return True
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "clear_filter" and not self._filter_text and not self._filter_visible():
+            return False
+        return self.allowed(action)
+
+    # ------------------------------------------------------------------ refresh
+
+    def refresh_view(self, force: bool = False) -> None:
+        """Read the client's latest snapshot and update what changed."""
+        if not force and self._main is not None and self.screen is not self._main:
+            return  # a dialog is open: leave the picture alone
+        connected = bool(self.client.connected)
+        if connected != self._connected:
+            self._set_connected(connected)
+        try:
+            snap = self.client.snapshot()
+        except Exception as e:  # noqa: BLE001 - an engine shutting down: say so, keep the picture
+            self.status_line.set(f" modelconsole: cannot read a snapshot: {type(e).__name__}: {e}")
+            return
+        if snap is None:
+            self.status_line.set(" modelconsole: waiting for the first snapshot…")
+            return
+        if not self._seeded:
+            self._seeded = True
+            for ev in snap.get("events") or ():
+                self.add_event(ev)
+        if not connected and self._snapshot_ts is not None:
+            return  # keep the last picture (greyed) until the link is back
+        self._snapshot_ts = snap.get("ts") or time.time()
+        with self.batch_update():
+            self._update_models(snap.get("models") or [])
+            self.gpus.update_devices(snap.get("devices") or [])
+            self._update_detail()
+            self._update_status(snap)
+
+    def refresh_soon(self) -> None:
+        """Refresh within 50 ms, coalescing bursts (an event, an action's answer)."""
+        if not self._soon:
+            self._soon = True
+            self.set_timer(0.05, self._refresh_now)
+
+    def _refresh_now(self) -> None:
+        self._soon = False
+        self.refresh_view()
+
+    def _set_connected(self, connected: bool) -> None:
+        self._connected = connected
+        main = self._main or self.screen
+        main.set_class(not connected, "-disconnected")
+        if not connected:
+            since = fmt.clock(self._snapshot_ts) if self._snapshot_ts else "—"
+            where = self.client.url or "the engine"
+            self.banner.set(
+                f" ⚠ connection lost to {where} — reconnecting…  (the picture below is from {since})")
+        else:
+            self.banner.set("")
+
+    def _style(self, kind: str, value: str) -> str:
+        return self._styles.get(f"{kind}:{value}", "")
+
+    def _on_theme_changed(self, theme: Any) -> None:
+        self._restyle = True
+        self.refresh_soon()
+
+    def _compute_styles(self) -> None:
+        v = self.get_css_variables()
+        ok, warn, err = v.get("success", "green"), v.get("warning", "yellow"), v.get("error", "red")
+        muted = "dim"
+        self._styles = {
+            "state:READY": f"bold {ok}", "state:LOADING": warn, "state:WARMING": warn, "state:UNLOADING": warn,
+            "state:FAILED": f"bold {err}", "state:UNLOADED": muted,
+            "health:ok": ok, "health:idle": muted, "health:slow": warn, "health:errors": f"bold {err}",
+            "health:failed": f"bold {err}", "health:—": muted,
+        }
+
+    def _cell(self, col: str, text: str, sort_value: Any, name_key: Any, version_key: Any) -> SortText:
+        style = self._style(col, text) if col in ("state", "health") else ""
+        cell = SortText(text, style=style, no_wrap=True, overflow="ellipsis")
+        cell.sort_key = (sort_value, name_key, version_key)
+        return cell
+
+    def _matches(self, m: dict[str, Any]) -> bool:
+        if self._filter_re is None:
+            return True
+        hay = f"{m.get('name')}:{m.get('version')} {m.get('state')} {m.get('device') or ''}"
+        return self._filter_re.search(hay) is not None
+
+    def _update_models(self, models: list[dict[str, Any]]) -> None:
+        table = self.table
+        now = time.monotonic()
+        restyle = self._restyle
+        if restyle:
+            self._compute_styles()
+            self._restyle = False
+        current: dict[str, dict[str, Any]] = {}
+        shown: set[str] = set()
+        added = resort = False
+        sort_col = self._sort_col
+        changes: list[tuple[str, str, Any]] = []
+        for m in models:
+            key = fmt.row_key(m)
+            current[key] = m
+            stats = m.get("stats") or {}
+            # histories (one sample per refresh) for the detail pane
+            lat = self._lat_hist.get(key)
+            if lat is None:
+                lat = self._lat_hist[key] = deque(maxlen=HISTORY)
+                self._rate_hist[key] = deque(maxlen=HISTORY)
+            lat.append(((stats.get("latency_ms") or {}).get("p95")) or 0.0)
+            self._rate_hist[key].append(m.get("request_rate") or 0.0)
+            fails = stats.get("fail") or 0
+            seen = self._fail_seen.get(key)
+            if seen is None:
+                self._fail_seen[key] = (fails, -FAILURE_MEMORY_S)  # failures before we looked are not news
+            elif fails != seen[0]:
+                self._fail_seen[key] = (fails, now if fails > seen[0] else seen[1])
+            recent = now - self._fail_seen[key][1] < FAILURE_MEMORY_S
+            if not self._matches(m):
+                continue
+            shown.add(key)
+            cells = fmt.model_cells(m, recent)
+            nk, vk = cells["name"][1], cells["version"][1]
+            old = self._cells.get(key)
+            if old is None:
+                table.add_row(*[self._cell(c, *cells[c], nk, vk) for c in fmt.COLUMN_KEYS], key=key)
+                added = True
+            else:
+                for c in fmt.COLUMN_KEYS:
+                    new = cells[c]
+                    if restyle or old[c][0] != new[0] or (c == sort_col and old[c][1] != new[1]):
+                        changes.append((key, c, self._cell(c, *new, nk, vk)))
+                        if c == sort_col:
+                            resort = True
+            self._cells[key] = cells
+        table.update_cells(changes)  # only the changed cells, one repaint
+        for key in [k for k in self._cells if k not in shown]:
+            table.remove_row(key)
+            del self._cells[key]
+        for gone in [k for k in self._lat_hist if k not in current]:
+            self._lat_hist.pop(gone, None)
+            self._rate_hist.pop(gone, None)
+            self._fail_seen.pop(gone, None)
+        self.models = current
+        if added or resort:
+            self._sort()
+
+    def _sort(self) -> None:
+        selected = self.selected_key()
+        self.table.sort(self._sort_col, key=lambda cell: cell.sort_key, reverse=self._sort_reverse)
+        if selected is not None and selected in self._cells:
+            row = self.table.get_row_index(selected)
+            if row != self.table.cursor_row:
+                self.table.move_cursor(row=row, animate=False)
+
+    def _update_detail(self) -> None:
+        key = self.selected_key()
+        m = self.models.get(key) if key else None
+        if m is None:
+            self.detail.show(None, deque(), deque(), [])
+            return
+        events = list(self._model_events.get(key, ())) + list(self._model_events.get(m["name"], ()))
+        events.sort(key=lambda e: e.get("ts") or 0)
+        self.detail.show(m, self._lat_hist.get(key, deque()), self._rate_hist.get(key, deque()), events)
+
+    def _update_status(self, snap: dict[str, Any]) -> None:
+        models = snap.get("models") or []
+        ready = sum(1 for m in models if m.get("state") == "READY")
+        total_rate = sum(m.get("request_rate") or 0.0 for m in models)
+        where = f"attached to {self.client.url}" if self.client.url else "embedded" if self.embedded else "in-process"
+        parts = [f"modelconsole {__version__}", where, f"{len(models)} models ({ready} ready)",
+                 f"{fmt.rate(total_rate)} req/s",
+                 f"sort {fmt.COLUMN_LABELS[self._sort_col]} {'↓' if self._sort_reverse else '↑'}"]
+        if self._filter_text:
+            parts.append(f"filter /{self._filter_text}/ ({len(self._cells)} of {len(models)})")
+        if self.demo is not None:
+            parts.append(f"demo {fmt.rate(float(getattr(self.demo, 'rate', 0.0) or 0.0))} req/s")
+        if self.read_only:
+            parts.append("READ-ONLY")
+        self.status_line.set(" " + " · ".join(parts))
+
+    # ------------------------------------------------------------------ events
+
+    async def _consume_events(self) -> None:
+        async for ev in self.client.events():
+            self.add_event(ev)
+
+    def add_event(self, ev: dict[str, Any]) -> None:
+        """Show one engine (or console) event in the log and in its model's detail."""
+        kind = ev.get("kind")
+        seq = ev.get("seq")
+        if kind == "connection" and (ev.get("data") or {}).get("restarted"):
+            self._max_seq = 0  # a new server numbers its events from 1 again
+        if seq is not None:
+            if seq <= self._max_seq:
+                return  # already shown (the snapshot's recent events overlap the stream)
+            self._max_seq = seq
+        self._log(ev.get("message") or kind or "?", ev.get("level") or "info", ev.get("ts"))
+        name = ev.get("model")
+        if name:
+            key = f"{name}:{ev['version']}" if ev.get("version") is not None else name
+            self._model_events.setdefault(key, deque(maxlen=20)).append(ev)
+        if kind in STATE_EVENTS and self._seeded:
+            self.refresh_soon()
+
+    def _log(self, message: str, level: str = "info", ts: float | None = None) -> None:
+        line = f"{fmt.clock(ts)} {message}"
+        self.event_lines.append(line)
+        self.log_widget.write(Text(line, style=LEVEL_STYLE.get(level, ""), no_wrap=True))
+
+    # ------------------------------------------------------------------ selection
+
+    def selected_key(self) -> str | None:
+        table = self.table
+        if table.row_count == 0:
+            return None
+        row = min(max(table.cursor_row, 0), table.row_count - 1)
+        try:
+            return table.coordinate_to_cell_key(Coordinate(row, 0)).row_key.value
+        except Exception:  # noqa: BLE001 - no such cell: nothing selected
+            return None
+
+    def selected(self) -> dict[str, Any] | None:
+        key = self.selected_key()
+        return self.models.get(key) if key else None
+
+    @on(DataTable.RowHighlighted, "#models")
+    def _row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        self._update_detail()
+
+    def _need_selection(self) -> dict[str, Any] | None:
+        m = self.selected()
+        if m is None:
+            self.notify("No model selected.", severity="warning")
+        return m
+
+    # ------------------------------------------------------------------ running actions
+
+    def _run(self, label: str, call: Any, done: Any = None) -> None:
+        """Run a client call as a worker; its outcome goes to a notification and the log."""
+
+        async def job() -> None:
+            try:
+                result = await call()
+            except ClientError as e:
+                self._failed(label, e.message)
+                return
+            except Exception as e:  # noqa: BLE001 - whatever it was, the operator reads it
+                self._failed(label, f"{type(e).__name__}: {e}")
+                return
+            message = done(result) if done is not None else f"{label}: done"
+            self._log(f"✓ {message}", "info")
+            self.notify(message, title="done")
+            self.refresh_soon()
+
+        self.run_worker(job(), name=label, group="actions", exit_on_error=False)
+
+    def _failed(self, label: str, message: str) -> None:
+        self._log(f"✗ {label} failed: {message}", "error")
+        self.notify(message, title=f"{label} failed", severity="error", timeout=8)
+        self.refresh_soon()
+
+    def _started(self, message: str) -> None:
+        self._log(f"→ {message}")
+        self.notify(message, timeout=3)
+
+    @staticmethod
+    def _label(m: dict[str, Any]) -> str:
+        return f"{m['name']} v{m['version']}"
+
+    # ------------------------------------------------------------------ actions
+
+    def action_load(self) -> None:
+        m = self._need_selection()
+        if m is None:
+            return
+        label = self._label(m)
+        if m.get("state") == "READY":
+            self.notify(f"{label} is already loaded.")
+            return
+        self._started(f"loading {label}…")
+        self._run(f"load {label}", partial(self.client.load, m["name"], m["version"]),
+                  lambda r: f"{label} is {r.get('state', 'READY')} on {fmt.device_label(r)}"
+                  + (f" ({r['load_seconds']:.1f} s)" if r.get("load_seconds") else ""))
+
+    def _confirm(self, title: str, message: str, confirm_label: str, then: Any) -> None:
+        def answered(ok: bool | None) -> None:
+            if ok:
+                then()
+            else:
+                self.notify(f"{confirm_label}: cancelled.", timeout=2)
+            self.refresh_soon()
+
+        self.push_screen(ConfirmScreen(title, message, confirm_label), answered)
+
+    def action_unload(self) -> None:
+        m = self._need_selection()
+        if m is None:
+            return
+        label = self._label(m)
+        busy = f" Its {m.get('queue', 0)} queued and {m.get('in_flight', 0)} running requests finish first." \
+            if m.get("queue") or m.get("in_flight") else ""
+        pinned = " It is pinned." if m.get("pinned") else ""
+
+        def go() -> None:
+            self._started(f"unloading {label}…")
+            self._run(f"unload {label}", partial(self.client.unload, m["name"], m["version"]),
+                      lambda r: f"{label} is {r.get('state', 'UNLOADED')}")
+
+        self._confirm(f"Unload {label}?",
+                      f"{label} stops serving until it is loaded again and its memory is freed.{busy}{pinned}",
+                      "Unload", go)
+
+    def action_evict(self) -> None:
+        m = self._need_selection()
+        if m is None:
+            return
+        label = self._label(m)
+        why = "\n".join(fmt.eviction_lines(m.get("eviction"), m))
+
+        def go() -> None:
+            self._started(f"evicting {label}…")
+            self._run(f"evict {label}", partial(self.client.evict, m["name"], m["version"]),
+                      lambda r: f"{label} evicted ({r.get('state', '?')})")
+
+        self._confirm(f"Evict {label}?",
+                      f"Free {label}'s device memory now; its next request reloads it "
+                      f"(from the host tier when there is one).\n{why}", "Evict", go)
+
+    def action_pin(self) -> None:
+        m = self._need_selection()
+        if m is None:
+            return
+        label = self._label(m)
+        pinned = not m.get("pinned")
+        verb = "pin" if pinned else "unpin"
+        self._started(f"{verb}ning {label}…")
+        self._run(f"{verb} {label}", partial(self.client.pin, m["name"], m["version"], pinned),
+                  lambda r: f"{label} {'pinned: never evicted' if r.get('pinned') else 'unpinned'}")
+
+    def _priority(self, step: int) -> None:
+        m = self._need_selection()
+        if m is None:
+            return
+        cfg = m.get("config") or {}
+        base = int(cfg.get("priority") or 1)
+        levels = int(cfg.get("priority_levels") or base)
+        new = base + step
+        label = self._label(m)
+        if not 1 <= new <= levels:
+            self.notify(f"{label} is already at P{base} "
+                        f"({'the most urgent' if new < 1 else 'the least urgent'} of {levels} levels).",
+                        severity="warning")
+            return
+        # later presses build on this one, before the snapshot says so
+        m["config"] = dict(cfg, priority=new)
+        self._started(f"{label}: base priority P{base} → P{new}")
+
+        def done(r: dict[str, Any]) -> str:
+            return f"{label} base priority is P{(r.get('config') or {}).get('priority', new)}"
+
+        self._run(f"priority {label}", partial(self.client.set_priority, m["name"], m["version"], new), done)
+
+    def action_priority_up(self) -> None:
+        self._priority(-1)  # P1 is the most urgent
+
+    def action_priority_down(self) -> None:
+        self._priority(+1)
+
+    def action_register(self) -> None:
+        def answered(form: dict[str, Any] | None) -> None:
+            if not form:
+                return
+            what = f"{form['name']} from {form['source']}"
+            self._started(f"registering {what}…")
+            self._run(f"register {form['name']}",
+                      partial(self.client.register, form["name"], form["source"], form["version"], form["options"]),
+                      lambda r: f"{r.get('name', form['name'])} v{r.get('version', '?')} registered "
+                      f"({r.get('state', 'UNLOADED')}); l loads it")
+
+        self.push_screen(RegisterScreen(), answered)
+
+    # -- filter, sort, theme, demo, help, quit
+
+    def _filter_visible(self) -> bool:
+        box = getattr(self, "filter_box", None)
+        return box is not None and box.has_class("-active")
+
+    def action_filter(self) -> None:
+        box = self.filter_box
+        box.add_class("-active")
+        box.value = self._filter_text
+        box.focus()
+        self.refresh_bindings()
+
+    def set_filter(self, text: str) -> None:
+        self._filter_text = text
+        if not text:
+            self._filter_re = None
+        else:
+            try:
+                self._filter_re = re.compile(text, re.IGNORECASE)
+            except re.error:
+                self._filter_re = re.compile(re.escape(text), re.IGNORECASE)
+        self.refresh_view(force=True)
+
+    @on(Input.Changed, "#filter")
+    def _filter_changed(self, event: Input.Changed) -> None:
+        self.set_filter(event.value.strip())
+
+    @on(Input.Submitted, "#filter")
+    def _filter_submitted(self, event: Input.Submitted) -> None:
+        self.set_filter(event.value.strip())
+        event.input.remove_class("-active")
+        self.table.focus()
+        self.refresh_bindings()
+
+    def action_clear_filter(self) -> None:
+        box = self.filter_box
+        box.remove_class("-active")
+        if box.value:
+            box.value = ""
+        self.set_filter("")
+        self.table.focus()
+        self.refresh_bindings()
+
+    def sort_by(self, col: str, reverse: bool | None = None) -> None:
+        if col not in fmt.COLUMN_LABELS:
+            raise ValueError(f"no column '{col}'")
+        self._sort_col = col
+        if reverse is not None:
+            self._sort_reverse = reverse
+        self._sort()
+        snap = self.client.snapshot()
+        if snap:
+            self._update_status(snap)
+        self.notify(f"sorted by {fmt.COLUMN_LABELS[col]} {'↓' if self._sort_reverse else '↑'}", timeout=2)
+
+    @property
+    def sort_column(self) -> str:
+        return self._sort_col
+
+    def action_sort(self) -> None:
+        keys = fmt.COLUMN_KEYS
+        self.sort_by(keys[(keys.index(self._sort_col) + 1) % len(keys)])
+
+    def action_reverse_sort(self) -> None:
+        self.sort_by(self._sort_col, not self._sort_reverse)
+
+    def action_cycle_theme(self) -> None:
+        names = [n for n in THEME_CYCLE if n in self.available_themes]
+        i = names.index(self.theme) if self.theme in names else -1
+        self.theme = names[(i + 1) % len(names)]
+        self.notify(f"theme {self.theme}", timeout=2)
+
+    def _demo_rate(self, factor: float) -> None:
+        if self.demo is None:
+            return
+        rate = float(getattr(self.demo, "rate", 0.0) or 0.0)
+        new = rate * factor if rate > 0 else 1.0
+        new = min(max(new, 0.125), 10_000.0)
+        self.demo.rate = new
+        self._log(f"→ demo traffic {fmt.rate(rate)} → {fmt.rate(new)} req/s")
+        self.notify(f"demo traffic {fmt.rate(new)} req/s", timeout=2)
+        snap = self.client.snapshot()
+        if snap:
+            self._update_status(snap)
+
+    def action_demo_slower(self) -> None:
+        self._demo_rate(0.5)
+
+    def action_demo_faster(self) -> None:
+        self._demo_rate(2.0)
+
+    def help_rows(self) -> list[tuple[str, str, str, bool]]:
+        rows = []
+        for b in self.BINDINGS:
+            assert isinstance(b, Binding)
+            keys = self._keymap.get(b.id, b.key) if b.id else b.key
+            shown = ", ".join(self.get_key_display(Binding(k.strip(), b.action)) for k in keys.split(","))
+            desc = next((title for a, title, _ in PALETTE if a == b.action), b.description)
+            rows.append((shown, desc, b.id or "", self.allowed(b.action, main=True)))
+        return rows
+
+    def action_help(self) -> None:
+        notes = [
+            "ctrl+p also opens the command palette; ctrl+q quits at once.",
+            "↑/↓/pgup/pgdn select a model; the pane below shows it.",
+            "Unload and evict ask first: Enter or Esc cancels, Tab then Enter (or y) confirms.",
+            "Base priority: P1 is the most urgent; + moves toward P1.",
+            "Remap keys by binding id (App.set_keymap / ModelConsoleApp(keymap=...)).",
+        ]
+        if self.read_only:
+            notes.insert(0, "READ-ONLY: actions that change the engine are disabled (struck through).")
+        self.push_screen(HelpScreen(self.help_rows(), notes))
+
+    def action_request_quit(self) -> None:
+        if self.embedded and fmt.traffic_flowing(self.client.snapshot()):
+            models = (self.client.snapshot() or {}).get("models") or []
+            rate = sum(m.get("request_rate") or 0.0 for m in models)
+            busy = sum((m.get("queue") or 0) + (m.get("in_flight") or 0) for m in models)
+            self._confirm("Quit while serving?",
+                          f"Traffic is flowing ({fmt.rate(rate)} req/s, {busy} queued or running). Quitting stops "
+                          "the embedded engine and its HTTP server.", "Quit", self.exit)
+            return
+        self.exit()

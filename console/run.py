@@ -1,0 +1,89 @@
+"""Running the console: embedded (engine + HTTP server + console in one process) or attached.
+
+Embedded (``modelconsole``): the engine and its store start, the HTTP server
+starts beside them on the same event loop (clients keep being answered while
+the operator works), ``--demo`` adds the zoo models and a traffic generator,
+then the Textual app runs until the operator quits; everything then shuts
+down in order (traffic, server, engine, store).
+
+Attached (``modelconsole --attach URL``): a ``RemoteClient`` and the same
+app; torch is never imported (``console.client`` and ``console.app`` don't,
+and nothing here imports the engine in this mode).  Quitting leaves the
+server running.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+log = logging.getLogger("modelconsole.console")
+
+
+async def run_embedded(config: Any, settings: Any, store_path: str, *, demo: bool, theme: str | None,
+                       read_only: bool) -> int:
+    from modelconsole.scheduler.config import DEMO_MODELS
+    from modelconsole.server.app import Server
+    from modelconsole.server.serve import start_engine
+
+    from .app import ModelConsoleApp
+    from .client import LocalClient
+
+    engine = await start_engine(config, store_path)
+    traffic = None
+    server = Server(engine, settings)
+    server_error = None
+    try:
+        await server.start()
+    except OSError as e:  # the console is still useful without its server: say so in it
+        server_error = f"HTTP server not started on {settings.host}:{settings.port}: {e.strerror or e}"
+        log.warning(server_error)
+        server = None
+    try:
+        if demo:
+            from .demo import DemoTraffic
+
+            names = set(engine.model_names())
+            for m in DEMO_MODELS:
+                if m["name"] not in names:
+                    await engine.register(dict(m), actor="demo")
+            traffic = DemoTraffic(engine)
+            traffic.start()
+
+        def server_info() -> dict[str, Any]:
+            return {"url": server.url if server is not None else None, "error": server_error,
+                    "token_required": settings.token is not None, "accepting": engine.accepting}
+
+        client = LocalClient(engine, server_info)
+        await client.start()
+        app = ModelConsoleApp(client, embedded=True, read_only=read_only, theme=theme, demo=traffic)
+        try:
+            await app.run_async()
+        finally:
+            await client.close()
+    finally:
+        if traffic is not None:
+            await traffic.stop()
+        if server is not None:
+            await server.stop()
+        await engine.close(drain_timeout=10.0)
+    return 0
+
+
+async def run_attached(url: str, token: str | None, *, theme: str | None, read_only: bool) -> int:
+    from .app import ModelConsoleApp
+    from .client import ClientError, RemoteClient
+
+    client = RemoteClient(url, token, read_only=read_only)
+    try:
+        await client.start()
+    except ClientError as e:
+        print(f"modelconsole: cannot attach to {url}: {e.message}", file=sys.stderr)
+        return 1
+    try:
+        app = ModelConsoleApp(client, embedded=False, read_only=read_only, theme=theme)
+        await app.run_async()
+    finally:
+        await client.close()
+    return 0

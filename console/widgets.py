@@ -1,0 +1,309 @@
+"""The console's small widgets: each repaints only when its content changed, never relayouts.
+
+Every widget here has a fixed height set in ``themes/console.tcss``, so an
+update is a ``refresh()`` of its own region, not a layout pass.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from rich.text import Text
+from textual.containers import VerticalScroll
+from textual.widget import Widget
+from textual.widgets import DataTable
+from textual.widgets.data_table import CellDoesNotExist, ColumnKey, RowKey
+
+from . import format as fmt
+
+HISTORY = 120  # samples kept per graph (one per refresh)
+
+
+class Line(Widget):
+    """One or more lines of text; ``set()`` repaints only when the text changed."""
+
+    DEFAULT_CSS = "Line { height: 1; text-wrap: nowrap; text-overflow: ellipsis; }"
+
+    def __init__(self, text: str | Text = "", **kw: Any) -> None:
+        super().__init__(**kw)
+        self._text: str | Text = text
+
+    @property
+    def text(self) -> str:
+        return self._text.plain if isinstance(self._text, Text) else self._text
+
+    def set(self, text: str | Text) -> None:
+        if text != self._text:
+            grew = self.text.count("\n") != (text.plain if isinstance(text, Text) else text).count("\n")
+            self._text = text
+            self.refresh(layout=grew)  # a new line count may change an auto height
+
+    def render(self) -> Text:
+        return self._text if isinstance(self._text, Text) else Text(self._text, no_wrap=True, overflow="ellipsis")
+
+
+class Graph(Widget):
+    """A one-line history graph on a fixed axis: ``lo``..``hi`` (``hi`` None: 0..the data's max).
+
+    Textual's Sparkline scales min→max, which makes a flat 3 % look like a
+    full bar; utilisation needs a 0–100 % axis, so this draws its own."""
+
+    DEFAULT_CSS = "Graph { height: 1; }"
+
+    def __init__(self, label: str, *, lo: float = 0.0, hi: float | None = 100.0, unit: str = "%",
+                 **kw: Any) -> None:
+        super().__init__(**kw)
+        self.label = label
+        self.lo, self.hi, self.unit = lo, hi, unit
+        self.values: list[float] = []
+        self._key: tuple[Any, ...] | None = None
+
+    def set_values(self, values: list[float] | deque[float]) -> None:
+        vals = list(values)
+        key = (len(vals), vals[-1] if vals else None, vals[0] if vals else None, sum(vals))
+        if key != self._key:
+            self._key = key
+            self.values = vals
+            self.refresh()
+
+    def render(self) -> Text:
+        width = self.size.width
+        last = self.values[-1] if self.values else None
+        if last is None:
+            tail = "  —"
+        elif self.unit == "%":
+            tail = f" {last:3.0f}%"
+        else:
+            tail = f" {fmt.ms(last) if self.unit == 'ms' else fmt.rate(last)}{self.unit}"
+        head = f"{self.label:<6}"
+        room = max(0, width - len(head) - len(tail))
+        t = Text(head, style="dim", no_wrap=True)
+        t.append(fmt.spark(self.values, room, self.lo, self.hi), style="bold")
+        t.append(tail)
+        return t
+
+
+class DeviceCard(Widget):
+    """One GPU: name, memory used/budget/total as a bar, utilisation, temperature, power, and
+    history graphs of memory and utilisation on a fixed 0–100 % axis."""
+
+    def __init__(self, index: int, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.index = index
+        self.mem_hist: deque[float] = deque(maxlen=HISTORY)
+        self.util_hist: deque[float] = deque(maxlen=HISTORY)
+
+    def compose(self):
+        # kept as attributes: an update never queries the DOM (and survives teardown)
+        self.title_line = Line(id="title", classes="card-title")
+        self.membar = Line(id="membar")
+        self.memgraph = Graph("mem", id="memgraph")
+        self.utilgraph = Graph("util", id="utilgraph")
+        yield from (self.title_line, self.membar, self.memgraph, self.utilgraph)
+
+    def update_reading(self, d: dict[str, Any]) -> None:
+        total = d.get("total_bytes") or 0
+        used = d.get("used_bytes") or 0
+        budget = (d.get("budget") or {}).get("usable_bytes")
+        util = d.get("utilization_pct")
+        temp = d.get("temperature_c")
+        power = d.get("power_w")
+        self.mem_hist.append(100.0 * used / total if total else 0.0)
+        self.util_hist.append(float(util or 0.0))
+        facts = [f"util {fmt.pct(util)}"]
+        if temp is not None:
+            facts.append(f"{temp:.0f}°C")
+        if power is not None:
+            facts.append(f"{power:.0f} W")
+        slots = d.get("slots") or {}
+        if slots:
+            facts.append(f"slots {slots.get('running', 0)}/{slots.get('slots', 0)}")
+        title = Text(no_wrap=True, overflow="ellipsis")
+        title.append(f"GPU{d.get('index')} ", style="bold")
+        title.append(f"{d.get('name', '?')}  ")
+        title.append(" · ".join(facts), style="dim")
+        self.title_line.set(title)
+        width = max(8, self.size.width - 26) if self.size.width else 20
+        frac = used / total if total else 0.0
+        mark = budget / total if total and budget else None
+        membar = Text(no_wrap=True, overflow="ellipsis")
+        membar.append(fmt.bar(frac, width, mark), style="bold" if frac < 0.9 else "bold red")
+        membar.append(f" {fmt.gib(used)}/{fmt.gib(budget)}/{fmt.gib(total)} GiB")
+        self.membar.set(membar)
+        self.memgraph.set_values(self.mem_hist)
+        self.utilgraph.set_values(self.util_hist)
+
+
+class GpuPanel(Widget):
+    """A card per device in a grid (as many columns as fit at ``CARD_WIDTH``), a card added
+    the first time a device shows up."""
+
+    CARD_WIDTH = 44
+    CARD_HEIGHT = 4
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.cards: dict[int, DeviceCard] = {}
+        self._empty: Line | None = None
+
+    def on_mount(self) -> None:
+        self._empty = Line("no GPU devices: models run on the CPU", classes="empty")
+        self.mount(self._empty)
+
+    def _regrid(self) -> None:
+        n = max(1, len(self.cards))
+        width = self.size.width or self.app.size.width
+        cols = max(1, min(n, width // self.CARD_WIDTH))
+        rows = -(-n // cols)
+        self.styles.grid_size_columns = cols
+        self.styles.height = min(rows, 3) * self.CARD_HEIGHT
+
+    def update_devices(self, devices: list[dict[str, Any]]) -> None:
+        new = [d for d in devices if d.get("index") not in self.cards]
+        if new:
+            if self._empty is not None:
+                self._empty.remove()
+                self._empty = None
+            for d in new:
+                card = DeviceCard(d["index"], classes="card")
+                self.cards[d["index"]] = card
+                self.mount(card)
+                # the card composes when mounted: feed it after that
+                self.call_after_refresh(card.update_reading, d)
+            self._regrid()
+        for d in devices:
+            card = self.cards.get(d.get("index"))
+            if card is not None and d not in new and card.is_mounted and card.children:
+                card.update_reading(d)
+
+
+class DetailPane(VerticalScroll):
+    """The selected model: identity, latency and throughput graphs, batch sizes, queue,
+    eviction value and why, and its recent events."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        # kept as attributes: an update never queries the DOM (and survives teardown)
+        self.head = Line(id="d-head", classes="detail-head")
+        self.facts = Line(id="d-facts", classes="detail-facts")
+        self.lat = Graph("p95", hi=None, unit="ms", id="d-lat")
+        self.rates = Graph("req/s", hi=None, unit="/s", id="d-rate")
+        self.more = Line(id="d-more", classes="detail-more")
+
+    def compose(self):
+        yield from (self.head, self.facts, self.lat, self.rates, self.more)
+
+    def show(self, m: dict[str, Any] | None, lat: deque[float], rates: deque[float],
+             events: list[dict[str, Any]]) -> None:
+        head, facts, more = self.head, self.facts, self.more
+        if m is None:
+            head.set(Text("no model selected", style="dim"))
+            facts.set("")
+            more.set("")
+            self.lat.set_values([])
+            self.rates.set_values([])
+            return
+        stats = m.get("stats") or {}
+        cfg = m.get("config") or {}
+        lat_ms = stats.get("latency_ms") or {}
+        t = Text(no_wrap=True, overflow="ellipsis")
+        t.append(f"{m['name']} v{m['version']}", style="bold")
+        t.append(f"{' (active)' if m.get('active') else ''}  {m.get('state')} on {fmt.device_label(m)}")
+        if m.get("pinned"):
+            t.append("  pinned", style="bold")
+        head.set(t)
+        lines = [
+            f"source {m.get('source') or cfg.get('source', '?')}",
+            f"memory {fmt.size(m.get('footprint_bytes') or 0)} (weights {fmt.size(m.get('weight_bytes'))})"
+            + (f" · loaded in {m['load_seconds']:.2f} s" if m.get("load_seconds") else ""),
+            (f"queue {m.get('queue', 0)} · in flight {m.get('in_flight', 0)} · {fmt.rate(m.get('request_rate'))} req/s"
+             f" · urgency {m.get('urgency') or 0:.2f} · P{cfg.get('priority', '?')} of {cfg.get('priority_levels', '?')}"),
+            (f"latency p50 {fmt.ms(lat_ms.get('p50'))} · p95 {fmt.ms(lat_ms.get('p95'))} · "
+             f"p99 {fmt.ms(lat_ms.get('p99'))} ms (target {fmt.ms(m.get('latency_target_ms'))} ms)"),
+        ]
+        facts.set("\n".join(lines))
+        self.lat.set_values(lat)
+        self.rates.set_values(rates)
+        hit = fmt.cache_hit_pct(stats)
+        failures = stats.get("failures") or {}
+        body = Text(no_wrap=True, overflow="ellipsis")
+        body.append(f"batch sizes {fmt.batch_sizes(stats)}\n")
+        body.append(f"ok {stats.get('success', 0)} · failed {stats.get('fail', 0)}"
+                    + (f" ({', '.join(f'{k} {v}' for k, v in failures.items())})" if failures else "")
+                    + f" · cache hits {fmt.pct(hit)}\n")
+        if m.get("reason"):
+            body.append(f"reason: {m['reason']}\n", style="bold red")
+        body.append("eviction ", style="bold")
+        body.append("\n".join(fmt.eviction_lines(m.get("eviction"), m)) + "\n")
+        body.append("recent events\n", style="bold")
+        for ev in events[-8:]:
+            style = {"error": "red", "warning": "yellow"}.get(ev.get("level") or "", "")
+            body.append(f" {fmt.clock(ev.get('ts'))} {ev.get('message', '')}\n", style=style)
+        if not events:
+            body.append(" —\n", style="dim")
+        more.set(body)
+
+
+class ModelTable(DataTable):
+    """A DataTable whose rendered cells survive other cells' updates.
+
+    DataTable keys its cell cache on a table-wide update counter, so one
+    ``update_cell`` re-renders every visible cell (through Rich, the bulk of a
+    refresh's CPU).  Here a rendered cell is reused while the cell object is
+    the same one (updates always put a new object), at the same row, width,
+    style and cursor: a refresh re-renders only the cells that changed, and a
+    cursor move only the two rows it touches.  Header and label cells, and any
+    surprise from the base class, go the ordinary way.
+    """
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self._kept: dict[tuple[Any, Any], tuple[Any, tuple[Any, ...], Any]] = {}
+
+    def _render_cell(self, row_index: int, column_index: int, base_style: Any, width: int,
+                     cursor: bool = False, hover: bool = False) -> Any:
+        if row_index < 0 or column_index < 0:
+            return super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
+        try:
+            row_key = self._row_locations.get_key(row_index)
+            column_key = self._column_locations.get_key(column_index)
+            value = self._data[row_key][column_key]
+        except (KeyError, AttributeError, IndexError):
+            return super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
+        sig = (row_index, base_style, width, cursor, hover, self._show_hover_cursor, self._pseudo_class_state,
+               self.fixed_rows, self.fixed_columns)
+        kept = self._kept.get((row_key, column_key))
+        if kept is not None and kept[0] is value and kept[1] == sig:
+            return kept[2]
+        lines = super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
+        self._kept[(row_key, column_key)] = (value, sig, lines)
+        return lines
+
+    def update_cells(self, changes: list[tuple[str, str, Any]]) -> None:
+        """``update_cell`` for many cells with one repaint request, not one per cell (each
+        ``update_cell`` marks the whole table dirty: ~50 µs apiece, a few ms per refresh)."""
+        if not changes:
+            return
+        data = getattr(self, "_data", None)
+        if data is None or not hasattr(self, "_update_count"):  # not the DataTable we know
+            for row_key, column_key, value in changes:
+                self.update_cell(row_key, column_key, value)
+            return
+        for row_key, column_key, value in changes:
+            rk, ck = RowKey(row_key), ColumnKey(column_key)
+            if rk not in self._row_locations or ck not in self._column_locations:
+                raise CellDoesNotExist(f"No cell exists for row_key={rk!r}, column_key={ck!r}.")
+            data[rk][ck] = value
+        self._update_count += 1
+        self.refresh()
+
+    def remove_row(self, row_key: Any) -> None:
+        super().remove_row(row_key)
+        key = row_key.value if hasattr(row_key, "value") else row_key
+        for k in [k for k in self._kept if (k[0].value if hasattr(k[0], "value") else k[0]) == key]:
+            del self._kept[k]
+
+    def clear(self, columns: bool = False) -> Any:
+        self._kept.clear()
+        return super().clear(columns)
