@@ -277,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
                 proc.terminate()
                 proc.wait(60)
 
-    print(f"zoo:tiny-mlp over loopback; {os.cpu_count()} CPUs shared by server and load generator; "
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(f"zoo:tiny-mlp over loopback; {cpus} CPUs shared by server and load generator; "
           f"{args.seconds:g} s measured per row")
     print(f"  {'body':<7} {'conc':>4} {'procs':>5} {'requests':>9} {'req/s':>8} {'p50 us':>8} {'p99 us':>8} "
           f"{'errors':>6} {'server CPU us/req':>17}")
