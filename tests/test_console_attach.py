@@ -1,0 +1,233 @@
+"""Attach mode end to end: the console (``RemoteClient`` + ``ModelConsoleApp`` under Pilot)
+against a real ``modelconsole --serve`` subprocess on a loopback port.
+
+The table shows the server's models; ``l`` loads the selected one on the server and
+``u`` + confirm unloads it (both checked over HTTP, not through the console); ``q``
+leaves the server running; a server killed under a running console greys the picture
+and shows the reconnect banner, and a new server on the same port is picked up by
+itself.  And the attach path never imports torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from modelconsole.console.app import ModelConsoleApp
+from modelconsole.console.client import RemoteClient
+from modelconsole.console.screens import ConfirmScreen
+
+SIZE = (120, 40)
+CONFIG = """
+[gpu]
+simulate = "2x8GiB"
+
+[[models]]
+name = "tiny"
+source = "zoo:tiny-mlp"
+warmup = 0
+
+[[models]]
+name = "spare"
+source = "zoo:tiny-mlp"
+warmup = 0
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_status(url: str, timeout: float = 2.0) -> int | None:
+    """The status of GET url; None when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return None
+
+
+def http_json(url: str, method: str = "GET", timeout: float = 60.0):
+    req = urllib.request.Request(url, method=method, data=b"{}" if method == "POST" else None,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+class ServeProcess:
+    """``modelconsole --serve`` as a subprocess; can be stopped and started again on its port."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.config = tmp / "mc.toml"
+        self.config.write_text(CONFIG)
+        self.store = tmp / "s.db"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.runs = 0
+
+    def start(self) -> None:
+        self.runs += 1
+        if self.runs > 1:
+            self.log.close()
+        self.log = open(self.tmp / f"serve-{self.runs}.log", "w")  # noqa: SIM115 - closed in kill()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "modelconsole.console", "--serve", "--config", str(self.config),
+             "--port", str(self.port), "--store", str(self.store)],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=self.tmp)
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while http_status(self.url + "/v2/health/ready") != 200:
+            if self.proc is None or self.proc.poll() is not None:
+                raise AssertionError(f"the server exited ({self.proc and self.proc.returncode}):\n{self.log_text()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the server was not ready within {timeout:.0f} s:\n{self.log_text()}")
+            time.sleep(0.1)
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.log.close()
+
+    def log_text(self) -> str:
+        self.log.flush()
+        return "".join(p.read_text() for p in sorted(self.tmp.glob("serve-*.log")))[-4000:]
+
+    def state(self, name: str) -> str:
+        return http_json(f"{self.url}/api/models/{name}")["versions"][0]["state"]
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = ServeProcess(tmp_path)
+    s.start()
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        s.kill()
+
+
+async def until(pilot, cond, timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll cond (a function, or a coroutine function) while the app keeps running."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ok = cond()
+        if asyncio.iscoroutine(ok):
+            ok = await ok
+        if ok:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await pilot.pause(0.1)
+
+
+def cell(app: ModelConsoleApp, key: str, col: str) -> str:
+    return app.table.get_cell(key, col).plain
+
+
+def rows(app: ModelConsoleApp) -> set[str]:
+    return {str(k.value) for k in app.table.rows}
+
+
+async def test_attached_console_drives_a_real_server_and_survives_its_restart(server):
+    ask = asyncio.to_thread  # HTTP checks off the loop: the app keeps running while they wait
+
+    # -- load, unload, quit: the server keeps running
+    client = RemoteClient(server.url)
+    await client.start()
+    try:
+        app = ModelConsoleApp(client, refresh_s=0.25)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: rows(app) == {"tiny:1", "spare:1"}, what="the server's models")
+            assert cell(app, "tiny:1", "state") == "UNLOADED"
+            assert f"attached to {server.url}" in app.query_one("#status").text
+            app.table.move_cursor(row=app.table.get_row_index("tiny:1"), animate=False)
+            await pilot.pause()
+            assert app.selected_key() == "tiny:1"
+
+            await pilot.press("l")
+
+            async def tiny_is(state: str) -> bool:
+                return await ask(server.state, "tiny") == state
+
+            await until(pilot, lambda: tiny_is("READY"), what="tiny READY on the server")
+            await until(pilot, lambda: cell(app, "tiny:1", "state") == "READY", what="tiny READY in the table")
+            assert await ask(server.state, "spare") == "UNLOADED"  # only the selected row
+
+            await pilot.press("u")
+            assert isinstance(app.screen, ConfirmScreen)
+            await pilot.press("tab", "enter")  # focus the Unload button, press it
+            await until(pilot, lambda: tiny_is("UNLOADED"), what="tiny UNLOADED on the server")
+            await until(pilot, lambda: cell(app, "tiny:1", "state") == "UNLOADED", what="tiny UNLOADED in the table")
+
+            await pilot.press("q")
+            await pilot.pause()
+            assert not app.is_running
+        assert await ask(http_status, server.url + "/v2/health/ready") == 200
+        assert server.proc.poll() is None
+    finally:
+        await client.close()
+
+    # -- the server dies under a running console, and a new one on the same port is found
+    client = RemoteClient(server.url)
+    await client.start()
+    try:
+        app = ModelConsoleApp(client, refresh_s=0.25)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: rows(app) == {"tiny:1", "spare:1"}, what="the server's models")
+            assert client.connected and not app.screen.has_class("-disconnected")
+
+            assert await ask(server.terminate) == 0
+            await until(pilot, lambda: not client.connected, what="client.connected False")
+            await until(pilot, lambda: app.screen.has_class("-disconnected"), what="the greyed picture")
+            banner = app.query_one("#banner")
+            assert "connection lost to " + server.url in banner.text and "reconnecting" in banner.text
+            assert banner.display
+            assert rows(app) == {"tiny:1", "spare:1"}  # the last picture stays
+            await pilot.pause(1.0)
+            assert not client.connected  # still down: nothing answers on the port
+
+            server.start()
+            await ask(server.wait_ready)
+            # a change made on the new server only: the picture must be fresh, not the old one
+            await ask(http_json, f"{server.url}/api/models/spare/load", "POST")
+            await until(pilot, lambda: client.connected, what="reconnected by itself")
+            await until(pilot, lambda: not app.screen.has_class("-disconnected"), what="no longer greyed")
+            assert not app.query_one("#banner").display
+            await until(pilot, lambda: cell(app, "spare:1", "state") == "READY", what="the new server's picture")
+            await until(pilot, lambda: any("reconnected to" in line for line in app.event_lines),
+                        what="the reconnection in the log")
+            await pilot.press("q")
+            await pilot.pause()
+            assert not app.is_running
+        assert await ask(http_status, server.url + "/v2/health/ready") == 200
+    finally:
+        await client.close()
+
+
+def test_the_attach_path_never_imports_torch():
+    code = "import sys; from modelconsole.console import app, client, run; assert 'torch' not in sys.modules"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
