@@ -66,6 +66,15 @@ def _expired(inst: ModelInstance, now: float) -> bool:
             and now - max(inst.last_used, inst.loaded_mono) > ka)
 
 
+def _warm_process(devices: list[torch.device]) -> None:
+    """Pay once, at start, what the first load would otherwise pay and charge to its model's
+    measured reload time (which the eviction policy weighs): the lazy imports behind
+    ``Module.to_empty`` (sympy, ~1.5 s) and each managed GPU's CUDA context."""
+    torch.nn.Linear(1, 1, device="meta").to_empty(device="cpu")
+    for device in devices:
+        torch.empty(1, device=device)
+
+
 class Engine:
     def __init__(
         self,
@@ -146,6 +155,8 @@ class Engine:
                     inst = entry.versions[version]
                     if 1 <= prio <= inst.cfg.priority_levels:
                         inst.cfg = dataclasses.replace(inst.cfg, priority=prio)
+        cuda = [self.backend.torch_device(i) for i in self.memory.budgets]
+        await asyncio.to_thread(_warm_process, [d for d in cuda if d.type == "cuda"])
         self._started = True
         loop = asyncio.get_running_loop()
         self._janitor = loop.create_task(self._janitor_loop())
@@ -460,7 +471,6 @@ class Engine:
             if inst.state != READY:
                 if inst.state not in (UNLOADED, LOADING, WARMING):
                     raise inst.unavailable()
-                inst.last_used = time.monotonic()  # this request counts when its load is weighed
                 await self._ensure_loaded(inst)  # lazy load, or join the one under way
             req = inst.prepare(inputs, priority, timeout_ms, outputs, time.monotonic())
             if inst.cache is not None:

@@ -16,6 +16,7 @@ pass, splits the outputs and hands the batch back in one callback
 from __future__ import annotations
 
 import asyncio
+import math
 import gc
 import time
 from typing import Any, Mapping, Sequence
@@ -654,7 +655,8 @@ class ModelInstance:
             pinned=self.pinned,
             busy=self.busy(),
             loaded_at=self.loaded_mono,
-            last_used=self.last_used,
+            # 0.0 is "never": the monotonic clock's zero is an arbitrary past (boot), not a use
+            last_used=self.last_used if self.last_used > 0.0 else -math.inf,
         )
 
     def snapshot(self) -> dict[str, Any]:
