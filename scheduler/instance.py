@@ -164,6 +164,7 @@ class ModelInstance:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
         self._soon = False  # a dispatch is scheduled for the end of this loop turn
+        self._last_batch = 0  # requests in the last batch sent: >1 means concurrent traffic
         self._sweep: asyncio.TimerHandle | None = None
         self._sweep_at = float("inf")
         self._drained: asyncio.Event | None = None
@@ -398,11 +399,14 @@ class ModelInstance:
         self.queue.push(req)
         if req.deadline < self._sweep_at:
             self._arm_sweep(loop, req.deadline)
-        if self._batches == 0:
-            # Idle worker: the batch goes at the end of this loop turn, so that every request
-            # this turn brings (other handlers woken by the same read, callers resumed by the
-            # last batch's answers) rides along instead of waiting behind a batch of one.
-            # It costs one loop hop; it saves a worker handoff per request under load.
+        if self._batches == 0 and self._last_batch <= 1:
+            self._dispatch(loop, loop.time())  # one request at a time: go now (c=1 latency)
+        elif self._batches == 0:
+            # Idle worker under concurrent traffic (the last batch had company): the batch goes
+            # at the end of this loop turn, so that every request this turn brings (other
+            # handlers woken by the same read, callers resumed by the last batch's answers)
+            # rides along instead of waiting behind a batch of one.  It costs one loop hop
+            # (~30-60 us at c=1, hence not there); it saves a worker handoff per request.
             if not self._soon:
                 self._soon = True
                 loop.call_soon(self._dispatch_soon)
@@ -446,6 +450,7 @@ class ModelInstance:
             self._check_drained()
             return
         self.last_run = now
+        self._last_batch = len(batch)
         # A batch handed over while another runs waits on the worker: its
         # deadlines are checked again when it starts (it left the queue's sweep).
         run = self._run_batch if self._batches == 0 else self._run_batch_if_live
