@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--theme", help="console theme (t cycles them): modelconsole-dark, modelconsole-light, "
                    "or any Textual theme")
     p.add_argument("--read-only", action="store_true", help="console: hide every action that changes state")
+    p.add_argument("--keymap", metavar="ID=KEYS,...",
+                   help="console: remap keys by binding id (see ? for the ids), e.g. load=L,unload=U or "
+                   "quit=ctrl+q; or set MODELCONSOLE_KEYMAP")
     p.add_argument("--log-file", metavar="PATH",
                    help="console modes: where logs go (default: modelconsole.log next to the store)")
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR "
@@ -143,13 +146,31 @@ def _run_loop(coro) -> int:
     return uvloop.run(coro)
 
 
+def parse_keymap(text: str | None) -> dict[str, str] | str:
+    """``load=L,unload=U`` -> {"load": "L", "unload": "U"}; a message if it is malformed."""
+    out: dict[str, str] = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        ident, sep, keys = part.partition("=")
+        if not sep or not ident.strip() or not keys.strip():
+            return f"--keymap: expected ID=KEYS pairs separated by commas (e.g. load=L,unload=U), got {part!r}"
+        out[ident.strip()] = keys.strip()
+    return out
+
+
 def attach(args: argparse.Namespace) -> int:
     """The console on a running server: no engine, no torch."""
     from .run import run_attached
 
     url = args.attach if "://" in args.attach else f"http://{args.attach}"
     token = args.token or os.environ.get("MODELCONSOLE_TOKEN")
-    return asyncio.run(run_attached(url.rstrip("/"), token, theme=args.theme, read_only=args.read_only))
+    keymap = parse_keymap(args.keymap or os.environ.get("MODELCONSOLE_KEYMAP"))
+    if isinstance(keymap, str):
+        print(f"modelconsole: {keymap}", file=sys.stderr)
+        return 2
+    return asyncio.run(run_attached(url.rstrip("/"), token, theme=args.theme, read_only=args.read_only,
+                                    keymap=keymap))
 
 
 def embedded(args: argparse.Namespace) -> int:
@@ -173,9 +194,13 @@ def embedded(args: argparse.Namespace) -> int:
     if isinstance(settings, str):
         print(f"modelconsole: {settings}", file=sys.stderr)
         return 2
+    keymap = parse_keymap(args.keymap or os.environ.get("MODELCONSOLE_KEYMAP"))
+    if isinstance(keymap, str):
+        print(f"modelconsole: {keymap}", file=sys.stderr)
+        return 2
     path = store_path(args, config)
     return _run_loop(run_embedded(config, settings[0], path, demo=args.demo, theme=args.theme,
-                                  read_only=args.read_only))
+                                  read_only=args.read_only, keymap=keymap))
 
 
 def _console_log(args: argparse.Namespace, level: str) -> None:

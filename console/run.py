@@ -22,7 +22,7 @@ log = logging.getLogger("modelconsole.console")
 
 
 async def run_embedded(config: Any, settings: Any, store_path: str, *, demo: bool, theme: str | None,
-                       read_only: bool) -> int:
+                       read_only: bool, keymap: dict[str, str] | None = None) -> int:
     from modelconsole.scheduler.config import DEMO_MODELS
     from modelconsole.server.app import Server
     from modelconsole.server.serve import start_engine
@@ -57,7 +57,13 @@ async def run_embedded(config: Any, settings: Any, store_path: str, *, demo: boo
 
         client = LocalClient(engine, server_info)
         await client.start()
-        app = ModelConsoleApp(client, embedded=True, read_only=read_only, theme=theme, demo=traffic)
+        try:
+            app = ModelConsoleApp(client, embedded=True, read_only=read_only, theme=theme, demo=traffic,
+                                  keymap=keymap or None)
+        except ValueError as e:  # an unknown theme: say which exist
+            await client.close()
+            print(f"modelconsole: {e}", file=sys.stderr)
+            return 2
         try:
             await app.run_async()
         finally:
@@ -71,7 +77,8 @@ async def run_embedded(config: Any, settings: Any, store_path: str, *, demo: boo
     return 0
 
 
-async def run_attached(url: str, token: str | None, *, theme: str | None, read_only: bool) -> int:
+async def run_attached(url: str, token: str | None, *, theme: str | None, read_only: bool,
+                       keymap: dict[str, str] | None = None) -> int:
     from .app import ModelConsoleApp
     from .client import ClientError, RemoteClient
 
@@ -82,7 +89,12 @@ async def run_attached(url: str, token: str | None, *, theme: str | None, read_o
         print(f"modelconsole: cannot attach to {url}: {e.message}", file=sys.stderr)
         return 1
     try:
-        app = ModelConsoleApp(client, embedded=False, read_only=read_only, theme=theme)
+        try:
+            app = ModelConsoleApp(client, embedded=False, read_only=read_only, theme=theme,
+                                  keymap=keymap or None)
+        except ValueError as e:  # an unknown theme: say which exist
+            print(f"modelconsole: {e}", file=sys.stderr)
+            return 2
         await app.run_async()
     finally:
         await client.close()

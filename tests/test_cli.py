@@ -96,3 +96,21 @@ outputs = [{ name = "y", datatype = "FP32", shape = [-1, 2] }]
     proc = run("--check-config", str(sub / "esc.toml"))
     assert proc.returncode == 1
     assert "outside the model roots" in proc.stdout
+
+
+def test_console_flags_refuse_bad_values_with_a_clear_message(tmp_path):
+    import subprocess
+    import sys
+
+    from serverutil import ServerThread
+
+    p = subprocess.run([sys.executable, "-m", "modelconsole.console", "--attach", "http://127.0.0.1:9",
+                        "--keymap", "load"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "--keymap: expected ID=KEYS pairs" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "modelconsole.console", "--attach", "http://127.0.0.1:9"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "cannot attach to http://127.0.0.1:9" in p.stderr
+    with ServerThread(tmp_path, models=[{"name": "tiny", "source": "zoo:tiny-mlp"}]) as srv:
+        p = subprocess.run([sys.executable, "-m", "modelconsole.console", "--attach", srv.url, "--theme", "nope"],
+                           capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "unknown theme 'nope'" in p.stderr and "modelconsole-light" in p.stderr
