@@ -9,7 +9,8 @@ What runs where (so the figures mean something):
   its own store in a temporary directory), serving ``zoo:tiny-mlp`` with the
   default batching settings;
 * the load comes from separate processes (``multiprocessing``, spawn), each
-  holding persistent HTTP/1.1 keep-alive connections and sending pre-built
+  holding persistent HTTP/1.1 keep-alive connections (c=1: one blocking
+  socket, so no client event loop sits in the latency) and sending pre-built
   V2 requests: JSON (``data`` in the body) or binary (the tensor after the
   JSON header, ``Inference-Header-Content-Length``, binary outputs), exactly
   the bytes ``tritonclient.http`` sends.  A lean raw-socket client (like
@@ -117,22 +118,64 @@ async def _connection(host: str, port: int, kind: str, request: bytes, start_at:
         writer.close()
 
 
+def _blocking_connection(host: str, port: int, kind: str, request: bytes, start_at: int, stop_at: int,
+                         lat: list[int], errors: list[str]) -> None:
+    """c=1: one blocking socket, no event loop in the client's way (what wrk's one connection
+    costs is a send and a recv); the latency is the server's and the kernel's, not asyncio's."""
+    sock = socket.create_connection((host, port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    clock = time.perf_counter_ns
+    first = True
+    buf = b""
+    try:
+        while True:
+            t0 = clock()
+            if t0 >= stop_at:
+                break
+            sock.sendall(request)
+            while b"\r\n\r\n" not in buf:
+                buf += sock.recv(65536)
+            head, _, buf = buf.partition(b"\r\n\r\n")
+            head += b"\r\n\r\n"
+            m = _CL.search(head)
+            need = int(m.group(1)) if m else 0
+            while len(buf) < need:
+                buf += sock.recv(65536)
+            body, buf = buf[:need], buf[need:]
+            t1 = clock()
+            if head[9:12] != b"200":
+                errors.append(head[:12].decode(errors="replace") + " " + body[:200].decode(errors="replace"))
+                continue
+            if first:
+                _check_first(kind, head, body)
+                first = False
+            if t0 >= start_at:
+                lat.append(t1 - t0)
+    finally:
+        sock.close()
+
+
 def _worker(host: str, port: int, kind: str, conns: int, warmup_s: float, seconds: float, t_start: float,
             out: "mp.Queue") -> None:
+    request = build_request(kind, host, port)
+    # every process agrees on the wall-clock window (perf_counter is per process)
+    now_wall, now_ns = time.time(), time.perf_counter_ns()
+    start_at = now_ns + int((t_start + warmup_s - now_wall) * 1e9)
+    stop_at = start_at + int(seconds * 1e9)
+    lat: list[int] = []
+    errors: list[str] = []
+
     async def main() -> tuple[list[int], list[str]]:
-        request = build_request(kind, host, port)
-        # every process agrees on the wall-clock window (perf_counter is per process)
-        now_wall, now_ns = time.time(), time.perf_counter_ns()
-        start_at = now_ns + int((t_start + warmup_s - now_wall) * 1e9)
-        stop_at = start_at + int(seconds * 1e9)
-        lat: list[int] = []
-        errors: list[str] = []
         await asyncio.gather(*(_connection(host, port, kind, request, start_at, stop_at, lat, errors)
                                for _ in range(conns)))
         return lat, errors
 
     try:
-        out.put(asyncio.run(main()))
+        if conns == 1:
+            _blocking_connection(host, port, kind, request, start_at, stop_at, lat, errors)
+            out.put((lat, errors))
+        else:
+            out.put(asyncio.run(main()))
     except Exception as e:  # noqa: BLE001 - the parent reports it instead of waiting for a result
         out.put(([], [f"load generator failed: {type(e).__name__}: {e}"]))
 
