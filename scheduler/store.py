@@ -1,7 +1,8 @@
 """The embedded SQLite store (aiosqlite, WAL): what the operator changed.
 
 It holds the models registered at run time (their versions and options),
-each model name's active version, and an append-only audit log of every
+each model name's active version, pins and priorities, A/B splits and
+canaries (``update_routing``), and an append-only audit log of every
 control action.  The config file is the baseline and is not copied here; the
 store layers the operator's changes over it and is restored at start.
 
@@ -67,6 +68,22 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (name, version)
     );
     """,
+    # 3 -> 4: A/B splits (weights in the order given, shadow versions, the tracked output)
+    # and canaries (their plan and progress as one JSON record per model name)
+    """
+    CREATE TABLE splits (
+        name TEXT PRIMARY KEY,
+        weights TEXT NOT NULL,
+        shadow TEXT NOT NULL,
+        metric_output TEXT,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE canaries (
+        name TEXT PRIMARY KEY,
+        state TEXT NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -80,6 +97,9 @@ def default_path() -> Path:
 
 class StoreError(RuntimeError):
     pass
+
+
+KEEP: Any = object()  # update_routing: leave this part as it is
 
 
 class Store:
@@ -232,6 +252,58 @@ class Store:
     async def routing(self) -> dict[str, str]:
         async with self.db.execute("SELECT name, active_version FROM routing") as cur:
             return {name: version for name, version in await cur.fetchall()}
+
+    async def update_routing(
+        self,
+        name: str,
+        actor: str,
+        action: str,
+        version: str | None = None,
+        params: dict | None = None,
+        *,
+        active: str | None = None,
+        split: dict[str, Any] | None = KEEP,
+        canary: dict[str, Any] | None = KEEP,
+        result: str = "ok",
+        detail: str | None = None,
+    ) -> None:
+        """Change a model name's routing and write its audit row, in one transaction.
+
+        active: the new active version (None: unchanged).  split: {"weights",
+        "shadow", "metric_output"} to store, None to delete, KEEP to leave.
+        canary: the canary record to store, None to delete, KEEP to leave.
+        """
+        now = time.time()
+        statements: list[tuple[str, tuple]] = []
+        if active is not None:
+            statements.append((
+                "INSERT INTO routing (name, active_version, updated_at) VALUES (?,?,?) "
+                "ON CONFLICT(name) DO UPDATE SET active_version=excluded.active_version, updated_at=excluded.updated_at",
+                (name, active, now)))
+        if split is None:
+            statements.append(("DELETE FROM splits WHERE name=?", (name,)))
+        elif split is not KEEP:
+            statements.append((
+                "INSERT OR REPLACE INTO splits (name, weights, shadow, metric_output, updated_at) VALUES (?,?,?,?,?)",
+                (name, json.dumps(dict(split.get("weights") or {})), json.dumps(list(split.get("shadow") or [])),
+                 split.get("metric_output"), now)))
+        if canary is None:
+            statements.append(("DELETE FROM canaries WHERE name=?", (name,)))
+        elif canary is not KEEP:
+            statements.append(("INSERT OR REPLACE INTO canaries (name, state, updated_at) VALUES (?,?,?)",
+                               (name, json.dumps(canary, sort_keys=True), now)))
+        statements.append(self._audit_row(actor, action, name, version, params or {}, result, detail))
+        await self._tx(statements)
+
+    async def splits(self) -> dict[str, dict[str, Any]]:
+        """name -> {"weights": {version: weight} (in the order given), "shadow": [...], "metric_output"}."""
+        async with self.db.execute("SELECT name, weights, shadow, metric_output FROM splits") as cur:
+            return {n: {"weights": json.loads(w), "shadow": json.loads(s), "metric_output": m}
+                    for n, w, s, m in await cur.fetchall()}
+
+    async def canaries(self) -> dict[str, dict[str, Any]]:
+        async with self.db.execute("SELECT name, state FROM canaries") as cur:
+            return {n: json.loads(s) for n, s in await cur.fetchall()}
 
     async def audit_log(self, limit: int = 100, model: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT id, ts, actor, action, model, version, params, result, detail FROM audit"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import time
 from typing import Any
 
@@ -27,6 +28,9 @@ from .app import CLOSING, ENGINE, SETTINGS, STARTED, HttpError, dumps, json_resp
 STATES = ("UNLOADED", "LOADING", "WARMING", "READY", "UNLOADING", "FAILED")
 REGISTER_KEYS = ("name", "version", "source", "options")
 SNAPSHOT_EVENTS = 100  # recent events carried in a snapshot
+SWAP_KEYS = ("version",)
+SPLIT_KEYS = ("weights", "shadow", "metric_output")
+CANARY_KEYS = ("version", "steps", "interval_s", "max_error_rate", "max_p95_ratio", "min_requests")
 
 
 def add_routes(app: web.Application) -> None:
@@ -40,6 +44,11 @@ def add_routes(app: web.Application) -> None:
     for action in ("load", "unload", "evict", "pin", "unpin"):
         r.add_post(f"/api/models/{{name}}/{action}", _control(action))
     r.add_put("/api/models/{name}/priority", set_priority)
+    r.add_post("/api/models/{name}/swap", swap)
+    r.add_put("/api/models/{name}/split", set_split)
+    r.add_post("/api/models/{name}/canary", start_canary)
+    r.add_delete("/api/models/{name}/canary", stop_canary)
+    r.add_get("/api/models/{name}/routing", get_routing)
     r.add_get("/v1/models", v1_models)
 
 
@@ -232,6 +241,116 @@ async def set_priority(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     snap = await engine.set_priority(request.match_info["name"], version, body["priority"], actor=_actor(request))
     return json_response(_listed(engine, snap))
+
+
+# --------------------------------------------------------------------------- versions: swap, split, canary
+#
+# The handlers check the body's shape (known fields, types) and name the field when it is wrong;
+# the engine checks the meaning (versions exist, weights sum to something positive, nothing else
+# under way) and answers 400/404/409 with its own message.  Each is one engine call, audited.
+
+
+def _only(body: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    unknown = [k for k in body if k not in allowed]
+    if unknown:
+        expected = f"expected {', '.join(allowed)}" if allowed else "this call takes no fields"
+        raise HttpError(400, f"{unknown[0]}: unknown field ({expected})")
+
+
+def _as_version(value: Any, field: str) -> str:
+    """A version number as a string of digits; an integer is accepted."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return str(value)
+    if isinstance(value, str) and value.isdigit() and value.isascii():
+        return value
+    raise HttpError(400, f"{field}: expected a version number such as \"2\", got {json.dumps(value)}")
+
+
+def _as_number(value: Any, field: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return value
+    raise HttpError(400, f"{field}: expected a number, got {json.dumps(value)}")
+
+
+async def swap(request: web.Request) -> web.Response:
+    """``{"version": "2"}`` -> ``{"name", "from", "to", "seconds"}`` once the new version serves."""
+    body = await read_json(request)
+    _only(body, SWAP_KEYS)
+    if "version" not in body:
+        raise HttpError(400, "version: required (the version to swap to, such as \"2\")")
+    version = _as_version(body["version"], "version")
+    result = await request.app[ENGINE].swap(request.match_info["name"], version, actor=_actor(request))
+    return json_response(result)
+
+
+async def set_split(request: web.Request) -> web.Response:
+    """``{"weights": {"1": 90, "2": 10}, "shadow"?: ["3"], "metric_output"?: "logits"}`` -> the
+    routing; ``{"weights": {}}`` clears the split."""
+    body = await read_json(request)
+    _only(body, SPLIT_KEYS)
+    if "weights" not in body:
+        raise HttpError(400, 'weights: required (an object of version -> weight, such as {"1": 90, "2": 10}; '
+                             "{} clears the split)")
+    raw = body["weights"]
+    if not isinstance(raw, dict):
+        raise HttpError(400, f"weights: expected an object of version -> weight, got {json.dumps(raw)}")
+    weights = {}
+    for key, value in raw.items():
+        if not (key.isdigit() and key.isascii()):
+            raise HttpError(400, f"weights: the keys are version numbers such as \"2\", got {json.dumps(key)}")
+        version = key
+        weights[version] = _as_number(value, f"weights.{key}")
+    shadow = body.get("shadow")
+    if shadow is not None:
+        if not isinstance(shadow, list):
+            raise HttpError(400, f"shadow: expected a list of versions such as [\"3\"], got {json.dumps(shadow)}")
+        shadow = [_as_version(v, f"shadow[{i}]") for i, v in enumerate(shadow)]
+    metric = body.get("metric_output")
+    if metric is not None and not isinstance(metric, str):
+        raise HttpError(400, f"metric_output: expected an output name (a string), got {json.dumps(metric)}")
+    routing = await request.app[ENGINE].set_split(request.match_info["name"], weights, shadow=shadow,
+                                                  metric_output=metric, actor=_actor(request))
+    return json_response(routing)
+
+
+async def start_canary(request: web.Request) -> web.Response:
+    """``{"version": "2", "steps"?: [5, 25, 50, 100], "interval_s"?: 60, "max_error_rate"?: 0.05,
+    "max_p95_ratio"?: 2.0, "min_requests"?: 20}`` -> the routing with the canary under way."""
+    body = await read_json(request)
+    _only(body, CANARY_KEYS)
+    if "version" not in body:
+        raise HttpError(400, "version: required (the new version to roll out, such as \"2\")")
+    kw: dict[str, Any] = {}
+    version = _as_version(body["version"], "version")
+    if "steps" in body:
+        steps = body["steps"]
+        if not isinstance(steps, list):
+            raise HttpError(400, f"steps: expected a list of percentages such as [5, 25, 50, 100], "
+                                 f"got {json.dumps(steps)}")
+        kw["steps"] = tuple(_as_number(v, f"steps[{i}]") for i, v in enumerate(steps))
+    for key in ("interval_s", "max_error_rate", "max_p95_ratio"):
+        if key in body:
+            kw[key] = _as_number(body[key], key)
+    if "min_requests" in body:
+        n = body["min_requests"]
+        if not isinstance(n, int) or isinstance(n, bool):
+            raise HttpError(400, f"min_requests: expected an integer, got {json.dumps(n)}")
+        kw["min_requests"] = n
+    routing = await request.app[ENGINE].start_canary(request.match_info["name"], version,
+                                                     actor=_actor(request), **kw)
+    return json_response(routing)
+
+
+async def stop_canary(request: web.Request) -> web.Response:
+    """Abort the canary: the new arm's share goes to 0 and the baseline keeps serving."""
+    body = await read_json(request, optional=True)
+    _only(body, ())
+    routing = await request.app[ENGINE].stop_canary(request.match_info["name"], actor=_actor(request))
+    return json_response(routing)
+
+
+async def get_routing(request: web.Request) -> web.Response:
+    return json_response(request.app[ENGINE].routing(request.match_info["name"]))
 
 
 # --------------------------------------------------------------------------- GET /v1/models

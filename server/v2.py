@@ -14,7 +14,10 @@ Facts the handlers rely on are in ``shared/reference/v2-protocol.md`` and
 * ``statistics``: Triton's per-model statistics.
 
 Routing: a request with no version goes where the engine routes it (the
-active version); the answer's ``model_version`` says which version served.
+active version, or an arm of the model's A/B split or canary); the answer's
+``model_version`` says which version served.  A routing key (request
+parameter ``routing_key``, else the ``X-Routing-Key`` header) keeps one
+client on one arm; a request with a version in the URL ignores the split.
 
 Handlers only translate.  Every error is an ``EngineError`` (or an
 ``HttpError`` for a malformed URL or body) that the app's guard turns into
@@ -48,6 +51,7 @@ REPO_STATES = {"READY": "READY", "LOADING": "LOADING", "WARMING": "LOADING", "UN
                "UNLOADED": "UNAVAILABLE", "FAILED": "UNAVAILABLE"}
 
 _HEADER_LENGTH = "Inference-Header-Content-Length"
+_ROUTING_HEADER = "X-Routing-Key"
 
 
 def add_routes(app: web.Application) -> None:
@@ -197,7 +201,7 @@ async def infer(request: web.Request) -> web.Response:
     req = codec.decode_request(body, header_length, inst.inputs, inst.cfg.max_batch_size)
     outputs = [o.name for o in req.outputs] if req.outputs else None
     result = await engine.infer(name, req.inputs, version=version, priority=req.priority,
-                                timeout_ms=req.timeout_ms, outputs=outputs)
+                                timeout_ms=req.timeout_ms, outputs=outputs, routing_key=_routing_key(request, req))
     served = inst if result.version == inst.version else engine.instance(name, result.version)
     payload, json_length = codec.encode_response(result.model, result.version, result.outputs, req,
                                                  served.outputs or ())
@@ -209,6 +213,17 @@ async def infer(request: web.Request) -> web.Response:
     if len(payload) >= 1024 and "Accept-Encoding" in request.headers:
         resp.enable_compression()  # gzip or deflate, whichever the client accepts
     return resp
+
+
+def _routing_key(request: web.Request, req: codec.V2Request) -> str | None:
+    """The request parameter ``routing_key`` (a string), else the ``X-Routing-Key`` header; an
+    empty key is no key.  The engine hashes it to pick the split's arm (sticky per key)."""
+    key = req.parameters.get("routing_key")
+    if key is None:
+        key = request.headers.get(_ROUTING_HEADER)
+    elif not isinstance(key, str):
+        raise HttpError(400, f"parameters.routing_key: expected a string, got {json.dumps(key)}")
+    return key or None
 
 
 # --------------------------------------------------------------------------- repository extension

@@ -150,7 +150,8 @@ def test_component_schemas_named_in_the_brief_exist(spec):
     names = set(spec["components"]["schemas"])
     for want in ("Error", "ModelSnapshot", "Snapshot", "Event", "V1ModelList", "V1Model", "AuditEntry",
                  "RegisterRequest", "PriorityRequest", "InferRequest", "InferResponse", "ModelMetadata",
-                 "ServerMetadata", "RepositoryIndex", "ModelStats", "ModelConfig"):
+                 "ServerMetadata", "RepositoryIndex", "ModelStats", "ModelConfig",
+                 "SwapRequest", "SwapResult", "SplitRequest", "CanaryRequest", "Routing", "ArmStats"):
         assert want in names
     bearer = spec["components"]["securitySchemes"]["bearerAuth"]
     assert (bearer["type"], bearer["scheme"]) == ("http", "bearer")
@@ -209,6 +210,10 @@ def test_enums_and_key_lists_match_the_code(spec):
     bare = config_mod.model_from_dict({"name": "m", "source": "zoo:tiny-mlp"}).to_dict()
     assert set(s["ModelSettings"]["required"]) == set(bare)
     assert set(s["Event"]["required"]) == {f.name for f in dataclasses.fields(Event)}
+    # versions: the bodies' keys are what the handlers accept
+    assert set(s["SwapRequest"]["properties"]) == set(api.SWAP_KEYS)
+    assert set(s["SplitRequest"]["properties"]) == set(api.SPLIT_KEYS)
+    assert set(s["CanaryRequest"]["properties"]) == set(api.CANARY_KEYS)
 
 
 def test_request_schemas_refuse_what_the_server_refuses(registry):
@@ -230,6 +235,27 @@ def test_request_schemas_refuse_what_the_server_refuses(registry):
     check(registry, tiny_input(), schema("InferRequest"))
     with pytest.raises(ValidationError):
         check(registry, {"inputs": []}, schema("InferRequest"))
+    with pytest.raises(ValidationError):
+        check(registry, dict(tiny_input(), parameters={"routing_key": 7}), schema("InferRequest"))
+    check(registry, {"version": "2"}, schema("SwapRequest"))
+    check(registry, {"version": 2}, schema("SwapRequest"))
+    for bad in ({}, {"version": "two"}, {"version": "2", "force": True}):
+        with pytest.raises(ValidationError):
+            check(registry, bad, schema("SwapRequest"))
+    check(registry, {"weights": {"1": 90, "2": 10.5}, "shadow": ["3"], "metric_output": "logits"},
+          schema("SplitRequest"))
+    check(registry, {"weights": {}}, schema("SplitRequest"))
+    for bad in ({}, {"weights": [90, 10]}, {"weights": {"one": 1}}, {"weights": {"1": "90"}},
+                {"weights": {"1": 1}, "shadow": "2"}, {"weights": {"1": 1}, "metric_output": 3},
+                {"weights": {"1": 1}, "colour": 1}):
+        with pytest.raises(ValidationError):
+            check(registry, bad, schema("SplitRequest"))
+    check(registry, {"version": "2", "steps": [5, 25, 50, 100], "interval_s": 60, "max_error_rate": 0.05,
+                     "max_p95_ratio": 2.0, "min_requests": 20}, schema("CanaryRequest"))
+    for bad in ({"steps": [5, 100]}, {"version": "2", "steps": "5,100"}, {"version": "2", "min_requests": 2.5},
+                {"version": "2", "bounds": {}}):
+        with pytest.raises(ValidationError):
+            check(registry, bad, schema("CanaryRequest"))
 
 
 # --------------------------------------------------------------------------- (c) real answers
@@ -275,6 +301,35 @@ CASES: list[tuple[str, str, str, dict[str, Any], int]] = [
     ("post", "/api/models/{name}/load", "/api/models/oa_big/load", {}, 503),  # 24 GiB on a simulated 8 GiB
     ("put", "/api/models/{name}/priority", "/api/models/tiny/priority", {"json": {"priority": 1}}, 200),
     ("put", "/api/models/{name}/priority", "/api/models/tiny/priority", {"json": {}}, 400),
+    # versions: two versions of one name, split, swap, canary
+    ("post", "/api/models", "/api/models",
+     {"json": {"name": "oa_ab", "source": "zoo:tiny-mlp", "options": {"args": {"hidden": 16}}}}, 201),
+    ("post", "/api/models", "/api/models",
+     {"json": {"name": "oa_ab", "version": "2", "source": "zoo:tiny-mlp", "options": {"args": {"hidden": 24}}}},
+     201),
+    ("get", "/api/models/{name}/routing", "/api/models/oa_ab/routing", {}, 200),
+    ("put", "/api/models/{name}/split", "/api/models/oa_ab/split",
+     {"json": {"weights": {"1": 90, "2": 10}, "metric_output": "logits"}}, 200),
+    ("post", "/v2/models/{name}/infer", "/v2/models/oa_ab/infer",
+     {"json": dict(tiny_input(), parameters={"routing_key": "client-1"})}, 200),
+    ("post", "/v2/models/{name}/infer", "/v2/models/oa_ab/infer",
+     {"json": tiny_input(), "headers": {"X-Routing-Key": "client-2"}}, 200),
+    ("get", "/api/models/{name}/routing", "/api/models/oa_ab/routing", {}, 200),  # arms with counters
+    ("get", "/api/snapshot", "/api/snapshot", {}, 200),  # with a routing entry
+    ("put", "/api/models/{name}/split", "/api/models/oa_ab/split", {"json": {"weights": {"1": 0, "2": 0}}}, 400),
+    ("put", "/api/models/{name}/split", "/api/models/oa_ab/split", {"json": {"weights": {"1": "x"}}}, 400),
+    ("put", "/api/models/{name}/split", "/api/models/oa_ab/split", {"json": {"weights": {}}}, 200),
+    ("post", "/api/models/{name}/swap", "/api/models/oa_ab/swap", {"json": {"version": "2"}}, 200),
+    ("post", "/api/models/{name}/swap", "/api/models/oa_ab/swap", {"json": {"version": "2"}}, 409),  # active
+    ("post", "/api/models/{name}/swap", "/api/models/oa_ab/swap", {"json": {"version": "9"}}, 404),
+    ("post", "/api/models/{name}/swap", "/api/models/oa_ab/swap", {"json": {"version": "two"}}, 400),
+    ("post", "/api/models/{name}/canary", "/api/models/oa_ab/canary",
+     {"json": {"version": "1", "steps": [10, 50, 100], "interval_s": 3600, "max_error_rate": 0.05,
+               "max_p95_ratio": 2.0, "min_requests": 20}}, 200),
+    ("post", "/api/models/{name}/canary", "/api/models/oa_ab/canary", {"json": {"version": "1"}}, 409),
+    ("get", "/api/models/{name}/routing", "/api/models/oa_ab/routing", {}, 200),  # canary under way
+    ("delete", "/api/models/{name}/canary", "/api/models/oa_ab/canary", {}, 200),
+    ("get", "/api/models/{name}/routing", "/api/models/nope/routing", {}, 404),
     ("get", "/api/snapshot", "/api/snapshot", {}, 200),
     ("get", "/api/models", "/api/models", {}, 200),
     ("get", "/api/models/{name}", "/api/models/tiny", {}, 200),
