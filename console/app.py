@@ -36,11 +36,19 @@ from textual.widgets import DataTable, Footer, Input, RichLog
 from . import __version__
 from . import format as fmt
 from .client import ClientError, EngineClient
-from .screens import ConfirmScreen, HelpScreen, RegisterScreen
+from .screens import (
+    CanaryScreen,
+    ConfirmScreen,
+    HelpScreen,
+    RegisterScreen,
+    SplitScreen,
+    VersionPickerScreen,
+)
 from .widgets import HISTORY, DetailPane, GpuPanel, Line, ModelTable
 
 # actions that change the engine: hidden and refused in read-only mode
-MUTATING = frozenset({"load", "unload", "evict", "pin", "priority_up", "priority_down", "register"})
+MUTATING = frozenset({"load", "unload", "evict", "pin", "priority_up", "priority_down", "register",
+                      "swap", "split", "canary"})
 DEMO_ACTIONS = frozenset({"demo_slower", "demo_faster"})
 # actions that make sense only on the main screen (not from inside a dialog)
 MAIN_ONLY = MUTATING | DEMO_ACTIONS | frozenset({"filter", "sort", "reverse_sort", "help", "cycle_theme",
@@ -48,6 +56,11 @@ MAIN_ONLY = MUTATING | DEMO_ACTIONS | frozenset({"filter", "sort", "reverse_sort
 # engine events after which the table should show the new state at once, not at the next tick
 STATE_EVENTS = frozenset({"loading", "loaded", "load_failed", "unloading", "unloaded", "evicted", "pinned",
                           "unpinned", "priority", "registered", "expired", "oom", "connection"})
+# events of versions routing (swap_started/loaded/switched/done, split, canary_*): refresh at once too
+ROUTING_EVENT_PREFIXES = ("swap", "split", "canary", "shadow", "routing", "version")
+# events that raise an alert: a notification that stays, and the log line highlighted
+ALERT_EVENTS = frozenset({"canary_rolled_back"})
+ALERT_STYLE = "bold white on red"
 THEME_CYCLE = (DEFAULT_THEME, *(t.name for t in THEMES if t.name != DEFAULT_THEME),
                "textual-dark", "nord", "gruvbox", "textual-light")
 FAILURE_MEMORY_S = 30.0  # a model that failed a request this recently shows health "errors"
@@ -62,10 +75,13 @@ PALETTE: tuple[tuple[str, str, str], ...] = (
     ("priority_up", "Raise base priority", "one level more urgent, toward P1 (+)"),
     ("priority_down", "Lower base priority", "one level less urgent (-)"),
     ("register", "Register a model", "name, source, version and options (r)"),
+    ("swap", "Hot swap to another version", "load it beside the active one, switch, drain, unload the old (s)"),
+    ("split", "A/B split between versions", "weights per version, shadow versions, a metric output (a)"),
+    ("canary", "Canary a version (or abort one)", "rising steps within error and p95 bounds, or abort (c)"),
     ("filter", "Filter models", "a regular expression over name, version, state, device (/)"),
     ("clear_filter", "Clear the filter", "show every model (esc)"),
-    ("sort", "Sort by the next column", "cycle the sort column (s)"),
-    ("reverse_sort", "Reverse the sort order", "(S)"),
+    ("sort", "Sort by the next column", "cycle the sort column (o)"),
+    ("reverse_sort", "Reverse the sort order", "(O)"),
     ("cycle_theme", "Next theme", "cycle the console's themes (t)"),
     ("demo_slower", "Demo traffic: halve the rate", "([)"),
     ("demo_faster", "Demo traffic: double the rate", "(])"),
@@ -128,10 +144,13 @@ class ModelConsoleApp(App[None]):
         Binding("plus,equals_sign", "priority_up", "Prio+", id="priority_up", key_display="+"),
         Binding("minus", "priority_down", "Prio-", id="priority_down", key_display="-"),
         Binding("r", "register", "Register", id="register"),
+        Binding("s", "swap", "Swap", id="swap"),
+        Binding("a", "split", "A/B", id="split"),
+        Binding("c", "canary", "Canary", id="canary"),
         Binding("slash", "filter", "Filter", id="filter", key_display="/"),
         Binding("escape", "clear_filter", "Clear filter", id="clear_filter", show=False),
-        Binding("s", "sort", "Sort", id="sort"),
-        Binding("S", "reverse_sort", "Reverse sort", id="reverse_sort", show=False),
+        Binding("o", "sort", "Sort", id="sort", show=False),  # the footer is full: help and palette list it
+        Binding("O", "reverse_sort", "Reverse sort", id="reverse_sort", show=False),
         Binding("colon", "command_palette", "Palette", id="palette", key_display=":"),
         Binding("t", "cycle_theme", "Theme", id="theme"),
         Binding("left_square_bracket", "demo_slower", "Demo-", id="demo_slower", key_display="["),
@@ -159,6 +178,9 @@ class ModelConsoleApp(App[None]):
             self.set_keymap(keymap)
         # the picture
         self.models: dict[str, dict[str, Any]] = {}  # row key -> the version's latest snapshot
+        self.routing: dict[str, dict[str, Any]] = {}  # model name -> its routing (split, canary, swap)
+        self.alerts: list[str] = []  # alerts raised (a canary rolled back), oldest first
+        self._swapping: dict[str, str] = {}  # name -> version: swaps this console started, until answered
         self._cells: dict[str, dict[str, tuple[str, Any]]] = {}  # row key -> shown (text, sort value)
         self._lat_hist: dict[str, deque[float]] = {}
         self._rate_hist: dict[str, deque[float]] = {}
@@ -251,6 +273,7 @@ class ModelConsoleApp(App[None]):
         if not connected and self._snapshot_ts is not None:
             return  # keep the last picture (greyed) until the link is back
         self._snapshot_ts = snap.get("ts") or time.time()
+        self.routing = snap.get("routing") or {}
         with self.batch_update():
             self._update_models(snap.get("models") or [])
             self.gpus.update_devices(snap.get("devices") or [])
@@ -342,7 +365,7 @@ class ModelConsoleApp(App[None]):
             if not self._matches(m):
                 continue
             shown.add(key)
-            cells = fmt.model_cells(m, recent)
+            cells = fmt.model_cells(m, recent, self.routing.get(m.get("name")))
             nk, vk = cells["name"][1], cells["version"][1]
             old = self._cells.get(key)
             if old is None:
@@ -384,7 +407,8 @@ class ModelConsoleApp(App[None]):
             return
         events = list(self._model_events.get(key, ())) + list(self._model_events.get(m["name"], ()))
         events.sort(key=lambda e: e.get("ts") or 0)
-        self.detail.show(m, self._lat_hist.get(key, deque()), self._rate_hist.get(key, deque()), events)
+        self.detail.show(m, self._lat_hist.get(key, deque()), self._rate_hist.get(key, deque()), events,
+                         self.routing.get(m["name"]))
 
     def _update_status(self, snap: dict[str, Any]) -> None:
         models = snap.get("models") or []
@@ -396,6 +420,16 @@ class ModelConsoleApp(App[None]):
                  f"sort {fmt.COLUMN_LABELS[self._sort_col]} {'↓' if self._sort_reverse else '↑'}"]
         if self._filter_text:
             parts.append(f"filter /{self._filter_text}/ ({len(self._cells)} of {len(models)})")
+        for name in sorted(set(self.routing) | set(self._swapping)):
+            routing = self.routing.get(name)
+            line = fmt.swap_line(name, routing)
+            if line is None and name in self._swapping:
+                line = f"swap {name} →{self._swapping[name]}: starting"
+            if line is None and fmt.canary_running(routing):
+                c = (routing or {}).get("canary") or {}
+                line = f"canary {name} →{c.get('version', '?')} {fmt._num(c.get('share') or 0)}%"
+            if line:
+                parts.append(line)
         if self.demo is not None:
             parts.append(f"demo {fmt.rate(float(getattr(self.demo, 'rate', 0.0) or 0.0))} req/s")
         if self.read_only:
@@ -406,10 +440,11 @@ class ModelConsoleApp(App[None]):
 
     async def _consume_events(self) -> None:
         async for ev in self.client.events():
-            self.add_event(ev)
+            self.add_event(ev, live=True)
 
-    def add_event(self, ev: dict[str, Any]) -> None:
-        """Show one engine (or console) event in the log and in its model's detail."""
+    def add_event(self, ev: dict[str, Any], live: bool = False) -> None:
+        """Show one engine (or console) event in the log and in its model's detail; ``live``: it
+        just happened (not the snapshot's history), so an alert event raises an alert."""
         kind = ev.get("kind")
         seq = ev.get("seq")
         if kind == "connection" and (ev.get("data") or {}).get("restarted"):
@@ -418,18 +453,37 @@ class ModelConsoleApp(App[None]):
             if seq <= self._max_seq:
                 return  # already shown (the snapshot's recent events overlap the stream)
             self._max_seq = seq
-        self._log(ev.get("message") or kind or "?", ev.get("level") or "info", ev.get("ts"))
+        alert = live and self._is_alert(ev)
+        self._log(("⚠ " if alert else "") + (ev.get("message") or kind or "?"), ev.get("level") or "info",
+                  ev.get("ts"), alert=alert)
+        if alert:
+            self._alert(ev)
+        elif live and kind == "canary_promoted":
+            self.notify(ev.get("message") or "canary promoted", title="canary promoted", timeout=8)
         name = ev.get("model")
         if name:
             key = f"{name}:{ev['version']}" if ev.get("version") is not None else name
             self._model_events.setdefault(key, deque(maxlen=20)).append(ev)
-        if kind in STATE_EVENTS and self._seeded:
+        if self._seeded and (kind in STATE_EVENTS or str(kind or "").startswith(ROUTING_EVENT_PREFIXES)):
             self.refresh_soon()
 
-    def _log(self, message: str, level: str = "info", ts: float | None = None) -> None:
+    @staticmethod
+    def _is_alert(ev: dict[str, Any]) -> bool:
+        return ev.get("kind") in ALERT_EVENTS
+
+    def _alert(self, ev: dict[str, Any]) -> None:
+        """A canary rolled back: a notification that stays until read, and the log line highlighted."""
+        message = ev.get("message") or ev.get("kind") or "alert"
+        self.alerts.append(message)
+        what = f"{ev['model']}: " if ev.get("model") else ""
+        title = "canary rolled back" if ev.get("kind") == "canary_rolled_back" else str(ev.get("kind"))
+        self.notify(message, title=f"⚠ {what}{title}", severity="error", timeout=60)
+
+    def _log(self, message: str, level: str = "info", ts: float | None = None, alert: bool = False) -> None:
         line = f"{fmt.clock(ts)} {message}"
         self.event_lines.append(line)
-        self.log_widget.write(Text(line, style=LEVEL_STYLE.get(level, ""), no_wrap=True))
+        style = ALERT_STYLE if alert else LEVEL_STYLE.get(level, "")
+        self.log_widget.write(Text(line, style=style, no_wrap=True))
 
     # ------------------------------------------------------------------ selection
 
@@ -603,6 +657,157 @@ class ModelConsoleApp(App[None]):
 
         self.push_screen(RegisterScreen(), answered)
 
+    # -- versions: swap, split, canary
+
+    def _versions(self, name: str) -> list[dict[str, Any]]:
+        """The name's registered versions (their latest snapshots), in version order."""
+        found = [m for m in self.models.values() if m.get("name") == name]
+        return sorted(found, key=lambda m: fmt._version_sort(m.get("version")))
+
+    def _active_version(self, name: str) -> str | None:
+        routing = self.routing.get(name) or {}
+        if routing.get("active") is not None:
+            return str(routing["active"])
+        return next((str(m["version"]) for m in self._versions(name) if m.get("active")), None)
+
+    @staticmethod
+    def _version_desc(m: dict[str, Any]) -> str:
+        cfg = m.get("config") or {}
+        return f"{m.get('state', '?')} · {m.get('source') or cfg.get('source', '?')}"
+
+    def _swap_busy(self, name: str) -> bool:
+        swap = (self.routing.get(name) or {}).get("swap")
+        if swap or name in self._swapping:
+            to = (swap or {}).get("to") or self._swapping.get(name)
+            self.notify(f"a swap of {name} is under way (→ v{to}): wait for it to finish.", severity="warning")
+            return True
+        return False
+
+    def action_swap(self) -> None:
+        m = self._need_selection()
+        if m is None:
+            return
+        name = m["name"]
+        if self._swap_busy(name):
+            return
+        active = self._active_version(name)
+        choices = [(str(v["version"]), self._version_desc(v)) for v in self._versions(name)
+                   if str(v["version"]) != active]
+        if not choices:
+            self.notify(f"{name} has only v{active}: register another version (r) to swap to.", severity="warning")
+            return
+
+        def picked(version: str | None) -> None:
+            if version is None:
+                self.notify("swap: cancelled.", timeout=2)
+                return
+
+            def go() -> None:
+                self._swap(name, active, version)
+
+            self._confirm(f"Swap {name} v{active} → v{version}?",
+                          f"v{version} is loaded and warmed beside v{active} (others may be evicted to make "
+                          f"room), then routing switches at once; v{active} finishes everything queued and "
+                          f"running, then unloads. If v{version} fails to load or warm, v{active} keeps serving.",
+                          "Swap", go)
+
+        self.push_screen(VersionPickerScreen(f"Swap {name} (active v{active}) to…", choices,
+                                             "enter picks · esc cancels"), picked)
+
+    def _swap(self, name: str, active: str | None, version: str) -> None:
+        self._swapping[name] = version
+        self._started(f"swapping {name} v{active} → v{version}…")
+
+        async def call() -> dict[str, Any]:
+            try:
+                return await self.client.swap(name, version)
+            finally:
+                self._swapping.pop(name, None)
+
+        def done(r: dict[str, Any]) -> str:
+            secs = r.get("seconds")
+            return (f"{name} swapped v{r.get('from', active)} → v{r.get('to', version)}"
+                    + (f" in {secs:.1f} s" if isinstance(secs, (int, float)) else ""))
+
+        self._run(f"swap {name}", call, done)
+        self.refresh_soon()
+
+    def action_split(self) -> None:
+        m = self._need_selection()
+        if m is None:
+            return
+        name = m["name"]
+        if self._swap_busy(name):
+            return
+        versions = [str(v["version"]) for v in self._versions(name)]
+        active = self._active_version(name)
+        if len(versions) < 2:
+            self.notify(f"{name} has only v{active}: register another version (r) to split between.",
+                        severity="warning")
+            return
+        routing = self.routing.get(name) or {}
+        weights = {str(v): float(w) for v, w in (routing.get("weights") or {}).items() if w}
+        if not weights and active is not None:
+            weights = {active: 100.0}
+
+        def answered(form: dict[str, Any] | None) -> None:
+            if not form:
+                return
+            if set(form["weights"]) == {active} and not form["shadow"]:
+                form["weights"] = {}  # everything on the active version: no split at all
+            shown = fmt.arms_label({"active": active, "weights": form["weights"], "shadow": form["shadow"]}) \
+                or f"everything to v{active}"
+            self._started(f"split {name}: {shown}")
+            self._run(f"split {name}",
+                      partial(self.client.set_split, name, form["weights"], form["shadow"] or None,
+                              form["metric_output"]),
+                      lambda r: f"{name} routes {fmt.arms_label(r) or 'everything to v' + str(r.get('active'))}")
+
+        self.push_screen(SplitScreen(name, versions, weights, [str(v) for v in routing.get("shadow") or ()],
+                                     routing.get("metric_output")), answered)
+
+    def action_canary(self) -> None:
+        m = self._need_selection()
+        if m is None:
+            return
+        name = m["name"]
+        routing = self.routing.get(name) or {}
+        if fmt.canary_running(routing):
+            c = routing.get("canary") or {}
+            base = c.get("baseline") or self._active_version(name)
+
+            def stop() -> None:
+                self._started(f"aborting the canary on {name}…")
+                self._run(f"abort canary {name}", partial(self.client.stop_canary, name),
+                          lambda r: f"canary on {name} aborted: v{r.get('active', base)} serves everything")
+
+            self._confirm(f"Abort the canary on {name}?",
+                          f"v{c.get('version', '?')} is at {fmt._num(c.get('share') or 0)}% of {name}'s traffic. "
+                          f"Aborting sends its share back to 0: v{base} serves everything.", "Abort canary", stop)
+            return
+        if self._swap_busy(name):
+            return
+        active = self._active_version(name) or "?"
+        candidates = [str(v["version"]) for v in self._versions(name) if str(v["version"]) != active]
+        if not candidates:
+            self.notify(f"{name} has only v{active}: register another version (r) to canary.", severity="warning")
+            return
+
+        def answered(form: dict[str, Any] | None) -> None:
+            if not form:
+                return
+            version = form.pop("version")
+            steps = form["steps"]
+            self._started(f"canary on {name}: v{active} → v{version} in steps {', '.join(map(fmt._num, steps))} %")
+
+            def done(r: dict[str, Any]) -> str:
+                c = r.get("canary") or {}
+                return f"canary on {name} started: v{version} at {fmt._num(c.get('share') or steps[0])}%"
+
+            self._run(f"canary {name}", partial(self.client.start_canary, name, version, **form), done)
+
+        self.push_screen(CanaryScreen(name, active, candidates), answered)
+
     # -- filter, sort, theme, demo, help, quit
 
     def _filter_visible(self) -> bool:
@@ -711,6 +916,8 @@ class ModelConsoleApp(App[None]):
             "↑/↓/pgup/pgdn select a model; the pane below shows it.",
             "Unload and evict ask first: Enter or Esc cancels, Tab then Enter (or y) confirms.",
             "Base priority: P1 is the most urgent; + moves toward P1.",
+            ("Versions act on the selected model's name: s swaps its active version, a edits its A/B "
+             "weights, c starts a canary (or aborts the running one)."),
             "Remap keys by binding id (App.set_keymap / ModelConsoleApp(keymap=...)).",
         ]
         if self.read_only:

@@ -118,6 +118,33 @@ class EngineClient(abc.ABC):
     @abc.abstractmethod
     async def audit(self, limit: int = 100, model: str | None = None) -> list[dict[str, Any]]: ...
 
+    # versions: hot swap, A/B split, canary.  A routing is the shape of ``GET
+    # /api/models/{name}/routing``: name, active, weights, shadow, metric_output, swap,
+    # canary, arms (per-version requests, errors, error_rate, p50_ms, p95_ms, mean_output).
+
+    @abc.abstractmethod
+    async def swap(self, name: str, version: str) -> dict[str, Any]:
+        """Load and warm ``version`` beside the active one, switch, drain and unload the old;
+        answers ``{"name", "from", "to", "seconds"}`` once it is done."""
+
+    @abc.abstractmethod
+    async def set_split(self, name: str, weights: dict[str, float], shadow: list[str] | None = None,
+                        metric_output: str | None = None) -> dict[str, Any]:
+        """Route requests without a version by ``weights`` (version -> weight); answers the routing."""
+
+    @abc.abstractmethod
+    async def start_canary(self, name: str, version: str, **params: Any) -> dict[str, Any]:
+        """Start a canary of ``version`` (params: steps, interval_s, max_error_rate, max_p95_ratio,
+        min_requests); answers the routing."""
+
+    @abc.abstractmethod
+    async def stop_canary(self, name: str) -> dict[str, Any]:
+        """Abort the running canary (its share goes back to 0); answers the routing."""
+
+    @abc.abstractmethod
+    async def routing(self, name: str) -> dict[str, Any]:
+        """The name's routing now (no change; allowed read-only)."""
+
 
 # --------------------------------------------------------------------------- in-process
 
@@ -208,6 +235,48 @@ class LocalClient(EngineClient):
 
     async def audit(self, limit: int = 100, model: str | None = None) -> list[dict[str, Any]]:
         return await self.engine.audit_log(limit, model)
+
+    def _engine_fn(self, attr: str) -> Callable[..., Any]:
+        fn = getattr(self.engine, attr, None)
+        if fn is None:
+            raise ClientError(501, f"this engine has no {attr}: versions routing is not supported")
+        return fn
+
+    async def swap(self, name: str, version: str) -> dict[str, Any]:
+        self._check_writable("swap")
+        return await self._call("swap", self._engine_fn("swap"), name, str(version), actor=ACTOR)
+
+    async def set_split(self, name: str, weights: dict[str, float], shadow: list[str] | None = None,
+                        metric_output: str | None = None) -> dict[str, Any]:
+        self._check_writable("set a split")
+        return await self._call("set a split", self._engine_fn("set_split"), name,
+                                {str(k): v for k, v in weights.items()},
+                                shadow=[str(v) for v in shadow] if shadow else None,
+                                metric_output=metric_output or None, actor=ACTOR)
+
+    async def start_canary(self, name: str, version: str, **params: Any) -> dict[str, Any]:
+        self._check_writable("start a canary")
+        if "steps" in params and params["steps"] is not None:
+            params["steps"] = tuple(params["steps"])
+        params = {k: v for k, v in params.items() if v is not None}
+        return await self._call("start a canary", self._engine_fn("start_canary"), name, str(version),
+                                **params, actor=ACTOR)
+
+    async def stop_canary(self, name: str) -> dict[str, Any]:
+        self._check_writable("stop a canary")
+        return await self._call("stop a canary", self._engine_fn("stop_canary"), name, actor=ACTOR)
+
+    async def routing(self, name: str) -> dict[str, Any]:
+        from modelconsole.scheduler.errors import EngineError
+
+        fn = self._engine_fn("routing")
+        try:
+            out = fn(name)
+            if asyncio.iscoroutine(out):
+                out = await out
+            return out
+        except EngineError as e:
+            raise ClientError(e.status, e.message) from e
 
 
 # --------------------------------------------------------------------------- over HTTP
@@ -427,6 +496,57 @@ class RemoteClient(EngineClient):
     async def audit(self, limit: int = 100, model: str | None = None) -> list[dict[str, Any]]:
         params = {"limit": str(limit), **({"model": model} if model is not None else {})}
         return (await self._request("GET", "/api/audit", params=params))["entries"]
+
+    def _merge_routing(self, routing: dict[str, Any]) -> None:
+        """Show a routing answer at once: the name's routing, and which version is active."""
+        old = self._snapshot
+        name = routing.get("name") if isinstance(routing, dict) else None
+        if old is None or not name:
+            return
+        active = routing.get("active")
+        models = old.get("models") or []
+        if active is not None:
+            models = [dict(m, active=str(m["version"]) == str(active)) if m.get("name") == name else m
+                      for m in models]
+        self._snapshot = dict(old, models=models, routing={**(old.get("routing") or {}), name: routing})
+
+    async def _routing_control(self, action: str, method: str, path: str,
+                               body: dict[str, Any] | None) -> dict[str, Any]:
+        self._check_writable(action)
+        routing = await self._request(method, path, body)
+        self._merge_routing(routing)
+        return routing
+
+    async def swap(self, name: str, version: str) -> dict[str, Any]:
+        self._check_writable("swap")
+        result = await self._request("POST", self._model(name, "swap"), {"version": str(version)})
+        try:  # the answer says what happened, not the routing now: read it
+            self._merge_routing(await self.routing(name))
+        except ClientError:
+            pass  # the next snapshot tells
+        return result
+
+    async def set_split(self, name: str, weights: dict[str, float], shadow: list[str] | None = None,
+                        metric_output: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"weights": {str(k): v for k, v in weights.items()}}
+        if shadow:
+            body["shadow"] = [str(v) for v in shadow]
+        if metric_output:
+            body["metric_output"] = metric_output
+        return await self._routing_control("set a split", "PUT", self._model(name, "split"), body)
+
+    async def start_canary(self, name: str, version: str, **params: Any) -> dict[str, Any]:
+        body: dict[str, Any] = {"version": str(version)}
+        for key, value in params.items():
+            if value is not None:
+                body[key] = list(value) if key == "steps" else value
+        return await self._routing_control("start a canary", "POST", self._model(name, "canary"), body)
+
+    async def stop_canary(self, name: str) -> dict[str, Any]:
+        return await self._routing_control("stop a canary", "DELETE", self._model(name, "canary"), None)
+
+    async def routing(self, name: str) -> dict[str, Any]:
+        return await self._request("GET", self._model(name, "routing"))
 
 
 def _started(snap: dict[str, Any]) -> Any:

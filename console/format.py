@@ -5,7 +5,9 @@ No Textual and no engine here, so it is cheap to import and easy to test.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import time
 from typing import Any
 
@@ -17,15 +19,15 @@ BARS = "▁▂▃▄▅▆▇█"
 
 # the models table: (column key, label, width)
 COLUMNS: tuple[tuple[str, str, int], ...] = (
-    ("name", "model", 18),
-    ("version", "ver", 4),
+    ("name", "model", 14),
+    ("version", "ver", 9),
     ("state", "state", 9),
     ("device", "device", 7),
     ("memory", "memory", 9),
     ("queue", "queue", 5),
     ("in_flight", "infl", 4),
     ("rate", "req/s", 7),
-    ("latency", "p50/p95 ms", 11),
+    ("latency", "p50/p95 ms", 10),
     ("cache", "cache", 5),
     ("priority", "urg/base", 9),
     ("health", "health", 8),
@@ -118,8 +120,10 @@ def device_label(m: dict[str, Any]) -> str:
     return f"gpu{m['device_index']}" if m.get("device_index") is not None else str(m.get("device") or "—")
 
 
-def model_cells(m: dict[str, Any], recent_failures: bool = False) -> dict[str, tuple[str, Any]]:
-    """One row of the models table: column key -> (text, sort value)."""
+def model_cells(m: dict[str, Any], recent_failures: bool = False,
+                routing: dict[str, Any] | None = None) -> dict[str, tuple[str, Any]]:
+    """One row of the models table: column key -> (text, sort value).  ``routing``: the name's
+    routing; the active version's "ver" cell then shows the arms (``1:90 2:10``, ``1→2 25%``)."""
     stats = m.get("stats") or {}
     lat = stats.get("latency_ms") or {}
     cfg = m.get("config") or {}
@@ -134,7 +138,7 @@ def model_cells(m: dict[str, Any], recent_failures: bool = False) -> dict[str, t
     device = device_label(m)
     return {
         "name": (name + (" [pin]" if m.get("pinned") else ""), name.lower()),
-        "version": (version + ("*" if m.get("active") else ""), _version_sort(version)),
+        "version": (version_text(m, routing), _version_sort(version)),
         "state": (state, STATE_ORDER.get(state, 9)),
         "device": (device, device),
         "memory": (size(fp) if fp else "—", fp),
@@ -147,6 +151,14 @@ def model_cells(m: dict[str, Any], recent_failures: bool = False) -> dict[str, t
         "priority": (f"{urgency:.1f}/P{base if base is not None else '?'}", (-(urgency or 0.0), base or 0)),
         "health": (h, HEALTH_ORDER.get(h, 9)),
     }
+
+
+def version_text(m: dict[str, Any], routing: dict[str, Any] | None = None) -> str:
+    """``1*`` for the active version; on the active row of a name under routing, its arms."""
+    version = str(m.get("version"))
+    if m.get("active"):
+        return arms_label(routing) or version + "*"
+    return version
 
 
 def traffic_flowing(snapshot: dict[str, Any] | None) -> bool:
@@ -225,8 +237,8 @@ def eviction_lines(ev: dict[str, Any] | None, m: dict[str, Any]) -> list[str]:
                  f"effective {ev.get('effective_rate', 0):.2g})")
     lines.append(f"  reload {ev.get('reload_seconds', 0):.2f} s · {ev.get('gib', 0):.3g} GiB · "
                  f"priority weight {ev.get('priority_weight', 0):.2g} (P{ev.get('base_priority', '?')})")
-    resident, idle = ev.get("resident_s", 0), ev.get("idle_s", 0)
-    used = f"idle {idle:.0f} s" if idle < resident else "unused since loaded"
+    resident, idle = ev.get("resident_s") or 0, ev.get("idle_s")
+    used = f"idle {idle:.0f} s" if idle is not None and idle < resident else "unused since loaded"
     lines.append(f"  resident {resident:.0f} s · {used}"
                  + (" · busy (not evictable now)" if ev.get("busy") else ""))
     return lines
@@ -238,3 +250,212 @@ def batch_sizes(stats: dict[str, Any], limit: int = 8) -> str:
         return "—"
     items = sorted(sizes.items(), key=lambda kv: -kv[1])[:limit]
     return "  ".join(f"{k}×{v}" for k, v in sorted(items, key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else 0))
+
+
+# --------------------------------------------------------------------------- versions: swap, split, canary
+
+
+def _num(v: float) -> str:
+    """A weight or share without noise: 90, 12.5."""
+    return f"{v:.0f}" if float(v).is_integer() else f"{v:.3g}"
+
+
+def has_routing(routing: dict[str, Any] | None) -> bool:
+    """Whether a name's routing is worth showing: a split over several arms, shadows, a canary or a swap."""
+    if not routing:
+        return False
+    weights = {str(v): w for v, w in (routing.get("weights") or {}).items() if w}
+    split = len(weights) > 1 or (weights and set(weights) != {str(routing.get("active"))})
+    return bool(split or routing.get("shadow") or routing.get("canary") or routing.get("swap"))
+
+
+CANARY_LIVE = ("starting", "running", "promoting")  # a canary in one of these holds the name
+
+
+def canary_running(routing: dict[str, Any] | None) -> bool:
+    c = (routing or {}).get("canary")
+    return bool(c) and str(c.get("state") or "running") in CANARY_LIVE
+
+
+def arms_label(routing: dict[str, Any] | None) -> str | None:
+    """The models table's "ver" cell for a name under routing: ``1:90 2:10`` (a split), ``1→2 25%``
+    (a running canary), ``1→2 …`` (a swap under way); None when there is nothing but one version."""
+    if not routing:
+        return None
+    active = str(routing.get("active") or "?")
+    swap = routing.get("swap")
+    if swap:
+        return f"{active}→{swap.get('to', '?')} …"
+    canary = routing.get("canary")
+    if canary and canary_running(routing):
+        share = canary.get("share")
+        return f"{canary.get('baseline') or active}→{canary.get('version', '?')} {_num(share or 0)}%"
+    weights = {str(v): float(w) for v, w in (routing.get("weights") or {}).items() if w}
+    parts = []
+    if len(weights) > 1 or (weights and set(weights) != {active}):
+        total = sum(weights.values()) or 1.0
+        parts = [f"{v}:{_num(100.0 * w / total)}" for v, w in sorted(weights.items(), key=lambda kv: _version_sort(kv[0]))]
+    shadow = [str(v) for v in routing.get("shadow") or ()]
+    if shadow:
+        if not parts:
+            parts = [active]
+        parts += [f"{v}:sh" for v in shadow]
+    return " ".join(parts) or None
+
+
+def shares(routing: dict[str, Any]) -> dict[str, float]:
+    """Each arm's share of traffic in percent, from its weights."""
+    weights = {str(v): float(w) for v, w in (routing.get("weights") or {}).items() if w}
+    total = sum(weights.values())
+    return {v: 100.0 * w / total for v, w in weights.items()} if total > 0 else {}
+
+
+def _dur(s: float | None) -> str:
+    if s is None:
+        return "—"
+    s = max(0.0, float(s))
+    return f"{s:.1f} s" if s < 60 else f"{s / 60:.1f} min"
+
+
+def swap_line(name: str, routing: dict[str, Any] | None, now: float | None = None) -> str | None:
+    """``swap tiny 1→2: loading (3.2 s)`` while a swap is under way, else None."""
+    swap = (routing or {}).get("swap")
+    if not swap:
+        return None
+    now = time.time() if now is None else now
+    started = swap.get("started")
+    since = f" ({_dur(now - started)})" if started else ""
+    return f"swap {name} {routing.get('active', '?')}→{swap.get('to', '?')}: {swap.get('phase') or '…'}{since}"
+
+
+def canary_line(name: str, routing: dict[str, Any] | None, now: float | None = None) -> str | None:
+    """``canary tiny 1→2 step 2/4 25% running · next in 42 s · bounds ...`` while there is a canary."""
+    c = (routing or {}).get("canary")
+    if not c:
+        return None
+    now = time.time() if now is None else now
+    steps = list(c.get("steps") or ())
+    step = c.get("step")
+    where = f" step {int(step) + 1}/{len(steps)}" if isinstance(step, int) and steps and step >= 0 else ""
+    state = str(c.get("state") or "running")
+    text = (f"canary {name} {c.get('baseline') or routing.get('active', '?')}→{c.get('version', '?')}"
+            f"{where} {_num(c.get('share') or 0)}% {state}")
+    interval = c.get("interval_s")
+    if canary_running(routing) and interval and c.get("step_started"):
+        text += f" · next step in {_dur(float(interval) - (now - float(c['step_started'])))}"
+    bounds = c.get("bounds") or {}
+    b = []
+    if bounds.get("max_error_rate") is not None:
+        b.append(f"errors ≤{100.0 * float(bounds['max_error_rate']):.3g}%")
+    if bounds.get("max_p95_ratio") is not None:
+        b.append(f"p95 ≤{float(bounds['max_p95_ratio']):.3g}× baseline")
+    if b:
+        text += " · bounds " + ", ".join(b)
+    if c.get("reason"):
+        text += f" · {c['reason']}"
+    return text
+
+
+ARM_HEADER = f"{'arm':<5}{'share':>6}{'req':>7}{'err':>5}{'err%':>7}{'p50':>7}{'p95':>7}{'mean out':>9}"  # 53 wide
+
+
+def arm_rows(routing: dict[str, Any]) -> list[tuple[str, str]]:
+    """The per-arm metrics side by side: (row text, kind) with kind active / canary / shadow / arm."""
+    arms = routing.get("arms") or {}
+    share = shares(routing)
+    canary = routing.get("canary") or {}
+    active = str(routing.get("active"))
+    shadow = {str(v) for v in routing.get("shadow") or ()}
+    versions = set(map(str, arms)) | set(share) | shadow
+    if canary:
+        versions |= {str(canary.get("version")), str(canary.get("baseline") or active)}
+    versions.discard("None")
+    rows = []
+    for v in sorted(versions, key=_version_sort):
+        a = arms.get(v) or {}
+        if v in shadow:
+            sh, kind = "shadow", "shadow"
+        else:
+            sh, kind = pct(share.get(v, 0.0)), "arm"
+        if v == active:
+            kind = "active"
+        elif canary and v == str(canary.get("version")):
+            kind = "canary"
+        er = a.get("error_rate")
+        mean = a.get("mean_output")
+        label = v + ("*" if v == active else "")
+        text = (f"{label:<5}{sh:>6}{a.get('requests', 0) or 0:>7}{a.get('errors', 0) or 0:>5}"
+                f"{'—' if er is None else f'{100.0 * er:.1f}%':>7}{ms(a.get('p50_ms')):>7}{ms(a.get('p95_ms')):>7}"
+                f"{'—' if mean is None else f'{mean:.4g}':>9}")
+        rows.append((text, kind))
+    return rows
+
+
+def parse_number(text: str, what: str, *, lo: float | None = None, hi: float | None = None,
+                 integer: bool = False, lo_open: bool = False) -> float:
+    """A form's number, or a ValueError saying what is wrong with it."""
+    raw = text.strip()
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{what}: '{raw}' is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{what}: '{raw}' is not a finite number")
+    if integer and not value.is_integer():
+        raise ValueError(f"{what}: expected a whole number, got '{raw}'")
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        raise ValueError(f"{what}: must be {'more than' if lo_open else 'at least'} {_num(lo)}, got '{raw}'")
+    if hi is not None and value > hi:
+        raise ValueError(f"{what}: must be at most {_num(hi)}, got '{raw}'")
+    return int(value) if integer else value
+
+
+def parse_weights(fields: dict[str, str]) -> dict[str, float]:
+    """The weights editor: version -> text (blank is 0).  Answers the positive weights, or a
+    ValueError: a weight that is not a number, negative, or weights summing to nothing."""
+    out: dict[str, float] = {}
+    for version, text in fields.items():
+        if not text.strip():
+            continue
+        w = parse_number(text, f"weight of v{version}", lo=0.0)
+        if w > 0:
+            out[version] = w
+    if not out:
+        raise ValueError("weights: give at least one version a weight above 0 (e.g. 90 and 10)")
+    return out
+
+
+def parse_versions(text: str, known: list[str], what: str = "shadow") -> list[str]:
+    """A list of versions ("2, 3" or "2 3"), each one registered."""
+    out = []
+    for part in text.replace(",", " ").split():
+        v = part.strip().lstrip("vV")
+        if v not in known:
+            raise ValueError(f"{what}: no version '{part}' (registered: {', '.join(known)})")
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def parse_steps(text: str) -> list[float]:
+    """Canary steps: percentages rising to 100, e.g. ``5, 25, 50, 100``."""
+    parts = text.replace(",", " ").replace("%", " ").split()
+    if not parts:
+        raise ValueError("steps: give the shares in percent, rising to 100 (e.g. 5, 25, 50, 100)")
+    steps = [parse_number(p, "steps", lo=0.0, hi=100.0, lo_open=True) for p in parts]
+    if any(b <= a for a, b in itertools.pairwise(steps)):
+        raise ValueError(f"steps: each step must be above the one before ({text.strip()})")
+    if steps[-1] != 100:
+        raise ValueError("steps: the last step must be 100 (the canary ends in a swap)")
+    return [int(s) if float(s).is_integer() else s for s in steps]
+
+
+def parse_rate(text: str, what: str = "max error rate") -> float:
+    """A rate as a fraction (0.05) or a percentage (5%)."""
+    raw = text.strip()
+    if raw.endswith("%"):
+        return parse_number(raw[:-1], what, lo=0.0, hi=100.0) / 100.0
+    value = parse_number(raw, what, lo=0.0)
+    if value > 1:
+        raise ValueError(f"{what}: a fraction 0..1 (0.05) or a percentage (5%), got '{raw}'")
+    return value

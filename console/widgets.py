@@ -179,24 +179,56 @@ class GpuPanel(Widget):
 
 
 class DetailPane(VerticalScroll):
-    """The selected model: identity, latency and throughput graphs, batch sizes, queue,
-    eviction value and why, and its recent events."""
+    """The selected model: identity, its name's routing (swap progress, canary, per-arm metrics
+    side by side), latency and throughput graphs, batch sizes, queue, eviction value and why,
+    and its recent events."""
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)
         # kept as attributes: an update never queries the DOM (and survives teardown)
         self.head = Line(id="d-head", classes="detail-head")
+        self.routing = Line(id="d-routing", classes="detail-routing")
         self.facts = Line(id="d-facts", classes="detail-facts")
         self.lat = Graph("p95", hi=None, unit="ms", id="d-lat")
         self.rates = Graph("req/s", hi=None, unit="/s", id="d-rate")
         self.more = Line(id="d-more", classes="detail-more")
 
     def compose(self):
-        yield from (self.head, self.facts, self.lat, self.rates, self.more)
+        yield from (self.head, self.routing, self.facts, self.lat, self.rates, self.more)
+
+    def show_routing(self, name: str, routing: dict[str, Any] | None) -> None:
+        """The name's swap, canary and arms, or nothing (the line hides) without a routing."""
+        if not fmt.has_routing(routing):
+            self.routing.set("")
+            self.routing.display = False
+            return
+        assert routing is not None
+        t = Text(no_wrap=True, overflow="ellipsis")
+        swap = fmt.swap_line(name, routing)
+        if swap:
+            t.append(f"⇄ {swap}\n", style="bold")
+        canary = fmt.canary_line(name, routing)
+        if canary:
+            state = str((routing.get("canary") or {}).get("state") or "")
+            t.append(f"⚑ {canary}\n", style="bold red" if "roll" in state or "fail" in state else "bold")
+        weights = fmt.shares(routing)
+        head = "split " + (" ".join(f"v{v} {fmt._num(w)}%" for v, w in weights.items()) or "—")
+        if routing.get("shadow"):
+            head += " · shadow " + ", ".join(f"v{v}" for v in routing["shadow"])
+        if routing.get("metric_output"):
+            head += f" · mean of '{routing['metric_output']}'"
+        t.append(head + "\n")
+        t.append(fmt.ARM_HEADER + "\n", style="bold underline")
+        for row, kind in fmt.arm_rows(routing):
+            t.append(row + "\n", style={"active": "bold", "canary": "", "shadow": "dim"}.get(kind, ""))
+        t.rstrip()
+        self.routing.display = True
+        self.routing.set(t)
 
     def show(self, m: dict[str, Any] | None, lat: deque[float], rates: deque[float],
-             events: list[dict[str, Any]]) -> None:
+             events: list[dict[str, Any]], routing: dict[str, Any] | None = None) -> None:
         head, facts, more = self.head, self.facts, self.more
+        self.show_routing(m["name"] if m else "", routing if m else None)
         if m is None:
             head.set(Text("no model selected", style="dim"))
             facts.set("")

@@ -272,9 +272,9 @@ async def test_filter_and_sort(client):
         assert {str(k.value) for k in app.table.rows} == {"tiny:1", "cnn:1", "sized:1"}
         order = lambda: [str(r.key.value) for r in app.table.ordered_rows]
         assert order() == ["cnn:1", "sized:1", "tiny:1"]  # by name
-        await pilot.press("S")
+        await pilot.press("O")
         assert order() == ["tiny:1", "sized:1", "cnn:1"]
-        await pilot.press("s")
+        await pilot.press("o")
         assert app.sort_column == "version"
         app.sort_by("state", reverse=False)
         await client.engine.load("tiny")
