@@ -79,14 +79,14 @@ CONFIG = f"""
 name = "{MODEL}"
 version = "1"
 source = "zoo:encoder"
-device = "cpu"
+device = "{{device}}"
 args = {_toml_table(ARGS)}
 
 [[models]]
 name = "{MODEL}"
 version = "2"
 source = "zoo:encoder"
-device = "cpu"
+device = "{{device}}"
 args = {_toml_table(V2_ARGS)}
 """
 
@@ -195,8 +195,8 @@ def _worker(host: str, port: int, conns: int, start_at: float, stop: mp.sharedct
 # --------------------------------------------------------------------------- the server
 
 
-def start_server(tmp: Path, port: int) -> subprocess.Popen:
-    (tmp / "bench.toml").write_text(CONFIG)
+def start_server(tmp: Path, port: int, device: str = "cpu") -> subprocess.Popen:
+    (tmp / "bench.toml").write_text(CONFIG.replace("{device}", device))
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     proc = subprocess.Popen([sys.executable, "-m", "modelconsole.console", "--serve", "--config",
                              str(tmp / "bench.toml"), "--port", str(port), "--store", str(tmp / "store.db"),
@@ -262,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--procs", type=int, default=2, help="load-generator processes")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds without an answer before a request is lost")
     ap.add_argument("--port", type=int, default=0, help="0: a free port")
+    ap.add_argument("--device", default="cpu", help="where both versions run: cpu (default) or cuda[:N]")
     args = ap.parse_args(argv)
     if args.quick:
         args.warmup, args.seconds, args.after = 2.0, 5.0, 3.0
@@ -269,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     base = f"http://{host}:{port}"
 
     with tempfile.TemporaryDirectory() as tmp:
-        proc = start_server(Path(tmp), port)
+        proc = start_server(Path(tmp), port, args.device)
         try:
             # load version 1 (the active one) before the clock starts
             t = time.perf_counter()
