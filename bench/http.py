@@ -89,6 +89,20 @@ def _check_first(kind: str, head: bytes, body: bytes) -> None:
 # --------------------------------------------------------------------------- load generator (child processes)
 
 
+def _record(kind: str, head: bytes, body: bytes, t0: int, t1: int, start_at: int, first: bool,
+            lat: list[int], errors: list[str]) -> bool:
+    """One answer: an error, or its latency (inside the measured window); the first 200 of a
+    connection is checked for the right output.  Returns whether the first 200 is still to come."""
+    if head[9:12] != b"200":
+        errors.append(head[:12].decode(errors="replace") + " " + body[:200].decode(errors="replace"))
+        return first
+    if first:
+        _check_first(kind, head, body)
+    if t0 >= start_at:
+        lat.append(t1 - t0)
+    return False
+
+
 async def _connection(host: str, port: int, kind: str, request: bytes, start_at: float, stop_at: float,
                       lat: list[int], errors: list[str]) -> None:
     reader, writer = await asyncio.open_connection(host, port)
@@ -106,14 +120,7 @@ async def _connection(host: str, port: int, kind: str, request: bytes, start_at:
             m = _CL.search(head)
             body = await reader.readexactly(int(m.group(1))) if m else b""
             t1 = clock()
-            if head[9:12] != b"200":
-                errors.append(head[:12].decode(errors="replace") + " " + body[:200].decode(errors="replace"))
-                continue
-            if first:
-                _check_first(kind, head, body)
-                first = False
-            if t0 >= start_at:
-                lat.append(t1 - t0)
+            first = _record(kind, head, body, t0, t1, start_at, first, lat, errors)
     finally:
         writer.close()
 
@@ -143,14 +150,7 @@ def _blocking_connection(host: str, port: int, kind: str, request: bytes, start_
                 buf += sock.recv(65536)
             body, buf = buf[:need], buf[need:]
             t1 = clock()
-            if head[9:12] != b"200":
-                errors.append(head[:12].decode(errors="replace") + " " + body[:200].decode(errors="replace"))
-                continue
-            if first:
-                _check_first(kind, head, body)
-                first = False
-            if t0 >= start_at:
-                lat.append(t1 - t0)
+            first = _record(kind, head, body, t0, t1, start_at, first, lat, errors)
     finally:
         sock.close()
 

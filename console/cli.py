@@ -183,13 +183,10 @@ def embedded(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"modelconsole: {e}", file=sys.stderr)
         return 1
-    if args.demo and args.config is None and config.gpu.simulate is None:
-        import dataclasses
+    if args.demo and args.config is None:
+        from modelconsole.scheduler.config import with_demo_devices
 
-        import torch
-
-        if not torch.cuda.is_available():  # a live GPU panel for the demo: two simulated devices
-            config = dataclasses.replace(config, gpu=dataclasses.replace(config.gpu, simulate="2x8GiB"))
+        config = with_demo_devices(config)
     settings = server_settings(args, config)
     if isinstance(settings, str):
         print(f"modelconsole: {settings}", file=sys.stderr)

@@ -42,7 +42,7 @@ async def run_embedded(config: Any, settings: Any, store_path: str, *, demo: boo
         server = None
     try:
         if demo:
-            from .demo import DemoTraffic
+            from modelconsole.scheduler.demo import DemoTraffic
 
             names = set(engine.model_names())
             for m in DEMO_MODELS:

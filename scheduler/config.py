@@ -471,6 +471,17 @@ DEMO_MODELS: tuple[dict[str, Any], ...] = (
 )
 
 
+def with_demo_devices(config: Config, simulate: str = "2x8GiB") -> Config:
+    """The demo's config on a machine with no CUDA device: simulated GPUs, so the console's
+    GPU panel is live (the models still run on the CPU).  Unchanged where there is a GPU or
+    the config already simulates."""
+    import torch
+
+    if config.gpu.simulate is not None or torch.cuda.is_available():
+        return config
+    return replace(config, gpu=replace(config.gpu, simulate=simulate))
+
+
 def demo_config() -> Config:
     """What modelconsole serves with no config file: the demo zoo."""
     return parse_config({"models": [dict(m) for m in DEMO_MODELS]}, ".", None)

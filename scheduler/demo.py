@@ -10,8 +10,8 @@ reused; a model that cannot be fed (unknown specs, failed) is skipped.
 Errors are counted, never raised: a demo that hits a queue limit or an
 unloaded model is showing the operator something real.
 
-This module runs only in embedded mode (it needs the engine, so torch);
-the console itself never imports it.
+It lives with the engine (it needs it, hence torch); embedded mode starts it
+and hands the console the object, whose ``rate`` the console sets.
 """
 
 from __future__ import annotations
