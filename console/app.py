@@ -240,7 +240,9 @@ class ModelConsoleApp(App[None]):
             return False
         if action in DEMO_ACTIONS and self.demo is None:
             return False
-        if not main and action in MAIN_ONLY and self._main is not None and self.screen is not self._main:
+        if not main and action in MAIN_ONLY and self._main is not None and (
+            not self.screen_stack or self.screen is not self._main
+        ):
             return False
         return True
 
@@ -253,6 +255,8 @@ class ModelConsoleApp(App[None]):
 
     def refresh_view(self, force: bool = False) -> None:
         """Read the client's latest snapshot and update what changed."""
+        if not self.screen_stack:
+            return  # the app is closing (a timer outlived the screens): nothing to paint
         if not force and self._main is not None and self.screen is not self._main:
             return  # a dialog is open: leave the picture alone
         connected = bool(self.client.connected)
