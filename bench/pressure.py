@@ -9,8 +9,11 @@ alone, through the pure functions the engine calls
 (``modelconsole.scheduler.policy``).
 
 The models: ``--models`` of them, sizes drawn log-uniform in 0.5–12 GiB;
-reload time = LOAD_OVERHEAD_S + bytes / LOAD_BANDWIDTH (0.5 s + 2 GB/s, a
-safetensors read from local NVMe).  By default 40 models, ~150 GiB in all,
+reload time = LOAD_OVERHEAD_S + bytes / LOAD_BANDWIDTH (0.04 s + 2 GB/s: the
+engine's measured fixed cost per load — ``bench/reload.py --gib`` 0.03 … 8 on
+the lent H100, fitted; see ``policy``'s docstring — and a safetensors read
+from local NVMe).  ``--load-overhead`` changes the fixed part (an earlier
+revision assumed 0.5 s).  By default 40 models, ~150 GiB in all,
 against a 40 GiB budget (an L40S or an A100-40GB): several times the budget.
 
 The trace: ``--requests`` requests; model popularity is Zipf (``--zipf``
@@ -82,7 +85,7 @@ except ImportError:  # a checkout without the package installed
 
 GiB = 2**30
 LOAD_BANDWIDTH = 2e9  # bytes per second
-LOAD_OVERHEAD_S = 0.5  # per load: open, allocate, build the module
+LOAD_OVERHEAD_S = policy.RELOAD_OVERHEAD_S  # per load: open, allocate, build the module (measured)
 SIZE_MIN_GIB, SIZE_MAX_GIB = 0.5, 12.0
 
 
@@ -109,12 +112,12 @@ class Trace:
         return float(self.phase_rate[min(phase, len(self.phase_rate) - 1)][i])
 
 
-def make_models(rng: np.random.Generator, n: int) -> list[Model]:
+def make_models(rng: np.random.Generator, n: int, overhead_s: float = LOAD_OVERHEAD_S) -> list[Model]:
     gib = np.exp(rng.uniform(math.log(SIZE_MIN_GIB), math.log(SIZE_MAX_GIB), n))
     out = []
     for i, g in enumerate(gib):
         b = int(g * GiB)
-        out.append(Model(f"m{i:03d}", b, LOAD_OVERHEAD_S + b / LOAD_BANDWIDTH))
+        out.append(Model(f"m{i:03d}", b, overhead_s + b / LOAD_BANDWIDTH))
     return out
 
 
@@ -344,7 +347,7 @@ class Ours(Cache):
 
 def replay(args: argparse.Namespace, seed: int) -> dict:
     rng = np.random.default_rng(seed)
-    models = make_models(rng, args.models)
+    models = make_models(rng, args.models, args.load_overhead)
     budget = int(args.budget_gib * GiB)
     if max(m.bytes for m in models) > budget:
         raise SystemExit(f"--budget-gib {args.budget_gib} is smaller than the biggest model")
@@ -416,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shift-every", type=int, default=5000, help="requests between popularity shuffles")
     ap.add_argument("--requests", type=int, default=20000)
     ap.add_argument("--rate", type=float, default=0.5, help="requests per virtual second (Poisson)")
+    ap.add_argument("--load-overhead", type=float, default=LOAD_OVERHEAD_S,
+                    help="fixed seconds per load in the cost model (measured on the H100: 0.04)")
     ap.add_argument("--min-residency", type=float, default=30.0, help="churn guard, virtual seconds")
     ap.add_argument("--admission", action="store_true", help="also pass incoming_value (see the docstring)")
     ap.add_argument("--max-wait", type=float, default=5.0, help="with --admission: bounded wait, virtual s")

@@ -23,10 +23,16 @@ import asyncio
 import json
 import statistics
 import tempfile
+import sys
 import time
 from pathlib import Path
 
-import torch
+# `python bench/reload.py` puts bench/ first on sys.path, where bench/http.py shadows the stdlib's
+# http (which torch imports): take bench/ off the path before importing torch.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+import torch  # noqa: E402
 
 FACTORY = '''
 import torch
@@ -119,8 +125,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "bigmodel.py").write_text(FACTORY)
-        import sys
-
         sys.path.insert(0, str(root))
         import bigmodel  # noqa: E402
 

@@ -650,7 +650,7 @@ class ModelInstance:
     def residency(self, now: float, nbytes: int | None = None) -> policy.Residency:
         """What the eviction policy knows about this model, all measured where it can be."""
         held = self.footprint_bytes if nbytes is None else nbytes
-        reload = self.load_seconds if self.load_seconds else 0.5 + held / 2e9  # ~2 GB/s until measured
+        reload = self.load_seconds if self.load_seconds else policy.estimated_reload_seconds(held)
         return policy.Residency(
             key=self.key,
             bytes=max(1, held),
