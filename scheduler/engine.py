@@ -11,44 +11,46 @@ acknowledged and restored at start (``start``).  The config file is the
 baseline; models registered at run time live in the store and layer over it.
 
 Routing (which version answers a request without one: the active version,
-an A/B split, a canary's ramp, shadow copies) is changed only under
-``self._route_lock``, a second lock that is never held across a load, so a
-split or a rollback never waits behind a slow load.  A hot swap's switch (the
-store's routing row and ``entry.active``) holds both, ``_control`` first;
-nothing takes them in the other order.  The policy (arm choice, sticky keys,
-input checks, canary verdicts and the restart rule) is in ``routing.py``.
+an A/B split, a canary's ramp, shadow copies) and the operations that change
+it (hot swap, split, canary) are ``versions.py``'s: ``self.versions`` owns
+that state and its lock, and the engine's ``swap``, ``set_split``,
+``start_canary``, ``stop_canary`` and ``routing`` hand over to it.  The
+engine calls it on the request path only for names with a split or shadows
+(one dict lookup) and for a request whose version went away before it ran.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import time
-from random import random
-
-import numpy as np
-
-import torch
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from . import sources
+import torch
+
 from modelconsole.gpu.devices import DeviceBackend, open_backend
 
+from . import policy, sources
+from .cache import ResultCache
 from .config import Config, ConfigError, GpuConfig, ModelConfig, model_from_dict
 from .errors import Conflict, EngineError, InputError, ModelNotFound, ModelUnavailable
-from .cache import ResultCache
 from .events import EventBus, Subscription
 from .hosttier import HostTier
-from . import policy, routing
+from .instance import FAILED, LOADING, READY, UNLOADED, WARMING, InferResult, LoadFailed, ModelInstance
 from .memory import MemoryManager, weights_estimate
 from .shared import SharedDevice
-from .instance import FAILED, LOADING, READY, UNLOADED, UNLOADING, WARMING, InferResult, LoadFailed, ModelInstance
-from .store import KEEP, Store
+from .store import Store
+from .versions import Versions
 
 log = logging.getLogger("modelconsole.engine")
+
+# What infer takes as a request's tensors: by name, or a function that makes them from the version
+# that serves the request, called once that version is known and loaded (see Engine.infer).
+Inputs = Mapping[str, Any] | Callable[[ModelInstance], Mapping[str, Any]]
 
 
 @dataclass
@@ -59,54 +61,6 @@ class ModelEntry:
     versions: dict[str, ModelInstance] = field(default_factory=dict)
     active: str | None = None
     origin: dict[str, str] = field(default_factory=dict)  # version -> "config" | "store"
-
-
-# Shadow copies of one model name allowed in flight at once; beyond that a copy is
-# dropped (counted in routing()'s "shadow_dropped") rather than queued without bound.
-SHADOW_MAX_INFLIGHT = 1024
-
-
-@dataclass(eq=False)
-class Route:
-    """A model name's routing beyond "its active version": split, shadow copies,
-    a swap under way, a canary, and the per-arm metrics of the router."""
-
-    name: str
-    weights: dict[str, float | int] = field(default_factory=dict)  # in the order given; {} = no split
-    shadow: tuple[str, ...] = ()
-    metric_output: str | None = None
-    table: routing.Table | None = None  # the positive weights, compiled; None = no split
-    arms: dict[str, routing.ArmStats] = field(default_factory=dict)
-    swap: dict[str, Any] | None = None  # {"from", "to", "phase", "started"} while a swap runs
-    canary: routing.Canary | None = None  # the current or last canary
-    task: asyncio.Task | None = None  # the canary's controller
-    wake: asyncio.Event = field(default_factory=asyncio.Event)  # an error on a canary arm: judge now
-    shadow_inflight: int = 0
-    shadow_dropped: int = 0
-    tasks: set = field(default_factory=set)  # shadow copies in flight (held so they are not collected)
-
-    def arm(self, version: str) -> routing.ArmStats:
-        arm = self.arms.get(version)
-        if arm is None:
-            arm = self.arms[version] = routing.ArmStats()
-        return arm
-
-    def shown(self) -> bool:
-        return bool(self.weights or self.shadow or self.canary is not None or self.swap is not None)
-
-
-def _metric_mean(outputs: Mapping[str, Any], name: str) -> float | None:
-    """The mean of all elements of one numeric output of an answer (None if it has none)."""
-    out = outputs.get(name)
-    if out is None:
-        return None
-    try:
-        a = np.asarray(out)
-        if a.dtype.kind not in "biuf" or a.size == 0:
-            return None
-        return float(a.mean())
-    except Exception:  # noqa: BLE001 - e.g. BF16, which numpy cannot hold: not tracked
-        return None
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -132,6 +86,29 @@ def _warm_process(devices: list[torch.device]) -> None:
     torch.nn.Linear(1, 1, device="meta").to_empty(device="cpu")
     for device in devices:
         torch.empty(1, device=device)
+
+
+_heap_frozen = False
+
+
+def _freeze_heap() -> None:
+    """Take what the process holds at its first engine start out of the garbage collector's walks.
+
+    That is the imported libraries (torch, numpy, aiohttp, ...: ~300k
+    objects), which live as long as the process.  Every unload runs a full
+    ``gc.collect()`` to free its module's reference cycles, and walking those
+    objects too held the GIL for ~0.13 s on a 2-core CPU: the event loop and
+    every forward in flight stood still, which in a hot swap is the new
+    version's first batches.  Garbage is collected first, so nothing
+    unreachable is frozen.  Once per process (``gc.freeze`` is process-wide):
+    a later engine in the same process (tests, a restart in place) must not
+    freeze the models another engine has loaded.
+    """
+    global _heap_frozen
+    if not _heap_frozen:
+        _heap_frozen = True
+        gc.collect()
+        gc.freeze()
 
 
 class Engine:
@@ -164,10 +141,7 @@ class Engine:
         self._janitor: asyncio.Task | None = None
         self._models: dict[str, ModelEntry] = {}
         self._control = asyncio.Lock()
-        self._route_lock = asyncio.Lock()
-        self._routes: dict[str, Route] = {}  # names with a split, shadow, swap or canary (current or last)
-        self._routed: dict[str, Route] = {}  # the names whose version-less requests go through the router
-        self._protected: set[str] = set()  # both sides of a swap under way: never evicted or expired
+        self.versions = Versions(self)  # routing of version-less requests; swap, split, canary
         self._closing = False
         self._started = False
 
@@ -218,76 +192,21 @@ class Engine:
                     inst = entry.versions[version]
                     if 1 <= prio <= inst.cfg.priority_levels:
                         inst.cfg = dataclasses.replace(inst.cfg, priority=prio)
-            resume = await self._restore_routing()
+            resume = await self.versions.restore()
         else:
             resume = []
         cuda = [self.backend.torch_device(i) for i in self.memory.budgets]
         await asyncio.to_thread(_warm_process, [d for d in cuda if d.type == "cuda"])
+        _freeze_heap()  # before any model loads: an unload's gc.collect walks what came after
         self._started = True
         loop = asyncio.get_running_loop()
         self._janitor = loop.create_task(self._janitor_loop())
         for inst in self._instances():
             if inst.pinned:  # a pinned model is kept resident: bring it up now, in the background
                 loop.create_task(self._load_quietly(inst))
-        for route in resume:  # interrupted canaries pick up where they were (routing.py: restart rule)
-            route.task = loop.create_task(self._canary_loop(route, route.canary))
-        self.events.publish("started", f"engine started with {sum(len(e.versions) for e in self._models.values())} model versions")
-
-    async def _restore_routing(self) -> list[Route]:
-        """Splits and canaries from the store, by the restart rule in routing.py's docstring.
-        Returns the routes whose canary resumes (their controllers start with the engine)."""
-        splits = await self.store.splits()
-        canaries = await self.store.canaries()
-        resume = []
-        for name in sorted(set(splits) | set(canaries)):
-            entry = self._models.get(name)
-            if entry is None:
-                continue  # the model itself is gone (its restore already said why)
-            route = self._route(name)
-            stored = splits.get(name) or {"weights": {}, "shadow": [], "metric_output": None}
-            weights = {str(v): w for v, w in (stored.get("weights") or {}).items() if str(v) in entry.versions}
-            shadow = [str(v) for v in stored.get("shadow") or [] if str(v) in entry.versions]
-            gone = sorted({str(v) for v in (stored.get("weights") or {})} - set(weights)
-                          | {str(v) for v in stored.get("shadow") or []} - set(shadow))
-            if gone:
-                self.events.publish("restore_failed", f"{name}: the stored split names versions that are no "
-                                    f"longer registered ({', '.join(gone)}); they were left out",
-                                    model=name, level="warning")
-            if not any(w > 0 for w in weights.values()):
-                weights = {}
-            canary = None
-            if name in canaries:
-                try:
-                    canary = routing.Canary.from_dict(canaries[name])
-                except (KeyError, TypeError, ValueError) as e:
-                    self.events.publish("restore_failed", f"{name}: the stored canary could not be read: {e}",
-                                        model=name, level="error")
-            if canary is not None and canary.live:
-                canary.state = routing.RUNNING  # "promoting" had not switched yet: the same step again
-                why = None
-                if canary.version not in entry.versions:
-                    why = f"its version {canary.version} is no longer registered after a restart"
-                elif canary.baseline not in entry.versions:
-                    why = f"its baseline version {canary.baseline} is no longer registered after a restart"
-                elif entry.active != canary.baseline:
-                    why = (f"its baseline version {canary.baseline} is no longer the active version "
-                           f"({entry.active}) after a restart")
-                weights = {}  # a resuming canary applies its share once its version is loaded again
-                if why is None:
-                    canary.step_mono = None
-                    resume.append(route)
-                else:
-                    canary.state, canary.share, canary.reason = routing.ROLLED_BACK, 0, why
-                    await self.store.update_routing(
-                        name, "restart", "canary_rollback", canary.version, {"reason": why},
-                        split=self._split_record(weights, shadow, stored.get("metric_output")),
-                        canary=canary.to_dict(), result="rolled_back", detail=why)
-                    self.events.publish("canary_rolled_back", f"{name}: canary of version {canary.version} "
-                                        f"rolled back: {why}", model=name, version=canary.version,
-                                        level="error", data={"reason": why, "canary": canary.to_dict()})
-            route.canary = canary
-            self._apply_split(route, weights, shadow, stored.get("metric_output"))
-        return resume
+        self.versions.resume(resume)  # interrupted canaries pick up where they were (routing.py: restart rule)
+        count = sum(len(e.versions) for e in self._models.values())
+        self.events.publish("started", f"engine started with {count} model versions")
 
     async def close(self, drain_timeout: float = 30.0) -> None:
         """Refuse new requests, finish queued and in-flight ones (bounded), free every model."""
@@ -295,13 +214,7 @@ class Engine:
         if self._janitor is not None:
             self._janitor.cancel()
         # Canary controllers stop where they are (their state stays stored: they resume at the next start).
-        for route in self._routes.values():
-            route.wake.set()
-        controllers = [r.task for r in self._routes.values() if r.task is not None and not r.task.done()]
-        if controllers:
-            _, pending = await asyncio.wait(controllers, timeout=drain_timeout)
-            for task in pending:
-                task.cancel()
+        await self.versions.stop(drain_timeout)
         # Loads under way finish first (they take the control lock themselves).
         loads = [inst.load_task for e in self._models.values() for inst in e.versions.values()
                  if inst.load_task is not None and not inst.load_task.done()]
@@ -311,9 +224,7 @@ class Engine:
                 *(self._unload_locked(inst, drain_timeout, keep=False) for inst in self._instances()),
                 return_exceptions=True,
             )
-        shadows = [t for r in self._routes.values() for t in r.tasks]
-        if shadows:  # their requests were answered by the drain above; let the tasks finish
-            await asyncio.wait(shadows, timeout=5.0)
+        await self.versions.wait_shadows()  # their requests were answered by the drain above
         self.backend.close()
         if self.store is not None:
             await self.store.close()
@@ -499,9 +410,10 @@ class Engine:
     def _evictable(self, index: int) -> list[ModelInstance]:
         """The residents a load may evict: all but the two sides of a swap under way."""
         residents = self._residents(index)
-        if not self._protected:
+        protected = self.versions.protected
+        if not protected:
             return residents
-        return [i for i in residents if i.key not in self._protected]
+        return [i for i in residents if i.key not in protected]
 
     async def _load_quietly(self, inst: ModelInstance) -> None:
         """Bring a pinned model up in the background; a refusal becomes an event."""
@@ -568,410 +480,6 @@ class Engine:
                             data={"actor": actor, "priority": priority, "previous": previous})
         return inst.snapshot()
 
-    # ------------------------------------------------------------ versions: swap, split, canary
-
-    def _entry(self, name: str) -> ModelEntry:
-        entry = self._models.get(name)
-        if entry is None:
-            raise ModelNotFound(f"unknown model '{name}'")
-        return entry
-
-    @staticmethod
-    def _version_of(entry: ModelEntry, version: str, field: str = "version") -> ModelInstance:
-        inst = entry.versions.get(version)
-        if inst is None:
-            known = ", ".join(sorted(entry.versions, key=int))
-            raise ModelNotFound(f"{field}: model '{entry.name}' has no version '{version}' (versions: {known})")
-        return inst
-
-    def _route(self, name: str) -> Route:
-        route = self._routes.get(name)
-        if route is None:
-            route = self._routes[name] = Route(name)
-        return route
-
-    def _apply_split(self, route: Route, weights: Mapping[str, float | int], shadow: Sequence[str],
-                     metric_output: str | None, *, reset_arms: bool = False, keep_arms: bool = False) -> None:
-        """Put weights/shadow in force (route lock held, or at start).  Synchronous: a request
-        sees the old routing or the new one, never half of each."""
-        route.weights = dict(weights)
-        route.shadow = tuple(shadow)
-        route.metric_output = metric_output
-        route.table = routing.Table(weights) if weights else None
-        if reset_arms:
-            route.arms = {}
-        elif not keep_arms:
-            keep = set(weights) | set(shadow)
-            if not weights:
-                keep.add(self._models[route.name].active)
-            route.arms = {v: a for v, a in route.arms.items() if v in keep}
-        if route.table is not None or route.shadow:
-            self._routed[route.name] = route
-        else:
-            self._routed.pop(route.name, None)
-
-    @staticmethod
-    def _split_record(weights: Mapping[str, Any], shadow: Sequence[str],
-                      metric_output: str | None) -> dict[str, Any] | None:
-        """What the store keeps for a split (None: nothing to keep)."""
-        if not weights and not shadow:
-            return None
-        return {"weights": dict(weights), "shadow": list(shadow), "metric_output": metric_output}
-
-    def _check_free(self, name: str, doing: str) -> None:
-        """Conflict while a swap or a live canary holds the name's routing (route lock held)."""
-        route = self._routes.get(name)
-        if route is None:
-            return
-        if route.swap is not None:
-            raise Conflict(f"model '{name}': a swap from version {route.swap['from']} to {route.swap['to']} "
-                           f"is in progress ({route.swap['phase']}); {doing} after it ends")
-        c = route.canary
-        if c is not None and c.live:
-            raise Conflict(f"model '{name}': a canary of version {c.version} is {c.state} (step {c.step + 1} of "
-                           f"{len(c.steps)}, {c.share}% of traffic); stop it before you {doing}")
-
-    def routing(self, name: str) -> dict[str, Any]:
-        """How a model name routes requests without a version, and each arm's metrics."""
-        entry = self._entry(name)
-        route = self._routes.get(name)
-        if route is None:
-            return {"name": name, "active": entry.active, "weights": {}, "shadow": [], "metric_output": None,
-                    "swap": None, "canary": None, "arms": {}, "shadow_dropped": 0}
-        return {
-            "name": name,
-            "active": entry.active,
-            "weights": dict(route.weights),
-            "shadow": list(route.shadow),
-            "metric_output": route.metric_output,
-            "swap": dict(route.swap) if route.swap is not None else None,
-            "canary": route.canary.to_dict() if route.canary is not None else None,
-            "arms": {v: route.arms[v].to_dict() for v in sorted(route.arms, key=int)},
-            "shadow_dropped": route.shadow_dropped,
-        }
-
-    async def swap(self, name: str, version: str | int, actor: str = "api") -> dict[str, Any]:
-        """Hot swap: load and warm ``version`` beside the active one, switch routing
-        atomically, let the old version finish its queued and in-flight work, unload it.
-
-        A new version that fails to load or warm leaves the old one serving: a
-        ``swap_failed`` event, and the LoadFailed / InsufficientMemory raised.
-        """
-        entry = self._entry(name)
-        v = routing.version_arg(version)
-        new = self._version_of(entry, v)
-        async with self._route_lock:
-            self._check_free(name, "swap")
-            if entry.active == v:
-                raise Conflict(f"version: model '{name}' version {v} is already active")
-            route = self._route(name)
-            route.swap = {"from": entry.active, "to": v, "phase": "loading", "started": time.time()}
-        return await self._swap(entry, route, new, actor)
-
-    async def _swap(self, entry: ModelEntry, route: Route, new: ModelInstance, actor: str,
-                    canary: routing.Canary | None = None) -> dict[str, Any]:
-        """The swap itself (route.swap already set by the caller, under the route lock)."""
-        name = entry.name
-        old_v = route.swap["from"]
-        old = entry.versions.get(old_v) if old_v is not None else None
-        started = time.monotonic()
-        guard = {new.key} | ({old.key} if old is not None else set())
-        self._protected |= guard
-        data = {"actor": actor, "from": old_v, "to": new.version}
-        self.events.publish("swap_started", f"{name}: swap v{old_v} -> v{new.version} started: loading "
-                            f"v{new.version} beside v{old_v}", model=name, version=new.version,
-                            data=dict(data, phase="loading"))
-        try:
-            try:
-                switched = False
-                for _ in range(3):  # an operator may unload the new version between load and switch
-                    await self._ensure_loaded(new)
-                    if route.swap["phase"] == "loading":
-                        route.swap["phase"] = "switching"
-                        self.events.publish("swap_loaded", f"{name}: v{new.version} loaded and warm in "
-                                            f"{time.monotonic() - started:.2f}s; switching", model=name,
-                                            version=new.version, data=dict(data, phase="switching"))
-                    async with self._control:
-                        if new.state != READY:
-                            continue
-                        async with self._route_lock:
-                            promoted = None
-                            if canary is not None:
-                                promoted = dataclasses.replace(
-                                    canary, state=routing.PROMOTED, share=100, step=len(canary.steps) - 1,
-                                    reason=f"promoted: version {new.version} took all traffic")
-                            if self.store is not None:
-                                await self.store.update_routing(
-                                    name, actor, "swap", new.version, {"from": old_v, "to": new.version},
-                                    active=new.version, split=None,
-                                    canary=promoted.to_dict() if promoted is not None else KEEP)
-                            # the switch: from here a request without a version goes to the new one
-                            entry.active = new.version
-                            self._apply_split(route, {}, (), None, reset_arms=canary is None, keep_arms=True)
-                            if promoted is not None:
-                                canary.state, canary.share, canary.step, canary.reason = (
-                                    promoted.state, promoted.share, promoted.step, promoted.reason)
-                            route.swap["phase"] = "draining"
-                        switched = True
-                        break
-                if not switched:
-                    raise ModelUnavailable(f"model {new.key} was unloaded while the swap was switching to it")
-            except Exception as e:
-                message = e.message if isinstance(e, EngineError) else f"{type(e).__name__}: {e}"
-                self.events.publish("swap_failed", f"{name}: swap v{old_v} -> v{new.version} failed; "
-                                    f"v{old_v} keeps serving: {message}", model=name, version=new.version,
-                                    level="error", data=dict(data, reason=message))
-                if self.store is not None:
-                    try:
-                        await self.store.audit(actor, "swap", name, new.version, {"from": old_v, "to": new.version},
-                                               "error", message)
-                    except Exception:  # noqa: BLE001 - the failure itself is what the caller must see
-                        log.exception("could not write the audit row of a failed swap")
-                raise
-            self.events.publish("swap_switched", f"{name}: requests now go to v{new.version}; v{old_v} finishes "
-                                "its queued and in-flight requests", model=name, version=new.version,
-                                data=dict(data, phase="draining"))
-            if old is not None and old is not new:
-                async with self._control:
-                    await self._unload_locked(old)
-        finally:
-            self._protected -= guard
-            route.swap = None
-        seconds = time.monotonic() - started
-        self.events.publish("swap_done", f"{name}: swap v{old_v} -> v{new.version} done in {seconds:.2f}s",
-                            model=name, version=new.version, data=dict(data, phase="done", seconds=seconds))
-        return {"name": name, "from": old_v, "to": new.version, "seconds": seconds}
-
-    async def set_split(self, name: str, weights: Mapping[str, float | int], *, shadow: Sequence[str] | None = None,
-                        metric_output: str | None = None, actor: str = "api") -> dict[str, Any]:
-        """A/B split: requests without a version are routed by weight among the listed versions;
-        ``shadow`` versions get a copy of each routed request (answers recorded, never returned);
-        ``metric_output`` is the numeric output whose mean per arm is tracked.  ``{}`` clears the
-        weights (back to the active version).  Loads nothing: arms load on their first request."""
-        entry = self._entry(name)
-        async with self._route_lock:
-            w = routing.validate_weights(name, weights, entry.versions)
-            sh = routing.validate_shadow(name, shadow, entry.versions, w, entry.active)
-            arms = [v for v, x in w.items() if x > 0] if w else [entry.active]
-            mo = routing.validate_metric_output(metric_output, {
-                v: [s.name for s in entry.versions[v].outputs] if entry.versions[v].outputs else None
-                for v in arms + sh})
-            self._check_free(name, "change the split")
-            record = self._split_record(w, sh, mo)
-            params = {"weights": w, "shadow": sh, "metric_output": mo}
-            if self.store is not None:
-                await self.store.update_routing(name, actor, "split", None, params, split=record)
-            self._apply_split(self._route(name), w, sh, mo if record is not None else None)
-        if record is None:
-            text = "split cleared: requests go to the active version"
-        else:
-            text = ("split " + ", ".join(f"v{v}={x:g}" for v, x in w.items()) if w else "no split") + \
-                (f"; shadow {', '.join('v' + v for v in sh)}" if sh else "")
-        self.events.publish("split", f"{name}: {text}", model=name, data=dict(params, actor=actor))
-        return self.routing(name)
-
-    async def start_canary(self, name: str, version: str | int, *, steps: Sequence[float] = (5, 25, 50, 100),
-                           interval_s: float = 60.0, max_error_rate: float = 0.05, max_p95_ratio: float = 2.0,
-                           min_requests: int = 20, actor: str = "api") -> dict[str, Any]:
-        """Ramp ``version``'s share of the traffic without a version step by step, rolling
-        back the moment a bound is broken and ending in a swap at 100% (routing.py has the rules).
-        The version is loaded and warmed first; a load failure is raised and starts nothing."""
-        entry = self._entry(name)
-        v = routing.version_arg(version)
-        plan = routing.validate_canary(steps, interval_s, max_error_rate, max_p95_ratio, min_requests)
-        new = self._version_of(entry, v)
-        async with self._route_lock:
-            route = self._routes.get(name)
-            c = route.canary if route is not None else None
-            if c is not None and c.live:
-                raise Conflict(f"model '{name}' is already under a canary (version {c.version}, {c.state}, "
-                               f"{c.share}% of traffic); stop it first")
-            self._check_free(name, "start a canary")
-            if entry.active == v:
-                raise Conflict(f"version: model '{name}' version {v} is already active; a canary needs another version")
-            if route is not None and v in route.shadow:
-                raise Conflict(f"version: model '{name}' version {v} receives shadow copies; remove it from the "
-                               "split's shadow before a canary")
-            route = self._route(name)
-            previous = route.canary
-            canary = route.canary = routing.Canary(version=v, baseline=entry.active, steps=plan["steps"],
-                                                   interval_s=plan["interval_s"], bounds=plan["bounds"])
-        try:
-            await self._ensure_loaded(new)
-        except EngineError as e:
-            async with self._route_lock:
-                if route.canary is canary:
-                    route.canary = previous
-            self.events.publish("canary_failed", f"{name}: canary of version {v} not started: {e.message}",
-                                model=name, version=v, level="error", data={"actor": actor, "reason": e.message})
-            if self.store is not None:
-                await self.store.audit(actor, "canary_start", name, v, plan, "error", e.message)
-            raise
-        async with self._route_lock:
-            if canary.state != routing.STARTING:  # stopped while its version loaded
-                return self.routing(name)
-            now = time.time()
-            first = dataclasses.replace(canary, state=routing.RUNNING, step=0, share=canary.steps[0],
-                                        started=now, step_started=now)
-            try:
-                if self.store is not None:
-                    await self.store.update_routing(
-                        name, actor, "canary_start", v, plan, canary=first.to_dict(),
-                        split=self._split_record(first.weights(), route.shadow, route.metric_output))
-            except Exception:
-                if route.canary is canary:
-                    route.canary = previous
-                raise
-            canary.state, canary.step, canary.share = first.state, first.step, first.share
-            canary.started, canary.step_started, canary.step_mono = now, now, time.monotonic()
-            self._apply_split(route, canary.weights(), route.shadow, route.metric_output, reset_arms=True)
-        self.events.publish("canary_started", f"{name}: canary of version {v} started at {canary.share}% "
-                            f"(steps {canary.steps}, {canary.interval_s:g}s each)", model=name, version=v,
-                            data={"actor": actor, "canary": canary.to_dict()})
-        route.task = asyncio.get_running_loop().create_task(self._canary_loop(route, canary))
-        return self.routing(name)
-
-    async def stop_canary(self, name: str, actor: str = "api") -> dict[str, Any]:
-        """Abort the canary: its share goes to 0, state "aborted".  Conflict if none is running."""
-        self._entry(name)
-        async with self._route_lock:
-            route = self._routes.get(name)
-            c = route.canary if route is not None else None
-            if c is None or not c.live:
-                raise Conflict(f"model '{name}' has no canary running"
-                               + (f" (the last one, of version {c.version}, is {c.state})" if c is not None else ""))
-            if c.state == routing.PROMOTING:
-                raise Conflict(f"model '{name}': the canary of version {c.version} is being promoted (a swap is "
-                               "under way); it can no longer be stopped")
-            reason = f"stopped by {actor}"
-            stopped = dataclasses.replace(c, state=routing.ABORTED, share=0, reason=reason)
-            applied = c.state == routing.RUNNING
-            if self.store is not None:
-                await self.store.update_routing(
-                    name, actor, "canary_abort", c.version, {}, canary=stopped.to_dict(),
-                    split=self._split_record({}, route.shadow, route.metric_output) if applied else KEEP)
-            c.state, c.share, c.reason = stopped.state, stopped.share, stopped.reason
-            if applied:
-                self._apply_split(route, {}, route.shadow, route.metric_output, keep_arms=True)
-            route.wake.set()
-        self.events.publish("canary_aborted", f"{name}: canary of version {c.version} aborted by {actor}; "
-                            "requests go to the active version", model=name, version=c.version,
-                            level="warning", data={"actor": actor, "canary": c.to_dict()})
-        return self.routing(name)
-
-    async def _canary_loop(self, route: Route, canary: routing.Canary) -> None:
-        """The controller of one canary: judge the bounds, step up, promote or roll back."""
-        name = route.name
-        try:
-            if canary.step_mono is None:  # resumed after a restart: its version first, then its share
-                inst = self._models[name].versions[canary.version]
-                try:
-                    await self._ensure_loaded(inst)
-                except EngineError as e:
-                    await self._canary_end(route, canary, routing.ROLLED_BACK,
-                                           f"its version could not be loaded again after a restart: {e.message}")
-                    return
-                async with self._route_lock:
-                    if canary.state != routing.RUNNING or self._closing:
-                        return
-                    canary.step_started, canary.step_mono = time.time(), time.monotonic()
-                    self._apply_split(route, canary.weights(), route.shadow, route.metric_output, reset_arms=True)
-                self.events.publish("canary_resumed", f"{name}: canary of version {canary.version} resumed at "
-                                    f"step {canary.step + 1} of {len(canary.steps)} ({canary.share}%)",
-                                    model=name, version=canary.version, data={"canary": canary.to_dict()})
-            check = routing.check_interval(canary.interval_s)
-            while canary.state == routing.RUNNING and not self._closing:
-                if canary.share >= 100:
-                    await self._canary_promote(route, canary)
-                    return
-                left = canary.step_mono + canary.interval_s - time.monotonic()
-                route.wake.clear()
-                try:
-                    await asyncio.wait_for(route.wake.wait(), min(check, left) if left > 0 else check)
-                except asyncio.TimeoutError:
-                    pass
-                if canary.state != routing.RUNNING or self._closing:
-                    return
-                arm = route.arm(canary.version).to_dict()
-                base = route.arm(canary.baseline).to_dict()
-                verdict, reason = routing.canary_verdict(arm, base, canary.bounds)
-                canary.reason = reason
-                if verdict == "rollback":
-                    await self._canary_end(route, canary, routing.ROLLED_BACK, reason)
-                    return
-                step = routing.next_step(canary.steps, canary.step, time.monotonic() - canary.step_mono,
-                                         canary.interval_s, routing.enough_evidence(arm, base, canary.bounds))
-                if step != canary.step:
-                    if canary.steps[step] >= 100:
-                        await self._canary_promote(route, canary)
-                        return
-                    await self._canary_advance(route, canary, step, reason)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a broken controller must not leave a canary half-ramped
-            log.exception("canary controller of %s failed", name)
-            await self._canary_end(route, canary, routing.ROLLED_BACK, f"the canary controller failed: {e}")
-
-    async def _canary_advance(self, route: Route, canary: routing.Canary, step: int, reason: str) -> None:
-        name = route.name
-        async with self._route_lock:
-            if canary.state != routing.RUNNING or self._closing:
-                return
-            now = time.time()
-            nxt = dataclasses.replace(canary, step=step, share=canary.steps[step], step_started=now, reason=reason)
-            if self.store is not None:
-                await self.store.update_routing(
-                    name, "canary", "canary_step", canary.version, {"step": step, "share": nxt.share},
-                    canary=nxt.to_dict(), split=self._split_record(nxt.weights(), route.shadow, route.metric_output))
-            canary.step, canary.share, canary.step_started, canary.step_mono = step, nxt.share, now, time.monotonic()
-            self._apply_split(route, canary.weights(), route.shadow, route.metric_output, reset_arms=True)
-        self.events.publish("canary_step", f"{name}: canary of version {canary.version} at {canary.share}% "
-                            f"(step {step + 1} of {len(canary.steps)}): {reason}", model=name,
-                            version=canary.version, data={"canary": canary.to_dict()})
-
-    async def _canary_promote(self, route: Route, canary: routing.Canary) -> None:
-        """The last step: the normal swap path makes the canary the active version."""
-        entry = self._models[route.name]
-        async with self._route_lock:
-            if canary.state != routing.RUNNING or self._closing:
-                return
-            canary.state = routing.PROMOTING
-            route.swap = {"from": entry.active, "to": canary.version, "phase": "loading", "started": time.time()}
-        try:
-            await self._swap(entry, route, entry.versions[canary.version], "canary", canary)
-        except Exception as e:  # noqa: BLE001 - the swap said why in its own event; the canary ends
-            canary.state = routing.RUNNING
-            message = e.message if isinstance(e, EngineError) else f"{type(e).__name__}: {e}"
-            await self._canary_end(route, canary, routing.ROLLED_BACK, f"the promotion swap failed: {message}")
-            return
-        self.events.publish("canary_promoted", f"{route.name}: canary of version {canary.version} promoted: "
-                            "it is the active version", model=route.name, version=canary.version,
-                            data={"canary": canary.to_dict()})
-
-    async def _canary_end(self, route: Route, canary: routing.Canary, state: str, reason: str) -> None:
-        """The controller's rollback: share to 0 at once (in memory first: stop sending traffic to
-        a bad version before anything else), then the store and the event."""
-        if self._closing:
-            return  # shutting down is not a verdict: the canary resumes at the next start
-        async with self._route_lock:
-            if canary.state not in (routing.RUNNING, routing.STARTING):
-                return
-            applied = canary.state == routing.RUNNING
-            canary.state, canary.share, canary.reason = state, 0, reason
-            if applied:
-                self._apply_split(route, {}, route.shadow, route.metric_output, keep_arms=True)
-            if self.store is not None:
-                try:
-                    await self.store.update_routing(
-                        route.name, "canary", "canary_rollback", canary.version, {"reason": reason},
-                        canary=canary.to_dict(), result="rolled_back", detail=reason,
-                        split=self._split_record({}, route.shadow, route.metric_output))
-                except Exception:  # noqa: BLE001 - the rollback stands; a restart would judge it again
-                    log.exception("could not store the rollback of %s's canary", route.name)
-        self.events.publish("canary_rolled_back", f"{route.name}: canary of version {canary.version} rolled back: "
-                            f"{reason}", model=route.name, version=canary.version, level="error",
-                            data={"reason": reason, "canary": canary.to_dict()})
-
     async def _janitor_loop(self) -> None:
         """Every tick: fold request counts into rates; unload models idle past keep_alive."""
         while True:
@@ -979,10 +487,10 @@ class Engine:
             now = time.monotonic()
             for inst in self._instances():
                 inst.tick(now)
-                if _expired(inst, now) and inst.key not in self._protected:
+                if _expired(inst, now) and inst.key not in self.versions.protected:
                     async with self._control:
                         # re-read under the lock that gates the unload
-                        if _expired(inst, now) and inst.key not in self._protected:
+                        if _expired(inst, now) and inst.key not in self.versions.protected:
                             idle = now - max(inst.last_used, inst.loaded_mono)
                             self.events.publish("expired", f"{inst.key} idle for {idle:.0f}s (keep_alive "
                                                 f"{inst.cfg.keep_alive:g}s): unloading",
@@ -994,12 +502,41 @@ class Engine:
         if self.store is not None:
             await self.store.audit(actor, action, inst.name, inst.version, {}, result, detail)
 
+    # ------------------------------------------------------------ versions (versions.py does the work)
+
+    def routing(self, name: str) -> dict[str, Any]:
+        """How a model name routes requests without a version, and each arm's metrics."""
+        return self.versions.routing(name)
+
+    async def swap(self, name: str, version: str | int, actor: str = "api") -> dict[str, Any]:
+        """Hot swap: load and warm ``version`` beside the active one, switch routing
+        atomically, let the old version finish its queued and in-flight work, unload it.
+        A new version that fails to load or warm leaves the old one serving."""
+        return await self.versions.swap(name, version, actor)
+
+    async def set_split(self, name: str, weights: Mapping[str, float | int], *, shadow: Sequence[str] | None = None,
+                        metric_output: str | None = None, actor: str = "api") -> dict[str, Any]:
+        """A/B split of the requests without a version (``{}`` clears it); shadow copies; a tracked output."""
+        return await self.versions.set_split(name, weights, shadow=shadow, metric_output=metric_output, actor=actor)
+
+    async def start_canary(self, name: str, version: str | int, *, steps: Sequence[float] = (5, 25, 50, 100),
+                           interval_s: float = 60.0, max_error_rate: float = 0.05, max_p95_ratio: float = 2.0,
+                           min_requests: int = 20, actor: str = "api") -> dict[str, Any]:
+        """Ramp ``version``'s share step by step; roll back on a broken bound, swap at 100%."""
+        return await self.versions.start_canary(name, version, steps=steps, interval_s=interval_s,
+                                                max_error_rate=max_error_rate, max_p95_ratio=max_p95_ratio,
+                                                min_requests=min_requests, actor=actor)
+
+    async def stop_canary(self, name: str, actor: str = "api") -> dict[str, Any]:
+        """Abort the running canary: its share goes to 0."""
+        return await self.versions.stop_canary(name, actor)
+
     # ------------------------------------------------------------ request path
 
     async def infer(
         self,
         name: str,
-        inputs: Mapping[str, Any],
+        inputs: Inputs,
         *,
         version: str | None = None,
         priority: int | None = None,
@@ -1014,31 +551,39 @@ class Engine:
         version, a name with a split (or canary) picks an arm by weight,
         sticky per ``routing_key``; an explicit version ignores the split.
         The answer's ``version`` says which version served it.
+
+        ``inputs`` is the tensors by name, or a function that makes them from
+        the ``ModelInstance`` that serves the request (called once that
+        version is known and loaded, so the tensors are decoded against its
+        inputs: the HTTP server's raw binary form, whose body names no
+        tensor).  Either way they are validated against that version.
         """
         if self._closing:
             raise ModelUnavailable("the engine is shutting down")
         if version is None:
-            route = self._routed.get(name)
+            route = self.versions.routed.get(name)
             if route is not None:
-                return await self._infer_routed(route, inputs, priority, timeout_ms, outputs, routing_key)
+                return await self.versions.infer_routed(route, inputs, priority, timeout_ms, outputs, routing_key)
         if routing_key is not None and not isinstance(routing_key, str):
             raise InputError(f"routing_key: expected a string, got {type(routing_key).__name__}")
         inst = self._instance(name, version)
         try:
             return await self._serve(inst, inputs, priority, timeout_ms, outputs)
         except EngineError as e:
-            if version is None and type(e) is ModelUnavailable and self._moved_on(name, inst):
-                return await self._reroute(name, inputs, priority, timeout_ms, outputs, routing_key)
+            if version is None and type(e) is ModelUnavailable and self.versions.moved_on(name, inst):
+                return await self.versions.reroute(name, inputs, priority, timeout_ms, outputs, routing_key)
             inst.stats.fail(e.kind)  # every failed answer is counted here, once, by kind
             raise
 
-    async def _serve(self, inst: ModelInstance, inputs: Mapping[str, Any], priority: int | None,
-                     timeout_ms: float | None, outputs: Sequence[str] | None) -> InferResult:
+    async def _serve(self, inst: ModelInstance, inputs: Inputs, priority: int | None, timeout_ms: float | None,
+                     outputs: Sequence[str] | None) -> InferResult:
         """One request on one version: lazy load, validation, cache, rate limit, queue."""
         if inst.state != READY:
             if inst.state not in (UNLOADED, LOADING, WARMING):
                 raise inst.unavailable()
             await self._ensure_loaded(inst)  # lazy load, or join the one under way
+        if callable(inputs):  # decoded for the version that serves it (and knows its inputs once loaded)
+            inputs = inputs(inst)
         req = inst.prepare(inputs, priority, timeout_ms, outputs, time.monotonic())
         if inst.cache is not None:
             hit = inst.cached(req)
@@ -1047,99 +592,6 @@ class Engine:
         if inst.limiter is not None:
             await inst.limiter.admit(req.deadline, inst.name)
         return await inst.enqueue(req)
-
-    def _moved_on(self, name: str, inst: ModelInstance) -> bool:
-        """A version-less request was routed to inst, and before it ran inst went away
-        (swapped out and draining, or unloaded) while routing moved on: it may go again."""
-        entry = self._models.get(name)
-        return (not self._closing and entry is not None and entry.active != inst.version
-                and inst.state in (UNLOADING, UNLOADED))
-
-    async def _reroute(self, name: str, inputs: Mapping[str, Any], priority: int | None,
-                       timeout_ms: float | None, outputs: Sequence[str] | None,
-                       routing_key: str | None) -> InferResult:
-        """Route a request that never ran once more (once: no further rerouting)."""
-        if self._closing:
-            raise ModelUnavailable("the engine is shutting down")
-        route = self._routed.get(name)
-        if route is not None:
-            return await self._infer_routed(route, inputs, priority, timeout_ms, outputs, routing_key, False)
-        inst = self._instance(name, None)
-        try:
-            return await self._serve(inst, inputs, priority, timeout_ms, outputs)
-        except EngineError as e:
-            inst.stats.fail(e.kind)
-            raise
-
-    async def _infer_routed(self, route: Route, inputs: Mapping[str, Any], priority: int | None,
-                            timeout_ms: float | None, outputs: Sequence[str] | None,
-                            routing_key: str | None, may_reroute: bool = True) -> InferResult:
-        """A version-less request on a name with a split and/or shadows: pick the arm (one
-        random() or one hash), send the shadow copies, record the answer in the arm's metrics."""
-        name = route.name
-        entry = self._models[name]
-        table = route.table
-        if table is None:
-            v = entry.active
-        elif routing_key is None:
-            v = table.choose(random())
-        elif isinstance(routing_key, str):
-            v = table.choose(routing.sticky_u(name, routing_key))
-        else:
-            raise InputError(f"routing_key: expected a string, got {type(routing_key).__name__}")
-        inst = entry.versions[v]
-        if route.shadow:
-            for s in route.shadow:
-                if s != v:
-                    self._send_shadow(route, entry, s, inputs, timeout_ms)
-        arm = route.arms.get(v) or route.arm(v)
-        t0 = time.monotonic()
-        try:
-            res = await self._serve(inst, inputs, priority, timeout_ms, outputs)
-        except EngineError as e:
-            if may_reroute and type(e) is ModelUnavailable and self._moved_on(name, inst):
-                return await self._reroute(name, inputs, priority, timeout_ms, outputs, routing_key)
-            inst.stats.fail(e.kind)
-            arm.fail()
-            if route.canary is not None:
-                route.wake.set()  # the controller judges the error rate now, not at its next tick
-            raise
-        metric = route.metric_output
-        arm.ok(time.monotonic() - t0, _metric_mean(res.outputs, metric) if metric is not None else None)
-        return res
-
-    def _send_shadow(self, route: Route, entry: ModelEntry, version: str, inputs: Mapping[str, Any],
-                     timeout_ms: float | None) -> None:
-        """Fire a copy of the request at a shadow version; the caller does not wait for it."""
-        inst = entry.versions.get(version)
-        if inst is None:
-            return
-        if route.shadow_inflight >= SHADOW_MAX_INFLIGHT:
-            route.shadow_dropped += 1
-            return
-        route.shadow_inflight += 1
-        task = asyncio.get_running_loop().create_task(self._shadow(route, inst, inputs, timeout_ms))
-        route.tasks.add(task)
-        task.add_done_callback(route.tasks.discard)
-
-    async def _shadow(self, route: Route, inst: ModelInstance, inputs: Mapping[str, Any],
-                      timeout_ms: float | None) -> None:
-        """A shadow copy: its answer goes to the arm's metrics, its error too, nowhere else."""
-        arm = route.arm(inst.version)
-        t0 = time.monotonic()
-        try:
-            # the least urgent level: a copy never overtakes real traffic
-            res = await self._serve(inst, inputs, inst.cfg.priority_levels, timeout_ms, None)
-        except EngineError as e:
-            inst.stats.fail(e.kind)
-            arm.fail()
-        except Exception:  # noqa: BLE001 - a shadow's failure must never surface anywhere but its metrics
-            arm.fail()
-        else:
-            metric = route.metric_output
-            arm.ok(time.monotonic() - t0, _metric_mean(res.outputs, metric) if metric is not None else None)
-        finally:
-            route.shadow_inflight -= 1
 
     # ------------------------------------------------------------ observation
 
@@ -1164,10 +616,10 @@ class Engine:
     def snapshot(self) -> dict[str, Any]:
         """Everything an observer shows: every version's state, queue, memory and counters."""
         models = self.snapshot_models()
-        return {"models": models, "cache": self.cache.to_dict(), "devices": [dict(d, slots=self.shared[d["index"]].to_dict())
-                            for d in self.memory.snapshot(self._residents)],
+        devices = [dict(d, slots=self.shared[d["index"]].to_dict()) for d in self.memory.snapshot(self._residents)]
+        return {"models": models, "cache": self.cache.to_dict(), "devices": devices,
                 "host_tier": self.host_tier.to_dict(),
-                "routing": {n: self.routing(n) for n in sorted(self._routes) if self._routes[n].shown()}}
+                "routing": self.versions.snapshot()}
 
     def subscribe(self, maxsize: int = 1000) -> Subscription:
         """Discrete events (registered, loading, loaded, load_failed, unloaded, model_error, ...)."""

@@ -1,8 +1,9 @@
 """Versions, A/B splits and canaries: the routing policy as pure functions.
 
-Nothing here touches torch, a clock, a lock or the event loop: the engine
-(``engine.py``) owns the routing state, calls these functions to decide, and
-passes in whatever they need (uniform draws, times, arm statistics).
+Nothing here touches torch, a clock, a lock or the event loop: ``versions.py``
+(the engine's ``Versions``) owns the routing state, calls these functions to
+decide, and passes in whatever they need (uniform draws, times, arm
+statistics).
 
 Routing a request
 =================
@@ -33,9 +34,9 @@ Canary
 
 ``steps`` are increasing percentages in (0, 100] that end at 100; the canary
 arm gets ``steps[step]`` percent and the baseline (the version active when
-the canary started) the rest.  The controller (one engine task per canary)
-wakes when an error lands on the canary arm and at least every
-``check_interval(interval_s)`` seconds, and asks ``canary_verdict``:
+the canary started) the rest.  The controller (one task per canary, in
+``versions.py``) wakes when an error lands on the canary arm and at least
+every ``check_interval(interval_s)`` seconds, and asks ``canary_verdict``:
 
 * error rate: rolled back as soon as ``errors / max(requests, min_requests)
   > max_error_rate`` -- before ``min_requests`` answers this is a lower bound

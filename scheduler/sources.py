@@ -16,11 +16,20 @@ server read a file elsewhere.
 
 ``load_model`` runs in a worker thread (it may take seconds); everything it
 raises is a ``SourceError`` whose message names the source and the problem.
+
+A load is done by a thread of its own at a lower OS priority (``LOAD_NICE``;
+Linux, where nice is per thread), while the calling worker thread waits: a
+hot swap loads the new version on the cores that are serving the old one,
+and on a busy CPU the scheduler should give those cores to the requests
+first and to the load with what is left.  The model's worker thread keeps its
+normal priority for the forward passes that follow (an unprivileged process
+could not raise a thread's priority back after lowering it).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import threading
 from dataclasses import dataclass
@@ -391,14 +400,60 @@ _LOADERS = {
 }
 
 
+# The nice value a load runs at (0 = normal, 19 = lowest): at 10 the CFS scheduler gives a
+# busy core ~10x more time to a normal-priority thread than to the load.
+LOAD_NICE = 10
+
+
 def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
     """Load cfg's model onto device, in eval mode with gradients off.
 
     Slow (file reads, factory code, device copies): call it from a worker
-    thread, never the event loop.  Raises SourceError for every failure.
+    thread, never the event loop.  The work runs on a thread of its own at
+    ``LOAD_NICE`` (this call waits for it).  Raises SourceError for every failure.
     """
     _check_args_used(cfg)
     loader = _LOADERS.get(cfg.source_kind)
     if loader is None:
         raise SourceError(f"{cfg.source}: unknown source kind {cfg.source_kind}")
-    return loader(cfg, torch.device(device))
+    device = torch.device(device)
+    return _at_low_priority(f"load:{cfg.name}:{cfg.version}", lambda: loader(cfg, device), device)
+
+
+def _lower_priority(nice: int = LOAD_NICE) -> bool:
+    """Lower the calling thread's CPU priority to ``nice`` (never raise it); True if done.
+
+    Linux keeps a nice value per thread, addressed by its native id; elsewhere
+    setpriority(PRIO_PROCESS) would change the whole process, so nothing is done.
+    """
+    if not sys.platform.startswith("linux") or not hasattr(os, "setpriority"):
+        return False
+    try:
+        tid = threading.get_native_id()
+        if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+        return True
+    except OSError:  # e.g. a seccomp profile that forbids it: load at normal priority
+        return False
+
+
+def _at_low_priority(name: str, fn: Any, device: torch.device) -> Any:
+    """Run fn() on a new thread at ``LOAD_NICE`` and wait for it; its result, or its exception."""
+    box: list[Any] = []
+
+    def run() -> None:
+        _lower_priority()
+        try:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            box.append((True, fn()))
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread, which raises it
+            box.append((False, e))
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    thread.join()
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value

@@ -49,9 +49,11 @@ __all__ = [
     "DecodeError",
     "RequestedOutput",
     "V2Request",
+    "decode_raw",
     "decode_request",
     "encode_error",
     "encode_response",
+    "raw_request",
 ]
 
 
@@ -160,7 +162,7 @@ def decode_request(
         if header_length > n:
             raise DecodeError(f"Inference-Header-Content-Length {header_length} exceeds the body ({n} bytes)")
         if header_length == 0:
-            return _decode_raw(body, input_specs, max_batch_size)
+            return decode_raw(body, input_specs, max_batch_size)
         head = body if header_length == n else memoryview(body)[:header_length]
     try:
         obj = orjson.loads(head)
@@ -476,8 +478,16 @@ def _flatten_strings(data: list, field: str) -> list[bytes]:
     return out
 
 
-def _decode_raw(body: Any, specs: Sequence[TensorSpec] | None, max_batch_size: int) -> V2Request:
-    """Inference-Header-Content-Length: 0 -- the whole body is the one input (batch 1)."""
+def raw_request() -> V2Request:
+    """The request-level facts of a raw body (``Inference-Header-Content-Length: 0``): no id, no
+    parameters, every output binary.  Its one input is ``decode_raw``'s, against the inputs of
+    whichever version serves the request (the server leaves that to the engine's routing)."""
+    return V2Request(None, {}, {}, None, True, None, None)
+
+
+def decode_raw(body: Any, specs: Sequence[TensorSpec] | None, max_batch_size: int = 0) -> V2Request:
+    """Inference-Header-Content-Length: 0 -- the whole body is the one input (batch 1) of a
+    model whose inputs are ``specs``: its name, datatype and shape come from them, not the body."""
     if not specs or len(specs) != 1:
         got = "no input description" if not specs else f"{len(specs)} inputs"
         raise DecodeError(

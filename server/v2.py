@@ -18,6 +18,11 @@ active version, or an arm of the model's A/B split or canary); the answer's
 ``model_version`` says which version served.  A routing key (request
 parameter ``routing_key``, else the ``X-Routing-Key`` header) keeps one
 client on one arm; a request with a version in the URL ignores the split.
+The request is checked against the inputs of the version that serves it
+(which may not be the active one): a JSON body's tensors name themselves and
+the engine validates them there, and a raw binary body
+(``Inference-Header-Content-Length: 0``) is decoded by the engine against
+that version's one input once it has routed the request.
 
 Handlers only translate.  Every error is an ``EngineError`` (or an
 ``HttpError`` for a malformed URL or body) that the app's guard turns into
@@ -27,7 +32,7 @@ Handlers only translate.  Every error is an ``EngineError`` (or an
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 
@@ -35,7 +40,7 @@ from modelconsole.console import __version__
 from modelconsole.scheduler.errors import ModelNotFound
 
 from . import codec
-from .app import CLOSING, ENGINE, SETTINGS, STARTED, HttpError, json_response, read_json
+from .app import CLOSING, ENGINE, HttpError, json_response, read_json
 
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "schedule_policy", "model_repository", "statistics"]
 
@@ -198,9 +203,14 @@ async def infer(request: web.Request) -> web.Response:
         if header_length < 0:
             raise HttpError(400, f"{_HEADER_LENGTH}: expected a non-negative integer, got '{raw}'")
     body = await request.read()
-    req = codec.decode_request(body, header_length, inst.inputs, inst.cfg.max_batch_size)
+    if header_length == 0:  # the raw form: the body is the one input of the version that serves it
+        req = codec.raw_request()
+        inputs: Any = _raw_inputs(body)
+    else:  # JSON (+ binary tail): every tensor names itself; the serving version validates it
+        req = codec.decode_request(body, header_length)
+        inputs = req.inputs
     outputs = [o.name for o in req.outputs] if req.outputs else None
-    result = await engine.infer(name, req.inputs, version=version, priority=req.priority,
+    result = await engine.infer(name, inputs, version=version, priority=req.priority,
                                 timeout_ms=req.timeout_ms, outputs=outputs, routing_key=_routing_key(request, req))
     served = inst if result.version == inst.version else engine.instance(name, result.version)
     payload, json_length = codec.encode_response(result.model, result.version, result.outputs, req,
@@ -213,6 +223,22 @@ async def infer(request: web.Request) -> web.Response:
     if len(payload) >= 1024 and "Accept-Encoding" in request.headers:
         resp.enable_compression()  # gzip or deflate, whichever the client accepts
     return resp
+
+
+def _raw_inputs(body: bytes) -> Callable[[Any], dict[str, Any]]:
+    """A raw body's one input, decoded by the engine against the version that serves the request.
+
+    Without a version in the URL that version is known only once the engine
+    has routed the request (the active version at that moment, or a split's
+    arm, whose inputs may differ), and it is called again if the request is
+    rerouted or copied to a shadow version.  Decoding against the version the
+    handler looked up first would refuse, or mis-shape, a body meant for the
+    version that actually serves it.
+    """
+    def decode(inst: Any) -> dict[str, Any]:
+        return codec.decode_raw(body, inst.inputs, inst.cfg.max_batch_size).inputs
+
+    return decode
 
 
 def _routing_key(request: web.Request, req: codec.V2Request) -> str | None:
