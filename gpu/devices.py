@@ -149,6 +149,13 @@ class DeviceBackend(abc.ABC):
     def release(self, index: int, owner: str) -> None:
         """Everything ``owner`` holds on ``index`` is being freed (readings may lag)."""
 
+    def open_context(self, index: int) -> None:
+        """Create this process's context on device ``index`` (a CUDA context: ~0.5 GiB, ~1 s).
+
+        Called once per device at engine start, between two readings, so
+        ``find_own_pid`` can tell which process in the device's list is us.
+        """
+
     def close(self) -> None:
         """Release backend resources; idempotent."""
 
@@ -162,6 +169,62 @@ class DeviceBackend(abc.ABC):
         n = self.count()
         if not isinstance(index, int) or not 0 <= index < n:
             raise IndexError(f"{self.kind} device index {index!r} out of range (have {n} device(s))")
+
+
+# --------------------------------------------------------------------------- own pid
+
+
+def own_pid_from(os_pid: int, before: set[int], after: set[int]) -> int | None:
+    """Which pid in a device's process list is this process, or None if it cannot be told.
+
+    ``before`` and ``after`` are the pids listed (on all managed devices)
+    before and after this process opened its contexts.  Our own pid when it
+    is listed (no container, or one sharing the host's pid namespace).
+    Otherwise the driver lists us under the host's pid, which we cannot see:
+    it is the one pid that appeared when our contexts were opened.  None if
+    none or several appeared (a context opened earlier, another process
+    starting at the same moment): the caller keeps ``os_pid`` and says so.
+    """
+    if os_pid in after:
+        return os_pid
+    new = after - before
+    return next(iter(new)) if len(new) == 1 else None
+
+
+# The pid NVML lists this process under, once found (a CUDA context lives as long as the
+# process, so a later engine in the same process cannot see it appear again).
+_nvml_own_pid: int | None = None
+
+
+def find_own_pid(backend: DeviceBackend, indices: list[int]) -> int | None:
+    """Open this process's context on each device and return the pid the devices list us under.
+
+    See ``own_pid_from``.  On NVML the answer is kept for the process, and a
+    new context not listed at once is polled for up to a second.  Called from
+    a worker thread (opening a CUDA context blocks).
+    """
+    global _nvml_own_pid
+    nvml = backend.kind == "nvml"
+    if nvml and _nvml_own_pid is not None:
+        for i in indices:
+            backend.open_context(i)
+        return _nvml_own_pid
+
+    def pids() -> set[int]:
+        return {p.pid for i in indices for p in backend.read(i).processes}
+
+    before = pids()
+    for i in indices:
+        backend.open_context(i)
+    deadline = time.monotonic() + (1.0 if nvml and indices else 0.0)
+    while True:
+        found = own_pid_from(os.getpid(), before, pids())
+        if found is not None or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    if nvml and found is not None:
+        _nvml_own_pid = found
+    return found
 
 
 # --------------------------------------------------------------------------- NVML
@@ -268,6 +331,10 @@ class NvmlBackend(DeviceBackend):
     def torch_device(self, index: int) -> torch.device:
         self._check_index(index)
         return torch.device("cuda", index)
+
+    def open_context(self, index: int) -> None:
+        """One tiny tensor on ``cuda:index``: creates this process's CUDA context there."""
+        torch.empty(1, device=self.torch_device(index))
 
     def allocate(self, index: int, owner: str, nbytes: int) -> None:
         """No-op: real allocations are made by torch and show in readings by themselves."""
@@ -399,12 +466,18 @@ class SimulatedBackend(DeviceBackend):
     ``OTHER_PID`` (0) named "other".  Utilisation is whatever the engine set
     with ``set_utilization`` (default 0.0); temperature and power are None.
 
+    Test hooks for a container's view: ``reported_pid`` is the pid our usage
+    is listed under (default ``os.getpid()``; a container without the host's
+    pid namespace sees a host pid there), and ``context_bytes`` is what
+    ``open_context`` charges to this process, as a CUDA context would.
+
     Tensors go to the CPU (``torch_device`` is ``cpu``).  Thread-safe.
     """
 
     kind = "simulated"
 
-    def __init__(self, capacities: list[int], names: list[str] | None = None, free_delay_s: float = 0.0) -> None:
+    def __init__(self, capacities: list[int], names: list[str] | None = None, free_delay_s: float = 0.0,
+                 reported_pid: int | None = None, context_bytes: int = 0) -> None:
         capacities = [int(c) for c in capacities]
         if any(c <= 0 for c in capacities):
             raise ValueError(f"simulated device capacities must be positive, got {capacities}")
@@ -418,9 +491,18 @@ class SimulatedBackend(DeviceBackend):
             _SimDevice(capacity=c, name=names[i] if names else f"Simulated GPU {i} ({_fmt_size(c)})")
             for i, c in enumerate(capacities)
         ]
-        self._pid = os.getpid()
+        self._pid = os.getpid() if reported_pid is None else int(reported_pid)
+        self._context_bytes = max(0, int(context_bytes))
 
     # -- interface
+    def open_context(self, index: int) -> None:
+        """Charge ``context_bytes`` (if any) to this process, as a CUDA context would be."""
+        if self._context_bytes:
+            with self._lock:
+                d = self._devices[index]
+                if "<context>" not in d.owners:
+                    self.allocate(index, "<context>", self._context_bytes)
+
     def count(self) -> int:
         return len(self._devices)
 

@@ -25,6 +25,7 @@ import asyncio
 import dataclasses
 import gc
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from modelconsole.gpu.devices import DeviceBackend, open_backend
+from modelconsole.gpu.devices import DeviceBackend, find_own_pid, open_backend
 
 from . import policy, sources
 from .cache import ResultCache
@@ -79,13 +80,13 @@ def _expired(inst: ModelInstance, now: float) -> bool:
             and now - max(inst.last_used, inst.loaded_mono) > ka)
 
 
-def _warm_process(devices: list[torch.device]) -> None:
+def _warm_process(backend: DeviceBackend, indices: list[int]) -> int | None:
     """Pay once, at start, what the first load would otherwise pay and charge to its model's
     measured reload time (which the eviction policy weighs): the lazy imports behind
-    ``Module.to_empty`` (sympy, ~1.5 s) and each managed GPU's CUDA context."""
+    ``Module.to_empty`` (sympy, ~1.5 s) and each managed GPU's CUDA context.  Opening the
+    contexts also tells which pid the devices list this process under (``find_own_pid``)."""
     torch.nn.Linear(1, 1, device="meta").to_empty(device="cpu")
-    for device in devices:
-        torch.empty(1, device=device)
+    return find_own_pid(backend, indices)
 
 
 _heap_frozen = False
@@ -195,8 +196,17 @@ class Engine:
             resume = await self.versions.restore()
         else:
             resume = []
-        cuda = [self.backend.torch_device(i) for i in self.memory.budgets]
-        await asyncio.to_thread(_warm_process, [d for d in cuda if d.type == "cuda"])
+        own_pid = await asyncio.to_thread(_warm_process, self.backend, sorted(self.memory.budgets))
+        if own_pid is not None:
+            self.memory.set_own_pid(own_pid)
+            if own_pid != os.getpid():
+                log.info("the devices list this process as pid %d (os pid %d: a container's pid namespace)",
+                         own_pid, os.getpid())
+        elif self.backend.kind == "nvml":
+            self.events.publish(
+                "memory_pid_unknown", f"cannot tell this process (pid {os.getpid()}) in the GPUs' process "
+                "lists: its own memory counts as another process's (budgets shrink by it, unloads wait "
+                "their full unload_wait_s)", level="warning")
         _freeze_heap()  # before any model loads: an unload's gc.collect walks what came after
         self._started = True
         loop = asyncio.get_running_loop()

@@ -84,6 +84,11 @@ class MemoryManager:
             for i in range(backend.count())
         }
 
+    def set_own_pid(self, pid: int) -> None:
+        """The pid the devices list this process under (a host pid inside a container)."""
+        for budget in self.budgets.values():
+            budget.own_pid = int(pid)
+
     # ------------------------------------------------------------ where a model goes
 
     def target_devices(self, device_spec: str) -> list[int] | None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 
 import pytest
 import torch
 
-from modelconsole.gpu.devices import SimulatedBackend
+from modelconsole.gpu.devices import SimulatedBackend, own_pid_from
 from modelconsole.scheduler.config import GpuConfig
 from modelconsole.scheduler.engine import Engine
 from modelconsole.scheduler.instance import LoadFailed
@@ -27,10 +29,11 @@ def sized(name, mib=32, **kw):
 async def make_engine(tmp_path):
     engines = []
 
-    async def make(capacities_mib=(256,), store=False, tick_s=3600.0, free_delay_s=0.0, **gpu):
+    async def make(capacities_mib=(256,), store=False, tick_s=3600.0, free_delay_s=0.0, backend_kw=None, **gpu):
         gpu.setdefault("reserve_mib", 0)
         gpu.setdefault("min_residency_s", 0)
-        backend = SimulatedBackend([c * MiB for c in capacities_mib], free_delay_s=free_delay_s)
+        backend = SimulatedBackend([c * MiB for c in capacities_mib], free_delay_s=free_delay_s,
+                                   **(backend_kw or {}))
         eng = Engine(Store(tmp_path / "state.db") if store else None, gpu=GpuConfig(**gpu), backend=backend,
                      base_dir=str(tmp_path), tick_s=tick_s)
         await eng.start()
@@ -155,6 +158,34 @@ async def test_unload_waits_until_the_device_shows_memory_back(make_engine):
     reading = backend.read(0)
     assert reading.own_bytes(eng.memory.budgets[0].own_pid) < footprint * 0.25
     assert eng.memory.budgets[0].reservations == {}
+
+
+def test_own_pid_is_ours_when_listed_else_the_one_that_appeared():
+    assert own_pid_from(100, set(), {100, 7}) == 100  # no container: our own pid is listed
+    assert own_pid_from(100, {7}, {7, 90001}) == 90001  # container: the host pid our context brought
+    assert own_pid_from(100, {7, 90001}, {7, 90001}) is None  # context opened before: cannot tell
+    assert own_pid_from(100, {7}, {7, 90001, 90002}) is None  # two appeared at once: cannot tell
+
+
+async def test_in_a_container_our_memory_is_ours_not_another_process(make_engine):
+    """The device lists us under a host pid: found when the contexts open, so our memory is
+    neither counted twice (as another process's) nor waited for at every unload."""
+    host_pid = 4_000_000  # above Linux's pid_max: never a pid of this machine
+    eng, backend = await make_engine((256,), free_delay_s=0.2, unload_wait_s=5,
+                                     backend_kw={"reported_pid": host_pid, "context_bytes": 16 * MiB})
+    budget = eng.memory.budgets[0]
+    assert budget.own_pid == host_pid != os.getpid()
+    await eng.register(sized("a", 64))
+    await eng.load("a")
+    reading = backend.read(0)
+    assert reading.other_processes_bytes(budget.own_pid) == 0  # our context and model are ours
+    assert budget.usable(reading) == 256 * MiB  # not shrunk by what we hold
+    sub = eng.subscribe()
+    t = time.monotonic()
+    await eng.unload("a")
+    assert time.monotonic() - t < 3  # waited for the late free (0.2 s), not the 5 s bound
+    assert not [e for e in events_of(sub) if e.kind == "memory_slow"]
+    assert budget.reservations == {}
 
 
 async def test_a_free_that_never_shows_is_reported_and_bounded(make_engine):

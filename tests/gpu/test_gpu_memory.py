@@ -54,3 +54,18 @@ async def test_evict_and_reload_under_a_budget_with_nvml_agreeing():
         assert snap["backend"] == "nvml" and snap["budget"]["usable_bytes"] <= budget.limit_bytes
     finally:
         await engine.close()
+
+
+async def test_the_engine_finds_itself_in_nvml_process_list():
+    """Container or not, the pid the budgets count as ours is one NVML lists, holding our context."""
+    engine = Engine(None, gpu=GpuConfig(default_device="cuda:0"))
+    await engine.start()
+    try:
+        budget = engine.memory.budgets[0]
+        reading = engine.backend.read(0)
+        listed = {p.pid: p.used_bytes for p in reading.processes}
+        assert budget.own_pid in listed, (budget.own_pid, os.getpid(), listed)
+        assert reading.own_bytes(budget.own_pid) >= 100 * MiB  # at least the CUDA context
+        assert not [e for e in engine.events.recent if e.kind == "memory_pid_unknown"]
+    finally:
+        await engine.close()
