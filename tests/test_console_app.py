@@ -8,11 +8,11 @@ rate, quit (attached and embedded), and the disconnected banner.
 from __future__ import annotations
 
 import asyncio
-import time
 from types import SimpleNamespace
 
 import pytest
 import torch
+from consoleutil import cell, select, until
 from modelconsole.console.app import PALETTE, ActionCommands, ModelConsoleApp
 from modelconsole.console.client import LocalClient
 from modelconsole.console.screens import ConfirmScreen, HelpScreen, RegisterScreen
@@ -57,22 +57,6 @@ async def client(tmp_path):
     yield c
     await c.close()
     await eng.close()
-
-
-async def until(pilot, cond, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await pilot.pause(0.05)
-
-
-def cell(app, key, col):
-    return app.table.get_cell(key, col).plain
-
-
-def select(app, key):
-    app.table.move_cursor(row=app.table.get_row_index(key), animate=False)
 
 
 def rate_of(client, name):

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import textwrap
-import time
 
 import pytest
 import torch
+from consoleutil import cell, select, until
 from modelconsole.console import format as fmt
 from modelconsole.console.app import PALETTE, ActionCommands, ModelConsoleApp
 from modelconsole.console.client import ClientError, LocalClient, RemoteClient
@@ -97,22 +97,6 @@ class Traffic:
     async def stop(self):
         self._stop = True
         await asyncio.gather(*self._tasks)
-
-
-async def until(pilot, cond, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await pilot.pause(0.05)
-
-
-def cell(app, key, col):
-    return app.table.get_cell(key, col).plain
-
-
-def select(app, key):
-    app.table.move_cursor(row=app.table.get_row_index(key), animate=False)
 
 
 def screen_text(app) -> str:
