@@ -402,13 +402,15 @@ class Engine:
 
     async def _unload_locked(self, inst: ModelInstance, drain_timeout: float = 30.0, keep: bool = True) -> None:
         freed = inst.footprint_bytes
+        # what the device shows us holding before the free: the wait for it to come back counts from here
+        before = self.memory.own_used(inst.device_index) if inst.device_index is not None else 0
         await inst.unload(drain_timeout, keep)
         if inst.shared is not None:
             inst.shared.forget(inst)
             inst.shared = None
         if inst.device_index is not None:
             index, inst.device_index = inst.device_index, None
-            await self.memory.release(index, inst, freed)
+            await self.memory.release(index, inst, freed, before)
 
     def _instances(self) -> list[ModelInstance]:
         return [inst for e in self._models.values() for inst in e.versions.values()]

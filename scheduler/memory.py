@@ -190,20 +190,29 @@ class MemoryManager:
         self.budgets[index].release(inst.key)
         self.backend.release(index, inst.key)
 
-    async def release(self, index: int, inst: "ModelInstance", freed: int) -> bool:
+    def own_used(self, index: int) -> int:
+        """What the device shows this process holding on ``index`` now."""
+        return self.budgets[index].own_used(self.backend.read(index))
+
+    async def release(self, index: int, inst: "ModelInstance", freed: int, before: int) -> bool:
         """After a model's memory was freed: wait until the device shows it back, then release.
 
+        ``before`` is this process's usage (``own_used``) read BEFORE the
+        model's tensors were freed.  It must be: on a real GPU the free and
+        ``empty_cache()`` have already returned the memory by the time this
+        runs, so a reading taken here would wait for a second drop that never
+        comes (it did: every unload on the H100 waited the full unload_wait_s,
+        a hot swap took 5.2 s).
         Waits at most unload_wait_s for 75% of the freed bytes to show as
         returned (the driver reports frees late); the reservation is kept
         until then so no load is placed on memory still being returned.
         """
         budget = self.budgets[index]
-        before = budget.own_used(self.backend.read(index))
         self.backend.release(index, inst.key)
         deadline = time.monotonic() + self.cfg.unload_wait_s
         target = before - int(freed * 0.75)
         returned = True
-        while budget.own_used(self.backend.read(index)) > target and freed > 0:
+        while freed > 0 and budget.own_used(self.backend.read(index)) > target:
             if time.monotonic() >= deadline:
                 returned = False
                 self.events.publish(

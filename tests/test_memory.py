@@ -188,6 +188,25 @@ async def test_in_a_container_our_memory_is_ours_not_another_process(make_engine
     assert budget.reservations == {}
 
 
+async def test_a_free_already_shown_before_release_is_not_waited_for(make_engine):
+    """On a real GPU the free (empty_cache) returns the memory before the release runs: the wait
+    counts from the usage read before the free, so it ends at once instead of at its bound."""
+    eng, backend = await make_engine((256,), unload_wait_s=5)
+    await eng.register(sized("a", 64))
+    await eng.load("a")
+    inst = eng.instance("a")
+    index, freed = inst.device_index, inst.footprint_bytes
+    before = eng.memory.own_used(index)
+    backend.release(index, inst.key)  # the device shows the memory back already, as NVML does
+    assert eng.memory.own_used(index) <= before - freed
+    sub = eng.subscribe()
+    t = time.monotonic()
+    assert await eng.memory.release(index, inst, freed, before) is True
+    assert time.monotonic() - t < 3  # not the 5 s bound
+    assert not [e for e in events_of(sub) if e.kind == "memory_slow"]
+    assert inst.key not in eng.memory.budgets[index].reservations
+
+
 async def test_a_free_that_never_shows_is_reported_and_bounded(make_engine):
     eng, backend = await make_engine((256,), free_delay_s=30, unload_wait_s=0.2)
     await eng.register(sized("a", 64))

@@ -22,6 +22,7 @@ async def test_evict_and_reload_under_a_budget_with_nvml_agreeing():
     engine = Engine(None, gpu=GpuConfig(reserve_mib=512, min_residency_s=0, host_tier_gib=2,
                                         default_device="cuda:0"))
     await engine.start()
+    sub = engine.subscribe()
     try:
         assert engine.backend.kind == "nvml"
         for name in ("a", "b", "c"):
@@ -52,6 +53,12 @@ async def test_evict_and_reload_under_a_budget_with_nvml_agreeing():
         assert a.footprint_bytes >= 400 * MiB
         snap = engine.snapshot()["devices"][0]
         assert snap["backend"] == "nvml" and snap["budget"]["usable_bytes"] <= budget.limit_bytes
+        # every unload (the eviction of a, the unload of b) saw its memory come back: none ran
+        # into the unload_wait_s bound
+        kinds = []
+        while not sub._queue.empty():
+            kinds.append(sub._queue.get_nowait().kind)
+        assert kinds.count("unloaded") >= 2 and "memory_slow" not in kinds, kinds
     finally:
         await engine.close()
 
