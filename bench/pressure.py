@@ -37,10 +37,13 @@ The policies, each keeping the sum of resident bytes within the budget:
               request rate is a ``policy.Ewma`` fed by the trace, reload cost
               as above, all at the same priority, nothing pinned or busy, the
               incoming model passed as ``incoming=`` (the churn guard protects
-              young models from a returner).  When the guard refuses, the
-              request waits in virtual time (retried at each later arrival)
-              and later requests for that model join it; the waits are
-              reported — the other policies never wait.  ``--admission`` also
+              young models that came in as returners from a returner), each
+              resident model's ``loaded_as_newcomer`` recorded at its load.
+              When the guard refuses, the request waits in virtual time
+              (retried at each later arrival) and later requests for that
+              model join it — a waiting request counts as a use of its model,
+              as a refused one does in the engine; the waits are reported —
+              the other policies never wait.  ``--admission`` also
               passes ``incoming_value`` as the engine may: a refused request
               waits up to ``--max-wait`` s, then loads without admission.
 * oracle      the same plan_eviction fed each phase's TRUE popularity instead
@@ -72,7 +75,7 @@ import math
 import sys
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -269,6 +272,7 @@ class Ours(Cache):
         self.strict_guard = strict_guard
         self.loaded_at: dict[int, float] = {}  # the resident models
         self.last_used: dict[int, float] = {}  # every model served so far
+        self.newcomer: dict[int, bool] = {}  # resident models: loaded as a newcomer (see policy.churn_risk)
         self.pending: OrderedDict[int, list[float]] = OrderedDict()  # model -> arrivals waiting
 
     def residency(self, i: int, now: float, loaded_at: float | None = None) -> policy.Residency:
@@ -278,12 +282,15 @@ class Ours(Cache):
             base_priority=policy.NEUTRAL_PRIORITY, pinned=False, busy=False,
             loaded_at=self.loaded_at[i] if loaded_at is None else loaded_at,
             last_used=self.last_used.get(i, -math.inf),
+            loaded_as_newcomer=self.newcomer.get(i, False),
         )
 
     def _try_load(self, i: int, now: float, waiting_since: float) -> bool:
         m = self.models[i]
         resident = [self.residency(k, now) for k in self.loaded_at]
         me = self.residency(i, now, loaded_at=now)
+        if i in self.pending:  # its requests that wait are uses too (all arrived before now)
+            me = replace(me, last_used=max(me.last_used, self.pending[i][-1]))
         incoming_value = None
         if self.admission and now - waiting_since < self.max_wait_s:
             incoming_value = policy.keep_value(me, now)
@@ -302,6 +309,8 @@ class Ours(Cache):
             self.res.ooms += 1  # the plan fell short: an OOM on a real GPU
             return False
         self.loaded_at[i] = now
+        # without incoming= the caller cannot tell a newcomer: protected like any young model
+        self.newcomer[i] = not self.strict_guard and not policy.churn_risk(me, now, self.min_residency_s)
         self.last_used[i] = now
         self._load(m)
         return True

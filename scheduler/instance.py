@@ -139,6 +139,7 @@ class ModelInstance:
         self.learned_footprint = 0  # measured at its last load: the next load's estimate
         self.loaded_mono = 0.0
         self.last_used = 0.0  # monotonic time of its last request
+        self.loaded_as_newcomer = False  # its current load was a newcomer's (memory.make_room; the churn guard)
         self.rate = policy.Ewma(half_life_s=policy.RATE_HALF_LIFE_S)  # requests per second, decayed
         self.shared: "SharedDevice | None" = None  # the managed device's slots, when it is shared
         self._granted = False  # holding a slot the shared device granted, not yet used
@@ -662,6 +663,7 @@ class ModelInstance:
             loaded_at=self.loaded_mono,
             # 0.0 is "never": the monotonic clock's zero is an arbitrary past (boot), not a use
             last_used=self.last_used if self.last_used > 0.0 else -math.inf,
+            loaded_as_newcomer=self.loaded_as_newcomer,
         )
 
     def snapshot(self) -> dict[str, Any]:

@@ -122,11 +122,15 @@ class MemoryManager:
         against the newcomer's value): a model asked for rarely must still be
         served when asked.  Thrashing is held off by the churn guard
         (min_residency_s), which the policy applies when the incoming model
-        was itself used recently (half of a swap loop), not to a newcomer.
+        was itself used recently (half of a swap loop), not to a newcomer,
+        and which protects only young models that came in that way too
+        (``loaded_as_newcomer`` is set here).  A refused request counts as a
+        use: the model's next attempt is a returner's, not a newcomer's.
 
         Returns the device index, with `need` reserved for inst there.
         """
         now = time.monotonic()
+        incoming = inst.residency(now, need)  # its use before this request (prepare comes after the load)
         loads = {i: sum(r.in_flight + r.queue.size for r in residents(i)) for i in targets}
         cands = [(i, self.available(i), float(loads[i])) for i in targets]
         index = place(need, cands)
@@ -135,7 +139,7 @@ class MemoryManager:
             for i, avail, _ in cands:
                 plan = policy.plan_eviction(
                     [r.residency(now) for r in residents(i)], need, avail, now,
-                    min_residency_s=self.cfg.min_residency_s, incoming=inst.residency(now, need),
+                    min_residency_s=self.cfg.min_residency_s, incoming=incoming,
                 )
                 if plan is not None:
                     plans.append((plan.freed_bytes, i, plan))
@@ -152,6 +156,7 @@ class MemoryManager:
                                               self.cfg.min_residency_s) for i, avail, _ in cands]
                 times = [t for t in times if t is not None]
                 retry = max(1.0, min(times) - now) if times else 5.0
+                inst.last_used = now  # wanted now: when it retries it is a returner, not a newcomer
                 raise InsufficientMemory(self._why_no_room(inst, need, targets, residents)
                                          + f"; retry in {retry:.0f}s", retry_after=retry)
             _, index, plan = min(plans, key=lambda p: (p[0], p[1]))  # the plan that frees least
@@ -160,6 +165,7 @@ class MemoryManager:
                 await evict(by_key[key], f"to make room for {inst.key} ({need / GiB:.2f} GiB): {plan.reason}")
             if self.available(index) < need:
                 raise InsufficientMemory(self._why_no_room(inst, need, targets, residents))
+        inst.loaded_as_newcomer = not policy.churn_risk(incoming, now, self.cfg.min_residency_s)
         self.budgets[index].reserve(inst.key, need)
         return index
 
