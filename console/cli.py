@@ -16,9 +16,13 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import sys
+import traceback
 
 from . import __version__
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +107,9 @@ def server_settings(args: argparse.Namespace, config) -> "tuple[object, str] | s
     if not is_loopback(host) and not token:
         return (f"refusing to bind {host!r} without a token: anyone who can reach it could load, unload and "
                 "register models. Pass --token (or set MODELCONSOLE_TOKEN, or [server] token), or bind 127.0.0.1.")
+    if config.server.infer_requires_token and not token:
+        return ("[server] infer_requires_token = true, but no token is set, so no infer call would be checked. "
+                "Pass --token (or set MODELCONSOLE_TOKEN, or [server] token), or set infer_requires_token = false.")
     return ServerSettings(host=host, port=port, token=token or None,
                           infer_requires_token=config.server.infer_requires_token,
                           max_body_bytes=int(config.server.max_body_mib * 2**20),
@@ -213,8 +220,73 @@ def _console_log(args: argparse.Namespace, level: str) -> None:
 
         path = Path(platformdirs.user_log_dir("modelconsole", appauthor=False)) / "modelconsole.log"
     path.parent.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.WARNING),
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", filename=str(path))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.WARNING), format=LOG_FORMAT,
+                        filename=str(path))
+
+
+_NEWLINES = re.compile(r"[ \t]*[\r\n]+\s*")
+
+
+def describe_exception(exc: BaseException, every_frame: bool = False) -> str:
+    """``Type: message (at file.py:12 in func)``, then ``; caused by ...`` for its causes.
+
+    The innermost frame says where it was raised, which is what a log reader
+    needs to find it; ``every_frame`` (``--log-level DEBUG``) lists the whole
+    traceback, innermost first, still on one line.
+    """
+    parts: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen and len(parts) < 5:
+        seen.add(id(current))
+        parts.append(_one_exception(current, every_frame))
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return "; caused by ".join(parts)
+
+
+def _one_exception(exc: BaseException, every_frame: bool) -> str:
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames:
+        shown = frames[::-1] if every_frame else frames[-1:]
+        text += " (at " + " < ".join(f"{os.path.basename(f.filename)}:{f.lineno} in {f.name}" for f in shown) + ")"
+    return text
+
+
+class OneLineFormatter(logging.Formatter):
+    """One record, one line on stderr, so ``journalctl`` and ``grep`` see each record whole.
+
+    Exceptions (``log.exception``, aiohttp's "Error handling request") are
+    folded onto their record's line after `` | `` by ``describe_exception``;
+    a newline inside a message becomes a space.  The record itself is not
+    changed (``exc_text`` is not cached), so other handlers format it their way.
+    """
+
+    def __init__(self, fmt: str = LOG_FORMAT, *, every_frame: bool = False):
+        super().__init__(fmt)
+        self.every_frame = every_frame
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = record.getMessage()
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None:
+            line += " | " + describe_exception(exc, self.every_frame)
+        elif record.exc_text:
+            line += " | " + record.exc_text
+        if record.stack_info:
+            line += " | stack: " + record.stack_info
+        return _NEWLINES.sub(" ", line.strip())
+
+
+def _stderr_log(level: str) -> None:
+    """--serve and --check-config: one line per record on stderr (see OneLineFormatter)."""
+    numeric = getattr(logging, str(level).upper(), logging.WARNING)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter(every_frame=numeric <= logging.DEBUG))
+    logging.basicConfig(level=numeric, handlers=[handler])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,11 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     if console:
         _console_log(args, level)
     else:
-        logging.basicConfig(
-            level=getattr(logging, str(level).upper(), logging.WARNING),
-            format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-            stream=sys.stderr,
-        )
+        _stderr_log(level)
     if args.check_config is not None:
         return check_config(args.check_config or args.config)
     if args.serve:

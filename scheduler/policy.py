@@ -546,6 +546,7 @@ def explain(r: Residency, now: float) -> dict[str, Any]:
         "busy": r.busy,
         "resident_s": max(0.0, now - r.loaded_at),
         "idle_s": max(0.0, now - r.last_used) if r.last_used > -math.inf else None,  # None: never used
+        "loaded_as_newcomer": r.loaded_as_newcomer,  # the churn guard does not protect it from a returner
         "formula": "(max(request_rate, recency_floor) + epsilon) × reload_seconds / GiB × priority_weight",
         "units": "load-seconds saved per second per GiB held",
     }

@@ -13,8 +13,12 @@ plain: it checks the bearer token where one is required (constant-time
 compare), and turns every error into ``{"error": "..."}`` with the status the
 engine's error kind carries (400 bad input, 404 unknown, 409 conflict, 429
 rate limited, 503 unavailable / queue full with ``Retry-After``, 504 deadline).
-An exception nobody anticipated is logged with its traceback and answered
-500 — the process keeps serving.
+It also answers what aiohttp would otherwise leave to the catch-all: a body
+in a ``Content-Encoding`` we cannot decode is a 415 listing the ones we can,
+and a body that is not valid data of its coding (corrupt gzip) is a 400 that
+says so.  An exception nobody anticipated is logged (on one line under
+``--serve``: ``OneLineFormatter`` in ``console/cli.py``) and answered 500 —
+the process keeps serving.
 
 Safe by default: ``127.0.0.1``; when bound elsewhere a token is required
 (``console/cli.py`` refuses to start without one); request bodies are bounded
@@ -35,7 +39,8 @@ from dataclasses import dataclass
 import orjson
 from typing import Any, Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import compression_utils, web
+from aiohttp.http_exceptions import ContentEncodingError
 
 from modelconsole.scheduler.config import ConfigError
 from modelconsole.scheduler.errors import EngineError
@@ -61,6 +66,11 @@ class ServerSettings:
     snapshot_interval_s: float = 1.0  # the event stream's periodic snapshot
     shutdown_timeout_s: float = 30.0  # in-flight requests get this long at shutdown
     access_log: bool = False  # one line per request costs ~10% of throughput: off unless asked
+
+    def __post_init__(self) -> None:
+        # Without a token the guard has nothing to compare, so the flag would silently check nothing.
+        if self.infer_requires_token and not self.token:
+            raise ValueError("infer_requires_token needs a token: without one no infer call would be checked")
 
 
 def is_loopback(host: str) -> bool:
@@ -112,6 +122,57 @@ def _check_token(request: web.Request, token: str) -> web.Response | None:
     return None
 
 
+def _decodable_encodings() -> tuple[str, ...]:
+    """The request ``Content-Encoding`` values aiohttp decodes in this process.
+
+    gzip and deflate always; br and zstd only when their packages are
+    installed (aiohttp checks the same flags).  Anything else would reach the
+    handler as compressed bytes and fail as "invalid JSON", which hides the
+    real problem.
+    """
+    out = ["gzip", "deflate"]
+    if compression_utils.HAS_BROTLI:
+        out.append("br")
+    if compression_utils.HAS_ZSTD:
+        out.append("zstd")
+    return (*out, "identity")
+
+
+ENCODINGS = _decodable_encodings()
+
+
+def _check_encoding(request: web.Request) -> web.Response | None:
+    """415 for a body coding we cannot decode (RFC 9110 15.5.16: say which we accept)."""
+    got = request.headers.get("Content-Encoding")
+    if got is None or got.strip().lower() in ENCODINGS:
+        return None
+    accepted = ", ".join(ENCODINGS)
+    return error_response(415, f"Content-Encoding: {got!r} is not supported; expected one of {accepted} "
+                               "(a single coding)", {"Accept-Encoding": accepted})
+
+
+def _unreadable_body(request: web.Request, e: web.RequestPayloadError) -> web.Response:
+    """400 for a body aiohttp could not decode (corrupt gzip, bad chunking), on a closing connection.
+
+    The parser of this connection is broken past this point (it cannot find
+    where the next request starts), so the answer says ``Connection: close``.
+    Marking the body finished keeps aiohttp from reading it again after the
+    answer, which would raise the same error and log it as "Unhandled
+    exception" with a traceback.
+    """
+    cause = e.__cause__
+    if isinstance(cause, ContentEncodingError):
+        coding = request.headers.get("Content-Encoding", "").strip().lower()
+        message = f"cannot decode the request body: invalid {coding} data (Content-Encoding: {coding})"
+    else:
+        detail = getattr(cause, "message", None) or str(e)
+        message = "cannot read the request body: " + " ".join(str(detail).split())
+    request.content.feed_eof()
+    resp = error_response(400, message)
+    resp.force_close()
+    return resp
+
+
 def _make_guard(settings: ServerSettings) -> Any:
     token = settings.token
     infer_too = settings.infer_requires_token
@@ -122,6 +183,9 @@ def _make_guard(settings: ServerSettings) -> Any:
             refused = _check_token(request, token)
             if refused is not None:
                 return refused
+        refused = _check_encoding(request)
+        if refused is not None:
+            return refused
         try:
             return await handler(request)
         except EngineError as e:
@@ -130,6 +194,8 @@ def _make_guard(settings: ServerSettings) -> Any:
             return error_response(e.status, e.message, e.headers)
         except ConfigError as e:
             return error_response(400, str(e))
+        except web.RequestPayloadError as e:
+            return _unreadable_body(request, e)
         except web.HTTPRequestEntityTooLarge:
             return error_response(413, f"request body too large: the limit is {settings.max_body_bytes} bytes "
                                        "([server] max_body_mib)")

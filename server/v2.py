@@ -9,8 +9,9 @@ Facts the handlers rely on are in ``shared/reference/v2-protocol.md`` and
 * ``model_configuration``: Triton's model-config JSON, so perf_analyzer runs;
 * ``schedule_policy``: request parameters ``priority`` (0 = the model's
   default, 1 = most urgent) and ``timeout`` (microseconds; only shortens);
-* ``model_repository``: index (an empty body with no Content-Length, as the
-  sync client sends it, is fine), load, unload;
+* ``model_repository``: index (an empty body is fine, with ``Content-Length: 0``
+  as tritonclient sends it or with no Content-Length at all, as curl -X POST
+  sends it), load, unload;
 * ``statistics``: Triton's per-model statistics.
 
 Routing: a request with no version goes where the engine routes it (the

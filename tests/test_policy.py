@@ -111,6 +111,8 @@ def test_explain_is_json_and_matches_keep_value():
     json.dumps(d)
     assert d["keep_value"] == keep_value(r, NOW)
     assert d["key"] == "a:1" and d["bytes"] == r.bytes and d["priority_weight"] == 1.0
+    assert d["loaded_as_newcomer"] is False
+    assert explain(replace(r, loaded_as_newcomer=True), NOW)["loaded_as_newcomer"] is True
 
 
 # --------------------------------------------------------------------------- plan_eviction

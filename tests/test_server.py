@@ -4,21 +4,30 @@ metrics, security and bad input.  (tritonclient's own calls are in test_tritoncl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import traceback
+import urllib.error
+import urllib.request
+import zlib
 from pathlib import Path
 
 import aiohttp
 import numpy as np
 import pytest
 
-from modelconsole.server.app import ServerSettings, is_loopback
+from modelconsole.console.cli import OneLineFormatter, describe_exception
+from modelconsole.server.app import ENCODINGS, ServerSettings, is_loopback
 from serverutil import ServerThread
 
 TOKEN = "s3cret-token"
@@ -46,6 +55,33 @@ async def request(method: str, url: str, **kw):
 
 def tiny_json(batch: int = 1, value: float = 0.5) -> dict:
     return {"inputs": [{"name": "input", "shape": [batch, 64], "datatype": "FP32", "data": [value] * (64 * batch)}]}
+
+
+async def raw_exchange(hostport: str, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes exactly as given on a fresh connection; the answer's status, headers (lower-case
+    names) and body.  For what aiohttp's client would not send: no Content-Length, corrupt codings."""
+    host, port = hostport.split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(data)
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 10)
+        headers: dict[str, str] = {}
+        while (line := await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            headers[name.strip().lower()] = value.strip()
+        body = await asyncio.wait_for(reader.readexactly(int(headers.get("content-length", "0"))), 10)
+    finally:
+        writer.close()
+    return int(status_line.split()[1]), headers, body
+
+
+def post_head(path: str, length: int | None, **headers: str) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1"]
+    if length is not None:
+        lines.append(f"Content-Length: {length}")
+    lines += [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
 # --------------------------------------------------------------------------- V2 over raw HTTP
@@ -117,6 +153,75 @@ async def test_body_limit_is_413_and_connection_survives(tmp_path):
         assert status == 413 and "4096" in json.loads(body)["error"]
         status, _, _ = await request("POST", s.url + "/v2/models/tiny/infer", json=tiny_json(1))
         assert status == 200
+
+
+CORRUPT = b"this is not compressed data at all"
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br", "GZIP"])
+async def test_corrupt_compressed_body_is_400_naming_the_coding(srv, coding, caplog):
+    if coding.lower() not in ENCODINGS:
+        pytest.skip(f"aiohttp cannot decode {coding} here (its package is not installed)")
+    good = json.dumps(tiny_json()).encode()
+    bodies = [CORRUPT, gzip.compress(good) + b"trailing garbage"] if coding.lower() == "gzip" else [CORRUPT]
+    for body in bodies:
+        head = post_head("/v2/models/tiny/infer", len(body), Content_Encoding=coding,
+                         Content_Type="application/json")
+        status, headers, answer = await raw_exchange(srv.hostport, head + body)
+        assert status == 400, answer
+        c = coding.lower()
+        assert json.loads(answer) == {
+            "error": f"cannot decode the request body: invalid {c} data (Content-Encoding: {c})"}
+        assert headers["connection"] == "close"  # this connection's parser cannot find the next request
+    # the server keeps serving, compressed bodies included, and logged no traceback for a client's mistake
+    status, _, _ = await request("POST", srv.url + "/v2/models/tiny/infer", data=zlib.compress(good),
+                                 headers={"Content-Encoding": "deflate"})
+    assert status == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+async def test_corrupt_gzip_on_the_control_api_is_400_too(srv):
+    head = post_head("/api/models", len(CORRUPT), Content_Encoding="gzip", Content_Type="application/json")
+    status, _, answer = await raw_exchange(srv.hostport, head + CORRUPT)
+    assert status == 400 and "invalid gzip data" in json.loads(answer)["error"]
+
+
+@pytest.mark.parametrize("coding", ["compress", "gzip, br", "x-unknown"])
+async def test_unsupported_content_encoding_is_415_listing_the_supported(srv, coding):
+    body = json.dumps(tiny_json()).encode()
+    status, headers, answer = await raw_exchange(
+        srv.hostport, post_head("/v2/models/tiny/infer", len(body), Content_Encoding=coding) + body)
+    assert status == 415, answer
+    error = json.loads(answer)["error"]
+    assert error.startswith(f"Content-Encoding: {coding!r} is not supported; expected one of gzip, deflate")
+    assert "identity" in error
+    assert headers["accept-encoding"].startswith("gzip, deflate")
+    status, _, _ = await request("POST", srv.url + "/v2/models/tiny/infer", data=body,
+                                 headers={"Content-Encoding": "identity", "Content-Type": "application/json"})
+    assert status == 200
+
+
+async def test_repository_index_with_no_content_length(srv):
+    """curl -X POST sends no Content-Length and no body (tritonclient sends Content-Length: 0)."""
+    status, _, answer = await raw_exchange(srv.hostport, post_head("/v2/repository/index", None))
+    assert status == 200, answer
+    index = json.loads(answer)
+    assert {"name": "tiny", "version": "1"}.items() <= next(m for m in index if m["name"] == "tiny").items()
+
+
+async def test_short_timeout_parameter_is_504_with_a_message(tmp_path):
+    """A request whose ``timeout`` passes while it waits in the queue is answered 504, not 500:
+    "held" keeps its queue for max_queue_delay_ms (a batch of 8 never fills here)."""
+    held = {"name": "held", "source": "zoo:tiny-mlp", "max_batch_size": 8, "max_queue_delay_ms": 1000,
+            "warmup": 0}
+    with ServerThread(tmp_path, models=[held]) as s:
+        await request("POST", s.url + "/api/models/held/load")
+        body = {**tiny_json(), "parameters": {"timeout": 1000}}  # microseconds: 1 ms
+        status, _, answer = await request("POST", s.url + "/v2/models/held/infer", json=body)
+        assert status == 504, answer
+        assert "model held: request timed out after waiting" in json.loads(answer)["error"]
+        status, _, answer = await request("POST", s.url + "/v2/models/held/infer", json=tiny_json())
+        assert status == 200, answer  # without the short timeout it waits out the delay and is served
 
 
 async def test_truncated_body_does_not_hang_the_server(srv):
@@ -296,6 +401,8 @@ def test_loopback_detection():
 
 # --------------------------------------------------------------------------- modelconsole --serve
 
+RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) +[\w.]+: ")
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -303,45 +410,228 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_refuses_a_public_bind_without_a_token(tmp_path):
+def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "MODELCONSOLE_TOKEN"}
+    env.update(extra)
+    return env
+
+
+def _http(method: str, url: str, body: dict | None = None, token: str | None = None,
+          timeout: float = 60) -> tuple[int, bytes]:
+    """A blocking request (for threads and subprocess tests): status and body, errors included."""
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+class Serve:
+    """``modelconsole --serve`` in a subprocess on a free loopback port; stderr goes to a file."""
+
+    def __init__(self, tmp_path: Path, config: str, env: dict[str, str] | None = None):
+        cfg = tmp_path / "mc.toml"
+        cfg.write_text(config)
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp_path / "stderr.log"
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "modelconsole.console", "--serve", "--config", str(cfg),
+                 "--port", str(self.port), "--store", str(tmp_path / "s.db")],
+                stderr=log, env=env or _env())
+
+    def wait_ready(self) -> Serve:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/v2/health/ready", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise AssertionError("server did not come up: " + self.stderr()) from None
+                time.sleep(0.2)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(60)
+
+    def stderr(self) -> str:
+        return self.log_path.read_text()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@contextlib.contextmanager
+def serving(tmp_path: Path, config: str, env: dict[str, str] | None = None):
+    s = Serve(tmp_path, config, env)
+    try:
+        yield s.wait_ready()
+    finally:
+        s.kill()
+
+
+def assert_one_line_records(stderr: str) -> list[str]:
+    """Every line of the log is a whole record (no traceback or message continues on the next)."""
+    lines = stderr.splitlines()
+    assert lines
+    strays = [line for line in lines if not RECORD.match(line)]
+    assert not strays, "lines that are not records:\n" + "\n".join(strays[:20])
+    return lines
+
+
+TINY = '[[models]]\nname = "tiny"\nsource = "zoo:tiny-mlp"\n'
+
+
+def test_serve_refuses_a_public_bind_without_a_token(tmp_path):
     p = subprocess.run([sys.executable, "-m", "modelconsole.console", "--serve", "--host", "0.0.0.0",
-                        "--store", str(tmp_path / "s.db")], capture_output=True, text=True, timeout=60, env=env)
+                        "--store", str(tmp_path / "s.db")], capture_output=True, text=True, timeout=60, env=_env())
     assert p.returncode == 2
     assert "refusing to bind '0.0.0.0' without a token" in p.stderr
     assert not (tmp_path / "s.db").exists()
 
 
-def test_serve_answers_then_drains_on_sigterm(tmp_path):
+def test_serve_refuses_infer_requires_token_without_a_token(tmp_path):
     cfg = tmp_path / "mc.toml"
-    cfg.write_text('[[models]]\nname = "tiny"\nsource = "zoo:tiny-mlp"\n')
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "modelconsole.console", "--serve", "--config", str(cfg),
-                             "--port", str(port), "--store", str(tmp_path / "s.db")],
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        import urllib.request
+    cfg.write_text(TINY + "[server]\ninfer_requires_token = true\n")
+    p = subprocess.run([sys.executable, "-m", "modelconsole.console", "--serve", "--config", str(cfg),
+                        "--port", "0", "--store", str(tmp_path / "s.db")],
+                       capture_output=True, text=True, timeout=60, env=_env())
+    assert p.returncode == 2, p.stderr
+    assert "[server] infer_requires_token = true, but no token is set" in p.stderr
+    assert "--token" in p.stderr and "MODELCONSOLE_TOKEN" in p.stderr
+    assert not (tmp_path / "s.db").exists()
+    with pytest.raises(ValueError, match="infer_requires_token needs a token"):
+        ServerSettings(infer_requires_token=True)
 
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise AssertionError("server did not come up: " + (proc.stderr.read() if proc.poll() else ""))
-                time.sleep(0.2)
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/tiny/infer",
-                                     data=json.dumps(tiny_json()).encode(), method="POST")
-        with urllib.request.urlopen(req, timeout=30) as r:
-            assert json.loads(r.read())["model_version"] == "1"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-        err = proc.stderr.read()
-        assert "listening on http://127.0.0.1:%d" % port in err
+
+def test_serve_takes_the_token_from_MODELCONSOLE_TOKEN(tmp_path):
+    """On loopback too: with the variable set, /api/ and (infer_requires_token) infer need the bearer."""
+    with serving(tmp_path, TINY + "[server]\ninfer_requires_token = true\n", _env(MODELCONSOLE_TOKEN=TOKEN)) as s:
+        assert _http("GET", s.url + "/api/snapshot")[0] == 401
+        assert _http("GET", s.url + "/api/snapshot", token="wrong")[0] == 403
+        assert _http("GET", s.url + "/api/snapshot", token=TOKEN)[0] == 200
+        assert _http("POST", s.url + "/v2/models/tiny/infer", tiny_json())[0] == 401
+        status, body = _http("POST", s.url + "/v2/models/tiny/infer", tiny_json(), token=TOKEN)
+        assert status == 200, body
+        assert s.stop() == 0
+        assert "token required for /api/ and /v2/repository" in s.stderr()
+
+
+def test_serve_answers_then_drains_on_sigterm(tmp_path):
+    with serving(tmp_path, TINY) as s:
+        status, body = _http("POST", s.url + "/v2/models/tiny/infer", tiny_json(), timeout=30)
+        assert status == 200 and json.loads(body)["model_version"] == "1"
+        assert s.stop() == 0
+        err = s.stderr()
+        assert "listening on http://127.0.0.1:%d" % s.port in err
         assert "SIGTERM: shutting down" in err and "stopped" in err
         assert "loaded" in err  # engine events reach the log
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        assert_one_line_records(err)
+
+
+def _pending(url: str, model: str) -> int:
+    status, body = _http("GET", url + "/api/models")
+    assert status == 200
+    snap = next(m for m in json.loads(body)["models"] if m["name"] == model)
+    return snap["queue"] + snap["in_flight"]
+
+
+def _refused_while(port: int, busy) -> bool:
+    """Connect until the server refuses; whether it refused while ``busy()`` still held."""
+    while busy():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2):
+                pass
+        except ConnectionRefusedError:
+            return busy()
+        time.sleep(0.02)
+    return False
+
+
+def test_serve_drains_queued_requests_on_sigterm_and_refuses_new_connections(tmp_path):
+    """SIGTERM while requests wait in the queue: every one is answered 200, the listener closes
+    at once (new connections are refused while they drain), the process exits 0.  "held" keeps
+    requests queued for max_queue_delay_ms (its batch of 16 never fills), so they are surely
+    still pending when the signal lands."""
+    n = 6
+    config = ('[[models]]\nname = "held"\nsource = "zoo:tiny-mlp"\nmax_batch_size = 16\n'
+              "max_queue_delay_ms = 3000\nwarmup = 0\n")
+    with serving(tmp_path, config) as s:
+        assert _http("POST", s.url + "/api/models/held/load")[0] == 200
+        answers: list[tuple[int, bytes] | None] = [None] * n
+
+        def client(i: int) -> None:
+            answers[i] = _http("POST", s.url + "/v2/models/held/infer", tiny_json(value=i / n))
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while _pending(s.url, "held") < n:
+            assert time.monotonic() < deadline, "the requests never all reached the queue"
+            time.sleep(0.02)
+        s.proc.send_signal(signal.SIGTERM)
+        refused = _refused_while(s.port, lambda: any(t.is_alive() for t in threads))
+        for t in threads:
+            t.join(60)
+        assert [a[0] if a else None for a in answers] == [200] * n, answers
+        assert all(json.loads(a[1])["outputs"][0]["shape"] == [1, 10] for a in answers if a)
+        assert s.proc.wait(60) == 0
+        assert refused, "a new connection was accepted after SIGTERM while requests were draining"
+        assert "SIGTERM: shutting down" in s.stderr()
+
+
+def test_serve_logs_one_line_per_record_even_for_tracebacks(tmp_path):
+    """aiohttp logs a request it cannot parse with a traceback: on stderr it is one line."""
+    with serving(tmp_path, TINY) as s:
+        status, _, _ = asyncio.run(raw_exchange(f"127.0.0.1:{s.port}", post_head("/v2/repository/index", None,
+                                                                                  Content_Length="abc")))
+        assert status == 400
+        assert s.stop() == 0
+        lines = assert_one_line_records(s.stderr())
+    errors = [line for line in lines if "Error handling request" in line]
+    assert len(errors) == 1, lines
+    assert re.search(r" \| BadHttpMessage: .*Content-Length.* \(at [\w.]+:\d+ in [\w.]+\)$", errors[0]), errors[0]
+
+
+def _raise_from_deep(message: str) -> None:
+    def inner() -> None:
+        raise ValueError(message)
+
+    try:
+        inner()
+    except ValueError as e:
+        raise RuntimeError("while serving") from e
+
+
+def test_one_line_formatter_folds_exceptions_and_newlines():
+    """What ``log.exception`` in the guard's catch-all prints under --serve: one line, the
+    innermost frame of the exception and of its cause."""
+    try:
+        _raise_from_deep("bad\nvalue")
+    except RuntimeError as e:
+        record = logging.LogRecord("modelconsole.server", logging.ERROR, __file__, 1, "unhandled error in %s\n%s",
+                                   ("POST", "/v2/x"), sys.exc_info())
+        raised_at = traceback.extract_tb(e.__traceback__)[-1].lineno
+        cause_at = traceback.extract_tb(e.__cause__.__traceback__)[-1].lineno
+    line = OneLineFormatter().format(record)
+    assert "\n" not in line
+    assert RECORD.match(line), line
+    assert line.endswith(f"modelconsole.server: unhandled error in POST /v2/x | RuntimeError: while serving "
+                         f"(at test_server.py:{raised_at} in _raise_from_deep); caused by ValueError: bad value "
+                         f"(at test_server.py:{cause_at} in inner)"), line
+    assert record.exc_text is None  # other handlers still format the traceback their way
+    every = OneLineFormatter(every_frame=True).format(record)  # --log-level DEBUG: every frame, innermost first
+    assert "\n" not in every
+    assert f"(at test_server.py:{cause_at} in inner < test_server.py:" in every
+    assert describe_exception(ValueError("plain")) == "ValueError: plain"  # never raised: no frame

@@ -2,7 +2,10 @@
 
 Every client method the server implements, JSON and binary tensors, every
 datatype (through ``zoo:identity`` echo models), compression, request
-parameters, and the errors a client sees.
+parameters, and the errors a client sees.  Each test runs twice, through the
+``triton`` fixture: once with the sync client (gevent) and once with
+``tritonclient.http.aio`` (aiohttp), with the same steps and the same
+helpers, so neither client's coverage lags the other's.
 """
 
 from __future__ import annotations
@@ -32,6 +35,38 @@ def client(srv):
     c.close()
 
 
+class Blocking:
+    """The sync client behind the aio client's interface (every method awaitable), so each
+    test is written once and runs on both.  The sync call blocks the test's loop, which is
+    fine: the server runs on its own loop in its own thread."""
+
+    def __init__(self, client: httpclient.InferenceServerClient):
+        self._client = client
+
+    def __getattr__(self, name: str):
+        method = getattr(self._client, name)
+
+        async def call(*args, **kwargs):
+            return method(*args, **kwargs)
+
+        return call
+
+
+@pytest.fixture(params=["sync", "aio"])
+async def triton(request, srv, client):
+    if request.param == "sync":
+        yield Blocking(client)
+    else:
+        async with aioclient.InferenceServerClient(url=srv.hostport) as c:
+            yield c
+
+
+def test_both_clients_share_the_tensor_classes():
+    """The helpers below build inputs with httpclient's classes for both clients."""
+    assert aioclient.InferInput is httpclient.InferInput
+    assert aioclient.InferRequestedOutput is httpclient.InferRequestedOutput
+
+
 def sample(datatype: str, batch: int = 2, width: int = 3) -> np.ndarray:
     rng = np.random.default_rng(7)
     shape = (batch, width)
@@ -57,26 +92,27 @@ def tiny_input(binary: bool, batch: int = 1) -> httpclient.InferInput:
 # --------------------------------------------------------------------------- health, metadata, config
 
 
-def test_health_and_server_metadata(client):
-    assert client.is_server_live() and client.is_server_ready()
-    meta = client.get_server_metadata()
+async def test_health_and_server_metadata(triton):
+    assert await triton.is_server_live() and await triton.is_server_ready()
+    meta = await triton.get_server_metadata()
     assert meta["name"] == "modelconsole"
     assert {"binary_tensor_data", "model_repository", "statistics"} <= set(meta["extensions"])
 
 
-def test_model_metadata_ready_and_config(client):
-    meta = client.get_model_metadata("tiny")
+async def test_model_metadata_ready_and_config(triton):
+    meta = await triton.get_model_metadata("tiny")
     assert meta["name"] == "tiny" and meta["versions"] == ["1"]
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]
     assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
-    assert client.get_model_metadata("tiny", "1")["name"] == "tiny"
-    cfg = client.get_model_config("tiny")
+    assert (await triton.get_model_metadata("tiny", "1"))["name"] == "tiny"
+    cfg = await triton.get_model_config("tiny")
     assert cfg["max_batch_size"] == 32
     assert cfg["input"] == [{"name": "input", "data_type": "TYPE_FP32", "dims": [64]}]
     assert cfg["dynamic_batching"]["default_queue_policy"]["max_queue_size"] == 1024
-    client.load_model("tiny")
-    assert client.is_model_ready("tiny") and client.is_model_ready("tiny", "1")
-    assert not client.is_model_ready("echo_int16")  # registered, not loaded
+    assert (await triton.get_model_config("tiny", "1"))["name"] == "tiny"
+    await triton.load_model("tiny")
+    assert await triton.is_model_ready("tiny") and await triton.is_model_ready("tiny", "1")
+    assert not await triton.is_model_ready("echo_int16")  # registered, never loaded
 
 
 # --------------------------------------------------------------------------- infer
@@ -84,144 +120,134 @@ def test_model_metadata_ready_and_config(client):
 
 @pytest.mark.parametrize("binary_in", [False, True])
 @pytest.mark.parametrize("binary_out", [False, True])
-def test_infer_tiny_json_and_binary(client, binary_in, binary_out):
+async def test_infer_tiny_json_and_binary(triton, binary_in, binary_out):
     out = httpclient.InferRequestedOutput("logits", binary_data=binary_out)
-    r = client.infer("tiny", [tiny_input(binary_in, batch=3)], outputs=[out], request_id="req-7")
+    r = await triton.infer("tiny", [tiny_input(binary_in, batch=3)], outputs=[out], request_id="req-7")
     logits = r.as_numpy("logits")
     assert logits.shape == (3, 10) and logits.dtype == np.float32
     resp = r.get_response()
     assert resp["model_name"] == "tiny" and resp["model_version"] == "1" and resp["id"] == "req-7"
     # same answer both ways
-    ref = client.infer("tiny", [tiny_input(True, batch=3)]).as_numpy("logits")
+    ref = (await triton.infer("tiny", [tiny_input(True, batch=3)])).as_numpy("logits")
     np.testing.assert_allclose(logits, ref, rtol=1e-6)
 
 
-@pytest.mark.parametrize("datatype", DATATYPES)
-def test_every_datatype_round_trips(client, datatype):
-    data = sample(datatype)
-    assert np_to_triton_dtype(data.dtype) == datatype
-    # FP16 and BF16 travel only as binary data (the protocol); the rest both ways
+def echo_requests(datatype: str, data: np.ndarray) -> list[tuple[httpclient.InferInput, httpclient.InferRequestedOutput]]:
+    """The echo model's request in every form the datatype travels: FP16 and BF16 only as binary
+    data (the protocol), the rest as JSON and as binary."""
+    out = []
     for binary in ((True,) if datatype in ("FP16", "BF16") else (False, True)):
         x = httpclient.InferInput("x", list(data.shape), datatype)
         x.set_data_from_numpy(data, binary_data=binary)
-        out = httpclient.InferRequestedOutput("y", binary_data=binary or datatype in ("FP16", "BF16"))
-        got = client.infer(f"echo_{datatype.lower()}", [x], outputs=[out]).as_numpy("y")
-        assert got.shape == data.shape
-        if datatype == "BYTES":  # JSON carries strings (the client gives str), binary carries bytes
-            assert [v if isinstance(v, bytes) else v.encode() for v in got.ravel()] == list(data.ravel())
-        else:
-            np.testing.assert_array_equal(got.astype(data.dtype), data)
+        out.append((x, httpclient.InferRequestedOutput("y", binary_data=binary)))
+    return out
 
 
-def test_priority_timeout_and_version_in_path(client):
-    r = client.infer("tiny", [tiny_input(True)], model_version="1", priority=1, timeout=5_000_000)
+def assert_echoed(got: np.ndarray, data: np.ndarray, datatype: str) -> None:
+    assert got.shape == data.shape
+    if datatype == "BYTES":  # JSON carries strings (the client gives str), binary carries bytes
+        assert [v if isinstance(v, bytes) else v.encode() for v in got.ravel()] == list(data.ravel())
+    else:
+        np.testing.assert_array_equal(got.astype(data.dtype), data)
+
+
+@pytest.mark.parametrize("datatype", DATATYPES)
+async def test_every_datatype_round_trips(triton, datatype):
+    data = sample(datatype)
+    assert np_to_triton_dtype(data.dtype) == datatype
+    for x, out in echo_requests(datatype, data):
+        got = (await triton.infer(f"echo_{datatype.lower()}", [x], outputs=[out])).as_numpy("y")
+        assert_echoed(got, data, datatype)
+
+
+async def test_priority_timeout_and_version_in_path(triton):
+    r = await triton.infer("tiny", [tiny_input(True)], model_version="1", priority=1, timeout=5_000_000)
     assert r.get_response()["model_version"] == "1"
     with pytest.raises(InferenceServerException) as e:
-        client.infer("tiny", [tiny_input(True)], priority=9)
+        await triton.infer("tiny", [tiny_input(True)], priority=9)
     assert e.value.status() == "400" and "priority" in e.value.message()
 
 
 @pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
-def test_compressed_requests_and_responses(client, algorithm):
-    r = client.infer("tiny", [tiny_input(False, batch=8)], request_compression_algorithm=algorithm,
-                     response_compression_algorithm=algorithm)
+async def test_compressed_requests_and_responses(triton, algorithm):
+    r = await triton.infer("tiny", [tiny_input(False, batch=8)], request_compression_algorithm=algorithm,
+                           response_compression_algorithm=algorithm)
     assert r.as_numpy("logits").shape == (8, 10)
 
 
 # --------------------------------------------------------------------------- repository and statistics
 
 
-def test_repository_index_load_unload(client):
-    index = client.get_model_repository_index()  # the sync client sends no body, no Content-Length
+async def test_repository_index_load_unload(triton):
+    # tritonclient posts an empty body with Content-Length: 0 (geventhttpclient adds it); a POST
+    # with no Content-Length at all is test_server.py's test_repository_index_with_no_content_length
+    index = await triton.get_model_repository_index()
     by_name = {(m["name"], m["version"]): m for m in index}
     assert ("tiny", "1") in by_name and ("echo_bytes", "1") in by_name
-    client.load_model("echo_int64")
-    assert client.is_model_ready("echo_int64")
-    states = {m["name"]: m["state"] for m in client.get_model_repository_index()}
+    await triton.load_model("echo_int64")
+    assert await triton.is_model_ready("echo_int64")
+    states = {m["name"]: m["state"] for m in await triton.get_model_repository_index()}
     assert states["echo_int64"] == "READY"
-    client.unload_model("echo_int64")
-    assert not client.is_model_ready("echo_int64")
-    states = {m["name"]: m["state"] for m in client.get_model_repository_index()}
+    await triton.unload_model("echo_int64")
+    assert not await triton.is_model_ready("echo_int64")
+    states = {m["name"]: m["state"] for m in await triton.get_model_repository_index()}
     assert states["echo_int64"] == "UNAVAILABLE"
     with pytest.raises(InferenceServerException) as e:
-        client.load_model("tiny", config=json.dumps({"max_batch_size": 4}))
+        await triton.load_model("tiny", config=json.dumps({"max_batch_size": 4}))
     assert e.value.status() == "400" and "parameters.config" in e.value.message()
     with pytest.raises(InferenceServerException) as e:
-        client.load_model("nope")
-    assert e.value.status() == "404"
+        await triton.load_model("nope")
+    assert e.value.status() == "404" and "unknown model 'nope'" in e.value.message()
 
 
-def test_statistics(client):
-    before = client.get_inference_statistics("tiny")["model_stats"][0]["inference_stats"]["success"]["count"]
+async def test_statistics(triton):
+    stats = await triton.get_inference_statistics("tiny")
+    before = stats["model_stats"][0]["inference_stats"]["success"]["count"]
     for _ in range(3):
-        client.infer("tiny", [tiny_input(True)])
-    stats = client.get_inference_statistics("tiny")["model_stats"]
+        await triton.infer("tiny", [tiny_input(True)])
+    stats = (await triton.get_inference_statistics("tiny"))["model_stats"]
     assert len(stats) == 1 and stats[0]["name"] == "tiny" and stats[0]["version"] == "1"
     inf = stats[0]["inference_stats"]
     assert inf["success"]["count"] == before + 3 and inf["success"]["ns"] > 0
     assert inf["compute_infer"]["count"] >= 1 and inf["queue"]["ns"] >= 0
     assert stats[0]["batch_stats"] and stats[0]["last_inference"] > 0
-    every = client.get_inference_statistics()["model_stats"]
+    every = (await triton.get_inference_statistics())["model_stats"]
     assert {"tiny", "echo_fp32"} <= {s["name"] for s in every}
-    assert client.get_inference_statistics("tiny", "1")["model_stats"][0]["version"] == "1"
+    assert (await triton.get_inference_statistics("tiny", "1"))["model_stats"][0]["version"] == "1"
 
 
 # --------------------------------------------------------------------------- errors
 
 
-def test_errors_reach_the_client_with_statuses(client):
-    cases = [
-        (lambda: client.infer("nope", [tiny_input(True)]), "404", "unknown model 'nope'"),
-        (lambda: client.infer("tiny", [tiny_input(True)], model_version="3"), "404", "no version '3'"),
-        (lambda: client.get_model_metadata("nope"), "404", "unknown model"),
-    ]
+def error_cases() -> list[tuple[str, tuple, dict, str, str]]:
+    """(client method, args, kwargs, status, part of the server's message) for calls the server refuses."""
     wrong = httpclient.InferInput("input", [1, 32], "FP32")
     wrong.set_data_from_numpy(np.zeros((1, 32), np.float32))
-    cases.append((lambda: client.infer("tiny", [wrong]), "400", "expected shape [-1, 64]"))
     wrong_type = httpclient.InferInput("input", [1, 64], "FP64")
     wrong_type.set_data_from_numpy(np.zeros((1, 64), np.float64))
-    cases.append((lambda: client.infer("tiny", [wrong_type]), "400", "expected datatype FP32"))
     unknown = httpclient.InferInput("nope", [1, 64], "FP32")
     unknown.set_data_from_numpy(np.zeros((1, 64), np.float32))
-    cases.append((lambda: client.infer("tiny", [unknown]), "400", "input"))
-    bad_out = httpclient.InferRequestedOutput("nope")
-    cases.append((lambda: client.infer("tiny", [tiny_input(True)], outputs=[bad_out]), "400", "unknown output 'nope'"))
-    for call, status, needle in cases:
-        with pytest.raises(InferenceServerException) as e:
-            call()
-        assert e.value.status() == status, e.value
-        assert needle in e.value.message()
-    assert client.infer("tiny", [tiny_input(True)]).as_numpy("logits").shape == (1, 10)  # still serving
+    ok = [tiny_input(True)]
+    return [
+        ("infer", ("nope", ok), {}, "404", "unknown model 'nope'"),
+        ("infer", ("tiny", ok), {"model_version": "3"}, "404", "no version '3'"),
+        ("get_model_metadata", ("nope",), {}, "404", "unknown model 'nope'"),
+        ("get_model_config", ("nope",), {}, "404", "unknown model 'nope'"),
+        ("get_inference_statistics", ("nope",), {}, "404", "unknown model 'nope'"),
+        ("infer", ("tiny", [wrong]), {}, "400", "expected shape [-1, 64]"),
+        ("infer", ("tiny", [wrong_type]), {}, "400", "expected datatype FP32"),
+        ("infer", ("tiny", [unknown]), {}, "400", "input"),
+        ("infer", ("tiny", ok), {"outputs": [httpclient.InferRequestedOutput("nope")]}, "400",
+         "unknown output 'nope'"),
+    ]
 
 
-# --------------------------------------------------------------------------- aio client
-
-
-async def test_aio_client_end_to_end(srv):
-    async with aioclient.InferenceServerClient(url=srv.hostport) as c:
-        assert await c.is_server_live() and await c.is_server_ready()
-        assert (await c.get_server_metadata())["name"] == "modelconsole"
-        assert (await c.get_model_metadata("tiny"))["platform"]
-        assert (await c.get_model_config("tiny"))["max_batch_size"] == 32
-        for binary in (False, True):
-            x = aioclient.InferInput("input", [2, 64], "FP32")
-            x.set_data_from_numpy(np.ones((2, 64), np.float32), binary_data=binary)
-            out = aioclient.InferRequestedOutput("logits", binary_data=binary)
-            r = await c.infer("tiny", [x], outputs=[out])
-            assert r.as_numpy("logits").shape == (2, 10)
-        data = sample("BYTES")
-        x = aioclient.InferInput("x", list(data.shape), "BYTES")
-        x.set_data_from_numpy(data)
-        got = (await c.infer("echo_bytes", [x])).as_numpy("y")
-        assert [v if isinstance(v, bytes) else v.encode() for v in got.ravel()] == list(data.ravel())
-        index = await c.get_model_repository_index()
-        assert any(m["name"] == "tiny" for m in index)
-        await c.load_model("echo_uint32")
-        assert await c.is_model_ready("echo_uint32")
-        await c.unload_model("echo_uint32")
-        assert not await c.is_model_ready("echo_uint32")
-        stats = await c.get_inference_statistics("tiny")
-        assert stats["model_stats"][0]["inference_stats"]["success"]["count"] >= 2
-        with pytest.raises(InferenceServerException) as e:
-            await c.infer("nope", [x])
-        assert e.value.status() == "404"
+@pytest.mark.parametrize("case", range(len(error_cases())),
+                         ids=[f"{method}-{status}-{needle}" for method, _, _, status, needle in error_cases()])
+async def test_errors_reach_the_client_with_statuses(triton, case):
+    method, args, kwargs, status, needle = error_cases()[case]
+    with pytest.raises(InferenceServerException) as e:
+        await getattr(triton, method)(*args, **kwargs)
+    assert e.value.status() == status, e.value
+    assert needle in e.value.message()
+    assert (await triton.infer("tiny", [tiny_input(True)])).as_numpy("logits").shape == (1, 10)  # still serving
