@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 from modelconsole.themes import DEFAULT_THEME, THEMES, stylesheet
 from rich.text import Text
@@ -97,7 +97,10 @@ class SortText(Text):
 
 
 class ActionCommands(Provider):
-    """Every console action in the command palette (the ones read-only mode allows)."""
+    """Every console action in the command palette (the ones read-only mode allows), then
+    Textual's own commands (theme, keys, screenshot...).  One provider for both, so the
+    palette lists them in the same order every time: two providers' hits arrive
+    interleaved, in an order that changes from run to run."""
 
     def _commands(self) -> Iterable[tuple[str, str, Any]]:
         app = self.app
@@ -112,13 +115,20 @@ class ActionCommands(Provider):
                         partial(app.sort_by, key)))
         return out
 
+    def _system(self, discovery: bool) -> list[tuple[str, str, Any]]:
+        """Textual's system commands, by title (as its own provider lists them), less its Quit:
+        the console's own (above) is the same action, and says what quitting does."""
+        found = sorted(self.app.get_system_commands(self.screen), key=lambda c: c[0])
+        return [(title, help_text, callback) for title, help_text, callback, discover in found
+                if (discover or not discovery) and callback != self.app.action_quit]
+
     async def discover(self) -> Hits:
-        for title, help_text, callback in self._commands():
+        for title, help_text, callback in [*self._commands(), *self._system(True)]:
             yield DiscoveryHit(title, callback, help=help_text)
 
     async def search(self, query: str) -> Hits:
         matcher = self.matcher(query)
-        for title, help_text, callback in self._commands():
+        for title, help_text, callback in [*self._commands(), *self._system(False)]:
             score = matcher.match(title)
             if score > 0:
                 yield Hit(score, matcher.highlight(title), callback, help=help_text)
@@ -133,7 +143,7 @@ class ModelConsoleApp(App[None]):
 
     CSS_PATH = str(stylesheet())
     TITLE = "modelconsole"
-    COMMANDS = App.COMMANDS | {ActionCommands}
+    COMMANDS: ClassVar[set[type[Provider]]] = {ActionCommands}  # the console's actions, and Textual's
     ENABLE_COMMAND_PALETTE = True
 
     BINDINGS = [
@@ -151,7 +161,9 @@ class ModelConsoleApp(App[None]):
         Binding("escape", "clear_filter", "Clear filter", id="clear_filter", show=False),
         Binding("o", "sort", "Sort", id="sort", show=False),  # the footer is full: help and palette list it
         Binding("O", "reverse_sort", "Reverse sort", id="reverse_sort", show=False),
-        Binding("colon", "command_palette", "Palette", id="palette", key_display=":"),
+        # both keys under one id (naming ``command_palette`` here stops Textual adding its own
+        # ctrl+p); the footer shows the first that works: ":", or "^p" while the filter box types
+        Binding("colon,ctrl+p", "command_palette", "Palette", id="palette"),
         Binding("t", "cycle_theme", "Theme", id="theme"),
         Binding("left_square_bracket", "demo_slower", "Demo-", id="demo_slower", key_display="["),
         Binding("right_square_bracket", "demo_faster", "Demo+", id="demo_faster", key_display="]"),
@@ -198,6 +210,7 @@ class ModelConsoleApp(App[None]):
         self._restyle = True
         self._soon = False
         self._connected = True
+        self._asking_quit = False  # the quit confirmation is on screen
         self._main: Any = None
 
     # ------------------------------------------------------------------ layout
@@ -213,7 +226,7 @@ class ModelConsoleApp(App[None]):
             yield RichLog(id="events", max_lines=1000, wrap=False, markup=False, auto_scroll=True)
         yield Input(placeholder="filter: a regular expression over name:version, state, device "
                                 "(enter keeps it, esc clears)", id="filter")
-        yield Footer(compact=True)
+        yield Footer(compact=True, show_command_palette=False)  # ": Palette" is in the list already
 
     def on_mount(self) -> None:
         self._main = self.screen
@@ -564,8 +577,10 @@ class ModelConsoleApp(App[None]):
                   lambda r: f"{label} is {r.get('state', 'READY')} on {fmt.device_label(r)}"
                   + (f" ({r['load_seconds']:.1f} s)" if r.get("load_seconds") else ""))
 
-    def _confirm(self, title: str, message: str, confirm_label: str, then: Any) -> None:
+    def _confirm(self, title: str, message: str, confirm_label: str, then: Any, after: Any = None) -> None:
         def answered(ok: bool | None) -> None:
+            if after is not None:
+                after()
             if ok:
                 then()
             else:
@@ -916,7 +931,7 @@ class ModelConsoleApp(App[None]):
 
     def action_help(self) -> None:
         notes = [
-            "ctrl+p also opens the command palette; ctrl+q quits at once.",
+            "ctrl+q quits like q: embedded, it asks first while traffic flows.",
             "↑/↓/pgup/pgdn select a model; the pane below shows it.",
             "Unload and evict ask first: Enter or Esc cancels, Tab then Enter (or y) confirms.",
             "Base priority: P1 is the most urgent; + moves toward P1.",
@@ -929,12 +944,25 @@ class ModelConsoleApp(App[None]):
         self.push_screen(HelpScreen(self.help_rows(), notes))
 
     def action_request_quit(self) -> None:
+        """Quit: attached (or with no traffic) at once; embedded while traffic flows, after a
+        confirmation, since quitting stops the engine and its HTTP server."""
         if self.embedded and fmt.traffic_flowing(self.client.snapshot()):
+            if self._asking_quit:
+                return  # the question is on screen already: one is enough
             models = (self.client.snapshot() or {}).get("models") or []
             rate = sum(m.get("request_rate") or 0.0 for m in models)
             busy = sum((m.get("queue") or 0) + (m.get("in_flight") or 0) for m in models)
+            self._asking_quit = True
             self._confirm("Quit while serving?",
                           f"Traffic is flowing ({fmt.rate(rate)} req/s, {busy} queued or running). Quitting stops "
-                          "the embedded engine and its HTTP server.", "Quit", self.exit)
+                          "the embedded engine and its HTTP server.", "Quit", self.exit, self._quit_answered)
             return
         self.exit()
+
+    def _quit_answered(self) -> None:
+        self._asking_quit = False
+
+    async def action_quit(self) -> None:
+        """Textual's quit (ctrl+q, a priority key that works from any screen): the same as ``q``,
+        so an embedded console asks first while traffic flows instead of stopping at once."""
+        self.action_request_quit()

@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 log = logging.getLogger("modelconsole.console")
 
 
 async def run_embedded(config: Any, settings: Any, store_path: str, *, demo: bool, theme: str | None,
-                       read_only: bool, keymap: dict[str, str] | None = None) -> int:
+                       read_only: bool, keymap: dict[str, str] | None = None,
+                       run_app: Callable[[Any], Awaitable[Any]] | None = None) -> int:
+    """``run_app``: how the app runs once everything is up (default ``app.run_async()``, in the
+    terminal); tests pass one that drives it headless under Pilot, the rest of the path unchanged."""
     from modelconsole.scheduler.config import DEMO_MODELS
     from modelconsole.server.app import Server
     from modelconsole.server.serve import start_engine
@@ -65,7 +69,7 @@ async def run_embedded(config: Any, settings: Any, store_path: str, *, demo: boo
             print(f"modelconsole: {e}", file=sys.stderr)
             return 2
         try:
-            await app.run_async()
+            await (run_app(app) if run_app is not None else app.run_async())
         finally:
             await client.close()
     finally:

@@ -1,26 +1,36 @@
 """The Textual console driven by Pilot on a real in-process engine (zoo models, simulated GPUs).
 
 Every key and dialog: load, unload/evict (Cancel by default), pin, priority,
-register, filter, sort, theme, help, the command palette, read-only mode, demo
-rate, quit (attached and embedded), and the disconnected banner.
+register, filter, sort, theme, help, the command palette (``:`` and ctrl+p),
+read-only mode, demo rate, quit (``q`` and ctrl+q, attached and embedded), and
+the disconnected banner; the table updated in place; the GPU graphs' fixed
+0-100 % axis; an eviction's reason in the log; and ``run_embedded``'s HTTP
+server answering clients while the console runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import urllib.error
+import urllib.request
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
 import torch
 from consoleutil import cell, select, until
+from modelconsole.console import format as fmt
 from modelconsole.console.app import PALETTE, ActionCommands, ModelConsoleApp
 from modelconsole.console.client import LocalClient
 from modelconsole.console.screens import ConfirmScreen, HelpScreen, RegisterScreen
+from modelconsole.console.widgets import DeviceCard, Graph
 from modelconsole.gpu.devices import SimulatedBackend
 from modelconsole.scheduler.config import GpuConfig
 from modelconsole.scheduler.engine import Engine
 from modelconsole.scheduler.store import Store
-from textual.command import CommandPalette
+from textual.app import App
+from textual.command import CommandList, CommandPalette
 from textual.widgets import Input
 
 MiB = 2**20
@@ -111,14 +121,51 @@ async def test_load_key_loads_the_selected_model_without_freezing(client):
         gate.set()
         await until(pilot, lambda: cell(app, "tiny:1", "state") == "READY", what="tiny READY")
         select(app, "cnn:1")
-        rows_before = list(app.table.rows)
+        table = app.table
+        # updated in place, never refilled: from here on the table must not lose or gain a row,
+        # and a refresh rewrites only the cells whose text changed.  The real methods are
+        # wrapped with counters that still call through.
+        calls: Counter[str] = Counter()
+        updates: list[tuple[str, str, str, str]] = []  # (row, column, text before, text after)
+        def counting(name):
+            real = getattr(table, name)
+
+            def call(*a, **kw):
+                calls[name] += 1
+                return real(*a, **kw)
+
+            return call
+
+        for name in ("clear", "add_row", "add_rows", "remove_row", "update_cell", "update_cell_at"):
+            setattr(table, name, counting(name))
+
+        def recording_update_cells(changes, _real=table.update_cells):
+            for row, col, value in changes:
+                updates.append((row, col, cell(app, row, col), value.plain))
+            return _real(changes)
+
+        table.update_cells = recording_update_cells
+        keys_before = list(table.rows)
+        cells_before = {(k.value, c): table.get_cell(k, c) for k in keys_before for c in fmt.COLUMN_KEYS}
         await pilot.press("l")
         assert any("loading cnn v1" in n for n, _ in app.notes)  # visible at once
         await until(pilot, lambda: cell(app, "cnn:1", "state") == "READY", what="cnn READY")
         assert cell(app, "cnn:1", "device") in ("gpu0", "gpu1") and cell(app, "cnn:1", "memory") != "—"
         await until(pilot, lambda: any("✓ cnn v1 is READY" in line for line in app.event_lines), what="log")
         assert any("cnn v1 ready" in line for line in app.event_lines)  # the engine's own event
-        assert list(app.table.rows) == rows_before  # updated in place, never refilled
+        # more refreshes with changing data: a pin and a priority change made on the engine
+        await client.engine.pin("cnn")
+        await until(pilot, lambda: "[pin]" in cell(app, "cnn:1", "name"), what="cnn pinned in the table")
+        await client.engine.set_priority("tiny", None, 1)
+        await until(pilot, lambda: cell(app, "tiny:1", "priority").endswith("/P1"), what="tiny P1 in the table")
+        assert calls == Counter(), calls  # no clear, no row added or removed, no cell-by-cell repaint
+        assert all(a is b for a, b in zip(table.rows, keys_before, strict=True))  # the same row keys
+        changed = {(row, col) for row, col, _, _ in updates}
+        assert {("cnn:1", "state"), ("cnn:1", "device"), ("cnn:1", "name"), ("tiny:1", "priority")} <= changed
+        assert all(old != new for _, _, old, new in updates), updates  # only cells whose text changed
+        for (row, col), before in cells_before.items():  # every other cell is the very same object
+            if (row, col) not in changed:
+                assert table.get_cell(row, col) is before, (row, col)
         assert app.selected_key() == "cnn:1"
         # a second l on a READY model says so and does nothing
         await pilot.press("l")
@@ -302,6 +349,57 @@ async def test_theme_help_and_palette(client):
         ModelConsoleApp(client, theme="no-such-theme")
 
 
+def palette_titles(app) -> list[str]:
+    """The commands the open palette lists, top to bottom."""
+    found = app.screen.query_one(CommandList)
+    return [found.get_option_at_index(i).hit.text for i in range(found.option_count)]
+
+
+async def open_palette(pilot, *keys: str) -> list[str]:
+    await pilot.press(*keys)
+    await until(pilot, lambda: isinstance(pilot.app.screen, CommandPalette) and pilot.app.screen.has_class("-ready"),
+                what=f"the palette opened by {'+'.join(keys)}")
+    await pilot.pause()
+    return palette_titles(pilot.app)
+
+
+async def test_ctrl_p_and_colon_open_the_palette_listing_every_action(client):
+    app = RecordingApp(client, refresh_s=0.25)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        actions = [title for action, title, _ in PALETTE if "Demo" not in title]  # no demo here
+        sorts = [f"Sort by {label}" for _, label, _ in fmt.COLUMNS]
+        for key in ("ctrl+p", "colon"):
+            titles = await open_palette(pilot, key)
+            # every action, in the order of PALETTE, then the sort columns, then Textual's own commands
+            assert titles[:len(actions) + len(sorts)] == actions + sorts, (key, titles)
+            assert {"Theme", "Keys", "Screenshot"} <= set(titles[len(actions) + len(sorts):])
+            assert titles.count("Quit") == 1  # Textual's Quit is the console's quit: listed once
+            await pilot.press("escape")
+            await until(pilot, lambda: not isinstance(app.screen, CommandPalette), what="palette closed")
+        # an action picked from a search in the palette runs as its key would
+        await open_palette(pilot, "ctrl+p")
+        select(app, "tiny:1")
+        await pilot.press(*"evict the")
+        await pilot.pause(0.5)
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="evict asked from the palette")
+        assert app.screen.title_text == "Evict tiny v1?"
+        await pilot.press("escape")
+        # typing ':' into the filter types it, and opens nothing
+        await pilot.press("slash", "colon")
+        assert app.query_one("#filter", Input).value == ":" and not isinstance(app.screen, CommandPalette)
+        await pilot.press("escape")
+    # both keys are one binding id: a keymap moves them together
+    moved = RecordingApp(client, refresh_s=0.25, keymap={"palette": "k"})
+    async with moved.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("ctrl+p", "colon")
+        await pilot.pause(0.2)
+        assert not isinstance(moved.screen, CommandPalette)
+        assert "Load the selected model" in await open_palette(pilot, "k")
+
+
 async def test_keymap_remaps_by_binding_id(client):
     app = RecordingApp(client, refresh_s=0.25, keymap={"load": "L"})
     async with app.run_test(size=SIZE) as pilot:
@@ -391,6 +489,52 @@ async def test_quit_embedded_asks_while_traffic_flows(client):
         await task
 
 
+async def test_ctrl_q_is_the_quit_action(client):
+    """ctrl+q (Textual's quit) goes through the console's quit: at once attached, asking first
+    embedded while traffic flows, as q does."""
+    for embedded in (False, True):  # no traffic yet: both leave at once
+        app = RecordingApp(client, embedded=embedded)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause()
+            await pilot.press("ctrl+q")
+            await pilot.pause()
+            assert not app.is_running
+    assert client.engine.accepting
+
+    eng = client.engine
+    await eng.load("tiny")
+    stop = asyncio.Event()
+
+    async def traffic():
+        while not stop.is_set():
+            await eng.infer("tiny", {"input": torch.randn(1, 64)})
+            await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(traffic())
+    try:
+        app = RecordingApp(client, embedded=True, refresh_s=0.25)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: rate_of(client, "tiny") > 0, what="traffic")
+            await pilot.press("ctrl+q")
+            assert isinstance(app.screen, ConfirmScreen) and app.screen.title_text == "Quit while serving?"
+            assert "Traffic is flowing" in str(app.screen.message)
+            await pilot.press("ctrl+q")  # again while it asks: still the one question
+            await pilot.pause()
+            assert sum(isinstance(s, ConfirmScreen) for s in app.screen_stack) == 1
+            await pilot.press("escape")  # cancelled: still running, still serving
+            await pilot.pause()
+            assert app.is_running and not isinstance(app.screen, ConfirmScreen)
+            # from inside another dialog (the filter box has focus, ctrl+q is a priority key) too
+            await pilot.press("slash", "ctrl+q")
+            assert isinstance(app.screen, ConfirmScreen) and app.screen.title_text == "Quit while serving?"
+            await pilot.press("tab", "enter")  # Quit
+            await pilot.pause()
+            assert not app.is_running
+    finally:
+        stop.set()
+        await task
+
+
 async def test_quit_embedded_without_traffic_does_not_ask(client):
     app = RecordingApp(client, embedded=True)
     async with app.run_test(size=SIZE) as pilot:
@@ -415,6 +559,168 @@ async def test_lost_connection_banner_and_recovery(client):
         await until(pilot, lambda: not app.screen.has_class("-disconnected"), what="recovered")
         await until(pilot, lambda: cell(app, "tiny:1", "state") == "READY", what="fresh picture")
         assert not app.query_one("#banner").display
+
+
+# --------------------------------------------------------------------------- the GPU graphs' axis
+
+
+def test_gpu_sparkline_axis_is_fixed_at_0_to_100_percent():
+    low = fmt.spark([3.0] * 20, 20, 0.0, 100.0)
+    assert low == fmt.BARS[0] * 20  # a flat 3 % is a row of the lowest bars, not full ones
+    assert fmt.spark([100.0] * 20, 20, 0.0, 100.0) == fmt.BARS[-1] * 20
+    assert fmt.spark([50.0] * 4, 4, 0.0, 100.0) == fmt.BARS[4] * 4  # half way up
+    assert fmt.spark([3.0, 100.0], 4, 0.0, 100.0) == "  " + fmt.BARS[0] + fmt.BARS[-1]  # right-aligned
+    # the latency graph's axis (hi None) follows the data instead: its own max is a full bar
+    assert fmt.spark([3.0] * 4, 4, 0.0, None) == fmt.BARS[-1] * 4
+
+
+async def test_gpu_card_graphs_use_the_fixed_axis():
+    """A DeviceCard fed readings, as the GPU panel feeds it: its util and mem graphs draw 3 % as
+    low bars and 100 % as full ones, whatever else is in the history."""
+
+    class Cards(App):
+        def compose(self):
+            yield DeviceCard(0, id="low")
+            yield DeviceCard(1, id="full")
+            yield Graph("util", id="graph")
+
+    def reading(index, util, used_frac):
+        return {"index": index, "name": "Simulated GPU", "total_bytes": 1000 * MiB,
+                "used_bytes": int(1000 * MiB * used_frac), "utilization_pct": util, "budget": {}}
+
+    def bars(graph) -> str:
+        return "".join(ch for ch in graph.render().plain if ch in fmt.BARS)
+
+    app = Cards()
+    async with app.run_test(size=(60, 12)) as pilot:
+        low, full = app.query_one("#low", DeviceCard), app.query_one("#full", DeviceCard)
+        for _ in range(10):
+            low.update_reading(reading(0, 3.0, 0.03))
+            full.update_reading(reading(1, 100.0, 1.0))
+        await pilot.pause()
+        assert bars(low.utilgraph) == fmt.BARS[0] * 10 and bars(low.memgraph) == fmt.BARS[0] * 10
+        assert low.utilgraph.render().plain.endswith("  3%")
+        assert bars(full.utilgraph) == fmt.BARS[-1] * 10 and bars(full.memgraph) == fmt.BARS[-1] * 10
+        graph = app.query_one("#graph", Graph)
+        graph.set_values([3.0] * 5 + [100.0] * 5)
+        assert bars(graph) == fmt.BARS[0] * 5 + fmt.BARS[-1] * 5
+
+
+# --------------------------------------------------------------------------- an eviction's reason
+
+
+async def test_the_event_log_shows_an_evictions_reason(tmp_path):
+    """A load that needs the memory of another model evicts it: the log widget shows the engine's
+    eviction event with the reason (which model, why, the keep-values) the engine gave."""
+    eng = Engine(Store(tmp_path / "state.db"), gpu=GpuConfig(reserve_mib=0, min_residency_s=0),
+                 backend=SimulatedBackend([100 * MiB]), base_dir=str(tmp_path), tick_s=0.2)
+    await eng.start()
+    for name in ("a", "b", "c"):
+        await eng.register({"name": name, "source": "zoo:sized", "args": {"mib": 40}, "warmup": 0, "device": "auto"})
+    client = LocalClient(eng)
+    await client.start()
+    try:
+        app = RecordingApp(client, refresh_s=0.25)
+        async with app.run_test(size=(160, 40)) as pilot:
+            await pilot.pause()
+            for name in ("a", "b"):
+                select(app, f"{name}:1")
+                await pilot.press("l")
+                await until(pilot, lambda n=name: cell(app, f"{n}:1", "state") == "READY", what=f"{name} READY")
+            select(app, "c:1")
+            await pilot.press("l")  # 100 MiB holds two of them: a third evicts one
+            await until(pilot, lambda: cell(app, "c:1", "state") == "READY", what="c READY")
+            evicted = [e for e in eng.events.recent if e.kind == "evicted"]
+            assert len(evicted) == 1
+            reason = evicted[0].data["reason"]
+            victim = f"{evicted[0].model}:{evicted[0].version}"
+            assert "to make room for c:1" in reason and victim in reason
+            await until(pilot, lambda: cell(app, victim, "state") == "UNLOADED", what="the victim unloaded")
+
+            def logged() -> str:
+                return "\n".join("".join(seg.text for seg in strip) for strip in app.log_widget.lines)
+
+            await until(pilot, lambda: reason in logged(), what="the eviction's reason in the log widget")
+            assert f"evicted {victim} {reason}" in logged()
+    finally:
+        await client.close()
+        await eng.close()
+
+
+# --------------------------------------------------------------------------- the embedded server
+
+
+def http(url: str, body: dict | None = None, timeout: float = 60.0) -> tuple[int | None, dict | None]:
+    """(status, JSON answer) of a GET (or a POST of ``body``); (None, None) when nothing answers."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method="POST" if body is not None else "GET",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+            return r.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as e:
+        return e.code, None
+    except OSError:
+        return None, None
+
+
+EMBEDDED_CONFIG = """
+[gpu]
+simulate = "2x8GiB"
+
+[[models]]
+name = "tiny"
+source = "zoo:tiny-mlp"
+warmup = 0
+"""
+
+
+async def test_embedded_http_server_answers_while_the_console_runs(tmp_path):
+    """``run_embedded`` (what ``modelconsole`` runs) with the app under Pilot instead of the
+    terminal: while the console is up, real HTTP clients get answers from its server on a free
+    loopback port (the health check, an infer), and the console shows what they did."""
+    from modelconsole.console.run import run_embedded
+    from modelconsole.scheduler.config import load_config
+    from modelconsole.server.app import ServerSettings
+
+    (tmp_path / "mc.toml").write_text(EMBEDDED_CONFIG)
+    config = load_config(tmp_path / "mc.toml")
+    settings = ServerSettings(host="127.0.0.1", port=0)  # the OS picks a free port
+    seen: dict[str, str] = {}
+
+    async def drive(app: ModelConsoleApp) -> None:
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: ((app.client.snapshot() or {}).get("server") or {}).get("url"),
+                        what="the server's address")
+            url = seen["url"] = app.client.snapshot()["server"]["url"]
+            assert app.is_running and app.embedded and "embedded" in app.query_one("#status").text
+            ask = asyncio.to_thread  # the client waits in a thread; the loop serves it (and the console)
+            status, _ = await ask(http, url + "/v2/health/ready")
+            assert status == 200
+            status, meta = await ask(http, url + "/v2/models/tiny")
+            assert status == 200 and meta["name"] == "tiny"
+            status, out = await ask(http, url + "/v2/models/tiny/infer", {"inputs": [
+                {"name": "input", "shape": [2, 64], "datatype": "FP32", "data": [0.5] * 128}]})
+            assert status == 200, out
+            assert out["model_name"] == "tiny" and out["outputs"][0]["shape"][0] == 2
+            # the request loaded tiny on the server: the console shows it, and the request
+            await until(pilot, lambda: cell(app, "tiny:1", "state") == "READY", what="tiny READY in the console")
+            await until(pilot, lambda: any("tiny v1 ready" in line for line in app.event_lines), what="the log")
+            assert app.is_running
+            status, _ = await ask(http, url + "/v2/health/ready")  # still answering
+            assert status == 200
+            await pilot.press("q")
+            if isinstance(app.screen, ConfirmScreen):  # the request may still count as traffic
+                await pilot.press("y")
+            await pilot.pause()
+            assert not app.is_running
+
+    rc = await run_embedded(config, settings, str(tmp_path / "s.db"), demo=False, theme=None, read_only=False,
+                            run_app=drive)
+    assert rc == 0
+    # the console ended: the embedded server stopped with it
+    assert (await asyncio.to_thread(http, seen["url"] + "/v2/health/ready", None, 5.0))[0] is None
 
 
 def test_the_console_ui_imports_neither_torch_nor_the_engine():

@@ -5,7 +5,8 @@ The table shows the server's models; ``l`` loads the selected one on the server 
 ``u`` + confirm unloads it (both checked over HTTP, not through the console); ``q``
 leaves the server running; a server killed under a running console greys the picture
 and shows the reconnect banner, and a new server on the same port is picked up by
-itself.  And the attach path never imports torch.
+itself.  And the attach path never imports torch: not on import, and not in a
+whole Pilot session against a real server (run in a fresh interpreter).
 """
 
 from __future__ import annotations
@@ -225,6 +226,69 @@ async def test_attached_console_drives_a_real_server_and_survives_its_restart(se
         assert await ask(http_status, server.url + "/v2/health/ready") == 200
     finally:
         await client.close()
+
+
+ATTACHED_SESSION = r"""
+import asyncio, sys, time
+
+from modelconsole.console.app import ModelConsoleApp
+from modelconsole.console.client import RemoteClient
+from modelconsole.console.screens import ConfirmScreen, HelpScreen
+from textual.command import CommandPalette
+
+
+async def until(pilot, cond, what, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out waiting for " + what
+        await pilot.pause(0.1)
+
+
+async def main(url):
+    client = RemoteClient(url)
+    await client.start()
+    try:
+        app = ModelConsoleApp(client, refresh_s=0.25)
+        async with app.run_test(size=(120, 40)) as pilot:
+            cell = lambda key, col: app.table.get_cell(key, col).plain
+            await until(pilot, lambda: {str(k.value) for k in app.table.rows} == {"tiny:1", "spare:1"}, "rows")
+            await until(pilot, lambda: len(app.gpus.cards) == 2, "GPU cards")
+            app.table.move_cursor(row=app.table.get_row_index("tiny:1"), animate=False)
+            await pilot.pause()
+            await pilot.press("l")  # a load on the server, answered with its tensors' facts
+            await until(pilot, lambda: cell("tiny:1", "state") == "READY", "tiny READY")
+            await pilot.press("question_mark")
+            assert isinstance(app.screen, HelpScreen)
+            await pilot.press("escape", "colon")
+            await until(pilot, lambda: isinstance(app.screen, CommandPalette), "the palette")
+            await pilot.press("escape", "u")
+            assert isinstance(app.screen, ConfirmScreen)
+            await pilot.press("y")
+            await until(pilot, lambda: cell("tiny:1", "state") == "UNLOADED", "tiny UNLOADED")
+            await pilot.press("q")
+            await pilot.pause()
+            assert not app.is_running
+    finally:
+        await client.close()
+    heavy = sorted(m for m in sys.modules if m == "torch" or m.startswith(("torch.", "modelconsole.scheduler",
+                                                                          "modelconsole.server", "modelconsole.gpu")))
+    assert "torch" not in sys.modules, heavy
+    assert not heavy, heavy
+    print("ATTACHED-SESSION-OK")
+
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_an_attached_session_never_imports_torch(server):
+    """A whole Pilot session in attach mode against the real server (rows, GPU cards, a load and
+    an unload, help, the palette, quit), in a fresh interpreter: this test process has torch
+    imported for the other tests, so only a subprocess can tell that the console did not."""
+    proc = subprocess.run([sys.executable, "-c", ATTACHED_SESSION, server.url], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0 and "ATTACHED-SESSION-OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert server.state("tiny") == "UNLOADED"  # the session really drove the server
 
 
 def test_the_attach_path_never_imports_torch():

@@ -34,6 +34,7 @@ from modelconsole.console.app import ModelConsoleApp
 from modelconsole.console.client import EngineClient
 from modelconsole.console.screens import ConfirmScreen, HelpScreen, RegisterScreen
 from modelconsole.console.widgets import HISTORY
+from textual.command import CommandList, CommandPalette
 from textual.screen import ModalScreen
 from textual.widgets import Input
 
@@ -204,6 +205,48 @@ def test_unload_confirm_dialog(snap_compare):
     app = console()
     ok = snap_compare(app, press=["u"], terminal_size=SIZE, run_before=before)
     assert isinstance(app.shown, ConfirmScreen) and app.shown.title_text == "Unload tiny v1?"
+    assert ok
+
+
+def test_evict_confirm_dialog(snap_compare):
+    async def before(pilot):
+        await steady(pilot)
+        select(pilot.app, "tiny:1")  # READY, not pinned: the dialog says why it would go
+        await pilot.pause()
+
+    app = console()
+    ok = snap_compare(app, press=["e"], terminal_size=SIZE, run_before=before)
+    assert isinstance(app.shown, ConfirmScreen) and app.shown.title_text == "Evict tiny v1?"
+    assert "keep value" in app.shown.message
+    assert ok
+
+
+def test_quit_confirm_dialog(snap_compare):
+    # embedded, with the frozen data's traffic flowing (tiny 2.4 req/s): q asks first
+    app = console(embedded=True)
+    ok = snap_compare(app, press=["q"], terminal_size=SIZE, run_before=steady)
+    assert isinstance(app.shown, ConfirmScreen) and app.shown.title_text == "Quit while serving?"
+    assert "embedded" in app.status
+    assert ok
+
+
+def test_command_palette(snap_compare):
+    listed: list[str] = []
+
+    async def before(pilot):
+        await steady(pilot)
+        await pilot.press("colon")
+        # the palette gathers its commands in a worker: wait until it has listed them all
+        await until(pilot, lambda: isinstance(pilot.app.screen, CommandPalette)
+                    and pilot.app.screen.has_class("-ready"), what="the palette's commands")
+        await pilot.pause()
+        found = pilot.app.screen.query_one(CommandList)
+        listed.extend(found.get_option_at_index(i).hit.text for i in range(found.option_count))
+
+    app = console()
+    ok = snap_compare(app, terminal_size=SIZE, run_before=before)
+    assert isinstance(app.shown, CommandPalette)
+    assert listed[:3] == ["Load the selected model", "Unload the selected model", "Evict the selected model"]
     assert ok
 
 

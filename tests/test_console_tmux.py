@@ -3,7 +3,9 @@
 Keys go in with ``tmux send-keys`` and the screen comes back with ``tmux
 capture-pane``, so this is what an operator sees: the models table, a model
 loaded with ``l`` and unloaded with ``u`` (confirmed with ``y``), and ``q``
-(confirmed while traffic flows) ending the process.
+(confirmed while traffic flows) ending the process.  While the console runs,
+real HTTP clients get answers from its embedded server (the health check, a
+model's metadata, an infer), and once it has quit nothing answers there.
 
 The demo's traffic generator loads any model a request reaches, so before
 touching a model the test slows it to its floor with ``[`` and works on
@@ -14,6 +16,7 @@ unique ``-L`` socket) and session, and kills both whatever happens.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -22,6 +25,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 
 import pytest
@@ -86,6 +91,33 @@ def wait_for(tmux: Tmux, cond, what: str, timeout: float = 30.0, log: str | None
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; the screen:\n{screen}{tail}")
 
 
+def http(url: str, body: dict | None = None, timeout: float = 60.0) -> tuple[int | None, dict | None]:
+    """(status, JSON answer) of a GET (or a POST of ``body``); (None, None) when nothing answers."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method="POST" if body is not None else "GET",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+            return r.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as e:
+        return e.code, None
+    except OSError:
+        return None, None
+
+
+def infer_body(meta: dict) -> dict:
+    """A V2 infer request for a model's metadata: each input, batch 1, filled with zeros."""
+    inputs = []
+    for spec in meta["inputs"]:
+        shape = [1 if d < 0 else d for d in spec["shape"]]
+        n = 1
+        for d in shape:
+            n *= d
+        inputs.append({"name": spec["name"], "shape": shape, "datatype": spec["datatype"], "data": [0] * n})
+    return {"inputs": inputs}
+
+
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
 def test_demo_console_in_tmux_loads_unloads_and_quits(tmp_path):
     port = free_port()
@@ -103,6 +135,15 @@ def test_demo_console_in_tmux_loads_unloads_and_quits(tmp_path):
                           and "l Load" in s, "the models table and the footer", timeout=90, log=log)
         header = next(line for line in screen.splitlines() if line.split()[:3] == ["model", "ver", "state"])
         assert "device" in header and "health" in header
+
+        # the embedded HTTP server answers clients while the console runs in the terminal
+        url = f"http://127.0.0.1:{port}"
+        assert http(url + "/v2/health/ready")[0] == 200
+        status, meta = http(url + "/v2/models/small-cnn")
+        assert status == 200 and meta["name"] == "small-cnn"
+        status, out = http(url + "/v2/models/small-cnn/infer", infer_body(meta))
+        assert status == 200 and out["model_name"] == "small-cnn" and out["outputs"], out
+        wait_for(tmux, lambda s: row_state(s, "small-cnn") == "READY", "small-cnn READY after the infer", log=log)
 
         for _ in range(7):  # the demo's traffic, halved down to its floor (0.5 req/s)
             tmux.keys("[")
@@ -145,5 +186,6 @@ def test_demo_console_in_tmux_loads_unloads_and_quits(tmp_path):
             tmux.keys("y")
         screen = wait_for(tmux, lambda s: "MC_EXIT=" in s, "the console to exit", timeout=60, log=log)
         assert "MC_EXIT=0" in screen, screen
+        assert http(url + "/v2/health/ready", timeout=5)[0] is None  # its server went with it
     finally:
         tmux.close()
