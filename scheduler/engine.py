@@ -42,7 +42,7 @@ from .errors import Conflict, EngineError, InputError, ModelNotFound, ModelUnava
 from .events import EventBus, Subscription
 from .hosttier import HostTier
 from .instance import FAILED, LOADING, READY, UNLOADED, WARMING, InferResult, LoadFailed, ModelInstance
-from .memory import MemoryManager, weights_estimate
+from .memory import InsufficientMemory, MemoryManager, weights_estimate
 from .shared import SharedDevice
 from .store import Store
 from .versions import Versions
@@ -593,7 +593,7 @@ class Engine:
         if inst.state != READY:
             if inst.state not in (UNLOADED, LOADING, WARMING):
                 raise inst.unavailable()
-            await self._ensure_loaded(inst)  # lazy load, or join the one under way
+            await self._load_for_request(inst, timeout_ms)  # lazy load, or join the one under way
         if callable(inputs):  # decoded for the version that serves it (and knows its inputs once loaded)
             inputs = inputs(inst)
         req = inst.prepare(inputs, priority, timeout_ms, outputs, time.monotonic())
@@ -604,6 +604,31 @@ class Engine:
         if inst.limiter is not None:
             await inst.limiter.admit(req.deadline, inst.name)
         return await inst.enqueue(req)
+
+    async def _load_for_request(self, inst: ModelInstance, timeout_ms: float | None) -> None:
+        """A request's lazy load: when there is no room yet, wait for it within the request's timeout.
+
+        No room happens when the churn guard protects young models (the
+        refusal says when they mature) or busy models must drain first.  The
+        request waits and tries again (at most a second apart, so room freed
+        early is taken early) instead of answering 503 at once: a client that
+        asked once should not have to retry, and tritonclient does not.  Past
+        the timeout (the model's ``timeout_ms``, or the request's if shorter)
+        the refusal is the answer, with its Retry-After.
+        """
+        limit_s = inst.cfg.timeout_ms / 1000.0
+        if isinstance(timeout_ms, (int, float)) and not isinstance(timeout_ms, bool) and timeout_ms > 0:
+            limit_s = min(limit_s, timeout_ms / 1000.0)  # a bad value is refused by prepare() after the load
+        deadline = time.monotonic() + limit_s
+        while True:
+            try:
+                await self._ensure_loaded(inst)
+                return
+            except InsufficientMemory as e:
+                left = deadline - time.monotonic()
+                if e.retry_after is None or left <= 0 or self._closing:
+                    raise
+                await asyncio.sleep(min(e.retry_after, left, 1.0))
 
     # ------------------------------------------------------------ observation
 

@@ -459,14 +459,32 @@ async def test_churn_guard_refuses_with_a_retry_time_instead_of_thrashing(make_e
     assert eng.instance("y").state == "UNLOADED" and eng.instance("x").state == "READY"
     assert not eng.instance("x").residency(time.monotonic()).loaded_as_newcomer
     # y comes straight back: a swap loop now; x is protected, and stays so however often y asks
+    # (each request waits for room within its timeout, then gets the refusal)
     for _ in range(3):
         with pytest.raises(InsufficientMemory) as err:
-            await eng.infer("y", one())
+            await eng.infer("y", one(), timeout_ms=100)
         assert err.value.retry_after is not None and 1 <= err.value.retry_after <= 30
         assert "retry in" in err.value.message
         assert eng.instance("x").state == "READY"
     # a refused request is a use: y stays a returner while it is refused, not a newcomer
     assert time.monotonic() - eng.instance("y").last_used < 5
+
+
+async def test_a_request_refused_by_the_churn_guard_waits_for_room_within_its_timeout(make_engine):
+    """The refusal says when the young model matures; the request waits for that instead of a 503."""
+    eng, _ = await make_engine((150,), min_residency_s=1.5)
+    await eng.register(sized("x", 80))
+    await eng.register(sized("y", 80))
+    await eng.infer("x", one())
+    await eng.infer("y", one())  # newcomer: x goes
+    await eng.infer("x", one())  # x comes back as a returner; y (a newcomer's load) goes
+    sub = eng.subscribe()
+    # y comes back at once: x is young and protected; y's request waits until x matures, then y loads
+    res = await eng.infer("y", one(2.0), timeout_ms=10_000)
+    assert res.outputs["output"].shape == (1, 16)
+    assert eng.instance("y").state == "READY" and eng.instance("x").state == "UNLOADED"
+    evicted = [e for e in events_of(sub) if e.kind == "evicted"]
+    assert [e.model for e in evicted] == ["x"]  # one swap, not a loop
 
 
 async def test_cuda_graphs_is_ignored_on_the_cpu(make_engine):
