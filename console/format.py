@@ -142,7 +142,7 @@ def model_cells(m: dict[str, Any], recent_failures: bool = False,
         "state": (state, STATE_ORDER.get(state, 9)),
         "device": (device, device),
         "memory": (size(fp) if fp else "—", fp),
-        "queue": (str(m.get("queue") or 0), m.get("queue") or 0),
+        "queue": queue_text(m),
         "in_flight": (str(m.get("in_flight") or 0), m.get("in_flight") or 0),
         "rate": (rate(m.get("request_rate")), m.get("request_rate") or 0.0),
         "latency": (f"{ms(lat.get('p50'))}/{ms(lat.get('p95'))}",
@@ -151,6 +151,12 @@ def model_cells(m: dict[str, Any], recent_failures: bool = False,
         "priority": (f"{urgency:.1f}/P{base if base is not None else '?'}", (-(urgency or 0.0), base or 0)),
         "health": (h, HEALTH_ORDER.get(h, 9)),
     }
+
+
+def queue_text(m: dict[str, Any]) -> tuple[str, int]:
+    """Queued requests, then ``+N`` waiting for device memory (a lazy load with no room yet)."""
+    queued, waiting = m.get("queue") or 0, m.get("waiting_for_room") or 0
+    return (f"{queued}+{waiting}" if waiting else str(queued)), queued + waiting
 
 
 def version_text(m: dict[str, Any], routing: dict[str, Any] | None = None) -> str:
@@ -166,7 +172,7 @@ def traffic_flowing(snapshot: dict[str, Any] | None) -> bool:
     if not snapshot:
         return False
     return any((m.get("request_rate") or 0) > 0 or (m.get("queue") or 0) > 0 or (m.get("in_flight") or 0) > 0
-               for m in snapshot.get("models") or ())
+               or (m.get("waiting_for_room") or 0) > 0 for m in snapshot.get("models") or ())
 
 
 def bar(fraction: float, width: int, marker: float | None = None) -> str:

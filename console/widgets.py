@@ -249,7 +249,9 @@ class DetailPane(VerticalScroll):
             f"source {m.get('source') or cfg.get('source', '?')}",
             f"memory {fmt.size(m.get('footprint_bytes') or 0)} (weights {fmt.size(m.get('weight_bytes'))})"
             + (f" · loaded in {m['load_seconds']:.2f} s" if m.get("load_seconds") else ""),
-            (f"queue {m.get('queue', 0)} · in flight {m.get('in_flight', 0)} · {fmt.rate(m.get('request_rate'))} req/s"
+            (f"queue {m.get('queue', 0)}"
+             + (f" · {m['waiting_for_room']} waiting for memory" if m.get("waiting_for_room") else "")
+             + f" · in flight {m.get('in_flight', 0)} · {fmt.rate(m.get('request_rate'))} req/s"
              f" · urgency {m.get('urgency') or 0:.2f} · P{cfg.get('priority', '?')} of {cfg.get('priority_levels', '?')}"),
             (f"latency p50 {fmt.ms(lat_ms.get('p50'))} · p95 {fmt.ms(lat_ms.get('p95'))} · "
              f"p99 {fmt.ms(lat_ms.get('p99'))} ms (target {fmt.ms(m.get('latency_target_ms'))} ms)"),

@@ -628,7 +628,11 @@ class Engine:
                 left = deadline - time.monotonic()
                 if e.retry_after is None or left <= 0 or self._closing:
                     raise
-                await asyncio.sleep(min(e.retry_after, left, 1.0))
+                inst.waiting_for_room += 1  # in the snapshot, the console and the pending-requests gauge
+                try:
+                    await asyncio.sleep(min(e.retry_after, left, 1.0))
+                finally:
+                    inst.waiting_for_room -= 1
 
     # ------------------------------------------------------------ observation
 

@@ -139,6 +139,7 @@ class ModelInstance:
         self.learned_footprint = 0  # measured at its last load: the next load's estimate
         self.loaded_mono = 0.0
         self.last_used = 0.0  # monotonic time of its last request
+        self.waiting_for_room = 0  # requests whose lazy load waits for device memory (Engine._load_for_request)
         self.loaded_as_newcomer = False  # its current load was a newcomer's (memory.make_room; the churn guard)
         self.rate = policy.Ewma(half_life_s=policy.RATE_HALF_LIFE_S)  # requests per second, decayed
         self.shared: "SharedDevice | None" = None  # the managed device's slots, when it is shared
@@ -691,6 +692,7 @@ class ModelInstance:
             "pinned": self.pinned,
             "request_rate": self.rate.rate(now),
             "queue": self.queue.size,
+            "waiting_for_room": self.waiting_for_room,
             "in_flight": self.in_flight,
             "inputs": [s.to_dict() for s in self.inputs] if self.inputs else None,
             "outputs": [s.to_dict() for s in self.outputs] if self.outputs else None,

@@ -402,6 +402,7 @@ def _version_entry(snap: dict[str, Any]) -> dict[str, Any]:
         "metrics": {
             "request_rate": round(snap["request_rate"], 3),
             "queue": snap["queue"],
+            "waiting_for_room": snap["waiting_for_room"],
             "in_flight": snap["in_flight"],
             "success": st["success"],
             "fail": st["fail"],

@@ -47,7 +47,7 @@ nv_inference_request_duration_us               counter*  total end-to-end time o
                                                          (us; cache hits included)
 nv_inference_queue_duration_us                 counter*  total time requests waited in the queue (us)
 nv_inference_compute_infer_duration_us         counter*  total forward-pass time of batches (us)
-nv_inference_pending_request_count             gauge     requests queued + in flight now
+nv_inference_pending_request_count             gauge     requests queued + in flight + waiting for memory now
 nv_cache_num_hits_per_model                    counter*  result-cache hits
 nv_cache_num_misses_per_model                  counter*  result-cache misses
 modelconsole_request_latency_ms                gauge     end-to-end latency percentiles over the last
@@ -203,7 +203,7 @@ class EngineCollector:
                              "Cumulative forward-pass time of executed batches (us)")
         hits = untyped("nv_cache_num_hits_per_model", "Number of result-cache hits")
         misses = untyped("nv_cache_num_misses_per_model", "Number of result-cache misses")
-        pending = gauge("nv_inference_pending_request_count", "Requests queued or in flight")
+        pending = gauge("nv_inference_pending_request_count", "Requests queued, in flight or waiting for device memory")
         latency = gauge("modelconsole_request_latency_ms",
                         "End-to-end request latency percentiles over the last 2048 requests (ms)", "quantile")
         state = gauge("modelconsole_model_state", "1 for the model version's current state", "state")
@@ -230,7 +230,7 @@ class EngineCollector:
             compute_us.add(lv, s["compute_ms_total"] * 1000.0)
             hits.add(lv, s["cache_hits"])
             misses.add(lv, s["cache_misses"])
-            pending.add_metric(lv, m["queue"] + m["in_flight"])
+            pending.add_metric(lv, m["queue"] + m["in_flight"] + m.get("waiting_for_room", 0))
             for q, key in QUANTILES:
                 v = s["latency_ms"].get(key)
                 if v is not None:

@@ -732,3 +732,12 @@ def test_the_console_ui_imports_neither_torch_nor_the_engine():
             "'modelconsole.server', 'modelconsole.gpu'))])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_requests_waiting_for_memory_show_in_the_queue_cell_and_count_as_traffic():
+    idle = {"name": "y", "version": "1", "state": "UNLOADED", "queue": 0, "in_flight": 0, "request_rate": 0.0}
+    waiting = dict(idle, waiting_for_room=2)
+    assert fmt.model_cells(idle)["queue"] == ("0", 0)
+    assert fmt.model_cells(waiting)["queue"] == ("0+2", 2)
+    assert not fmt.traffic_flowing({"models": [idle]})
+    assert fmt.traffic_flowing({"models": [waiting]})

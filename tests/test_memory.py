@@ -480,8 +480,16 @@ async def test_a_request_refused_by_the_churn_guard_waits_for_room_within_its_ti
     await eng.infer("x", one())  # x comes back as a returner; y (a newcomer's load) goes
     sub = eng.subscribe()
     # y comes back at once: x is young and protected; y's request waits until x matures, then y loads
-    res = await eng.infer("y", one(2.0), timeout_ms=10_000)
+    task = asyncio.create_task(eng.infer("y", one(2.0), timeout_ms=10_000))
+    for _ in range(100):  # the wait shows in the snapshot while it lasts
+        await asyncio.sleep(0.01)
+        snap = next(m for m in eng.snapshot()["models"] if m["name"] == "y")
+        if snap["waiting_for_room"]:
+            break
+    assert snap["waiting_for_room"] == 1 and snap["state"] == "UNLOADED" and not task.done()
+    res = await task
     assert res.outputs["output"].shape == (1, 16)
+    assert eng.instance("y").waiting_for_room == 0
     assert eng.instance("y").state == "READY" and eng.instance("x").state == "UNLOADED"
     evicted = [e for e in events_of(sub) if e.kind == "evicted"]
     assert [e.model for e in evicted] == ["x"]  # one swap, not a loop
