@@ -12,7 +12,7 @@ import asyncio
 import itertools
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -28,7 +28,14 @@ class Event:
     seq: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """A JSON-able dict; ``data`` is copied one level (nested values, e.g. a canary's dict, are
+        shared: an event is a record, read and serialized, never changed).
+
+        Built by hand, not ``dataclasses.asdict``: every snapshot converts
+        the last 100 events, and asdict's recursive deep copy was a third of
+        the console's refresh (bench/console.py)."""
+        return {"kind": self.kind, "message": self.message, "model": self.model, "version": self.version,
+                "level": self.level, "data": dict(self.data), "ts": self.ts, "seq": self.seq}
 
 
 class Subscription:

@@ -29,6 +29,7 @@ class ModelStats:
         self.cache_misses = 0
         self._lat = np.zeros(WINDOW, dtype=np.float64)  # seconds
         self._lat_n = 0
+        self._pcts: tuple[int, dict[str, float | None]] = (0, {"p50": None, "p95": None, "p99": None})
         self.request_ns = 0  # summed end-to-end time of the successful requests (Triton's "success" duration)
 
     def record_latency(self, seconds: float) -> None:
@@ -48,11 +49,15 @@ class ModelStats:
         self.failures[kind] += n
 
     def latency_ms(self) -> dict[str, float | None]:
-        n = min(self._lat_n, WINDOW)
-        if n == 0:
-            return {"p50": None, "p95": None, "p99": None}
-        p = np.percentile(self._lat[:n], [50, 95, 99]) * 1000.0
-        return {"p50": float(p[0]), "p95": float(p[1]), "p99": float(p[2])}
+        """p50/p95/p99 over the last WINDOW requests, recomputed only when a request was recorded
+        since the last call (every snapshot asks for every model's: an idle model costs nothing)."""
+        seen, pcts = self._pcts
+        if seen != self._lat_n:
+            n = min(self._lat_n, WINDOW)
+            p = np.percentile(self._lat[:n], [50, 95, 99]) * 1000.0
+            pcts = {"p50": float(p[0]), "p95": float(p[1]), "p99": float(p[2])}
+            self._pcts = (self._lat_n, pcts)
+        return dict(pcts)
 
     def to_dict(self) -> dict[str, Any]:
         return {

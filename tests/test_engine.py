@@ -242,3 +242,33 @@ async def test_failed_export_model_without_declared_inputs_answers_unavailable(e
         await engine.infer("ex", {"x": torch.zeros(1, 4)})  # the lazy load fails: that is the answer
     with pytest.raises(ModelUnavailable, match="FAILED"):
         await engine.infer("ex", {"x": torch.zeros(1, 4)})  # then the reason, without reloading
+
+
+def test_latency_percentiles_follow_new_requests_and_are_copies():
+    from modelconsole.scheduler.stats import ModelStats
+
+    stats = ModelStats()
+    assert stats.latency_ms() == {"p50": None, "p95": None, "p99": None}
+    for s in (0.001, 0.002, 0.003):
+        stats.record_latency(s)
+    first = stats.latency_ms()
+    assert first["p50"] == pytest.approx(2.0)
+    first["p50"] = -1.0  # a caller's copy: the next read is not affected
+    assert stats.latency_ms()["p50"] == pytest.approx(2.0)
+    for _ in range(10):
+        stats.record_latency(0.5)
+    assert stats.latency_ms()["p50"] == pytest.approx(500.0)  # recomputed once a request was recorded
+
+
+def test_event_dicts_are_json_and_carry_every_field():
+    import dataclasses
+    import json
+
+    from modelconsole.scheduler.events import Event
+
+    e = Event("evicted", "evicted a", model="a", version="1", level="warning", data={"reason": "r", "n": {"x": 1}},
+              seq=7)
+    d = e.to_dict()
+    assert d == dataclasses.asdict(e) and json.loads(json.dumps(d)) == d
+    d["data"]["reason"] = "changed"
+    assert e.data["reason"] == "r"
