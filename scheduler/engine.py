@@ -2,8 +2,13 @@
 
 Control calls (register, load, unload) mutate residency and routing only
 under ``self._control`` (one asyncio lock), and a read that gates a
-mutation happens inside the same critical section.  Requests never take that
-lock: ``infer`` looks the model up, validates and queues in a few
+mutation happens inside the same critical section.  A load decides under it
+(placement, evictions, the reservation) and commits under it (the measured
+footprint), but reads its weights outside it: the reservation keeps every
+other decision off that memory, so other models' loads, unloads and pins do
+not wait for a slow file.  Until its load has ended a model is nobody's to
+evict or unload (``_evictable``, ``_control_when_settled``).  Requests never
+take that lock: ``infer`` looks the model up, validates and queues in a few
 microseconds, and the model's worker thread does the torch work.
 
 What the operator changes is written to the store before it is
@@ -22,6 +27,7 @@ engine calls it on the request path only for names with a split or shadows
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -71,6 +77,11 @@ def _is_oom(e: BaseException) -> bool:
             return True
         e = e.__cause__
     return False
+
+
+def _loading(inst: ModelInstance) -> bool:
+    """A load of ``inst`` is under way (deciding, reading its weights or committing)."""
+    return inst.load_task is not None and not inst.load_task.done()
 
 
 def _expired(inst: ModelInstance, now: float) -> bool:
@@ -341,45 +352,74 @@ class Engine:
         await asyncio.shield(inst.load_task)
 
     async def _load_locked(self, inst: ModelInstance) -> None:
-        async with self._control:
-            if inst.state == READY:
-                return
-            if inst.state not in (UNLOADED, FAILED):
-                raise ModelUnavailable(f"model {inst.name} version {inst.version} is {inst.state}")
-            await self._load(inst)
+        """Place, reserve, load, commit the measured footprint: the body of ``inst.load_task``.
 
-    async def _load(self, inst: ModelInstance, need: int | None = None, retried: bool = False) -> None:
-        """Place, reserve, load, commit the measured footprint (control lock held).
-
-        An out-of-memory while loading (real or simulated) makes room for
-        half as much again and retries once; a second one is the answer.
+        Placement and evictions (``memory.make_room``) and the commit run
+        under the control lock; reading the weights does not (see the module
+        docstring).  An out-of-memory while loading (real or simulated) makes
+        room for half as much again and retries once; a second one is the
+        answer.
         """
-        targets = self.memory.target_devices(inst.cfg.device)
-        if targets is None:  # unmanaged: the CPU
-            await inst.load()
-            return
-        need = need or weights_estimate(inst)
-        index = await self.memory.make_room(inst, need, targets, self._evictable, self._evict_locked)
-        inst.device_index = index
-        inst.shared = self.shared[index]
+        need: int | None = None
+        retried = False
+        while True:
+            async with self._control:
+                if inst.state == READY:
+                    return
+                if inst.state not in (UNLOADED, FAILED):
+                    raise ModelUnavailable(f"model {inst.name} version {inst.version} is {inst.state}")
+                targets = self.memory.target_devices(inst.cfg.device)
+                index = None
+                if targets is not None:  # a managed device (None: the CPU, unbudgeted)
+                    need = need or weights_estimate(inst)
+                    index = await self.memory.make_room(inst, need, targets, self._evictable, self._evict_locked)
+                    inst.device_index = index
+                    inst.shared = self.shared[index]
+            if index is None:
+                await inst.load()
+                return
+            try:
+                await inst.load(self.memory.torch_device(index))  # outside the lock: the reservation holds
+                async with self._control:
+                    self.memory.commit(index, inst, inst.footprint_bytes)
+                return
+            except Exception as e:  # noqa: BLE001 - undo the reservation, then decide
+                async with self._control:
+                    if inst.state == READY:  # loaded, but the device refused to hold it (simulated OOM)
+                        await inst.unload()
+                    self.memory.forget(index, inst)
+                    inst.device_index = None
+                if not _is_oom(e):
+                    raise
+                if retried:
+                    inst.state, inst.reason = FAILED, f"out of memory on device {index} after one retry"
+                    raise LoadFailed(f"model {inst.key} ran out of memory on device {index} twice; "
+                                     f"it needs more than {need / 2**30:.2f} GiB") from e
+                self.events.publish("oom", f"out of memory loading {inst.key} on device {index}; "
+                                    f"making room for {1.5 * need / 2**30:.2f} GiB and retrying once",
+                                    model=inst.name, version=inst.version, level="warning")
+                need, retried = int(need * 1.5), True
+
+    @contextlib.asynccontextmanager
+    async def _control_when_settled(self, inst: ModelInstance):
+        """The control lock, taken at a moment when ``inst`` has no load under way.
+
+        A load owns its model (and its reservation) until it has ended, and
+        it needs the lock to commit: an unload or eviction of that model
+        waits for the load outside the lock, then takes the lock.
+        """
+        while True:
+            task = inst.load_task
+            if task is not None and not task.done():
+                await asyncio.wait([task])
+            await self._control.acquire()
+            if not _loading(inst):
+                break
+            self._control.release()  # a new load started meanwhile: wait for that one too
         try:
-            await inst.load(self.memory.torch_device(index))
-            self.memory.commit(index, inst, inst.footprint_bytes)
-        except Exception as e:  # noqa: BLE001 - undo the reservation, then decide
-            if inst.state == READY:  # loaded, but the device refused to hold it (simulated OOM)
-                await inst.unload()
-            self.memory.forget(index, inst)
-            inst.device_index = None
-            if not _is_oom(e):
-                raise
-            if retried:
-                inst.state, inst.reason = FAILED, f"out of memory on device {index} after one retry"
-                raise LoadFailed(f"model {inst.key} ran out of memory on device {index} twice; "
-                                 f"it needs more than {need / 2**30:.2f} GiB") from e
-            self.events.publish("oom", f"out of memory loading {inst.key} on device {index}; "
-                                f"making room for {1.5 * need / 2**30:.2f} GiB and retrying once",
-                                model=inst.name, version=inst.version, level="warning")
-            await self._load(inst, int(need * 1.5), retried=True)
+            yield
+        finally:
+            self._control.release()
 
     async def _make_room_after_oom(self, inst: ModelInstance) -> None:
         """A forward ran out of memory: evict the lowest keep-value idle model on its device."""
@@ -401,6 +441,9 @@ class Engine:
         await self._unload_locked(inst)
 
     async def _unload_locked(self, inst: ModelInstance, drain_timeout: float = 30.0, keep: bool = True) -> None:
+        if _loading(inst) and inst.load_task is not asyncio.current_task():
+            # its load owns the reservation: callers take _control_when_settled (a bug otherwise)
+            raise RuntimeError(f"{inst.key} unloaded while its load is under way")
         freed = inst.footprint_bytes
         # what the device shows us holding before the free: the wait for it to come back counts from here
         before = self.memory.own_used(inst.device_index) if inst.device_index is not None else 0
@@ -420,12 +463,10 @@ class Engine:
         return [i for i in self._instances() if i.device_index == index and i.state != UNLOADED]
 
     def _evictable(self, index: int) -> list[ModelInstance]:
-        """The residents a load may evict: all but the two sides of a swap under way."""
-        residents = self._residents(index)
+        """The residents a load may evict: all but those with a load under way (their load owns
+        their reservation until it has ended) and the two sides of a swap under way."""
         protected = self.versions.protected
-        if not protected:
-            return residents
-        return [i for i in residents if i.key not in protected]
+        return [i for i in self._residents(index) if not _loading(i) and i.key not in protected]
 
     async def _load_quietly(self, inst: ModelInstance) -> None:
         """Bring a pinned model up in the background; a refusal becomes an event."""
@@ -440,7 +481,7 @@ class Engine:
     async def unload(self, name: str, version: str | None = None, actor: str = "api") -> dict[str, Any]:
         """Stop routing to a version, let its queued work finish, free its memory."""
         inst = self._instance(name, version)
-        async with self._control:
+        async with self._control_when_settled(inst):
             await self._unload_locked(inst)
         await self._audit(actor, "unload", inst)
         return inst.snapshot()
@@ -464,7 +505,7 @@ class Engine:
         host tier (when there is one) so the next request reloads it fast.  A pinned
         version is refused: unpin it first."""
         inst = self._instance(name, version)
-        async with self._control:
+        async with self._control_when_settled(inst):
             if inst.pinned:
                 raise Conflict(f"{inst.key} is pinned; unpin it before evicting it")
             if inst.state == UNLOADED:
@@ -500,7 +541,7 @@ class Engine:
             for inst in self._instances():
                 inst.tick(now)
                 if _expired(inst, now) and inst.key not in self.versions.protected:
-                    async with self._control:
+                    async with self._control_when_settled(inst):
                         # re-read under the lock that gates the unload
                         if _expired(inst, now) and inst.key not in self.versions.protected:
                             idle = now - max(inst.last_used, inst.loaded_mono)

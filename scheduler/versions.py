@@ -423,7 +423,7 @@ class Versions:
                                 "its queued and in-flight requests", model=name, version=new.version,
                                 data=dict(data, phase="draining"))
             if old is not None and old is not new:
-                async with self._engine._control:
+                async with self._engine._control_when_settled(old):
                     await self._engine._unload_locked(old)
         finally:
             self.protected -= guard

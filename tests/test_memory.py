@@ -447,8 +447,10 @@ async def test_a_forward_oom_evicts_an_idle_model_and_retries_once(make_engine, 
 
 async def test_churn_guard_refuses_with_a_retry_time_instead_of_thrashing(make_engine):
     eng, _ = await make_engine((150,), min_residency_s=30)
-    await eng.register(sized("x", 80))
-    await eng.register(sized("y", 80))
+    # x is worth more than y (priority), so y never clears the churn margin by the noise in their
+    # measured load times: the guard, not a value comparison, decides below
+    await eng.register(sized("x", 80, priority=1))
+    await eng.register(sized("y", 80, priority=3))
     await eng.infer("x", one())  # x loads and is used
     await eng.infer("y", one())  # y is a newcomer: x is evicted even though it is young
     assert eng.instance("x").state == "UNLOADED" and eng.instance("y").state == "READY"
@@ -473,8 +475,8 @@ async def test_churn_guard_refuses_with_a_retry_time_instead_of_thrashing(make_e
 async def test_a_request_refused_by_the_churn_guard_waits_for_room_within_its_timeout(make_engine):
     """The refusal says when the young model matures; the request waits for that instead of a 503."""
     eng, _ = await make_engine((150,), min_residency_s=1.5)
-    await eng.register(sized("x", 80))
-    await eng.register(sized("y", 80))
+    await eng.register(sized("x", 80, priority=1))  # worth more: y's wait is the guard's (see above)
+    await eng.register(sized("y", 80, priority=3))
     await eng.infer("x", one())
     await eng.infer("y", one())  # newcomer: x goes
     await eng.infer("x", one())  # x comes back as a returner; y (a newcomer's load) goes
@@ -500,3 +502,77 @@ async def test_cuda_graphs_is_ignored_on_the_cpu(make_engine):
     await eng.register(sized("g", 8, cuda_graphs=True))
     assert (await eng.infer("g", one())).outputs["output"].shape == (1, 16)
     assert next(m for m in eng.snapshot()["models"] if m["name"] == "g")["cuda_graphs"] is None
+
+
+SLOW_LOAD_MODULE = '''
+import os
+import time
+
+import torch
+
+
+def build(gate_file=""):
+    """Building the module waits (on the load's thread) until gate_file exists: a slow file read."""
+    deadline = time.monotonic() + 20
+    while gate_file and not os.path.exists(gate_file):
+        if time.monotonic() > deadline:
+            raise RuntimeError("gate never opened")
+        time.sleep(0.01)
+    return torch.nn.Linear(4, 2)
+'''
+
+
+async def test_a_slow_load_does_not_hold_up_other_models(make_engine, tmp_path):
+    """The weights are read outside the control lock: while one model's load is stuck, another
+    model loads on another device, others are pinned and unloaded, and nothing evicts the model
+    being loaded; unloading it waits for its load to end, then frees its reservation."""
+    from safetensors.torch import save_file
+    from test_request_path import X4, Y2
+
+    (tmp_path / "slowmodels.py").write_text(SLOW_LOAD_MODULE)
+    lin = torch.nn.Linear(4, 2)
+    save_file({"weight": lin.weight.detach().contiguous(), "bias": lin.bias.detach().contiguous()},
+              str(tmp_path / "slow.safetensors"))
+    gate = tmp_path / "gate"
+    eng, _ = await make_engine((100, 100))
+    await eng.register({"name": "slow", "source": "safetensors:slow.safetensors", "factory": "slowmodels:build",
+                        "args": {"gate_file": str(gate)}, "inputs": X4, "outputs": Y2, "warmup": 0,
+                        "device": "cuda:0", "estimate_mib": 60})
+    await eng.register(sized("other", 40, device="cuda:1"))
+    await eng.register(sized("resident", 30, device="cuda:0"))
+    await eng.register(sized("newcomer", 30, device="cuda:0"))
+    await eng.register(sized("big", 40, device="cuda:0"))
+    await eng.load("resident")
+    slow = eng.instance("slow")
+    try:
+        load = asyncio.create_task(eng.load("slow"))
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if slow.state == "LOADING":
+                break
+        assert slow.state == "LOADING"
+        assert eng.memory.budgets[0].reservations.get("slow:1") == 60 * MiB  # reserved before the read
+        # other control calls go through while the read is stuck
+        await eng.load("other")
+        await eng.pin("resident")
+        await eng.pin("resident", pinned=False)
+        await eng.set_priority("resident", None, 1)
+        await eng.unload("resident")
+        # a load on the same device goes beside it (60 reserved + 30 × 1.25 fit in 100 MiB) ...
+        await eng.load("newcomer")
+        assert eng.instance("newcomer").state == "READY" and slow.state == "LOADING"
+        # ... but never takes its memory: only evicting the loading model would make room for 50 MiB
+        with pytest.raises(InsufficientMemory):
+            await eng.load("big")
+        assert slow.state == "LOADING" and eng.instance("newcomer").state == "READY"
+        assert not load.done()
+        # an unload of the loading model waits for its load, then frees it
+        unload = asyncio.create_task(eng.unload("slow"))
+        await asyncio.sleep(0.1)
+        assert not unload.done() and slow.state == "LOADING"
+    finally:
+        gate.touch()
+    await load
+    await unload
+    assert slow.state == "UNLOADED" and "slow:1" not in eng.memory.budgets[0].reservations
+    assert eng.instance("other").state == "READY" and eng.instance("newcomer").state == "READY"
