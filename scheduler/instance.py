@@ -305,12 +305,21 @@ class ModelInstance:
         kept: list[sources.LoadedModel] = []
 
         def free() -> None:
+            cuda = device.type == "cuda"
+            held = torch.cuda.memory_allocated(device) if cuda else 0
             if loaded is not None and self.host_tier.accepts(loaded):
                 kept.append(hosttier.to_host(loaded))
             self._module = None
             self._graphs = None
-            gc.collect()
-            if device.type == "cuda":
+            if not cuda:
+                gc.collect()  # host memory of modules with reference cycles
+            elif held - torch.cuda.memory_allocated(device) < self.weight_bytes // 2:
+                # Dropping the last references freed the tensors unless the module is in a
+                # reference cycle; only then is the collector needed.  A full collection walks the
+                # serving process's whole heap holding the GIL, and on a GPU that stall landed on
+                # the other models' requests (a hot swap's p99).
+                gc.collect()
+            if cuda:
                 torch.cuda.synchronize(device)
                 # cuBLAS keeps a workspace per stream; this thread's stream is going away
                 clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
