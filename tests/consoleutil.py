@@ -1,8 +1,11 @@
-"""Helpers the console's Pilot tests share: wait for a condition, read and select table rows."""
+"""Helpers the console's tests share: wait for a condition, read and select table rows, HTTP."""
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.error
+import urllib.request
 
 
 async def until(pilot, cond, timeout=15.0, what="condition"):
@@ -20,3 +23,18 @@ def cell(app, key, col):
 
 def select(app, key):
     app.table.move_cursor(row=app.table.get_row_index(key), animate=False)
+
+
+def http(url: str, body: dict | None = None, timeout: float = 60.0) -> tuple[int | None, dict | None]:
+    """(status, JSON answer) of a GET (or a POST of ``body``); (None, None) when nothing answers."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method="POST" if body is not None else "GET",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+            return r.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as e:
+        return e.code, None
+    except OSError:
+        return None, None

@@ -11,15 +11,13 @@ server answering clients while the console runs.
 from __future__ import annotations
 
 import asyncio
-import json
-import urllib.error
-import urllib.request
+import contextlib
 from collections import Counter
 from types import SimpleNamespace
 
 import pytest
 import torch
-from consoleutil import cell, select, until
+from consoleutil import cell, http, select, until
 from modelconsole.console import format as fmt
 from modelconsole.console.app import PALETTE, ActionCommands, ModelConsoleApp
 from modelconsole.console.client import LocalClient
@@ -461,18 +459,28 @@ async def test_quit_attached_leaves_at_once(client):
     assert client.engine.accepting  # the engine was not touched
 
 
-async def test_quit_embedded_asks_while_traffic_flows(client):
-    eng = client.engine
-    await eng.load("tiny")
+@contextlib.asynccontextmanager
+async def flowing(eng, name):
+    """Requests to ``name`` every 10 ms while the block runs (so the console sees traffic)."""
     stop = asyncio.Event()
 
     async def traffic():
         while not stop.is_set():
-            await eng.infer("tiny", {"input": torch.randn(1, 64)})
+            await eng.infer(name, {"input": torch.randn(1, 64)})
             await asyncio.sleep(0.01)
 
     task = asyncio.create_task(traffic())
     try:
+        yield
+    finally:
+        stop.set()
+        await task
+
+
+async def test_quit_embedded_asks_while_traffic_flows(client):
+    eng = client.engine
+    await eng.load("tiny")
+    async with flowing(eng, "tiny"):
         app = RecordingApp(client, embedded=True, refresh_s=0.25)
         async with app.run_test(size=SIZE) as pilot:
             await until(pilot, lambda: rate_of(client, "tiny") > 0, what="traffic")
@@ -484,9 +492,6 @@ async def test_quit_embedded_asks_while_traffic_flows(client):
             await pilot.press("q", "tab", "enter")
             await pilot.pause()
             assert not app.is_running
-    finally:
-        stop.set()
-        await task
 
 
 async def test_ctrl_q_is_the_quit_action(client):
@@ -503,15 +508,7 @@ async def test_ctrl_q_is_the_quit_action(client):
 
     eng = client.engine
     await eng.load("tiny")
-    stop = asyncio.Event()
-
-    async def traffic():
-        while not stop.is_set():
-            await eng.infer("tiny", {"input": torch.randn(1, 64)})
-            await asyncio.sleep(0.01)
-
-    task = asyncio.create_task(traffic())
-    try:
+    async with flowing(eng, "tiny"):
         app = RecordingApp(client, embedded=True, refresh_s=0.25)
         async with app.run_test(size=SIZE) as pilot:
             await until(pilot, lambda: rate_of(client, "tiny") > 0, what="traffic")
@@ -530,9 +527,6 @@ async def test_ctrl_q_is_the_quit_action(client):
             await pilot.press("tab", "enter")  # Quit
             await pilot.pause()
             assert not app.is_running
-    finally:
-        stop.set()
-        await task
 
 
 async def test_quit_embedded_without_traffic_does_not_ask(client):
@@ -648,21 +642,6 @@ async def test_the_event_log_shows_an_evictions_reason(tmp_path):
 
 
 # --------------------------------------------------------------------------- the embedded server
-
-
-def http(url: str, body: dict | None = None, timeout: float = 60.0) -> tuple[int | None, dict | None]:
-    """(status, JSON answer) of a GET (or a POST of ``body``); (None, None) when nothing answers."""
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method="POST" if body is not None else "GET",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            raw = r.read()
-            return r.status, json.loads(raw) if raw else None
-    except urllib.error.HTTPError as e:
-        return e.code, None
-    except OSError:
-        return None, None
 
 
 EMBEDDED_CONFIG = """

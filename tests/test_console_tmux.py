@@ -16,7 +16,6 @@ unique ``-L`` socket) and session, and kills both whatever happens.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -25,11 +24,10 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 
 import pytest
+from consoleutil import http
 
 MODEL = "tiny-mlp"  # sorted last of the demo's three, so the traffic's Zipf weights make it the quietest
 
@@ -89,21 +87,6 @@ def wait_for(tmux: Tmux, cond, what: str, timeout: float = 30.0, log: str | None
         with open(log) as f:
             tail = "\n--- modelconsole.log ---\n" + f.read()[-3000:]
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; the screen:\n{screen}{tail}")
-
-
-def http(url: str, body: dict | None = None, timeout: float = 60.0) -> tuple[int | None, dict | None]:
-    """(status, JSON answer) of a GET (or a POST of ``body``); (None, None) when nothing answers."""
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method="POST" if body is not None else "GET",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            raw = r.read()
-            return r.status, json.loads(raw) if raw else None
-    except urllib.error.HTTPError as e:
-        return e.code, None
-    except OSError:
-        return None, None
 
 
 def infer_body(meta: dict) -> dict:

@@ -23,7 +23,6 @@ import zlib
 from pathlib import Path
 
 import aiohttp
-import numpy as np
 import pytest
 
 from modelconsole.console.cli import OneLineFormatter, describe_exception
