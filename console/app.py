@@ -920,9 +920,13 @@ class ModelConsoleApp(App[None]):
         self._demo_rate(2.0)
 
     def help_rows(self) -> list[tuple[str, str, str, bool]]:
+        """(keys, description, binding id, enabled now) per key; read-only leaves out every action
+        that changes the engine, as the footer and the palette do."""
         rows = []
         for b in self.BINDINGS:
             assert isinstance(b, Binding)
+            if self.read_only and b.action in MUTATING:
+                continue
             keys = self._keymap.get(b.id, b.key) if b.id else b.key
             shown = ", ".join(self.get_key_display(Binding(k.strip(), b.action)) for k in keys.split(","))
             desc = next((title for a, title, _ in PALETTE if a == b.action), b.description)
@@ -940,7 +944,7 @@ class ModelConsoleApp(App[None]):
             "Remap keys by binding id (App.set_keymap / ModelConsoleApp(keymap=...)).",
         ]
         if self.read_only:
-            notes.insert(0, "READ-ONLY: actions that change the engine are disabled (struck through).")
+            notes.insert(0, "READ-ONLY: the actions that change the engine are hidden and refused.")
         self.push_screen(HelpScreen(self.help_rows(), notes))
 
     def action_request_quit(self) -> None:
