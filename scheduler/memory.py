@@ -155,10 +155,15 @@ class MemoryManager:
                 times = [policy.earliest_room([r.residency(now) for r in residents(i)], need, avail, now,
                                               self.cfg.min_residency_s) for i, avail, _ in cands]
                 times = [t for t in times if t is not None]
-                retry = max(1.0, min(times) - now) if times else 5.0
+                retry: float | None = None  # pinned models hold it: only an operator can change that
+                if times:
+                    retry = max(1.0, min(times) - now)
+                elif any(r.busy() for i in targets for r in residents(i)):
+                    retry = 5.0  # their queued work drains, then they may go
                 inst.last_used = now  # wanted now: when it retries it is a returner, not a newcomer
-                raise InsufficientMemory(self._why_no_room(inst, need, targets, residents)
-                                         + f"; retry in {retry:.0f}s", retry_after=retry)
+                hint = f"; retry in {retry:.0f}s" if retry is not None else "; unpin or unload a model to make room"
+                raise InsufficientMemory(self._why_no_room(inst, need, targets, residents) + hint,
+                                         retry_after=retry)
             _, index, plan = min(plans, key=lambda p: (p[0], p[1]))  # the plan that frees least
             by_key = {r.key: r for r in residents(index)}
             for key in plan.victims:

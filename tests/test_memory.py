@@ -576,3 +576,17 @@ async def test_a_slow_load_does_not_hold_up_other_models(make_engine, tmp_path):
     await unload
     assert slow.state == "UNLOADED" and "slow:1" not in eng.memory.budgets[0].reservations
     assert eng.instance("other").state == "READY" and eng.instance("newcomer").state == "READY"
+
+
+async def test_no_room_because_of_pinned_models_is_answered_at_once(make_engine):
+    """Waiting cannot help when pinned models hold the memory: the request is refused at once,
+    without a Retry-After, and the message says what would help."""
+    eng, _ = await make_engine((150,), min_residency_s=0)
+    await eng.register(sized("held", 80))
+    await eng.register(sized("wanted", 80))
+    await eng.load("held")
+    await eng.pin("held")
+    with pytest.raises(InsufficientMemory) as err:
+        await eng.infer("wanted", one(), timeout_ms=20_000)
+    assert err.value.retry_after is None and "unpin or unload" in err.value.message
+    assert eng.instance("held").state == "READY" and eng.instance("wanted").state == "UNLOADED"
