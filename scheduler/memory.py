@@ -158,8 +158,8 @@ class MemoryManager:
                 retry: float | None = None  # pinned models hold it: only an operator can change that
                 if times:
                     retry = max(1.0, min(times) - now)
-                elif any(r.busy() for i in targets for r in residents(i)):
-                    retry = 5.0  # their queued work drains, then they may go
+                elif not self._pinned_block(need, targets, residents, now):
+                    retry = 5.0  # busy ones drain, loads end, a swap's old version goes: then they may
                 inst.last_used = now  # wanted now: when it retries it is a returner, not a newcomer
                 hint = f"; retry in {retry:.0f}s" if retry is not None else "; unpin or unload a model to make room"
                 raise InsufficientMemory(self._why_no_room(inst, need, targets, residents) + hint,
@@ -173,6 +173,12 @@ class MemoryManager:
         inst.loaded_as_newcomer = not policy.churn_risk(incoming, now, self.cfg.min_residency_s)
         self.budgets[index].reserve(inst.key, need)
         return index
+
+    def _pinned_block(self, need: int, targets: list[int], residents, now: float) -> bool:
+        """On every target, what pinned models hold leaves less than ``need`` of the budget."""
+        def pinned(i: int) -> int:
+            return sum(r.residency(now).bytes for r in residents(i) if r.pinned)
+        return all(self.budgets[i].usable(self.backend.read(i)) - pinned(i) < need for i in targets)
 
     def _why_no_room(self, inst: "ModelInstance", need: int, targets: list[int], residents) -> str:
         parts = []
