@@ -31,10 +31,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# This file is named http.py (the issue names it): keep its folder off the import path so
-# that the standard library's http package (urllib, asyncio's helpers) is the one imported.
+# This file is named http.py (the issue names it): its folder goes to the END of the import
+# path, so the standard library's http package (urllib, asyncio's helpers) is the one imported
+# and bench/serveproc.py can still be.
 _HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
 
 import argparse  # noqa: E402
 import asyncio
@@ -45,10 +46,10 @@ import re
 import socket
 import statistics
 import struct
-import subprocess
 import tempfile
 import time
-import urllib.request
+
+from serveproc import start_server
 
 MODEL = "tiny"
 _CL = re.compile(rb"\r\ncontent-length: *(\d+)", re.I)  # not Inference-Header-Content-Length
@@ -231,24 +232,6 @@ device = "cpu"
 """
 
 
-def start_server(tmp: Path, port: int) -> subprocess.Popen:
-    (tmp / "bench.toml").write_text(CONFIG)
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    proc = subprocess.Popen([sys.executable, "-m", "modelconsole.console", "--serve", "--config",
-                             str(tmp / "bench.toml"), "--port", str(port), "--store", str(tmp / "store.db"),
-                             "--log-level", "WARNING"], env=env)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the server did not start")
-            time.sleep(0.2)
-
-
 def inprocess_p50_us(seconds: float) -> float:
     """Engine.infer at c=1 on the same model and input, in a worker thread's own loop (see
     bench/inprocess.py: torch on the main thread would change the OpenMP team)."""
@@ -313,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                 for k, c, p in scenarios]
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            proc = start_server(Path(tmp), port)
+            proc = start_server(Path(tmp), port, CONFIG)
             try:
                 rows = [run_load(host, port, k, c, p, args.warmup, args.seconds, proc.pid) for k, c, p in scenarios]
             finally:

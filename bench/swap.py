@@ -43,10 +43,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# This file's folder holds bench/http.py: keep the folder off the import path so that the
-# standard library's http package (urllib's) is the one imported.
+# This file's folder holds bench/http.py: the folder goes to the END of the import path, so the
+# standard library's http package (urllib's) is the one imported and bench/serveproc.py can still be.
 _HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
 
 import argparse
 import asyncio
@@ -56,11 +56,12 @@ import multiprocessing as mp
 import os
 import re
 import socket
-import subprocess
 import tempfile
 import time
 import urllib.error
 import urllib.request
+
+from serveproc import start_server
 
 MODEL = "m"
 ARGS = {"layers": 2, "d_model": 256, "heads": 4, "seq": 64}
@@ -195,24 +196,6 @@ def _worker(host: str, port: int, conns: int, start_at: float, stop: mp.sharedct
 # --------------------------------------------------------------------------- the server
 
 
-def start_server(tmp: Path, port: int, device: str = "cpu") -> subprocess.Popen:
-    (tmp / "bench.toml").write_text(CONFIG.replace("{device}", device))
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    proc = subprocess.Popen([sys.executable, "-m", "modelconsole.console", "--serve", "--config",
-                             str(tmp / "bench.toml"), "--port", str(port), "--store", str(tmp / "store.db"),
-                             "--log-level", "WARNING"], env=env)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the server did not start")
-            time.sleep(0.2)
-
-
 def _post(url: str, body: bytes, timeout: float) -> tuple[int, bytes]:
     req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
     try:
@@ -270,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     base = f"http://{host}:{port}"
 
     with tempfile.TemporaryDirectory() as tmp:
-        proc = start_server(Path(tmp), port, args.device)
+        proc = start_server(Path(tmp), port, CONFIG.replace("{device}", args.device))
         try:
             # load version 1 (the active one) before the clock starts
             t = time.perf_counter()

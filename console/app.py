@@ -702,12 +702,17 @@ class ModelConsoleApp(App[None]):
             return True
         return False
 
-    def action_swap(self) -> None:
+    def _name_free_of_swaps(self) -> str | None:
+        """The selected model's name for a version action; None (having said why) when nothing
+        is selected or a swap of that name is under way."""
         m = self._need_selection()
-        if m is None:
-            return
-        name = m["name"]
-        if self._swap_busy(name):
+        if m is None or self._swap_busy(m["name"]):
+            return None
+        return m["name"]
+
+    def action_swap(self) -> None:
+        name = self._name_free_of_swaps()
+        if name is None:
             return
         active = self._active_version(name)
         choices = [(str(v["version"]), self._version_desc(v)) for v in self._versions(name)
@@ -752,11 +757,8 @@ class ModelConsoleApp(App[None]):
         self.refresh_soon()
 
     def action_split(self) -> None:
-        m = self._need_selection()
-        if m is None:
-            return
-        name = m["name"]
-        if self._swap_busy(name):
+        name = self._name_free_of_swaps()
+        if name is None:
             return
         versions = [str(v["version"]) for v in self._versions(name)]
         active = self._active_version(name)

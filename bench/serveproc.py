@@ -1,0 +1,33 @@
+"""A real ``modelconsole --serve`` subprocess for the HTTP benchmarks (bench/http.py, bench/swap.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def start_server(tmp: Path, port: int, config: str) -> subprocess.Popen:
+    """Write ``config`` into ``tmp``, start ``--serve`` on 127.0.0.1:``port`` and return it once ready.
+
+    The server gets one OpenMP thread unless the caller's environment says
+    otherwise: it shares the machine's cores with the load generator.
+    """
+    (tmp / "bench.toml").write_text(config)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    proc = subprocess.Popen([sys.executable, "-m", "modelconsole.console", "--serve", "--config",
+                             str(tmp / "bench.toml"), "--port", str(port), "--store", str(tmp / "store.db"),
+                             "--log-level", "WARNING"], env=env)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the server did not start")
+            time.sleep(0.2)
