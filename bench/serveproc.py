@@ -31,3 +31,15 @@ def start_server(tmp: Path, port: int, config: str) -> subprocess.Popen:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("the server did not start")
             time.sleep(0.2)
+
+
+def control_token(tmp: Path, port: int) -> str:
+    """The control token the server made at start: it writes ``server-PORT.token`` (mode 0600)
+    beside its store, as ``modelconsole --attach`` reads it."""
+    from modelconsole.server.tokenfile import read_token
+
+    token = read_token(tmp, port)
+    if not token:
+        raise SystemExit(f"the server wrote no token file for port {port} in {tmp}")
+    return token
+

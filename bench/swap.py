@@ -61,7 +61,7 @@ import time
 import urllib.error
 import urllib.request
 
-from serveproc import start_server
+from serveproc import control_token, start_server
 
 MODEL = "m"
 ARGS = {"layers": 2, "d_model": 256, "heads": 4, "seq": 64}
@@ -196,8 +196,11 @@ def _worker(host: str, port: int, conns: int, start_at: float, stop: mp.sharedct
 # --------------------------------------------------------------------------- the server
 
 
-def _post(url: str, body: bytes, timeout: float) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+def _post(url: str, body: bytes, timeout: float, token: str | None = None) -> tuple[int, bytes]:
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=body, method="POST", headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, r.read()
@@ -277,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
 
             swap_from = time.time()
             t = time.perf_counter()
-            swap_status, swap_body = _post(f"{base}/api/models/{MODEL}/swap", b'{"version": "2"}', 600)
+            swap_status, swap_body = _post(f"{base}/api/models/{MODEL}/swap", b'{"version": "2"}', 600,
+                                           control_token(Path(tmp), port))
             swap_s = time.perf_counter() - t
             swap_to = time.time()
 

@@ -47,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", metavar="PATH",
                    help="the SQLite store (default: [store] path, else the user's data directory)")
     p.add_argument("--token", help="bearer token for /api/ and /v2/repository (or MODELCONSOLE_TOKEN); "
-                   "required when binding anything but loopback")
+                   "with none given, a loopback server makes one at start and writes it (mode 0600) to "
+                   "server-PORT.token beside the store, where --attach finds it")
+    p.add_argument("--no-token", action="store_true",
+                   help="serve /api/ and /v2/repository without a token (loopback only; not recommended)")
     p.add_argument("--access-log", action="store_true", help="log one line per HTTP request")
     p.add_argument("--attach", metavar="URL",
                    help="open the console on a running `modelconsole --serve` (e.g. http://127.0.0.1:8000)")
@@ -96,14 +99,28 @@ def check_config(path: str | None) -> int:
 
 
 def server_settings(args: argparse.Namespace, config) -> "tuple[object, str] | str":
-    """The server's settings from flags over the config file; a message if they are unsafe."""
+    """The server's settings from flags over the config file; a message if they are unsafe.
+
+    The control plane always has a token unless ``--no-token`` says otherwise:
+    one given (flag, environment, config), else one made now and written beside
+    the store once the port is known (server/tokenfile.py)."""
+    from pathlib import Path
+
     from modelconsole.server.app import ServerSettings, is_loopback
+    from modelconsole.server.tokenfile import new_token, read_token
 
     host = args.host if args.host is not None else config.server.host
     port = args.port if args.port is not None else config.server.port
     if not 0 <= port <= 65535:
         return f"--port: expected 0-65535, got {port}"
     token = args.token or os.environ.get("MODELCONSOLE_TOKEN") or config.server.token
+    if token and args.no_token:
+        return "--no-token and a token (--token, MODELCONSOLE_TOKEN or [server] token) contradict each other"
+    token_dir = None
+    if not token and not args.no_token and is_loopback(host):
+        store = store_path(args, config)
+        token_dir = str(Path(store).resolve().parent if store != ":memory:" else default_store_dir())
+        token = (read_token(token_dir, port) if port else None) or new_token()
     if not is_loopback(host) and not token:
         return (f"refusing to bind {host!r} without a token: anyone who can reach it could load, unload and "
                 "register models. Pass --token (or set MODELCONSOLE_TOKEN, or [server] token), or bind 127.0.0.1.")
@@ -113,13 +130,41 @@ def server_settings(args: argparse.Namespace, config) -> "tuple[object, str] | s
     return ServerSettings(host=host, port=port, token=token or None,
                           infer_requires_token=config.server.infer_requires_token,
                           max_body_bytes=int(config.server.max_body_mib * 2**20),
-                          access_log=args.access_log), host
+                          access_log=args.access_log, token_dir=token_dir), host
 
 
 def store_path(args: argparse.Namespace, config) -> str:
     from modelconsole.scheduler.store import default_path
 
     return args.store or config.store.path or str(default_path())
+
+
+def default_store_dir():
+    """Where the store lives when none is given (no torch: the attached console calls this)."""
+    from pathlib import Path
+
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("modelconsole", appauthor=False))
+
+
+def attach_token(args: argparse.Namespace, url: str) -> str | None:
+    """--token, MODELCONSOLE_TOKEN, else the token file a local server wrote for the URL's port
+    (beside --store if given, else beside the default store)."""
+    from pathlib import Path
+    from urllib.parse import urlsplit
+
+    from modelconsole.server.tokenfile import is_loopback, read_token
+
+    token = args.token or os.environ.get("MODELCONSOLE_TOKEN")
+    if token or args.no_token:
+        return token
+    parts = urlsplit(url)
+    if not parts.hostname or not is_loopback(parts.hostname):
+        return None
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    where = Path(args.store).resolve().parent if args.store and args.store != ":memory:" else default_store_dir()
+    return read_token(where, port)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -171,7 +216,7 @@ def attach(args: argparse.Namespace) -> int:
     from .run import run_attached
 
     url = args.attach if "://" in args.attach else f"http://{args.attach}"
-    token = args.token or os.environ.get("MODELCONSOLE_TOKEN")
+    token = attach_token(args, url)
     keymap = parse_keymap(args.keymap or os.environ.get("MODELCONSOLE_KEYMAP"))
     if isinstance(keymap, str):
         print(f"modelconsole: {keymap}", file=sys.stderr)

@@ -437,6 +437,8 @@ class RemoteClient(EngineClient):
         if self._session is None:
             raise ClientError(None, f"not connected to {self.url} (start() first)")
         try:
+            if body is None and method not in ("GET", "HEAD"):
+                body = {}  # control calls are JSON (the server refuses others: no cross-site form posts)
             async with self._session.request(method, self.url + path, json=body, params=params,
                                              timeout=self._call_timeout) as r:
                 raw = await r.read()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .tensors import DATATYPES, TensorSpec, parse_shape
+from .trust import Trust
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 SOURCE_KINDS = ("zoo", "torchscript", "export", "safetensors")
@@ -60,6 +61,10 @@ class ModelConfig:
     # directories a source path must stay inside.
     base_dir: str = "."
     model_roots: tuple[str, ...] = ()
+    # The operator's trust settings (trust.py), copied from the config like model_roots:
+    # roots marked trusted = true, and [security] factories.
+    trusted_roots: tuple[str, ...] = ()
+    factories: tuple[str, ...] = ()
 
     @property
     def source_kind(self) -> str:
@@ -68,6 +73,10 @@ class ModelConfig:
     @property
     def source_ref(self) -> str:
         return self.source.split(":", 1)[1]
+
+    @property
+    def trust(self) -> Trust:
+        return Trust(self.model_roots or (self.base_dir,), self.trusted_roots, self.factories)
 
     def to_dict(self) -> dict[str, Any]:
         """The options as registered (JSON-able), for the store and the API."""
@@ -148,6 +157,13 @@ class Config:
     cache: CacheConfig
     models: tuple[ModelConfig, ...]
     model_roots: tuple[str, ...]
+    trusted_roots: tuple[str, ...] = ()  # model roots marked trusted = true
+    factories: tuple[str, ...] = ()  # [security] factories
+    base_dir: str = "."  # the config file's directory: relative paths and factory modules start here
+
+    @property
+    def trust(self) -> Trust:
+        return Trust(self.model_roots, self.trusted_roots, self.factories)
 
 
 # ---------------------------------------------------------------- checkers
@@ -218,6 +234,9 @@ def _device(path: str, v: Any) -> str:
 def _source(path: str, v: Any) -> str:
     if not isinstance(v, str) or ":" not in v or v.split(":", 1)[0] not in SOURCE_KINDS or not v.split(":", 1)[1]:
         raise _fail(path, "a source like zoo:NAME, torchscript:PATH, export:PATH or safetensors:PATH", v)
+    if any(ord(c) < 32 or ord(c) == 127 for c in v):
+        raise ConfigError(f"{path}: expected a path without control characters (NUL, newline...), "
+                          f"got {v!r}")
     return v
 
 
@@ -348,9 +367,13 @@ MODEL_KEYS = tuple(_MODEL_KEYS)
 
 
 def model_from_dict(
-    raw: Any, path: str = "model", base_dir: str = ".", model_roots: tuple[str, ...] = ()
+    raw: Any, path: str = "model", base_dir: str = ".", model_roots: tuple[str, ...] = (),
+    trust: Trust | None = None,
 ) -> ModelConfig:
-    """Check one model table (config file or control call) and build its config."""
+    """Check one model table (config file or control call) and build its config.
+
+    ``trust`` (the config's trusted roots and factory allowlist) travels with
+    the model; a control call cannot set it."""
     if not isinstance(raw, dict):
         raise _fail(path, "a table", raw)
     for key in raw:
@@ -367,7 +390,9 @@ def model_from_dict(
         raise ConfigError(f"{path}.factory: only used with safetensors sources, not {kind}")
     if "dtype" in values and kind not in ("zoo", "safetensors"):
         raise ConfigError(f"{path}.dtype: only zoo and safetensors models can be cast, not {kind}")
-    cfg = ModelConfig(base_dir=base_dir, model_roots=model_roots or (base_dir,), **values)
+    trust = trust or Trust()
+    cfg = ModelConfig(base_dir=base_dir, model_roots=model_roots or trust.model_roots or (base_dir,),
+                      trusted_roots=trust.trusted_roots, factories=trust.factories, **values)
     if cfg.priority > cfg.priority_levels:
         raise ConfigError(
             f"{path}.priority: expected a level from 1 to priority_levels ({cfg.priority_levels}), got {cfg.priority}"
@@ -401,15 +426,14 @@ def _port(path: str, v: Any) -> int:
 
 def parse_config(raw: dict[str, Any], base_dir: str, path: str | None = None) -> Config:
     """Check a parsed TOML document; ConfigError messages carry key paths (no file)."""
-    top = {"model_roots", "server", "store", "gpu", "cache", "models"}
+    top = {"model_roots", "server", "store", "gpu", "cache", "models", "security"}
     for key in raw:
         if key not in top:
             raise ConfigError(f"{key}: unknown key (expected one of: {', '.join(sorted(top))})")
     base = Path(base_dir).resolve()
-    roots_raw = raw.get("model_roots", ["."])
-    if not isinstance(roots_raw, list) or not roots_raw or not all(isinstance(r, str) and r for r in roots_raw):
-        raise _fail("model_roots", "a non-empty list of directory paths", roots_raw)
-    roots = tuple(str((base / r).resolve()) for r in roots_raw)
+    roots, trusted = _model_roots(raw.get("model_roots", ["."]), base)
+    security = _section(raw, "security", {"factories": _factory_list})
+    trust = Trust(roots, trusted, tuple(security.get("factories", ())))
     server = ServerConfig(**_section(raw, "server", {
         "host": _str, "port": _port, "token": _str, "infer_requires_token": _bool,
         "max_body_mib": _number(0, "a positive number of MiB", strict=True),
@@ -435,14 +459,55 @@ def parse_config(raw: dict[str, Any], base_dir: str, path: str | None = None) ->
     models = []
     seen: set[tuple[str, str]] = set()
     for i, m in enumerate(models_raw):
-        cfg = model_from_dict(m, f"models[{i}]", str(base), roots)
+        cfg = model_from_dict(m, f"models[{i}]", str(base), roots, trust)
         if "device" not in m:
             cfg = replace(cfg, device=gpu.default_device)
         if (cfg.name, cfg.version) in seen:
             raise ConfigError(f"models[{i}]: duplicate model {cfg.name} version {cfg.version}")
         seen.add((cfg.name, cfg.version))
         models.append(cfg)
-    return Config(path, server, store, gpu, cache, tuple(models), roots)
+    return Config(path, server, store, gpu, cache, tuple(models), roots, trusted, trust.factories, str(base))
+
+
+def _model_roots(v: Any, base: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``model_roots = ["models", { path = "exports", trusted = true }]`` -> (roots, trusted roots)."""
+    what = 'a non-empty list of directory paths or tables { path = "dir", trusted = true }'
+    if not isinstance(v, list) or not v:
+        raise _fail("model_roots", what, v)
+    roots, trusted = [], []
+    for i, item in enumerate(v):
+        p = f"model_roots[{i}]"
+        if isinstance(item, dict):
+            for k in item:
+                if k not in ("path", "trusted"):
+                    raise ConfigError(f"{p}.{k}: unknown key (expected path, trusted)")
+            if "path" not in item:
+                raise ConfigError(f"{p}.path: missing (the directory)")
+            root_path = _str(f"{p}.path", item["path"])
+            is_trusted = _bool(f"{p}.trusted", item.get("trusted", False))
+        elif isinstance(item, str) and item:
+            root_path, is_trusted = item, False
+        else:
+            raise _fail(p, what, item)
+        if "\0" in root_path:
+            raise _fail(p, "a directory path without NUL bytes", root_path)
+        resolved = str((base / root_path).resolve())
+        roots.append(resolved)
+        if is_trusted:
+            trusted.append(resolved)
+    return tuple(roots), tuple(trusted)
+
+
+def _factory_list(path: str, v: Any) -> tuple[str, ...]:
+    """[security] factories: ``"package.module:callable"`` or a whole ``"package.module"``."""
+    if not isinstance(v, list):
+        raise _fail(path, 'a list like ["torchvision.models:resnet50", "mypackage.models"]', v)
+    out = []
+    for i, item in enumerate(v):
+        if not isinstance(item, str) or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*(:[A-Za-z][\w.]*)?", item):
+            raise _fail(f"{path}[{i}]", '"package.module:callable" or "package.module"', item)
+        out.append(item)
+    return tuple(out)
 
 
 def load_config(path: str | Path) -> Config:

@@ -44,13 +44,14 @@ from modelconsole.gpu.devices import DeviceBackend, find_own_pid, open_backend
 from . import policy, sources
 from .cache import ResultCache
 from .config import Config, ConfigError, GpuConfig, ModelConfig, model_from_dict
-from .errors import Conflict, EngineError, InputError, ModelNotFound, ModelUnavailable
+from .errors import Conflict, EngineError, Forbidden, InputError, ModelNotFound, ModelUnavailable
 from .events import EventBus, Subscription
 from .hosttier import HostTier
 from .instance import FAILED, LOADING, READY, UNLOADED, WARMING, InferResult, LoadFailed, ModelInstance
 from .memory import InsufficientMemory, MemoryManager, weights_estimate
 from .shared import SharedDevice
 from .store import Store
+from .trust import Trust
 from .versions import Versions
 
 log = logging.getLogger("modelconsole.engine")
@@ -130,6 +131,7 @@ class Engine:
         *,
         model_roots: Sequence[str] = (),
         base_dir: str | None = None,
+        trust: Trust | None = None,
         default_device: str = "auto",
         cache_bytes: int = 256 * 2**20,
         gpu: GpuConfig | None = None,
@@ -141,7 +143,10 @@ class Engine:
         if gpu is not None:
             default_device = gpu.default_device
         self.base_dir = str(Path(base_dir or ".").resolve())
-        self.model_roots = tuple(model_roots) or (self.base_dir,)
+        self.model_roots = tuple(model_roots) or (trust.model_roots if trust else ()) or (self.base_dir,)
+        # What a registration may name: trusted roots and the factory allowlist come from the
+        # operator's config only (trust.py), never from a control call.
+        self.trust = Trust(self.model_roots, trust.trusted_roots if trust else (), trust.factories if trust else ())
         self.default_device = default_device
         self.events = EventBus()
         self.cache = ResultCache(cache_bytes)
@@ -161,9 +166,8 @@ class Engine:
 
     @classmethod
     def from_config(cls, config: Config, store: Store | None = None) -> "Engine":
-        base = str(Path(config.path).resolve().parent) if config.path else None
-        return cls(store, model_roots=config.model_roots, base_dir=base, cache_bytes=config.cache.max_bytes,
-                   gpu=config.gpu)
+        return cls(store, model_roots=config.model_roots, base_dir=config.base_dir, trust=config.trust,
+                   cache_bytes=config.cache.max_bytes, gpu=config.gpu)
 
     async def start(self, models: Iterable[ModelConfig] = ()) -> None:
         """Register the config's models, then restore what the store holds."""
@@ -175,7 +179,7 @@ class Engine:
             for raw in await self.store.models():
                 label = f"stored model {raw.get('name')} v{raw.get('version')}"
                 try:
-                    cfg = model_from_dict(raw, "store", self.base_dir, self.model_roots)
+                    cfg = model_from_dict(raw, "store", self.base_dir, self.model_roots, self.trust)
                 except ConfigError as e:
                     self.events.publish("restore_failed", f"{label} could not be restored: {e}", level="error")
                     continue
@@ -286,7 +290,7 @@ class Engine:
         else:
             raw = dict(raw)
             raw.setdefault("device", self.default_device)
-            cfg = model_from_dict(raw, "model", self.base_dir, self.model_roots)
+            cfg = model_from_dict(raw, "model", self.base_dir, self.model_roots, self.trust)
         async with self._control:
             entry = self._models.get(cfg.name)
             if entry is not None and cfg.version in entry.versions:
@@ -307,6 +311,10 @@ class Engine:
 
     def _check_source(self, cfg: ModelConfig) -> None:
         """Cheap checks before anything is stored: the source exists, inside the roots."""
+        try:
+            sources.check_trust(cfg)
+        except sources.SourceError as e:
+            raise Forbidden(f"model '{cfg.name}' version {cfg.version}: {e}") from None
         try:
             if cfg.source_kind != "zoo":
                 sources.resolve_path(cfg)

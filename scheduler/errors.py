@@ -27,6 +27,14 @@ class InputError(EngineError, ValueError):
     kind = "invalid_input"
 
 
+class Forbidden(EngineError):
+    """Refused by the operator's trust rules (a factory outside the model roots and the
+    allowlist, an export program outside a trusted root); the message names the rule."""
+
+    status = 403
+    kind = "forbidden"
+
+
 class ModelNotFound(EngineError, LookupError):
     status = 404
     kind = "not_found"

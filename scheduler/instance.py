@@ -132,6 +132,7 @@ class ModelInstance:
         self.warmup_runs = 0  # real forward passes run before READY (not counted in stats)
         self.key = f"{cfg.name}:{cfg.version}"
         self.host_tier = host_tier  # where its weights wait after an unload (None: dropped)
+        self.trusted = sources.is_trusted(cfg)  # its file is in a root marked trusted = true
         self.load_source: str | None = None  # what the last load read: the source or "host tier"
         # residency: set by the engine's control path (memory.py), read by the policy
         self.device_index: int | None = None  # the managed device it holds memory on
@@ -684,6 +685,7 @@ class ModelInstance:
             "state": self.state,
             "reason": self.reason,
             "source": self.cfg.source,
+            "trusted": self.trusted,
             "platform": self.platform,
             "device": str(self.device) if self.device is not None else self.cfg.device,
             "weight_bytes": self.weight_bytes,

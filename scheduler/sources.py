@@ -4,11 +4,17 @@ Sources are ``zoo:NAME`` (built-in demo models), ``torchscript:PATH``,
 ``export:PATH`` (a ``torch.export`` .pt2 program) and ``safetensors:PATH``
 (weights, plus a ``factory = "module:callable"`` that builds the module).
 
-Nothing is ever unpickled (design invariant 8): a pickle can run arbitrary
-code, and a model file is exactly what an operator downloads from somewhere.
-TorchScript archives, export programs and safetensors files carry tensors
-and code in formats that do not execute Python on load.  The only Python a
-load runs is the factory the operator named in their own config.
+Nothing is unpickled from an untrusted file (design invariant 8): a pickle
+can run arbitrary code, and a model file is exactly what an operator
+downloads from somewhere.  TorchScript archives are read by TorchScript's own
+unpickler, which builds TorchScript objects only (a Python global in
+``data.pkl`` is an error); safetensors files are a JSON header and raw
+bytes.  ``torch.export.load`` does unpickle (``torch.load with weights_only=False``
+on parts of the archive), so export programs load only from a model root the
+operator marked ``trusted = true``.  The only Python a load runs is a factory
+that trust.py's rules allow: a file inside a model root, or one the config
+file's ``[security] factories`` lists.  tests/test_trust.py loads a
+malicious archive of each format.
 
 Source paths are resolved (symlinks included) and must stay inside the
 configured model roots, so neither "../" nor a planted symlink can make the
@@ -39,12 +45,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import zoo
+from . import trust, zoo
 from .config import ModelConfig
 from .tensors import TensorSpec, torch_dtype, v2_datatype
 from .zoo import SourceError
 
-__all__ = ["LoadedModel", "SourceError", "declared_specs", "load_model", "resolve_path"]
+__all__ = ["LoadedModel", "SourceError", "check_trust", "declared_specs", "load_model", "resolve_path"]
 
 PLATFORMS = {
     "zoo": "pytorch_zoo",
@@ -86,6 +92,34 @@ def resolve_path(cfg: ModelConfig) -> Path:
     if not path.is_file():
         raise SourceError(f"{cfg.source}: not a file: {path}")
     return path
+
+
+def check_trust(cfg: ModelConfig) -> None:
+    """The trust rules (trust.py) for cfg, before anything is read or imported; SourceError
+    names the rule that refused it."""
+    try:
+        if cfg.factory is not None:
+            trust.check_factory(cfg.factory, str(Path(cfg.base_dir).resolve()), cfg.trust)
+        if cfg.source_kind == "export":
+            path = resolve_path(cfg)
+            if not trust.is_trusted(path, cfg.trust):
+                shown = ", ".join(cfg.trusted_roots) or "none is"
+                raise trust.TrustError(
+                    f"export programs are unpickled by torch.export.load, so they load only from a model root "
+                    f"marked trusted = true (trusted roots: {shown}); {path} is not in one — mark its root "
+                    "trusted in the config file, or serve a TorchScript or safetensors file instead")
+    except trust.TrustError as e:
+        raise SourceError(f"{cfg.source}: {e}") from None
+
+
+def is_trusted(cfg: ModelConfig) -> bool:
+    """The source file lies inside a root marked trusted (False for zoo models and on errors)."""
+    if cfg.source_kind == "zoo" or not cfg.trusted_roots:
+        return False
+    try:
+        return trust.is_trusted(resolve_path(cfg), cfg.trust)
+    except SourceError:
+        return False
 
 
 # ------------------------------------------------------------------ specs
@@ -189,15 +223,21 @@ _IMPORTED_FROM: dict[str, Path] = {}
 def _import_factory(cfg: ModelConfig) -> Any:
     """Import cfg.factory's module with base_dir first on sys.path; return the callable.
 
-    A factory module usually sits next to the config file, so base_dir goes
-    on sys.path only for the import.  Two configs in different directories
-    may both call their module ``model``: if we imported that name from
-    another base_dir before, it is forgotten first so each gets its own file.
-    A module already imported from the same base_dir is reused.
+    The trust rules are checked first (no import of a refused module) and
+    again on what the import returned (trust.py).  A factory module usually
+    sits next to the config file, so base_dir goes on sys.path only for the
+    import.  Two configs in different directories may both call their module
+    ``model``: if we imported that name from another base_dir before, it is
+    forgotten first so each gets its own file.  A module already imported
+    from the same base_dir is reused.
     """
     assert cfg.factory is not None
-    mod_name, _, attr = cfg.factory.partition(":")
+    mod_name, attr = cfg.factory.partition(":")[0], cfg.factory.partition(":")[2]
     base = Path(cfg.base_dir).resolve()
+    try:
+        expected = trust.check_factory(cfg.factory, str(base), cfg.trust)
+    except trust.TrustError as e:
+        raise SourceError(f"{cfg.source}: {e}") from None
     top = mod_name.split(".")[0]
     with _IMPORT_LOCK:
         if _IMPORTED_FROM.get(top, base) != base:
@@ -224,6 +264,10 @@ def _import_factory(cfg: ModelConfig) -> Any:
             raise SourceError(f"{cfg.source}: factory {cfg.factory}: {mod_name} has no attribute {attr}") from None
     if not callable(obj):
         raise SourceError(f"{cfg.source}: factory {cfg.factory}: {attr} is not callable")
+    try:
+        trust.check_imported(cfg.factory, module, obj, expected, cfg.factories)
+    except trust.TrustError as e:
+        raise SourceError(f"{cfg.source}: {e}") from None
     return obj
 
 
@@ -320,6 +364,7 @@ def export_specs(ep: Any, cfg: ModelConfig) -> tuple[tuple[TensorSpec, ...], tup
 
 
 def _load_export(cfg: ModelConfig, device: torch.device) -> LoadedModel:
+    check_trust(cfg)  # torch.export.load unpickles: trusted roots only
     path = resolve_path(cfg)
     try:
         ep = torch.export.load(str(path))

@@ -397,6 +397,7 @@ def _version_entry(snap: dict[str, Any]) -> dict[str, Any]:
         "device": snap["device"],
         "memory_bytes": snap["footprint_bytes"],
         "pinned": snap["pinned"],
+        "trusted": snap["trusted"],
         "priority": snap["config"].get("priority"),
         "health": health(snap),
         "metrics": {

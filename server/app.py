@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import orjson
 from typing import Any, Awaitable, Callable
@@ -43,6 +43,9 @@ from aiohttp import compression_utils, web
 from aiohttp.http_exceptions import ContentEncodingError
 
 from modelconsole.scheduler.config import ConfigError
+
+from . import tokenfile
+from .tokenfile import is_loopback
 from modelconsole.scheduler.errors import EngineError
 
 log = logging.getLogger("modelconsole.server")
@@ -66,21 +69,13 @@ class ServerSettings:
     snapshot_interval_s: float = 1.0  # the event stream's periodic snapshot
     shutdown_timeout_s: float = 30.0  # in-flight requests get this long at shutdown
     access_log: bool = False  # one line per request costs ~10% of throughput: off unless asked
+    # Where a token made at start (tokenfile.py) is written once the port is known; None: not written.
+    token_dir: str | None = None
 
     def __post_init__(self) -> None:
         # Without a token the guard has nothing to compare, so the flag would silently check nothing.
         if self.infer_requires_token and not self.token:
             raise ValueError("infer_requires_token needs a token: without one no infer call would be checked")
-
-
-def is_loopback(host: str) -> bool:
-    """127.0.0.1, ::1, localhost: only this machine can connect."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class HttpError(Exception):
@@ -120,6 +115,42 @@ def _check_token(request: web.Request, token: str) -> web.Response | None:
     if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
         return error_response(403, "the bearer token is not valid")
     return None
+
+
+_UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def _cross_site(request: web.Request) -> web.Response | None:
+    """403 for a request a web page sent: a foreign ``Origin`` or ``Sec-Fetch-Site: cross-site``.
+
+    Browsers add ``Origin`` to cross-origin requests and to every POST; no V2
+    client or console sends one.  A page the operator visits could otherwise
+    POST a "simple" request (``text/plain``, no preflight) to a loopback
+    server.  The server's own origin (``http://<Host header>``) is allowed.
+    """
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        own = {f"http://{request.host}", f"https://{request.host}"}
+        if origin not in own:
+            return error_response(403, f"cross-site request refused: Origin {origin!r} is not this server "
+                                       f"(http://{request.host}); modelconsole's API is not for web pages")
+    if request.headers.get("Sec-Fetch-Site") == "cross-site":
+        return error_response(403, "cross-site request refused (Sec-Fetch-Site: cross-site)")
+    return None
+
+
+def _not_json(request: web.Request) -> web.Response | None:
+    """415 for a control call whose body is not declared JSON: an HTML form or a ``text/plain``
+    fetch cannot set ``application/json`` without a CORS preflight, which nothing here answers."""
+    if request.method not in _UNSAFE_METHODS or not request.path.startswith("/api/"):
+        return None
+    if request.content_type == "application/json":
+        return None
+    got = request.headers.get("Content-Type")
+    return error_response(415, f"Content-Type: control calls need 'application/json' (an empty body is {{}}), "
+                               f"got {got!r}" if got else
+                               "Content-Type: control calls need 'application/json' (an empty body is {}), "
+                               "got none")
 
 
 def _decodable_encodings() -> tuple[str, ...]:
@@ -179,11 +210,14 @@ def _make_guard(settings: ServerSettings) -> Any:
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        refused = _cross_site(request)
+        if refused is not None:
+            return refused
         if token is not None and _needs_token(request.path, infer_too):
             refused = _check_token(request, token)
             if refused is not None:
                 return refused
-        refused = _check_encoding(request)
+        refused = _check_encoding(request) or _not_json(request)
         if refused is not None:
             return refused
         try:
@@ -285,6 +319,7 @@ class Server:
         self.app = build_app(engine, settings)
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
+        self.token_file: Path | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -295,8 +330,11 @@ class Server:
         await site.start()
         sockets = getattr(site._server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else s.port
+        if s.token is not None and s.token_dir is not None:
+            self.token_file = tokenfile.write_token(s.token_dir, self.port, s.token)
+        where = f" (in {self.token_file}: --attach reads it)" if self.token_file else ""
         log.info("listening on http://%s:%s (token %s)", s.host, self.port,
-                 "required for /api/ and /v2/repository" if s.token else "not set: loopback only")
+                 f"required for /api/ and /v2/repository{where}" if s.token else "off: --no-token")
 
     @property
     def url(self) -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from modelconsole.console.app import ModelConsoleApp
+from modelconsole.server.tokenfile import read_token
 from modelconsole.console.client import RemoteClient
 from modelconsole.console.screens import ConfirmScreen
 
@@ -61,9 +62,11 @@ def http_status(url: str, timeout: float = 2.0) -> int | None:
         return None
 
 
-def http_json(url: str, method: str = "GET", timeout: float = 60.0):
-    req = urllib.request.Request(url, method=method, data=b"{}" if method == "POST" else None,
-                                 headers={"Content-Type": "application/json"})
+def http_json(url: str, method: str = "GET", timeout: float = 60.0, token: str | None = None):
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, method=method, data=b"{}" if method == "POST" else None, headers=headers)
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
 
@@ -115,8 +118,15 @@ class ServeProcess:
         self.log.flush()
         return "".join(p.read_text() for p in sorted(self.tmp.glob("serve-*.log")))[-4000:]
 
+    @property
+    def token(self) -> str:
+        """The control token the server made at start (written beside its store, mode 0600)."""
+        token = read_token(self.tmp, self.port)
+        assert token, f"no token file for port {self.port} in {self.tmp}"
+        return token
+
     def state(self, name: str) -> str:
-        return http_json(f"{self.url}/api/models/{name}")["versions"][0]["state"]
+        return http_json(f"{self.url}/api/models/{name}", token=self.token)["versions"][0]["state"]
 
 
 @pytest.fixture
@@ -156,7 +166,7 @@ async def test_attached_console_drives_a_real_server_and_survives_its_restart(se
     ask = asyncio.to_thread  # HTTP checks off the loop: the app keeps running while they wait
 
     # -- load, unload, quit: the server keeps running
-    client = RemoteClient(server.url)
+    client = RemoteClient(server.url, server.token)
     await client.start()
     try:
         app = ModelConsoleApp(client, refresh_s=0.25)
@@ -192,7 +202,7 @@ async def test_attached_console_drives_a_real_server_and_survives_its_restart(se
         await client.close()
 
     # -- the server dies under a running console, and a new one on the same port is found
-    client = RemoteClient(server.url)
+    client = RemoteClient(server.url, server.token)
     await client.start()
     try:
         app = ModelConsoleApp(client, refresh_s=0.25)
@@ -213,7 +223,7 @@ async def test_attached_console_drives_a_real_server_and_survives_its_restart(se
             server.start()
             await ask(server.wait_ready)
             # a change made on the new server only: the picture must be fresh, not the old one
-            await ask(http_json, f"{server.url}/api/models/spare/load", "POST")
+            await ask(http_json, f"{server.url}/api/models/spare/load", "POST", 60.0, server.token)
             await until(pilot, lambda: client.connected, what="reconnected by itself")
             await until(pilot, lambda: not app.screen.has_class("-disconnected"), what="no longer greyed")
             assert not app.query_one("#banner").display
@@ -244,8 +254,8 @@ async def until(pilot, cond, what, timeout=60.0):
         await pilot.pause(0.1)
 
 
-async def main(url):
-    client = RemoteClient(url)
+async def main(url, token):
+    client = RemoteClient(url, token)
     await client.start()
     try:
         app = ModelConsoleApp(client, refresh_s=0.25)
@@ -277,7 +287,7 @@ async def main(url):
     print("ATTACHED-SESSION-OK")
 
 
-asyncio.run(main(sys.argv[1]))
+asyncio.run(main(sys.argv[1], sys.argv[2]))
 """
 
 
@@ -285,7 +295,7 @@ def test_an_attached_session_never_imports_torch(server):
     """A whole Pilot session in attach mode against the real server (rows, GPU cards, a load and
     an unload, help, the palette, quit), in a fresh interpreter: this test process has torch
     imported for the other tests, so only a subprocess can tell that the console did not."""
-    proc = subprocess.run([sys.executable, "-c", ATTACHED_SESSION, server.url], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", ATTACHED_SESSION, server.url, server.token], capture_output=True, text=True,
                           timeout=300, check=False)
     assert proc.returncode == 0 and "ATTACHED-SESSION-OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert server.state("tiny") == "UNLOADED"  # the session really drove the server

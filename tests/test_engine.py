@@ -17,6 +17,8 @@ from modelconsole.scheduler.errors import (
     ModelUnavailable,
 )
 from modelconsole.scheduler.instance import LoadFailed
+from modelconsole.scheduler.engine import Engine
+from modelconsole.scheduler.trust import Trust
 
 TINY = {"name": "tiny", "source": "zoo:tiny-mlp", "device": "cpu", "warmup": 3}
 
@@ -235,13 +237,15 @@ async def test_requests_during_a_load_wait_for_it(engine):
     assert all(a.outputs["embedding"].shape == (1, 64) for a in answers)
 
 
-async def test_failed_export_model_without_declared_inputs_answers_unavailable(engine, tmp_path):
+async def test_failed_export_model_without_declared_inputs_answers_unavailable(tmp_path):
     (tmp_path / "broken.pt2").write_bytes(b"not a program")
-    await engine.register({"name": "ex", "source": "export:broken.pt2", "device": "cpu"})
-    with pytest.raises(LoadFailed):
-        await engine.infer("ex", {"x": torch.zeros(1, 4)})  # the lazy load fails: that is the answer
-    with pytest.raises(ModelUnavailable, match="FAILED"):
-        await engine.infer("ex", {"x": torch.zeros(1, 4)})  # then the reason, without reloading
+    roots = (str(tmp_path),)  # export programs load from trusted roots only (test_trust.py)
+    async with Engine(None, base_dir=str(tmp_path), trust=Trust(roots, roots), default_device="cpu") as engine:
+        await engine.register({"name": "ex", "source": "export:broken.pt2", "device": "cpu"})
+        with pytest.raises(LoadFailed):
+            await engine.infer("ex", {"x": torch.zeros(1, 4)})  # the lazy load fails: that is the answer
+        with pytest.raises(ModelUnavailable, match="FAILED"):
+            await engine.infer("ex", {"x": torch.zeros(1, 4)})  # then the reason, without reloading
 
 
 def test_latency_percentiles_follow_new_requests_and_are_copies():

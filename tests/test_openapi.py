@@ -126,6 +126,8 @@ def check_answer(spec, registry, path: str, method: str, status: int, headers: A
 
 
 async def request(srv, method: str, path: str, **kw) -> tuple[int, Any, bytes]:
+    if method in ("POST", "PUT", "DELETE") and path.startswith("/api/") and kw.get("json") is None and "data" not in kw:
+        kw["json"] = {}  # a control call is JSON, as every client sends it (the server refuses others)
     async with aiohttp.ClientSession() as s, s.request(method, srv.url + path, **kw) as r:
         return r.status, r.headers, await r.read()
 

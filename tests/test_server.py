@@ -27,6 +27,7 @@ import pytest
 
 from modelconsole.console.cli import OneLineFormatter, describe_exception
 from modelconsole.server.app import ENCODINGS, ServerSettings, is_loopback
+from modelconsole.server.tokenfile import read_token
 from serverutil import ServerThread
 
 TOKEN = "s3cret-token"
@@ -46,6 +47,8 @@ def secured(tmp_path_factory):
 
 
 async def request(method: str, url: str, **kw):
+    if method in ("POST", "PUT", "DELETE") and "/api/" in url and kw.get("json") is None and "data" not in kw:
+        kw["json"] = {}  # a control call is JSON, as every client sends it (the server refuses others)
     async with aiohttp.ClientSession() as s:
         async with s.request(method, url, **kw) as r:
             body = await r.read()
@@ -457,6 +460,11 @@ class Serve:
                     raise AssertionError("server did not come up: " + self.stderr()) from None
                 time.sleep(0.2)
 
+    @property
+    def token(self) -> str | None:
+        """The control token the server made at start (beside its store), if it made one."""
+        return read_token(self.log_path.parent, self.port)
+
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(60)
@@ -503,7 +511,7 @@ def test_serve_refuses_infer_requires_token_without_a_token(tmp_path):
     cfg = tmp_path / "mc.toml"
     cfg.write_text(TINY + "[server]\ninfer_requires_token = true\n")
     p = subprocess.run([sys.executable, "-m", "modelconsole.console", "--serve", "--config", str(cfg),
-                        "--port", "0", "--store", str(tmp_path / "s.db")],
+                        "--port", "0", "--store", str(tmp_path / "s.db"), "--no-token"],
                        capture_output=True, text=True, timeout=60, env=_env())
     assert p.returncode == 2, p.stderr
     assert "[server] infer_requires_token = true, but no token is set" in p.stderr
@@ -538,8 +546,8 @@ def test_serve_answers_then_drains_on_sigterm(tmp_path):
         assert_one_line_records(err)
 
 
-def _pending(url: str, model: str) -> int:
-    status, body = _http("GET", url + "/api/models")
+def _pending(url: str, model: str, token: str | None) -> int:
+    status, body = _http("GET", url + "/api/models", token=token)
     assert status == 200
     snap = next(m for m in json.loads(body)["models"] if m["name"] == model)
     return snap["queue"] + snap["in_flight"]
@@ -566,7 +574,7 @@ def test_serve_drains_queued_requests_on_sigterm_and_refuses_new_connections(tmp
     config = ('[[models]]\nname = "held"\nsource = "zoo:tiny-mlp"\nmax_batch_size = 16\n'
               "max_queue_delay_ms = 3000\nwarmup = 0\n")
     with serving(tmp_path, config) as s:
-        assert _http("POST", s.url + "/api/models/held/load")[0] == 200
+        assert _http("POST", s.url + "/api/models/held/load", {}, token=s.token)[0] == 200
         answers: list[tuple[int, bytes] | None] = [None] * n
 
         def client(i: int) -> None:
@@ -576,7 +584,7 @@ def test_serve_drains_queued_requests_on_sigterm_and_refuses_new_connections(tmp
         for t in threads:
             t.start()
         deadline = time.monotonic() + 30
-        while _pending(s.url, "held") < n:
+        while _pending(s.url, "held", s.token) < n:
             assert time.monotonic() < deadline, "the requests never all reached the queue"
             time.sleep(0.02)
         s.proc.send_signal(signal.SIGTERM)

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from modelconsole.scheduler import zoo
+from modelconsole.scheduler.trust import Trust
 from modelconsole.scheduler.config import ConfigError, model_from_dict
 from modelconsole.scheduler.sources import LoadedModel, SourceError, declared_specs, load_model, resolve_path
 from modelconsole.scheduler.tensors import TensorSpec, random_tensor
@@ -38,11 +39,15 @@ MLP_SPECS = {
 }
 
 
-def make_cfg(base: Path, roots: tuple[Path, ...] | None = None, **raw):
+def make_cfg(base: Path, roots: tuple[Path, ...] | None = None, trusted: bool | None = None, **raw):
+    """A model config under base; export programs need a trusted root, so their roots are
+    marked trusted unless ``trusted=False`` (tests/test_trust.py covers the refusal)."""
     raw.setdefault("name", "m")
-    return model_from_dict(
-        raw, base_dir=str(base), model_roots=tuple(str(r) for r in (roots or (base,)))
-    )
+    roots_s = tuple(str(r) for r in (roots or (base,)))
+    if trusted is None:
+        trusted = str(raw.get("source", "")).startswith("export:")
+    return model_from_dict(raw, base_dir=str(base), model_roots=roots_s,
+                           trust=Trust(roots_s, roots_s if trusted else ()))
 
 
 def inputs_for(specs, batch: int, seed: int = 0) -> list[torch.Tensor]:
@@ -412,7 +417,7 @@ def test_safetensors_garbage_file(tmp_path):
 @pytest.mark.parametrize(
     "factory,pattern",
     [
-        ("no_such_module:make", r"factory no_such_module:make: cannot import no_such_module"),
+        ("no_such_module:make", r"factory no_such_module:make refused: a factory must be a Python file inside a model root"),
         ("netdef:missing", r"factory netdef:missing: netdef has no attribute missing"),
         ("netdef:NOT_CALLABLE", r"factory netdef:NOT_CALLABLE: NOT_CALLABLE is not callable"),
         ("netdef:broken", r"factory netdef:broken raised RuntimeError: factory exploded"),

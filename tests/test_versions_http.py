@@ -53,6 +53,8 @@ def infer_body(routing_key: Any = None, value: float = 0.5) -> dict[str, Any]:
 
 async def call(session: aiohttp.ClientSession, srv: ServerThread, method: str, path: str,
                **kw: Any) -> tuple[int, Any]:
+    if method in ("POST", "PUT", "DELETE") and path.startswith("/api/") and kw.get("json") is None and "data" not in kw:
+        kw["json"] = {}  # a control call is JSON, as every client sends it (the server refuses others)
     async with session.request(method, srv.url + path, **kw) as r:
         raw = await r.read()
         return r.status, (json.loads(raw) if raw else None)
@@ -304,9 +306,10 @@ async def test_bad_input_is_refused_naming_the_problem_and_changes_nothing(srv, 
 
 async def test_bad_bodies_and_unknown_models(srv):
     async with aiohttp.ClientSession() as s:
-        st, body = await call(s, srv, "PUT", "/api/models/bad/split", data=b"{not json")
+        as_json = {"Content-Type": "application/json"}
+        st, body = await call(s, srv, "PUT", "/api/models/bad/split", data=b"{not json", headers=as_json)
         assert st == 400 and "JSON" in body["error"]
-        st, body = await call(s, srv, "POST", "/api/models/bad/swap")
+        st, body = await call(s, srv, "POST", "/api/models/bad/swap", data=b"", headers=as_json)
         assert st == 400 and "body" in body["error"]
         for method, path, payload in (("GET", "routing", None), ("POST", "swap", {"version": "2"}),
                                       ("PUT", "split", {"weights": {"1": 1}}), ("POST", "canary", {"version": "2"}),
