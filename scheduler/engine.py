@@ -29,7 +29,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import gc
+import inspect
 import logging
 import os
 import time
@@ -122,6 +124,43 @@ def _freeze_heap() -> None:
         _heap_frozen = True
         gc.collect()
         gc.freeze()
+
+
+def _audits_failures(action: str | Callable[[dict[str, Any]], str]) -> Callable[[Any], Any]:
+    """A control call that fails writes one audit row with its error, then raises.
+
+    Every public control method writes its own row when it succeeds (in the
+    transaction that makes the change); this adds the row for a refusal or a
+    failure, so the audit log holds exactly one row per call either way.
+    ``action`` is the row's action, or a function of the call's arguments.
+    """
+
+    def wrap(fn: Any) -> Any:
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        async def run(self: "Engine", *args: Any, **kw: Any) -> Any:
+            try:
+                return await fn(self, *args, **kw)
+            except Exception as e:
+                bound = sig.bind(self, *args, **kw)
+                bound.apply_defaults()
+                a = bound.arguments
+                raw = a.get("raw")
+                if raw is not None:  # register: the name and version as given
+                    raw = raw.to_dict() if isinstance(raw, ModelConfig) else raw
+                    name, version = raw.get("name"), raw.get("version")
+                else:
+                    name, version = a.get("name"), a.get("version")
+                message = e.message if isinstance(e, EngineError) else \
+                    str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
+                await self._audit_failure(a.get("actor", "api"), action(a) if callable(action) else action,
+                                          name, version, message)
+                raise
+
+        return run
+
+    return wrap
 
 
 class Engine:
@@ -283,6 +322,7 @@ class Engine:
 
     # ------------------------------------------------------------ control path
 
+    @_audits_failures("register")
     async def register(self, raw: Mapping[str, Any] | ModelConfig, actor: str = "api") -> dict[str, Any]:
         """Register a model or a new version (not loaded).  Written to the store first."""
         if isinstance(raw, ModelConfig):
@@ -338,14 +378,11 @@ class Engine:
             entry.active = cfg.version
         return inst
 
+    @_audits_failures("load")
     async def load(self, name: str, version: str | None = None, actor: str = "api") -> dict[str, Any]:
         """Load a model version (no-op if READY); raises LoadFailed with the reason."""
         inst = self._instance(name, version)
-        try:
-            await self._ensure_loaded(inst)
-        except EngineError as e:
-            await self._audit(actor, "load", inst, "error", e.message)
-            raise
+        await self._ensure_loaded(inst)
         await self._audit(actor, "load", inst)
         return inst.snapshot()
 
@@ -486,6 +523,7 @@ class Engine:
             self.events.publish("load_failed", f"pinned {inst.key} could not be loaded: {e.message}",
                                 model=inst.name, version=inst.version, level="error")
 
+    @_audits_failures("unload")
     async def unload(self, name: str, version: str | None = None, actor: str = "api") -> dict[str, Any]:
         """Stop routing to a version, let its queued work finish, free its memory."""
         inst = self._instance(name, version)
@@ -494,6 +532,7 @@ class Engine:
         await self._audit(actor, "unload", inst)
         return inst.snapshot()
 
+    @_audits_failures(lambda a: "pin" if a["pinned"] else "unpin")
     async def pin(self, name: str, version: str | None = None, pinned: bool = True,
                   actor: str = "api") -> dict[str, Any]:
         """Keep a version resident (never evicted, never unloaded for idleness), or stop."""
@@ -508,6 +547,7 @@ class Engine:
             asyncio.get_running_loop().create_task(self._load_quietly(inst))
         return inst.snapshot()
 
+    @_audits_failures("evict")
     async def evict(self, name: str, version: str | None = None, actor: str = "api") -> dict[str, Any]:
         """Free a version's device memory now, as an eviction would: its weights go to the
         host tier (when there is one) so the next request reloads it fast.  A pinned
@@ -522,6 +562,7 @@ class Engine:
             await self._evict_locked(inst, f"by {actor}")
         return inst.snapshot()
 
+    @_audits_failures("priority")
     async def set_priority(self, name: str, version: str | None, priority: Any,
                            actor: str = "api") -> dict[str, Any]:
         """Change a version's base priority (its default queue level and its weight in
@@ -558,6 +599,17 @@ class Engine:
                                                 model=inst.name, version=inst.version)
                             await self._unload_locked(inst)
 
+    async def _audit_failure(self, actor: str, action: str, name: Any, version: Any, message: str) -> None:
+        """The row of a refused or failed control call; a store that cannot write it is logged,
+        never allowed to hide the call's own error."""
+        if self.store is None:
+            return
+        try:
+            await self.store.audit(str(actor), action, None if name is None else str(name)[:200],
+                                   None if version is None else str(version)[:32], {}, "error", message)
+        except Exception:  # noqa: BLE001 - the caller must see the call's error, not the store's
+            log.exception("could not write the audit row of a failed %s", action)
+
     async def _audit(self, actor: str, action: str, inst: ModelInstance, result: str = "ok",
                      detail: str | None = None) -> None:
         if self.store is not None:
@@ -569,17 +621,20 @@ class Engine:
         """How a model name routes requests without a version, and each arm's metrics."""
         return self.versions.routing(name)
 
+    @_audits_failures("swap")
     async def swap(self, name: str, version: str | int, actor: str = "api") -> dict[str, Any]:
         """Hot swap: load and warm ``version`` beside the active one, switch routing
         atomically, let the old version finish its queued and in-flight work, unload it.
         A new version that fails to load or warm leaves the old one serving."""
         return await self.versions.swap(name, version, actor)
 
+    @_audits_failures("split")
     async def set_split(self, name: str, weights: Mapping[str, float | int], *, shadow: Sequence[str] | None = None,
                         metric_output: str | None = None, actor: str = "api") -> dict[str, Any]:
         """A/B split of the requests without a version (``{}`` clears it); shadow copies; a tracked output."""
         return await self.versions.set_split(name, weights, shadow=shadow, metric_output=metric_output, actor=actor)
 
+    @_audits_failures("canary_start")
     async def start_canary(self, name: str, version: str | int, *, steps: Sequence[float] = (5, 25, 50, 100),
                            interval_s: float = 60.0, max_error_rate: float = 0.05, max_p95_ratio: float = 2.0,
                            min_requests: int = 20, actor: str = "api") -> dict[str, Any]:
@@ -588,6 +643,7 @@ class Engine:
                                                 max_error_rate=max_error_rate, max_p95_ratio=max_p95_ratio,
                                                 min_requests=min_requests, actor=actor)
 
+    @_audits_failures("canary_abort")
     async def stop_canary(self, name: str, actor: str = "api") -> dict[str, Any]:
         """Abort the running canary: its share goes to 0."""
         return await self.versions.stop_canary(name, actor)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import math
 import gc
+import logging
 import time
 from typing import Any, Mapping, Sequence
 
@@ -36,6 +37,8 @@ from .ratelimit import RateLimit
 from .stats import ModelStats
 from .tensors import random_tensor, validate_inputs
 from .worker import ModelWorker, Pending
+
+log = logging.getLogger("modelconsole.instance")
 
 UNLOADED, LOADING, WARMING, READY, UNLOADING, FAILED = (
     "UNLOADED",
@@ -171,6 +174,7 @@ class ModelInstance:
         self._sweep: asyncio.TimerHandle | None = None
         self._sweep_at = float("inf")
         self._drained: asyncio.Event | None = None
+        self.stalled = False  # a forward pass ran past its requests' deadlines and has not returned
         self._input_names: tuple[str, ...] = ()
         self._output_names: tuple[str, ...] = ()
         self._grouped = False
@@ -412,7 +416,7 @@ class ModelInstance:
         if req.deadline < self._sweep_at:
             self._arm_sweep(loop, req.deadline)
         if self._batches == 0 and self._last_batch <= 1:
-            self._dispatch(loop, loop.time())  # one request at a time: go now (c=1 latency)
+            self._dispatch(loop, time.monotonic())  # one request at a time: go now (c=1 latency)
         elif self._batches == 0:
             # Idle worker under concurrent traffic (the last batch had company): the batch goes
             # at the end of this loop turn, so that every request this turn brings (other
@@ -423,14 +427,14 @@ class ModelInstance:
                 self._soon = True
                 loop.call_soon(self._dispatch_soon)
         elif self._should_dispatch():
-            self._dispatch(loop, loop.time())
+            self._dispatch(loop, time.monotonic())
         return fut
 
     def _dispatch_soon(self) -> None:
         self._soon = False
         if self._worker is not None and self.queue.size and self._should_dispatch():
             loop = asyncio.get_running_loop()
-            self._dispatch(loop, loop.time())
+            self._dispatch(loop, time.monotonic())
 
     def _should_dispatch(self) -> bool:
         """Idle worker: yes.  Busy: only a full batch, and only up to _max_batches in flight."""
@@ -449,7 +453,7 @@ class ModelInstance:
                     if self._timer is not None:
                         self._timer.cancel()
                     self._timer_at = go_at
-                    self._timer = loop.call_at(go_at, self._on_timer)
+                    self._timer = loop.call_later(go_at - now, self._on_timer)
                 return
         shared = self.shared
         if shared is not None and not self._granted and not shared.acquire(self):
@@ -468,7 +472,8 @@ class ModelInstance:
         run = self._run_batch if self._batches == 0 else self._run_batch_if_live
         self._batches += 1
         self.in_flight += len(batch)
-        self._worker.submit(lambda: run(batch), lambda r, e: self._batch_done(batch, now, r, e))
+        watch = _Overdue(self, batch, loop)
+        self._worker.submit(lambda: run(batch), lambda r, e: self._batch_done(batch, now, r, e, watch=watch))
 
     async def _retry_after_oom(self, batch: list[Request], formed: float) -> None:
         """Ask the engine to evict an idle model on this device, empty the cache, rerun the batch."""
@@ -491,27 +496,29 @@ class ModelInstance:
         """The shared device gave this model a slot (called by SharedDevice.release)."""
         self._granted = True
         loop = asyncio.get_running_loop()
-        self._dispatch(loop, loop.time())
+        self._dispatch(loop, time.monotonic())
 
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = float("inf")
         if self._batches == 0:
             loop = asyncio.get_running_loop()
-            self._dispatch(loop, loop.time())
+            self._dispatch(loop, time.monotonic())
 
     def _arm_sweep(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
         if self._sweep is not None:
             self._sweep.cancel()
         self._sweep_at = at
-        self._sweep = loop.call_at(at, self._on_sweep)
+        # durations and deadlines use time.monotonic() only; the loop's own clock (uvloop's is cached
+        # per iteration, in ms) is never mixed in: a timer may fire a moment early, and re-arms
+        self._sweep = loop.call_later(max(0.0, at - time.monotonic()), self._on_sweep)
 
     def _on_sweep(self) -> None:
         """A deadline passed: answer every expired queued request now, not when a batch forms."""
         self._sweep = None
         self._sweep_at = float("inf")
         loop = asyncio.get_running_loop()
-        nxt = self.queue.expire(loop.time(), self._expire)
+        nxt = self.queue.expire(time.monotonic(), self._expire)
         if nxt != float("inf"):
             self._arm_sweep(loop, nxt)
         self._check_drained()
@@ -589,11 +596,17 @@ class ModelInstance:
         return [dict(zip(names, row)) for row in zip(*parts)], time.perf_counter_ns() - t0
 
     def _batch_done(self, batch: list[Request], formed: float, result: Any, error: BaseException | None,
-                    retried: bool = False) -> None:
-        """Back on the loop: answer every request of the batch, then start the next one."""
+                    retried: bool = False, watch: "_Overdue | None" = None) -> None:
+        """Back on the loop: answer every request of the batch, then start the next one.
+
+        Exception-safe: whatever goes wrong while answering, every request of
+        the batch still gets one answer, the counters are settled and the next
+        batch is dispatched (a model must never stop dispatching because one
+        answer could not be built)."""
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        stats = self.stats
+        now = time.monotonic()
+        if watch is not None:
+            watch.cancel()
         if error is not None and not retried and isinstance(error, torch.OutOfMemoryError):
             # Out of memory in a forward: free what we can and run this batch once more.
             self.events.publish("oom", f"{self.key}: out of memory running a batch of {len(batch)}; "
@@ -601,43 +614,82 @@ class ModelInstance:
                                 level="warning")
             loop.create_task(self._retry_after_oom(batch, formed))
             return
-        if error is None:
-            per_request, compute_ns = result
-            samples = answered = 0
-            waited = 0.0
-            name, version, cache = self.name, self.version, self.cache
-            for req, outs in zip(batch, per_request):
-                if outs is None:  # its deadline passed while the batch waited on the worker
-                    self._expire(req)
-                    continue
-                samples += req.size
-                answered += 1
-                waited += formed - req.enqueued
+        try:
+            if self.stalled:
+                self.stalled = False
+                self.events.publish("model_recovered", f"{self.key}: the overdue forward pass finished; "
+                                    "serving again", model=self.name, version=self.version)
+            if error is None:
+                self._answer_batch(batch, formed, result, now)
+            else:
+                self._fail_batch(batch, error)
+        except Exception as e:  # noqa: BLE001 - answering failed: each request still gets an answer
+            log.exception("answering a batch of %s failed", self.key)
+            failure = ModelFailed(f"model {self.name} version {self.version}: answering the batch failed: "
+                                  f"{type(e).__name__}: {e}")
+            for req in batch:
+                self._answer_error(req, failure)
+        finally:
+            self._batches -= 1
+            self.in_flight -= len(batch)
+            if self.shared is not None:
+                # compete for the freed slot on urgency, like every other waiting model
+                self.shared.release(self if self.queue.size and self._should_dispatch() else None)
+            if self.queue.size and self._worker is not None and self._should_dispatch():
+                self._dispatch(loop, now)
+            else:
+                self._check_drained()
+
+    def _answer_batch(self, batch: list[Request], formed: float, result: Any, now: float) -> None:
+        per_request, compute_ns = result
+        stats = self.stats
+        samples = answered = 0
+        waited = 0.0
+        name, version, cache = self.name, self.version, self.cache
+        for req, outs in zip(batch, per_request):
+            if outs is None:  # its deadline passed while the batch waited on the worker
+                self._expire(req)
+                continue
+            samples += req.size  # it ran
+            if req.future.done():  # answered already: its deadline passed while the forward ran
+                continue
+            try:
                 if cache is not None and req.cache_key is not None:
                     cache.put(req.cache_key, outs, (name, version))
                 if req.outputs is not None:
                     outs = {k: outs[k] for k in req.outputs}
-                if not req.future.done():
-                    req.future.set_result(InferResult(name, version, outs))
-                stats.record_latency(now - req.enqueued)
-            stats.success += answered
-            if samples:
-                stats.record_batch(samples, int(waited * 1e9), compute_ns)
-        else:
-            message = error.message if isinstance(error, EngineError) else f"{type(error).__name__}: {error}"
-            self.events.publish("model_error", f"{self.name} v{self.version}: batch of {len(batch)} failed: {message}",
-                                model=self.name, version=self.version, level="error")
-            for req in batch:
-                self._answer_error(req, ModelFailed(f"model {self.name} version {self.version} failed: {message}"))
-        self._batches -= 1
-        self.in_flight -= len(batch)
-        if self.shared is not None:
-            # compete for the freed slot on urgency, like every other waiting model
-            self.shared.release(self if self.queue.size and self._should_dispatch() else None)
-        if self.queue.size and self._worker is not None and self._should_dispatch():
-            self._dispatch(loop, now)
-        else:
-            self._check_drained()
+                req.future.set_result(InferResult(name, version, outs))
+            except Exception as e:  # noqa: BLE001 - this request fails, the rest of the batch goes on
+                self._answer_error(req, ModelFailed(f"model {name} version {version}: cannot answer: "
+                                                    f"{type(e).__name__}: {e}"))
+                continue
+            answered += 1
+            waited += formed - req.enqueued
+            stats.record_latency(now - req.enqueued)
+        stats.success += answered
+        if samples:
+            stats.record_batch(samples, int(waited * 1e9), compute_ns)
+
+    def _fail_batch(self, batch: list[Request], error: BaseException) -> None:
+        message = error.message if isinstance(error, EngineError) else f"{type(error).__name__}: {error}"
+        self.events.publish("model_error", f"{self.name} v{self.version}: batch of {len(batch)} failed: {message}",
+                            model=self.name, version=self.version, level="error")
+        for req in batch:
+            self._answer_error(req, ModelFailed(f"model {self.name} version {self.version} failed: {message}"))
+
+    def _overdue(self, batch: list[Request], started: float) -> None:
+        """A forward pass ran past requests' deadlines: answer them now (504), mark the model stalled."""
+        now = time.monotonic()
+        expired = [r for r in batch if r.deadline <= now and not r.future.done()]
+        for req in expired:
+            self._answer_error(req, DeadlineExceeded(
+                f"model {self.name}: request timed out: the forward pass has run {now - started:.1f} s "
+                "and has not returned (the model is marked stalled)"))
+        if expired and not self.stalled:
+            self.stalled = True
+            self.events.publish("model_stalled", f"{self.key}: a forward pass has run {now - started:.1f} s, past "
+                                "its requests' deadlines; they were answered 504 and the model shows unhealthy "
+                                "until it returns", model=self.name, version=self.version, level="error")
 
     def _check_drained(self) -> None:
         if self._drained is not None and not self._batches and not self.queue.size:
@@ -701,6 +753,7 @@ class ModelInstance:
             if self.device_index is not None and self.state == READY else None,
             "in_host_tier": self.host_tier is not None and self.key in self.host_tier,
             "pinned": self.pinned,
+            "stalled": self.stalled,
             "request_rate": self.rate.rate(now),
             "queue": self.queue.size,
             "waiting_for_room": self.waiting_for_room,
@@ -722,3 +775,33 @@ def _split_objects(value: Any, sizes: list[int]) -> list[Any]:
     import numpy as np
 
     return np.split(value, np.cumsum(sizes)[:-1])
+
+
+class _Overdue:
+    """The deadline watch of one batch in flight: at each request's deadline, if the forward pass
+    has not returned, ``ModelInstance._overdue`` answers what expired (a hung forward pass must not
+    leave its requests without an answer)."""
+
+    __slots__ = ("_inst", "_batch", "_loop", "_handle", "_started")
+
+    def __init__(self, inst: ModelInstance, batch: list[Request], loop: asyncio.AbstractEventLoop):
+        self._inst, self._batch, self._loop = inst, batch, loop
+        self._started = time.monotonic()
+        self._handle: asyncio.TimerHandle | None = None
+        self._arm()
+
+    def _arm(self) -> None:
+        pending = [r.deadline for r in self._batch if not r.future.done()]
+        if pending:
+            # a moment past the deadline: a forward that returns on time answers first
+            self._handle = self._loop.call_later(max(0.0, min(pending) - time.monotonic()) + 0.005, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        self._inst._overdue(self._batch, self._started)
+        self._arm()
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None

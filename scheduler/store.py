@@ -7,13 +7,18 @@ control action.  The config file is the baseline and is not copied here; the
 store layers the operator's changes over it and is restored at start.
 
 Each change is one transaction, committed before the change is acknowledged:
-a crash leaves either the old state or the new one, never half of it.  The
+a crash leaves either the old state or the new one, never half of it.  One
+connection serves every caller, and SQLite transactions do not nest, so
+transactions (and reads) take turns on one asyncio lock: two control calls at
+once each get their own BEGIN ... COMMIT, and a failing call's ROLLBACK can
+only undo its own statements.  The
 schema is versioned with ``PRAGMA user_version``; ``MIGRATIONS[i]`` moves a
 database from version i to i+1, so an older file upgrades in place.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -108,6 +113,7 @@ class Store:
     def __init__(self, path: str | Path):
         self.path = str(path)
         self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()  # one transaction at a time on the one connection
 
     async def open(self) -> "Store":
         if self.path != ":memory:":
@@ -124,9 +130,11 @@ class Store:
         return self
 
     async def close(self) -> None:
-        if self._db is not None:
-            await self._db.close()
-            self._db = None
+        """After the transaction under way (if any) has finished."""
+        async with self._lock:
+            if self._db is not None:
+                await self._db.close()
+                self._db = None
 
     async def __aenter__(self) -> "Store":
         return await self.open()
@@ -163,15 +171,24 @@ class Store:
                 raise
 
     async def _tx(self, statements: list[tuple[str, tuple]]) -> None:
-        """Run statements in one transaction: all of them or none."""
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
-            for sql, params in statements:
-                await self.db.execute(sql, params)
-            await self.db.execute("COMMIT")
-        except Exception:
-            await self.db.execute("ROLLBACK")
-            raise
+        """Run statements in one transaction: all of them or none, never interleaved with another's."""
+        async with self._lock:
+            db = self.db
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, params in statements:
+                    await db.execute(sql, params)
+                await db.execute("COMMIT")
+            except BaseException:
+                # cancelled or failed: undo this transaction only (nobody else's is open)
+                await asyncio.shield(db.execute("ROLLBACK"))
+                raise
+
+    async def _fetch(self, sql: str, params: tuple = ()) -> list[tuple]:
+        """A read, between transactions (never seeing another caller's uncommitted rows)."""
+        async with self._lock:
+            async with self.db.execute(sql, params) as cur:
+                return list(await cur.fetchall())
 
     @staticmethod
     def _audit_row(
@@ -238,20 +255,17 @@ class Store:
         ])
 
     async def priorities(self) -> dict[tuple[str, str], int]:
-        async with self.db.execute("SELECT name, version, priority FROM priorities") as cur:
-            return {(n, v): p for n, v, p in await cur.fetchall()}
+        return {(n, v): p for n, v, p in await self._fetch("SELECT name, version, priority FROM priorities")}
 
     async def pins(self) -> list[tuple[str, str]]:
-        async with self.db.execute("SELECT name, version FROM pins ORDER BY pinned_at") as cur:
-            return [(n, v) for n, v in await cur.fetchall()]
+        return [(n, v) for n, v in await self._fetch("SELECT name, version FROM pins ORDER BY pinned_at")]
 
     async def models(self) -> list[dict[str, Any]]:
-        async with self.db.execute("SELECT config FROM models ORDER BY registered_at, name, version") as cur:
-            return [json.loads(row[0]) for row in await cur.fetchall()]
+        rows = await self._fetch("SELECT config FROM models ORDER BY registered_at, name, version")
+        return [json.loads(row[0]) for row in rows]
 
     async def routing(self) -> dict[str, str]:
-        async with self.db.execute("SELECT name, active_version FROM routing") as cur:
-            return {name: version for name, version in await cur.fetchall()}
+        return {name: version for name, version in await self._fetch("SELECT name, active_version FROM routing")}
 
     async def update_routing(
         self,
@@ -297,13 +311,11 @@ class Store:
 
     async def splits(self) -> dict[str, dict[str, Any]]:
         """name -> {"weights": {version: weight} (in the order given), "shadow": [...], "metric_output"}."""
-        async with self.db.execute("SELECT name, weights, shadow, metric_output FROM splits") as cur:
-            return {n: {"weights": json.loads(w), "shadow": json.loads(s), "metric_output": m}
-                    for n, w, s, m in await cur.fetchall()}
+        rows = await self._fetch("SELECT name, weights, shadow, metric_output FROM splits")
+        return {n: {"weights": json.loads(w), "shadow": json.loads(s), "metric_output": m} for n, w, s, m in rows}
 
     async def canaries(self) -> dict[str, dict[str, Any]]:
-        async with self.db.execute("SELECT name, state FROM canaries") as cur:
-            return {n: json.loads(s) for n, s in await cur.fetchall()}
+        return {n: json.loads(s) for n, s in await self._fetch("SELECT name, state FROM canaries")}
 
     async def audit_log(self, limit: int = 100, model: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT id, ts, actor, action, model, version, params, result, detail FROM audit"
@@ -312,8 +324,7 @@ class Store:
             sql += " WHERE model=?"
             params = (model,)
         sql += " ORDER BY id DESC LIMIT ?"
-        async with self.db.execute(sql, params + (limit,)) as cur:
-            rows = await cur.fetchall()
+        rows = await self._fetch(sql, params + (limit,))
         keys = ("id", "ts", "actor", "action", "model", "version", "params", "result", "detail")
         out = []
         for row in rows:

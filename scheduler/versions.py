@@ -412,13 +412,7 @@ class Versions:
                 self.events.publish("swap_failed", f"{name}: swap v{old_v} -> v{new.version} failed; "
                                     f"v{old_v} keeps serving: {message}", model=name, version=new.version,
                                     level="error", data=dict(data, reason=message))
-                if self._store is not None:
-                    try:
-                        await self._store.audit(actor, "swap", name, new.version, {"from": old_v, "to": new.version},
-                                               "error", message)
-                    except Exception:  # noqa: BLE001 - the failure itself is what the caller must see
-                        log.exception("could not write the audit row of a failed swap")
-                raise
+                raise  # Engine.swap writes the failure's audit row
             self.events.publish("swap_switched", f"{name}: requests now go to v{new.version}; v{old_v} finishes "
                                 "its queued and in-flight requests", model=name, version=new.version,
                                 data=dict(data, phase="draining"))
@@ -495,9 +489,7 @@ class Versions:
                     route.canary = previous
             self.events.publish("canary_failed", f"{name}: canary of version {v} not started: {e.message}",
                                 model=name, version=v, level="error", data={"actor": actor, "reason": e.message})
-            if self._store is not None:
-                await self._store.audit(actor, "canary_start", name, v, plan, "error", e.message)
-            raise
+            raise  # Engine.start_canary writes the failure's audit row
         async with self._lock:
             if canary.state != routing.STARTING:  # stopped while its version loaded
                 return self.routing(name)

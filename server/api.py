@@ -94,13 +94,14 @@ async def events(request: web.Request) -> web.StreamResponse:
     engine = app[ENGINE]
     closing: asyncio.Event = app[CLOSING]
     interval = app[SETTINGS].snapshot_interval_s
-    raw = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+    field, raw = "Last-Event-ID", request.headers.get("Last-Event-ID")
+    if raw is None:
+        field, raw = "last_event_id", request.query.get("last_event_id")
     last_seq = 0
     if raw is not None:
-        try:
-            last_seq = int(raw)
-        except ValueError:
-            raise HttpError(400, f"Last-Event-ID: expected an event sequence number, got '{raw}'") from None
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
+            raise HttpError(400, f"{field}: expected an event sequence number (an integer >= 0), got {raw!r}")
+        last_seq = int(raw)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                        "X-Accel-Buffering": "no"})
     await resp.prepare(request)
@@ -197,16 +198,18 @@ def _actor(request: web.Request) -> str:
     return request.headers.get("X-Modelconsole-Actor", "api")[:64] or "api"
 
 
+CONTROL_KEYS = ("version",)
+
+
 async def _version_of(request: web.Request) -> str | None:
+    """The version a control call names: ``{"version": ...}`` in the body, else ``?version=``,
+    else None (the active one).  ``{}`` is the body that names none."""
     body = await read_json(request, optional=True)
-    version = body.get("version", request.query.get("version"))
-    if version is None:
-        return None
-    if isinstance(version, int) and not isinstance(version, bool):
-        version = str(version)
-    if not isinstance(version, str) or not version.isdigit():
-        raise HttpError(400, f"version: expected a version number such as \"2\", got {json.dumps(version)}")
-    return version
+    _only(body, CONTROL_KEYS)
+    if "version" in body:
+        return _as_version(body["version"], "version")
+    query = request.query.get("version")
+    return _as_version(query, "?version") if query is not None else None
 
 
 def _control(action: str) -> Any:
@@ -233,11 +236,13 @@ async def set_priority(request: web.Request) -> web.Response:
     body = await read_json(request)
     if "priority" not in body:
         raise HttpError(400, "priority: required (an integer, 1 is most urgent)")
-    version = body.get("version", request.query.get("version"))
-    if isinstance(version, int) and not isinstance(version, bool):
-        version = str(version)
-    if version is not None and not (isinstance(version, str) and version.isdigit()):
-        raise HttpError(400, f"version: expected a version number such as \"2\", got {json.dumps(version)}")
+    _only(body, ("priority", "version"))
+    if "version" in body:
+        version = _as_version(body["version"], "version")
+    elif "version" in request.query:
+        version = _as_version(request.query["version"], "?version")
+    else:
+        version = None
     engine = request.app[ENGINE]
     snap = await engine.set_priority(request.match_info["name"], version, body["priority"], actor=_actor(request))
     return json_response(_listed(engine, snap))
@@ -257,13 +262,20 @@ def _only(body: dict[str, Any], allowed: tuple[str, ...]) -> None:
         raise HttpError(400, f"{unknown[0]}: unknown field ({expected})")
 
 
+MAX_VERSION = 999_999_999  # config.py's rule: up to nine digits, no leading zero
+
+
 def _as_version(value: Any, field: str) -> str:
-    """A version number as a string of digits; an integer is accepted."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    """A version number (``VersionRef`` in docs/openapi.yaml): a string of digits from "1" to
+    "999999999" without a leading zero, or that integer (JSON has one number type: ``2.0`` is 2)."""
+    if isinstance(value, float) and not isinstance(value, bool) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_VERSION:
         return str(value)
-    if isinstance(value, str) and value.isdigit() and value.isascii():
+    if isinstance(value, str) and value.isascii() and value.isdigit() and value[0] != "0" and len(value) <= 9:
         return value
-    raise HttpError(400, f"{field}: expected a version number such as \"2\", got {json.dumps(value)}")
+    raise HttpError(400, f"{field}: expected a version number from 1 to {MAX_VERSION} such as \"2\", "
+                         f"got {json.dumps(value)}")
 
 
 def _as_number(value: Any, field: str) -> float:
@@ -296,9 +308,7 @@ async def set_split(request: web.Request) -> web.Response:
         raise HttpError(400, f"weights: expected an object of version -> weight, got {json.dumps(raw)}")
     weights = {}
     for key, value in raw.items():
-        if not (key.isdigit() and key.isascii()):
-            raise HttpError(400, f"weights: the keys are version numbers such as \"2\", got {json.dumps(key)}")
-        version = key
+        version = _as_version(key, f"weights (key {json.dumps(key)})")
         weights[version] = _as_number(value, f"weights.{key}")
     shadow = body.get("shadow")
     if shadow is not None:
@@ -370,9 +380,10 @@ def _int_param(request: web.Request, key: str, default: int, lo: int, hi: int) -
 
 
 def health(snap: dict[str, Any]) -> str:
-    """``failed`` (cannot load), ``degraded`` (p95 over its latency target, queue ≥ 90% full,
-    or over 5% of answers failed in the model), else ``ok``."""
-    if snap["state"] == "FAILED":
+    """``failed`` (cannot load, or a forward pass stalled past its requests' deadlines),
+    ``degraded`` (p95 over its latency target, queue ≥ 90% full, or over 5% of answers failed
+    in the model), else ``ok``."""
+    if snap["state"] == "FAILED" or snap.get("stalled"):
         return "failed"
     st = snap["stats"]
     p95 = st["latency_ms"]["p95"]

@@ -44,7 +44,10 @@ from aiohttp.http_exceptions import ContentEncodingError
 
 from modelconsole.scheduler.config import ConfigError
 
+from . import body as body_mod
 from . import tokenfile
+from .body import BodyError
+from .connections import ConnectionGuard
 from .tokenfile import is_loopback
 from modelconsole.scheduler.errors import EngineError
 
@@ -57,6 +60,7 @@ ENGINE: web.AppKey[Any] = web.AppKey("engine", object)
 SETTINGS: web.AppKey["ServerSettings"] = web.AppKey("settings", object)
 STARTED: web.AppKey[float] = web.AppKey("started", float)
 CLOSING: web.AppKey[asyncio.Event] = web.AppKey("closing", asyncio.Event)
+DRAINING: web.AppKey[asyncio.Event] = web.AppKey("draining", asyncio.Event)
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,11 @@ class ServerSettings:
     token: str | None = None
     infer_requires_token: bool = False  # also ask clients' infer calls for the token
     max_body_bytes: int = 64 * 2**20
+    max_inflation_ratio: float = 100.0  # a compressed body may grow this many times (past 1 MiB)
+    body_timeout_s: float = 30.0  # the whole body must arrive within this
+    head_timeout_s: float = 15.0  # a new connection's first request head must arrive within this
+    keepalive_timeout_s: float = 30.0  # an idle kept-alive connection (or a half-sent next head) is closed
+    drain_grace_s: float = 1.0  # at shutdown, open connections may still send a request (answered, then closed)
     snapshot_interval_s: float = 1.0  # the event stream's periodic snapshot
     shutdown_timeout_s: float = 30.0  # in-flight requests get this long at shutdown
     access_log: bool = False  # one line per request costs ~10% of throughput: off unless asked
@@ -117,9 +126,6 @@ def _check_token(request: web.Request, token: str) -> web.Response | None:
     return None
 
 
-_UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-
-
 def _cross_site(request: web.Request) -> web.Response | None:
     """403 for a request a web page sent: a foreign ``Origin`` or ``Sec-Fetch-Site: cross-site``.
 
@@ -139,18 +145,29 @@ def _cross_site(request: web.Request) -> web.Response | None:
     return None
 
 
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
 def _not_json(request: web.Request) -> web.Response | None:
-    """415 for a control call whose body is not declared JSON: an HTML form or a ``text/plain``
-    fetch cannot set ``application/json`` without a CORS preflight, which nothing here answers."""
-    if request.method not in _UNSAFE_METHODS or not request.path.startswith("/api/"):
+    """415 for a control call whose body is not declared JSON.
+
+    POST is the method a web page can send cross-site without a CORS
+    preflight (as an HTML form or a ``text/plain`` fetch); neither can set
+    ``application/json`` without one, which nothing here answers.  PUT and
+    PATCH carry JSON bodies here too; DELETE carries none (and is always
+    preflighted).  A route that does not exist for the method is left to
+    its 404/405.
+    """
+    if request.method not in _BODY_METHODS or not request.path.startswith("/api/"):
+        return None
+    if request.match_info.http_exception is not None:
         return None
     if request.content_type == "application/json":
         return None
     got = request.headers.get("Content-Type")
-    return error_response(415, f"Content-Type: control calls need 'application/json' (an empty body is {{}}), "
-                               f"got {got!r}" if got else
-                               "Content-Type: control calls need 'application/json' (an empty body is {}), "
-                               "got none")
+    shown = repr(got) if got else "none"
+    return error_response(415, "Content-Type: control calls need 'application/json' (an empty body is {}), "
+                               f"got {shown}")
 
 
 def _decodable_encodings() -> tuple[str, ...]:
@@ -204,12 +221,28 @@ def _unreadable_body(request: web.Request, e: web.RequestPayloadError) -> web.Re
     return resp
 
 
+def _refused_body(request: web.Request, resp: web.Response) -> web.Response:
+    """The answer to a body we stopped reading: the rest is dropped unparsed (never inflated)
+    and the connection closes after the answer (connections.py)."""
+    guard = getattr(request.transport, "connection_guard", None)
+    if guard is not None:
+        guard.discard_rest()
+    resp.force_close()
+    return resp
+
+
 def _make_guard(settings: ServerSettings) -> Any:
     token = settings.token
     infer_too = settings.infer_requires_token
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        resp = await checked(request, handler)
+        if request.app[DRAINING].is_set() and not resp.prepared:
+            resp.force_close()  # shutting down: answer, then close (the client opens no more here)
+        return resp
+
+    async def checked(request: web.Request, handler: Handler) -> web.StreamResponse:
         refused = _cross_site(request)
         if refused is not None:
             return refused
@@ -230,9 +263,11 @@ def _make_guard(settings: ServerSettings) -> Any:
             return error_response(400, str(e))
         except web.RequestPayloadError as e:
             return _unreadable_body(request, e)
+        except BodyError as e:
+            return _refused_body(request, error_response(e.status, e.message))
         except web.HTTPRequestEntityTooLarge:
-            return error_response(413, f"request body too large: the limit is {settings.max_body_bytes} bytes "
-                                       "([server] max_body_mib)")
+            return _refused_body(request, error_response(
+                413, f"request body too large: the limit is {settings.max_body_bytes} bytes ([server] max_body_mib)"))
         except web.HTTPException as e:
             if e.status >= 400 and e.content_type != "application/json":
                 return error_response(e.status, e.reason if e.text is None or e.text.startswith(str(e.status))
@@ -247,9 +282,15 @@ def _make_guard(settings: ServerSettings) -> Any:
     return guard
 
 
+async def read_body(request: web.Request) -> bytes:
+    """The request body within the server's bounds (body.py): 413 / 408 otherwise."""
+    s = request.app[SETTINGS]
+    return await body_mod.read_body(request, s.max_body_bytes, s.max_inflation_ratio, s.body_timeout_s)
+
+
 async def read_json(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
     """The body as a JSON object; an empty body is {} when ``optional``."""
-    body = await request.read()
+    body = await read_body(request)
     if not body.strip():
         if optional:
             return {}
@@ -291,6 +332,7 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> web.Applic
     app[SETTINGS] = settings
     app[STARTED] = time.time()
     app[CLOSING] = asyncio.Event()
+    app[DRAINING] = asyncio.Event()
     v2.add_routes(app)
     api.add_routes(app)
     registry = metrics.make_registry(engine)
@@ -311,24 +353,42 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> web.Applic
 
 
 class Server:
-    """Runs an app on a host and port; ``stop()`` stops accepting and drains in-flight requests."""
+    """Runs an app on a host and port; ``stop()`` stops accepting and drains.
+
+    Shutdown in order: the listener closes (new connections are refused);
+    for ``drain_grace_s`` the connections already open may still send a
+    request, which is served and answered with ``Connection: close`` (a
+    client reusing a kept-alive connection gets an answer, not a silent
+    close); requests in flight finish (bounded by ``shutdown_timeout_s``);
+    then every connection is closed.
+    """
 
     def __init__(self, engine: Any, settings: ServerSettings):
         self.engine = engine
         self.settings = settings
         self.app = build_app(engine, settings)
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.AbstractServer | None = None
         self.port: int | None = None
         self.token_file: Path | None = None
 
     async def start(self) -> None:
         s = self.settings
+        # lingering_time=0: a body left unread (refused, too large) is not read to its end after the
+        # answer; the connection closes instead (body.py).
         self._runner = web.AppRunner(self.app, access_log=log if s.access_log else None,
-                                     shutdown_timeout=s.shutdown_timeout_s, handle_signals=False)
+                                     shutdown_timeout=s.shutdown_timeout_s, handle_signals=False,
+                                     lingering_time=0, keepalive_timeout=s.keepalive_timeout_s)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, s.host, s.port, reuse_address=True)
-        await site.start()
-        sockets = getattr(site._server, "sockets", None) or []
+        loop = asyncio.get_running_loop()
+        server = self._runner.server
+        assert server is not None
+
+        def protocol() -> asyncio.Protocol:
+            return ConnectionGuard(server(), s.head_timeout_s, loop)
+
+        self._listener = await loop.create_server(protocol, s.host, s.port, reuse_address=True, backlog=1024)
+        sockets = self._listener.sockets or []
         self.port = sockets[0].getsockname()[1] if sockets else s.port
         if s.token is not None and s.token_dir is not None:
             self.token_file = tokenfile.write_token(s.token_dir, self.port, s.token)
@@ -344,7 +404,19 @@ class Server:
         return f"http://{host}:{self.port}"
 
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish (bounded by shutdown_timeout_s)."""
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            await runner.cleanup()
+        """Stop accepting, answer what open connections still send (then close them), let
+        in-flight requests finish (bounded by shutdown_timeout_s)."""
+        if self._runner is None:
+            return
+        runner, self._runner = self._runner, None
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()  # new connections are refused from here
+        self.app[DRAINING].set()  # every answer from here says Connection: close
+        self.app[CLOSING].set()  # event streams end now rather than hold their connections
+        server = runner.server
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.drain_grace_s
+        while server is not None and server.connections and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        await runner.cleanup()

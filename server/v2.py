@@ -41,7 +41,7 @@ from modelconsole.console import __version__
 from modelconsole.scheduler.errors import ModelNotFound
 
 from . import codec
-from .app import CLOSING, ENGINE, HttpError, json_response, read_json
+from .app import CLOSING, ENGINE, HttpError, json_response, read_body, read_json
 
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "schedule_policy", "model_repository", "statistics"]
 
@@ -203,7 +203,7 @@ async def infer(request: web.Request) -> web.Response:
             header_length = -1
         if header_length < 0:
             raise HttpError(400, f"{_HEADER_LENGTH}: expected a non-negative integer, got '{raw}'")
-    body = await request.read()
+    body = await read_body(request)
     if header_length == 0:  # the raw form: the body is the one input of the version that serves it
         req = codec.raw_request()
         inputs: Any = _raw_inputs(body)

@@ -35,7 +35,7 @@ from modelconsole.scheduler import config as config_mod
 from modelconsole.scheduler.events import Event
 from modelconsole.scheduler.tensors import DATATYPES
 from modelconsole.server import api, v2
-from modelconsole.server.app import ServerSettings, build_app
+from modelconsole.server.app import HttpError, ServerSettings, build_app
 from serverutil import ServerThread
 
 SPEC_FILE = Path(__file__).resolve().parents[1] / "docs" / "openapi.yaml"
@@ -231,9 +231,25 @@ def test_request_schemas_refuse_what_the_server_refuses(registry):
         with pytest.raises(ValidationError):
             check(registry, bad, schema("RegisterRequest"))
     check(registry, {"priority": 1, "version": "1"}, schema("PriorityRequest"))
-    for bad in ({}, {"priority": "1"}, {"priority": 1, "version": 1}):
+    check(registry, {"priority": 1, "version": 1}, schema("PriorityRequest"))
+    for bad in ({}, {"priority": "1"}, {"priority": 1, "version": 0}, {"priority": 1, "version": "01"},
+                {"priority": 1, "version": None}, {"priority": 1, "colour": 1}):
         with pytest.raises(ValidationError):
             check(registry, bad, schema("PriorityRequest"))
+    # a version: the schema and the server's parser accept exactly the same values
+    for value in ("1", "2", "999999999", 1, 2, 600.0, 999999999, "0", "01", "1000000000", 0, -1, 1e9, 2.5,
+                  None, True, "", "2a", "٣", [1]):
+        try:
+            check(registry, value, schema("VersionRef"))
+            schema_ok = True
+        except ValidationError:
+            schema_ok = False
+        try:
+            api._as_version(value, "version")
+            server_ok = True
+        except HttpError:
+            server_ok = False
+        assert schema_ok == server_ok, (value, schema_ok, server_ok)
     check(registry, tiny_input(), schema("InferRequest"))
     with pytest.raises(ValidationError):
         check(registry, {"inputs": []}, schema("InferRequest"))

@@ -292,8 +292,9 @@ async def test_register_load_pin_priority_evict_unload_and_audit(srv):
     status, _, body = await request("POST", base + "/ctl/evict")
     assert status == 200 and json.loads(body)["state"] == "UNLOADED"
     status, _, body = await request("GET", srv.url + "/api/audit?model=ctl")
-    actions = [e["action"] for e in json.loads(body)["entries"]]
-    assert actions[::-1] == ["register", "load", "pin", "unpin", "priority", "evict"]
+    actions = [(e["action"], e["result"]) for e in json.loads(body)["entries"]]
+    assert actions[::-1] == [("register", "ok"), ("load", "ok"), ("pin", "ok"), ("evict", "error"),
+                             ("unpin", "ok"), ("priority", "ok"), ("evict", "ok")]  # the refusal too
     # the priority survives in the store
     prios = srv.call(lambda: srv.engine.store.priorities())
     assert prios[("ctl", "1")] == 1

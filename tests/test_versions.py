@@ -147,8 +147,13 @@ async def snapshot_state(engine, name="m"):
     """Everything a refused call must leave as it was."""
     r = engine.routing(name)
     r.pop("arms")
+    audit = await engine.store.audit_log(10_000)
     return (r, await engine.store.splits(), await engine.store.canaries(), await engine.store.routing(),
-            len(await engine.store.audit_log(10_000)))
+            len([e for e in audit if e["result"] == "ok"]))
+
+
+async def error_rows(engine) -> int:
+    return len([e for e in await engine.store.audit_log(10_000) if e["result"] == "error"])
 
 
 # ---------------------------------------------------------------- pure policy
@@ -566,10 +571,11 @@ async def test_bad_input_is_refused_and_changes_nothing(engine, version):
     await engine.set_split("m", {"1": 80, "2": 20})
 
     async def refused(call, error, match):
-        before = await snapshot_state(engine)
+        before, errors = await snapshot_state(engine), await error_rows(engine)
         with pytest.raises(error, match=match):
             await call
         assert await snapshot_state(engine) == before
+        assert await error_rows(engine) == errors + 1  # the refusal is audited, once
 
     await refused(engine.set_split("m", {"1": 0, "2": 0}), InputError, "summing to a positive number")
     await refused(engine.set_split("m", {"1": -1, "2": 2}), InputError, r"weights\.1: .*cannot be negative")
