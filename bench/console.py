@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import re
 import statistics
@@ -60,20 +59,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-# `python bench/console.py` puts bench/ first on sys.path, where bench/http.py would shadow the
-# standard library's http package (aiohttp, which the console's client imports, needs the real one).
-_here = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+# `python bench/console.py` puts bench/ first on sys.path, where bench/http.py would shadow the standard
+# library's http package (torch, aiohttp and tritonclient import it): move bench/ to the end.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
+
+from rich.cells import get_character_cell_size
+from textual import events
+from textual._compositor import CompositorUpdate
 
 from modelconsole.console.app import ModelConsoleApp
-from modelconsole.console.client import LocalClient
+from modelconsole.console.local import LocalClient
 from modelconsole.scheduler.config import GpuConfig
 from modelconsole.scheduler.engine import Engine
 from modelconsole.scheduler.store import Store
 from modelconsole.scheduler.tensors import TensorSpec, random_tensor
-from rich.cells import get_character_cell_size
-from textual import events
-from textual._compositor import CompositorUpdate
 
 SIZE = (120, 40)
 

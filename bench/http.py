@@ -157,7 +157,7 @@ def _blocking_connection(host: str, port: int, kind: str, request: bytes, start_
 
 
 def _worker(host: str, port: int, kind: str, conns: int, warmup_s: float, seconds: float, t_start: float,
-            out: "mp.Queue") -> None:
+            out: mp.Queue) -> None:
     request = build_request(kind, host, port)
     # every process agrees on the wall-clock window (perf_counter is per process)
     now_wall, now_ns = time.time(), time.perf_counter_ns()

@@ -18,6 +18,12 @@ import statistics
 import sys
 import threading
 import time
+from pathlib import Path
+
+# `python bench/inprocess.py` puts bench/ first on sys.path, where bench/http.py would shadow the standard
+# library's http package (torch, aiohttp and tritonclient import it): move bench/ to the end.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
 
 import torch
 

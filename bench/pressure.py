@@ -25,7 +25,8 @@ loads the trace forces stay physically possible: with 30–50% of requests
 missing and ~4 GiB per load, loading at 2 GB/s keeps the loader busy 45–80%
 of the time under LRU by bytes and 35–65% under our policy (the table's
 "loader" column); a much higher rate on this trace would mean a server doing
-nothing but loading, and a churn guard that must hold loads back.  The 20 000 requests span ~11 virtual hours, popularity shifts
+nothing but loading, and a churn guard that must hold loads back.  The 20 000 requests span ~11 virtual hours,
+popularity shifts
 every ~3 hours.  Virtual time drives the request-rate EWMAs (half-life
 ``policy.RATE_HALF_LIFE_S``) and the churn guard (``--min-residency``
 virtual seconds).  Loads take no virtual time in the replay: the figure of
@@ -77,6 +78,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+# `python bench/pressure.py` puts bench/ first on sys.path, where bench/http.py would shadow the standard
+# library's http package (torch, aiohttp and tritonclient import it): move bench/ to the end.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
 
 import numpy as np
 

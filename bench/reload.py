@@ -22,8 +22,8 @@ import argparse
 import asyncio
 import json
 import statistics
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 

@@ -29,7 +29,7 @@ def start_server(tmp: Path, port: int, config: str) -> subprocess.Popen:
                     return proc
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the server did not start")
+                raise SystemExit("the server did not start") from None
             time.sleep(0.2)
 
 

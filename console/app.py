@@ -23,7 +23,6 @@ from collections.abc import Iterable
 from functools import partial
 from typing import Any, ClassVar
 
-from modelconsole.themes import DEFAULT_THEME, THEMES, stylesheet
 from rich.text import Text
 from textual import on
 from textual.app import App, ComposeResult
@@ -32,6 +31,8 @@ from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.containers import Horizontal
 from textual.coordinate import Coordinate
 from textual.widgets import DataTable, Footer, Input, RichLog
+
+from modelconsole.themes import DEFAULT_THEME, THEMES, stylesheet
 
 from . import __version__
 from . import format as fmt

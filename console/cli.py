@@ -76,7 +76,8 @@ def _load(path: str | None):
 
 
 def check_config(path: str | None) -> int:
-    from modelconsole.scheduler.check import check_config as run_check, format_rows
+    from modelconsole.scheduler.check import check_config as run_check
+    from modelconsole.scheduler.check import format_rows
     from modelconsole.scheduler.config import ConfigError
 
     try:
@@ -98,7 +99,7 @@ def check_config(path: str | None) -> int:
     return 0
 
 
-def server_settings(args: argparse.Namespace, config) -> "tuple[object, str] | str":
+def server_settings(args: argparse.Namespace, config) -> tuple[object, str] | str:
     """The server's settings from flags over the config file; a message if they are unsafe.
 
     The control plane always has a token unless ``--no-token`` says otherwise:
@@ -106,8 +107,8 @@ def server_settings(args: argparse.Namespace, config) -> "tuple[object, str] | s
     the store once the port is known (server/tokenfile.py)."""
     from pathlib import Path
 
-    from modelconsole.server.app import ServerSettings, is_loopback
-    from modelconsole.server.tokenfile import new_token, read_token
+    from modelconsole.server.app import ServerSettings
+    from modelconsole.server.tokenfile import is_loopback, new_token, read_token
 
     host = args.host if args.host is not None else config.server.host
     port = args.port if args.port is not None else config.server.port
@@ -130,6 +131,10 @@ def server_settings(args: argparse.Namespace, config) -> "tuple[object, str] | s
     return ServerSettings(host=host, port=port, token=token or None,
                           infer_requires_token=config.server.infer_requires_token,
                           max_body_bytes=int(config.server.max_body_mib * 2**20),
+                          max_inflation_ratio=config.server.max_inflation_ratio,
+                          body_timeout_s=config.server.body_timeout_s,
+                          head_timeout_s=config.server.head_timeout_s,
+                          keepalive_timeout_s=config.server.keepalive_timeout_s,
                           access_log=args.access_log, token_dir=token_dir), host
 
 

@@ -300,7 +300,8 @@ def arms_label(routing: dict[str, Any] | None) -> str | None:
     parts = []
     if len(weights) > 1 or (weights and set(weights) != {active}):
         total = sum(weights.values()) or 1.0
-        parts = [f"{v}:{_num(100.0 * w / total)}" for v, w in sorted(weights.items(), key=lambda kv: _version_sort(kv[0]))]
+        ordered = sorted(weights.items(), key=lambda kv: _version_sort(kv[0]))
+        parts = [f"{v}:{_num(100.0 * w / total)}" for v, w in ordered]
     shadow = [str(v) for v in routing.get("shadow") or ()]
     if shadow:
         if not parts:

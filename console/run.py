@@ -32,7 +32,7 @@ async def run_embedded(config: Any, settings: Any, store_path: str, *, demo: boo
     from modelconsole.server.serve import start_engine
 
     from .app import ModelConsoleApp
-    from .client import LocalClient
+    from .local import LocalClient
 
     engine = await start_engine(config, store_path)
     traffic = None

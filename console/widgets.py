@@ -252,7 +252,8 @@ class DetailPane(VerticalScroll):
             (f"queue {m.get('queue', 0)}"
              + (f" · {m['waiting_for_room']} waiting for memory" if m.get("waiting_for_room") else "")
              + f" · in flight {m.get('in_flight', 0)} · {fmt.rate(m.get('request_rate'))} req/s"
-             f" · urgency {m.get('urgency') or 0:.2f} · P{cfg.get('priority', '?')} of {cfg.get('priority_levels', '?')}"),
+             f" · urgency {m.get('urgency') or 0:.2f}"
+             f" · P{cfg.get('priority', '?')} of {cfg.get('priority_levels', '?')}"),
             (f"latency p50 {fmt.ms(lat_ms.get('p50'))} · p95 {fmt.ms(lat_ms.get('p95'))} · "
              f"p99 {fmt.ms(lat_ms.get('p99'))} ms (target {fmt.ms(m.get('latency_target_ms'))} ms)"),
         ]

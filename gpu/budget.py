@@ -23,8 +23,9 @@ plain arithmetic on a reading, so it is tested without hardware.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from .devices import DeviceReading
 

@@ -149,14 +149,14 @@ class DeviceBackend(abc.ABC):
     def release(self, index: int, owner: str) -> None:
         """Everything ``owner`` holds on ``index`` is being freed (readings may lag)."""
 
-    def open_context(self, index: int) -> None:
+    def open_context(self, index: int) -> None:  # noqa: B027 - optional hook: most backends have no context
         """Create this process's context on device ``index`` (a CUDA context: ~0.5 GiB, ~1 s).
 
         Called once per device at engine start, between two readings, so
         ``find_own_pid`` can tell which process in the device's list is us.
         """
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: most backends hold nothing
         """Release backend resources; idempotent."""
 
     def __enter__(self) -> Self:
@@ -310,15 +310,20 @@ class NvmlBackend(DeviceBackend):
     @classmethod
     def available(cls) -> bool:
         """True when NVML initialises and reports at least one device; never raises."""
+        return cls.probe() is None
+
+    @classmethod
+    def probe(cls) -> str | None:
+        """None when NVML initialises and reports at least one device, else why not; never raises."""
         try:
             pynvml = _nvml()
             pynvml.nvmlInit()
-        except Exception:
-            return False
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
         try:
-            return pynvml.nvmlDeviceGetCount() > 0
-        except Exception:
-            return False
+            return None if pynvml.nvmlDeviceGetCount() > 0 else "NVML reports no devices"
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
         finally:
             try:
                 pynvml.nvmlShutdown()
@@ -424,6 +429,63 @@ class NvmlBackend(DeviceBackend):
             _nvml().nvmlShutdown()
         except Exception:
             pass
+
+
+# --------------------------------------------------------------------------- CUDA without NVML
+
+
+class TorchCudaBackend(DeviceBackend):
+    """CUDA devices when NVML cannot be used (no driver library in a container, a broken install).
+
+    Budgets still hold: total and free memory come from
+    ``torch.cuda.mem_get_info`` (what CUDA itself reports, every process
+    included), this process's share from ``torch.cuda.memory_reserved``, and
+    the rest counts as other processes' (an estimate: our CUDA context falls
+    on that side, which errs towards less room, never more).  No utilisation,
+    temperature, power or process list.  ``warning`` says all this once, as
+    an event, so an operator knows the figures are degraded.
+    """
+
+    kind = "torch"
+
+    def __init__(self, reason: str, *, count: int | None = None,
+                 mem_get_info: Any = None, memory_reserved: Any = None, device_name: Any = None):
+        # the torch functions by default; a test passes its own to read figures without a GPU
+        self._count = torch.cuda.device_count() if count is None else count
+        self._mem_get_info = mem_get_info or torch.cuda.mem_get_info
+        self._reserved = memory_reserved or torch.cuda.memory_reserved
+        self._name = device_name or torch.cuda.get_device_name
+        self.warning = (f"NVML is unavailable ({reason}): GPU budgets come from torch.cuda.mem_get_info; other "
+                        "processes' memory is estimated as the device's used memory minus this process's "
+                        "reserved memory, and utilisation, temperature and power are not shown")
+
+    def count(self) -> int:
+        return self._count
+
+    def torch_device(self, index: int) -> torch.device:
+        self._check_index(index)
+        return torch.device("cuda", index)
+
+    def open_context(self, index: int) -> None:
+        torch.empty(1, device=self.torch_device(index))
+
+    def allocate(self, index: int, owner: str, nbytes: int) -> None:
+        """No-op: torch makes the real allocations."""
+
+    def release(self, index: int, owner: str) -> None:
+        """No-op: the engine frees tensors and empties torch's cache."""
+
+    def read(self, index: int) -> DeviceReading:
+        self._check_index(index)
+        free, total = (int(x) for x in self._mem_get_info(index))
+        used = total - free
+        ours = min(used, int(self._reserved(index)))
+        return DeviceReading(
+            index=index, name=str(self._name(index)), total_bytes=total, used_bytes=used, free_bytes=free,
+            utilization_pct=None, temperature_c=None, power_w=None,
+            processes=(ProcessMemory(os.getpid(), ours, "this process (torch reserved)"),
+                       ProcessMemory(0, used - ours, "other processes (estimated)")),
+            ts=time.time())
 
 
 # --------------------------------------------------------------------------- simulated
@@ -663,13 +725,21 @@ def open_backend(simulate: str | None) -> DeviceBackend:
     - ``simulate`` given (e.g. ``"2x24GiB"``): a ``SimulatedBackend`` with
       those capacities, even on a machine with GPUs (tests, demos).  An empty
       or blank string counts as not given (an empty config value).
-    - else NVML when it finds a GPU and torch can use CUDA.
+    - else NVML when it finds a GPU and torch can use CUDA;
+    - CUDA without a working NVML: ``TorchCudaBackend`` (budgets from torch's
+      own figures; its ``warning`` becomes a loud event at engine start);
     - else ``SimulatedBackend([])``: zero devices, i.e. CPU only.  Never None.
     """
     if simulate is not None and simulate.strip():
         return SimulatedBackend(parse_simulate(simulate))
-    if torch.cuda.is_available() and NvmlBackend.available():
-        return NvmlBackend()
+    if torch.cuda.is_available():
+        reason = NvmlBackend.probe()
+        if reason is None:
+            try:
+                return NvmlBackend()
+            except Exception as e:  # noqa: BLE001 - any NVML failure: torch's figures, loudly
+                reason = f"{type(e).__name__}: {e}"
+        return TorchCudaBackend(reason)
     return SimulatedBackend([])
 
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .tensors import DATATYPES, TensorSpec, parse_shape
 from .trust import Trust
@@ -122,7 +123,11 @@ class ServerConfig:
     port: int = 8000
     token: str | None = None
     infer_requires_token: bool = False  # clients' infer calls need the token too
-    max_body_mib: float = 64.0  # the largest request body accepted
+    max_body_mib: float = 64.0  # the largest request body accepted (decoded)
+    max_inflation_ratio: float = 100.0  # a compressed body may grow this many times (judged past 256 KiB)
+    body_timeout_s: float = 30.0  # a request body must arrive whole within this
+    head_timeout_s: float = 15.0  # a new connection's first request head must arrive within this
+    keepalive_timeout_s: float = 30.0  # idle kept-alive connections (and half-sent next heads) close after this
 
 
 @dataclass(frozen=True)
@@ -437,6 +442,10 @@ def parse_config(raw: dict[str, Any], base_dir: str, path: str | None = None) ->
     server = ServerConfig(**_section(raw, "server", {
         "host": _str, "port": _port, "token": _str, "infer_requires_token": _bool,
         "max_body_mib": _number(0, "a positive number of MiB", strict=True),
+        "max_inflation_ratio": _number(1, "a number of times, at least 1"),
+        "body_timeout_s": _number(0, "a positive number of seconds", strict=True),
+        "head_timeout_s": _number(0, "a positive number of seconds", strict=True),
+        "keepalive_timeout_s": _number(0, "a positive number of seconds", strict=True),
     }))
     store = StoreConfig(**_section(raw, "store", {"path": _str}))
     if store.path is not None and store.path != ":memory:":

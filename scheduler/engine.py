@@ -35,9 +35,10 @@ import inspect
 import logging
 import os
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -51,6 +52,7 @@ from .events import EventBus, Subscription
 from .hosttier import HostTier
 from .instance import FAILED, LOADING, READY, UNLOADED, WARMING, InferResult, LoadFailed, ModelInstance
 from .memory import InsufficientMemory, MemoryManager, weights_estimate
+from .routing import DEFAULT_STEPS
 from .shared import SharedDevice
 from .store import Store
 from .trust import Trust
@@ -139,7 +141,7 @@ def _audits_failures(action: str | Callable[[dict[str, Any]], str]) -> Callable[
         sig = inspect.signature(fn)
 
         @functools.wraps(fn)
-        async def run(self: "Engine", *args: Any, **kw: Any) -> Any:
+        async def run(self: Engine, *args: Any, **kw: Any) -> Any:
             try:
                 return await fn(self, *args, **kw)
             except Exception as e:
@@ -204,7 +206,7 @@ class Engine:
     # ------------------------------------------------------------ start / stop
 
     @classmethod
-    def from_config(cls, config: Config, store: Store | None = None) -> "Engine":
+    def from_config(cls, config: Config, store: Store | None = None) -> Engine:
         return cls(store, model_roots=config.model_roots, base_dir=config.base_dir, trust=config.trust,
                    cache_bytes=config.cache.max_bytes, gpu=config.gpu)
 
@@ -261,6 +263,10 @@ class Engine:
                 "memory_pid_unknown", f"cannot tell this process (pid {os.getpid()}) in the GPUs' process "
                 "lists: its own memory counts as another process's (budgets shrink by it, unloads wait "
                 "their full unload_wait_s)", level="warning")
+        warning = getattr(self.backend, "warning", None)
+        if warning:
+            log.error("%s", warning)
+            self.events.publish("gpu_readings_degraded", warning, level="error")
         _freeze_heap()  # before any model loads: an unload's gc.collect walks what came after
         self._started = True
         loop = asyncio.get_running_loop()
@@ -293,7 +299,7 @@ class Engine:
         if self.store is not None:
             await self.store.close()
 
-    async def __aenter__(self) -> "Engine":
+    async def __aenter__(self) -> Engine:
         if not self._started:
             await self.start()
         return self
@@ -393,10 +399,10 @@ class Engine:
         if self._closing:
             raise ModelUnavailable("the engine is shutting down")
         if inst.load_task is None or inst.load_task.done():
-            inst.load_task = asyncio.get_running_loop().create_task(self._load_locked(inst))
+            inst.load_task = asyncio.get_running_loop().create_task(self._run_load(inst))
         await asyncio.shield(inst.load_task)
 
-    async def _load_locked(self, inst: ModelInstance) -> None:
+    async def _run_load(self, inst: ModelInstance) -> None:
         """Place, reserve, load, commit the measured footprint: the body of ``inst.load_task``.
 
         Placement and evictions (``memory.make_room``) and the commit run
@@ -635,7 +641,7 @@ class Engine:
         return await self.versions.set_split(name, weights, shadow=shadow, metric_output=metric_output, actor=actor)
 
     @_audits_failures("canary_start")
-    async def start_canary(self, name: str, version: str | int, *, steps: Sequence[float] = (5, 25, 50, 100),
+    async def start_canary(self, name: str, version: str | int, *, steps: Sequence[float] = DEFAULT_STEPS,
                            interval_s: float = 60.0, max_error_rate: float = 0.05, max_p95_ratio: float = 2.0,
                            min_requests: int = 20, actor: str = "api") -> dict[str, Any]:
         """Ramp ``version``'s share step by step; roll back on a broken bound, swap at 100%."""

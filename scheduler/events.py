@@ -41,7 +41,7 @@ class Event:
 class Subscription:
     """An async iterator of events; use as a context manager to unsubscribe."""
 
-    def __init__(self, bus: "EventBus", maxsize: int):
+    def __init__(self, bus: EventBus, maxsize: int):
         self._bus = bus
         self._queue: asyncio.Queue[Event] = asyncio.Queue(maxsize)
         self.dropped = 0
@@ -55,7 +55,7 @@ class Subscription:
     async def get(self) -> Event:
         return await self._queue.get()
 
-    def __aiter__(self) -> "Subscription":
+    def __aiter__(self) -> Subscription:
         return self
 
     async def __anext__(self) -> Event:
@@ -64,7 +64,7 @@ class Subscription:
     def close(self) -> None:
         self._bus._subs.discard(self)
 
-    def __enter__(self) -> "Subscription":
+    def __enter__(self) -> Subscription:
         return self
 
     def __exit__(self, *exc: Any) -> None:

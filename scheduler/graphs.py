@@ -17,7 +17,8 @@ non-batch dimension fixed.  Worker thread only.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 

@@ -16,24 +16,25 @@ pass, splits the outputs and hands the batch back in one callback
 from __future__ import annotations
 
 import asyncio
-import math
 import gc
 import logging
+import math
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 from . import hosttier, policy, sources
 from . import shared as shared_mod
-from .graphs import GraphRunner
-from .shared import SharedDevice
+from .cache import ResultCache
 from .config import ModelConfig
 from .errors import DeadlineExceeded, EngineError, InputError, ModelFailed, ModelUnavailable, QueueFull
-from .cache import ResultCache
 from .events import EventBus
+from .graphs import GraphRunner
 from .queueing import Request, RequestQueue
 from .ratelimit import RateLimit
+from .shared import SharedDevice
 from .stats import ModelStats
 from .tensors import random_tensor, validate_inputs
 from .worker import ModelWorker, Pending
@@ -118,7 +119,7 @@ def _as_outputs(result: Any, names: Sequence[str]) -> list[Any]:
 
 class ModelInstance:
     def __init__(self, cfg: ModelConfig, events: EventBus, cache: ResultCache | None = None,
-                 host_tier: "hosttier.HostTier | None" = None):
+                 host_tier: hosttier.HostTier | None = None):
         self.cfg = cfg
         self.name = cfg.name
         self.version = cfg.version
@@ -146,7 +147,7 @@ class ModelInstance:
         self.waiting_for_room = 0  # requests whose lazy load waits for device memory (Engine._load_for_request)
         self.loaded_as_newcomer = False  # its current load was a newcomer's (memory.make_room; the churn guard)
         self.rate = policy.Ewma(half_life_s=policy.RATE_HALF_LIFE_S)  # requests per second, decayed
-        self.shared: "SharedDevice | None" = None  # the managed device's slots, when it is shared
+        self.shared: SharedDevice | None = None  # the managed device's slots, when it is shared
         self._granted = False  # holding a slot the shared device granted, not yet used
         self.last_run = 0.0  # monotonic time its last batch went to the worker
         self.p95_s: float | None = None  # measured p95 latency, refreshed every tick
@@ -175,7 +176,6 @@ class ModelInstance:
         self._sweep_at = float("inf")
         self._drained: asyncio.Event | None = None
         self.stalled = False  # a forward pass ran past its requests' deadlines and has not returned
-        self._input_names: tuple[str, ...] = ()
         self._output_names: tuple[str, ...] = ()
         self._grouped = False
         self._cuda_base = 0
@@ -266,7 +266,6 @@ class ModelInstance:
         self.platform = loaded.platform
         self.weight_bytes = loaded.weight_bytes
         self.footprint_bytes = footprint
-        self._input_names = tuple(s.name for s in self.inputs)
         self._output_names = tuple(s.name for s in self.outputs)
         # Variable non-batch dimensions: requests are grouped by shape so a batch concatenates.
         self._grouped = any(-1 in s.shape[1:] for s in self.inputs)
@@ -288,7 +287,7 @@ class ModelInstance:
             self._drained = asyncio.Event()
             try:
                 await asyncio.wait_for(self._drained.wait(), drain_timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             finally:
                 self._drained = None
@@ -401,7 +400,7 @@ class ModelInstance:
             f"model {self.name} version {self.version} is {self.state}" + (f": {self.reason}" if self.reason else "")
         )
 
-    def enqueue(self, req: Request) -> "asyncio.Future[InferResult]":
+    def enqueue(self, req: Request) -> asyncio.Future[InferResult]:
         """Queue a validated request; the returned future is its one answer."""
         if self.state != READY:
             raise self.unavailable()
@@ -596,7 +595,7 @@ class ModelInstance:
         return [dict(zip(names, row)) for row in zip(*parts)], time.perf_counter_ns() - t0
 
     def _batch_done(self, batch: list[Request], formed: float, result: Any, error: BaseException | None,
-                    retried: bool = False, watch: "_Overdue | None" = None) -> None:
+                    retried: bool = False, watch: _Overdue | None = None) -> None:
         """Back on the loop: answer every request of the batch, then start the next one.
 
         Exception-safe: whatever goes wrong while answering, every request of

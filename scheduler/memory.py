@@ -16,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from modelconsole.gpu.budget import GiB, MiB, DeviceBudget, place
+from modelconsole.gpu.budget import DeviceBudget, GiB, MiB, place
 from modelconsole.gpu.devices import DeviceBackend
 
 from . import policy
@@ -46,7 +47,7 @@ class InsufficientMemory(EngineError):
     kind = "insufficient_memory"
 
 
-def weights_estimate(inst: "ModelInstance") -> int:
+def weights_estimate(inst: ModelInstance) -> int:
     """Bytes a load is expected to take, before it has ever been measured."""
     cfg = inst.cfg
     if cfg.estimate_mib is not None:
@@ -110,11 +111,11 @@ class MemoryManager:
 
     async def make_room(
         self,
-        inst: "ModelInstance",
+        inst: ModelInstance,
         need: int,
         targets: list[int],
-        residents: Callable[[int], list["ModelInstance"]],
-        evict: Callable[["ModelInstance", str], Awaitable[None]],
+        residents: Callable[[int], list[ModelInstance]],
+        evict: Callable[[ModelInstance, str], Awaitable[None]],
     ) -> int:
         """Choose a device with `need` bytes available, evicting by keep-value if none has.
 
@@ -180,7 +181,7 @@ class MemoryManager:
             return sum(r.residency(now).bytes for r in residents(i) if r.pinned)
         return all(self.budgets[i].usable(self.backend.read(i)) - pinned(i) < need for i in targets)
 
-    def _why_no_room(self, inst: "ModelInstance", need: int, targets: list[int], residents) -> str:
+    def _why_no_room(self, inst: ModelInstance, need: int, targets: list[int], residents) -> str:
         parts = []
         for i in targets:
             rs = residents(i)
@@ -196,13 +197,13 @@ class MemoryManager:
 
     # ------------------------------------------------------------ after load / unload
 
-    def commit(self, index: int, inst: "ModelInstance", footprint: int) -> None:
+    def commit(self, index: int, inst: ModelInstance, footprint: int) -> None:
         """The measured footprint replaces the estimate (and is charged to a simulated device)."""
         self.backend.allocate(index, inst.key, footprint)  # simulated: may raise OutOfMemoryError
         self.budgets[index].reserve(inst.key, footprint)
         inst.learned_footprint = footprint
 
-    def forget(self, index: int, inst: "ModelInstance") -> None:
+    def forget(self, index: int, inst: ModelInstance) -> None:
         """Drop the reservation (and any device charge) of a load that failed."""
         self.budgets[index].release(inst.key)
         self.backend.release(index, inst.key)
@@ -211,7 +212,7 @@ class MemoryManager:
         """What the device shows this process holding on ``index`` now."""
         return self.budgets[index].own_used(self.backend.read(index))
 
-    async def release(self, index: int, inst: "ModelInstance", freed: int, before: int) -> bool:
+    async def release(self, index: int, inst: ModelInstance, freed: int, before: int) -> bool:
         """After a model's memory was freed: wait until the device shows it back, then release.
 
         ``before`` is this process's usage (``own_used``) read BEFORE the
@@ -243,7 +244,7 @@ class MemoryManager:
 
     # ------------------------------------------------------------ observation
 
-    def snapshot(self, residents: Callable[[int], list["ModelInstance"]]) -> list[dict[str, Any]]:
+    def snapshot(self, residents: Callable[[int], list[ModelInstance]]) -> list[dict[str, Any]]:
         out = []
         for i, budget in sorted(self.budgets.items()):
             reading = self.backend.read(i)

@@ -36,80 +36,13 @@ bytes, the value is the rate alone (evicting by ascending rate is the online
 form of Belady's rule).  Measured reload times add what bytes do not see: a
 model whose weights wait in the host tier reloads ~40× faster than from its
 file, so it is the cheaper one to evict, and a source that is slow for its
-size is kept longer.  A fixed cost per load would tilt the value towards
-small models (per byte they cost more to reload); measured on the lent H100
-(``bench/reload.py --gib`` 0.03 … 8, engine cold loads from safetensors) it is
-small: 11 ms at 0.03 GiB, 0.10 s at 0.5, 0.27 s at 2, 0.96 s at 8 GiB — a
-linear fit gives 0.04 s + 8.9 GB/s (page cache).  ``estimated_reload_seconds``
-(the engine's prior before a model's first load) and ``bench/pressure.py``'s
-cost model use that intercept with a 2 GB/s disk.  (With the 0.5 s per load
-an earlier bench assumed, the same policy loaded 0.811 of LRU by bytes'
-GiB instead of 0.803: the assumed fixed cost, not the rule, made the
-difference.)
+size is kept longer.  ``estimated_reload_seconds`` is the prior before a
+model's first load (0.04 s + 2 GB/s, fitted on the H100).
 
-What was tried and measured on ``bench/pressure.py`` (GiB loaded relative to
-LRU by bytes, seed 0 default trace / mean over seeds 0–4 of the default,
-``--zipf 0.8``, ``--shift-every 2000``, ``--quick``), previous policy
-0.824 / 0.808, 0.840, 0.822, 0.830:
-
-* churn guards (this revision: rule 3), measured as seed 0 / mean of seeds
-  0–7 of the default, then the means of seeds 0–4 of ``--zipf 0.8``,
-  ``--shift-every 2000``, ``--quick`` (Belady ratio: mean of the default):
-  every young model protected from a returner (the previous guard) 0.803 /
-  0.795, 0.820, 0.805, 0.813 (1.269); only those that came in as returners
-  (this revision) 0.796 / 0.789, 0.808, 0.802, 0.811 (1.260), better on
-  every seed of the default; no guard 0.798 / 0.789, 0.807, 0.801, 0.812
-  (1.259).  Not adopted, because a loop of three or more models gets
-  through: protecting a young model only from the model whose eviction
-  made its room (pairwise) 0.796 / 0.789, 0.809, 0.802, 0.811 — N models
-  on N−1 slots thrash; only from models evicted at or after it was loaded
-  0.800 / 0.791, 0.810, 0.804, 0.810 — stops N models on N−1 slots, not
-  N > 2 × slots (3 models on one slot thrash at every request).  Also
-  protecting a young newcomer's load from models evicted at or after it was
-  loaded, on top of rule 3: 0.798 / 0.791, 0.812, 0.804, 0.811 — more
-  protection, no gain.  ``incoming=None`` protecting only young models
-  that came in as returners would be as safe (the flag defaults to
-  protected) but helps only the ``--strict-guard`` replay, whose flags come
-  from an incoming it claims not to know: it stays "protect all".
-* victims by ascending value with pruning and no
-  single-model alternative (see ``plan_eviction``), churn margin 1.25:
-  0.811 on seed 0 (Belady ratio 1.285 → 1.265).  Each part alone: margin
-  1.25 0.816, no single alternative 0.818.  With cost = bytes as well
-  (``keep_value = rate``): 0.803 / 0.790, 0.819, 0.803, 0.812 — see above
-  for why the measured reload time stays.
-* (figures from here on with the old 0.5 s per load; with the measured
-  0.04 s the default trace gives 0.803, the oracle 0.790.)  Rate estimators
-  on the measured cost model, seed 0 / mean of seeds 0–7: EWMA 300 s 0.803 /
-  0.795; 200, 400, 600 s 0.809, 0.802, 0.805; a Lepski-style choice (the
-  longest of 150–2400 s half-lives whose shorter ones agree within 1.5–3 σ)
-  0.802–0.811; rate over the last K requests worse for every K; an estimator
-  told when popularity shifts 0.793–0.799.  Not worth the complexity.
-* a staleness ceiling (rate ≤ 3 / idle seconds: a Poisson stream of a
-  higher rate stays silent that long less than 5% of the time) gains 0.001
-  to 0.006, but real traffic comes in bursts, where it would evict a model
-  between bursts: left out.
-* the same policy fed each phase's TRUE popularity reaches 0.790 on seed 0,
-  and fed an ideal estimator that knows WHEN popularity shifts (not how)
-  0.796: what is left is mostly the first few hundred requests after each
-  popularity shift (in steady state the EWMA policy loads within 1% of the
-  oracle), the price of not knowing the future.  (With the previous churn
-  guard; with rule 3's the oracle reaches 0.776 on seed 0, 0.762 over seeds
-  0–7, against the EWMA policy's 0.796 and 0.789.)
-* other rate estimators (half-lives 150–2400 s, max / mean / geometric mean
-  of two half-lives, picking the longest half-life consistent with the
-  shorter ones): none better on all trace shapes; a longer half-life helps
-  the default trace and hurts the fast-shifting ones.  RATE_HALF_LIFE_S
-  stays 300 s.
-* GreedyDual-Size-Frequency proper (H = L + frequency × cost / size, the
-  inflation clock L rising to each victim's H): with frequency counted since
-  load 1.04 / 1.11 — a model hot in an earlier phase keeps its count and
-  squats; with the EWMA as frequency 0.87.  The decayed rate is better aging
-  than an inflation clock here.
-* choosing the victim set that minimizes the lost value (rate × bytes, a
-  knapsack) instead of greedy by value: 0.830 — it evicts a small hot model
-  rather than a big cold one that will be evicted soon anyway, and ignores
-  that the extra bytes freed spare the next loads an eviction.  Adding the
-  lost-value weighting ``(1 - e^(-rate·T))``: worse for every T.
+What else was tried — other rate estimators, staleness ceilings, GDSF with
+an inflation clock, a knapsack victim set, other churn guards and margins —
+and what each measured on ``bench/pressure.py`` is in ``docs/benchmarks.md``
+("Eviction policy: what was tried").
 
 It beats the policies the popular servers ship:
 
@@ -163,19 +96,10 @@ Choosing victims (``plan_eviction``)
    a refused request counts as a use (``memory.make_room`` stamps
    ``last_used``; ``bench/pressure.py`` counts a waiting request).
    The margin is a hysteresis: any margin above 1 stops the two-model loop
-   (each side's new request moves its rate by only a little); with the
-   previous guard (every young model protected from a returner) a wide one,
-   2, loaded 1–1.5% more GiB than 1.25 in ``bench/pressure.py``; with this
-   one 1.1, 1.25, 1.5 and 2 load within 0.2% of each other on every trace
-   shape, and it stays 1.25.
+   (each side's new request moves its rate by only a little).
    A newcomer (not used within ``min_residency_s``) cannot be half of such a
    loop, so for it young models are ordinary candidates: protecting them
-   would keep one-off loads around at the expense of older, hotter models
-   (in ``bench/pressure.py`` the strict guard, ``incoming=None``, loads ~19%
-   more GiB on seed 0: 1.48× Belady instead of 1.24×).  Protecting young
-   one-off loads from returners cost the same way, less: 0.803 of LRU by
-   bytes on seed 0 instead of 0.796 (0.798 with no guard at all — loads are
-   instant in the replay, so the guard's savings do not show there).
+   would keep one-off loads around at the expense of older, hotter models.
    ModelMesh has a cruder form of this: a full node refuses a load while
    even its least recently used model is younger than a minimum age.
    (The engine must therefore describe the incoming model by its use BEFORE
@@ -193,10 +117,7 @@ Choosing victims (``plan_eviction``)
    bigger first, then key) until the shortfall is covered, then drop again
    any victim, most valuable first, that the others already cover — so a
    small model taken early is spared when a bigger one taken later suffices
-   alone.  (An earlier revision then swapped in the single model that covers
-   the shortfall at the least lost value, keep_value × GiB, when that lost
-   less: it evicts a small warm model instead of a big cold one that would go
-   at the next miss anyway; dropping it saves ~1% of the GiB loaded.)
+   alone.
 
 Urgency: which ready batch runs next on a shared device
 =======================================================

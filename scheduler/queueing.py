@@ -13,7 +13,8 @@ This module is pure bookkeeping on the event loop: no torch calls.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 class Request:

@@ -87,8 +87,9 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -230,9 +231,9 @@ def validate_canary(steps: Any, interval_s: Any, max_error_rate: Any, max_p95_ra
                     min_requests: Any) -> dict[str, Any]:
     """The canary's plan, checked: {"steps", "interval_s", "bounds": {...}}."""
     if isinstance(steps, (str, bytes, Mapping)) or not isinstance(steps, Iterable):
-        raise InputError(f"steps: expected a list of percentages such as [5, 25, 50, 100], got {steps!r}")
+        raise InputError(f"steps: expected a list of percentages such as {list(DEFAULT_STEPS)}, got {steps!r}")
     steps = list(steps)
-    expected = "increasing percentages in (0, 100] ending at 100, e.g. [5, 25, 50, 100]"
+    expected = f"increasing percentages in (0, 100] ending at 100, e.g. {list(DEFAULT_STEPS)}"
     if not steps:
         raise InputError(f"steps: expected {expected}, got []")
     for i, s in enumerate(steps):
@@ -336,7 +337,7 @@ class Canary:
                 "reason": self.reason}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Canary":
+    def from_dict(cls, d: Mapping[str, Any]) -> Canary:
         return cls(version=str(d["version"]), baseline=str(d["baseline"]), steps=list(d["steps"]),
                    interval_s=float(d["interval_s"]), bounds=dict(d["bounds"]), step=int(d["step"]),
                    share=d["share"], state=str(d["state"]), started=d.get("started"),

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from .instance import ModelInstance
 
 
-def model_urgency(inst: "ModelInstance", now: float) -> float:
+def model_urgency(inst: ModelInstance, now: float) -> float:
     return policy.urgency(
         oldest_wait_s=now - inst.queue.oldest_enqueued() if inst.queue.size else 0.0,
         latency_target_s=inst.cfg.latency_target_ms / 1000.0,
@@ -36,11 +36,11 @@ class SharedDevice:
         self.index = index
         self.slots = slots
         self.running = 0
-        self.waiting: dict[str, "ModelInstance"] = {}
+        self.waiting: dict[str, ModelInstance] = {}
         self.grants = 0  # slots handed to a waiting model by urgency
         self.last_choice: dict[str, Any] | None = None
 
-    def acquire(self, inst: "ModelInstance") -> bool:
+    def acquire(self, inst: ModelInstance) -> bool:
         """Take a slot now (True), or wait for one (False: inst.granted() is called later)."""
         if self.running < self.slots and not self.waiting:
             self.running += 1
@@ -48,7 +48,7 @@ class SharedDevice:
         self.waiting[inst.key] = inst
         return False
 
-    def release(self, still_waiting: "ModelInstance | None" = None) -> None:
+    def release(self, still_waiting: ModelInstance | None = None) -> None:
         """A batch finished (or a grant was not used): give the slot to the most urgent waiter.
 
         still_waiting: the model whose batch finished, when it has more queued
@@ -67,7 +67,7 @@ class SharedDevice:
             self.running += 1
             inst.granted()
 
-    def forget(self, inst: "ModelInstance") -> None:
+    def forget(self, inst: ModelInstance) -> None:
         self.waiting.pop(inst.key, None)
 
     def to_dict(self) -> dict[str, Any]:

@@ -100,6 +100,11 @@ def default_path() -> Path:
     return Path(platformdirs.user_data_dir("modelconsole", appauthor=False)) / "modelconsole.db"
 
 
+_UPSERT_ACTIVE = ("INSERT INTO routing (name, active_version, updated_at) VALUES (?,?,?) "
+                  "ON CONFLICT(name) DO UPDATE SET active_version=excluded.active_version, "
+                  "updated_at=excluded.updated_at")
+
+
 class StoreError(RuntimeError):
     pass
 
@@ -115,7 +120,7 @@ class Store:
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()  # one transaction at a time on the one connection
 
-    async def open(self) -> "Store":
+    async def open(self) -> Store:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -136,7 +141,7 @@ class Store:
                 await self._db.close()
                 self._db = None
 
-    async def __aenter__(self) -> "Store":
+    async def __aenter__(self) -> Store:
         return await self.open()
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -226,8 +231,7 @@ class Store:
         if active_version is not None:
             statements.append(
                 (
-                    "INSERT INTO routing (name, active_version, updated_at) VALUES (?,?,?) "
-                    "ON CONFLICT(name) DO UPDATE SET active_version=excluded.active_version, updated_at=excluded.updated_at",
+                    _UPSERT_ACTIVE,
                     (config["name"], active_version, now),
                 )
             )
@@ -291,8 +295,7 @@ class Store:
         statements: list[tuple[str, tuple]] = []
         if active is not None:
             statements.append((
-                "INSERT INTO routing (name, active_version, updated_at) VALUES (?,?,?) "
-                "ON CONFLICT(name) DO UPDATE SET active_version=excluded.active_version, updated_at=excluded.updated_at",
+                _UPSERT_ACTIVE,
                 (name, active, now)))
         if split is None:
             statements.append(("DELETE FROM splits WHERE name=?", (name,)))

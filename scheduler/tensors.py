@@ -11,8 +11,9 @@ comparisons, no allocation beyond the converted tensor itself.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch

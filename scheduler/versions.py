@@ -89,15 +89,17 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from random import random
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import routing
 from .errors import Conflict, EngineError, InputError, ModelNotFound, ModelUnavailable
 from .instance import READY, UNLOADED, UNLOADING, InferResult, ModelInstance
+from .routing import DEFAULT_STEPS
 from .store import KEEP
 
 if TYPE_CHECKING:
@@ -155,7 +157,7 @@ def _metric_mean(outputs: Mapping[str, Any], name: str) -> float | None:
 class Versions:
     """The routing of every model name's version-less requests, and swap, split and canary."""
 
-    def __init__(self, engine: "Engine"):
+    def __init__(self, engine: Engine):
         self._engine = engine
         self._models = engine._models  # the engine's registry (the same dict): read here, never replaced
         self.events = engine.events
@@ -455,7 +457,7 @@ class Versions:
         self.events.publish("split", f"{name}: {text}", model=name, data=dict(params, actor=actor))
         return self.routing(name)
 
-    async def start_canary(self, name: str, version: str | int, *, steps: Sequence[float] = (5, 25, 50, 100),
+    async def start_canary(self, name: str, version: str | int, *, steps: Sequence[float] = DEFAULT_STEPS,
                            interval_s: float = 60.0, max_error_rate: float = 0.05, max_p95_ratio: float = 2.0,
                            min_requests: int = 20, actor: str = "api") -> dict[str, Any]:
         """Ramp ``version``'s share of the traffic without a version step by step, rolling
@@ -571,7 +573,7 @@ class Versions:
                 route.wake.clear()
                 try:
                     await asyncio.wait_for(route.wake.wait(), min(check, left) if left > 0 else check)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 if canary.state != routing.RUNNING or self._closing:
                     return

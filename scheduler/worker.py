@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -29,7 +30,7 @@ class ModelWorker:
         """Run fn() on the thread; done(result, error) is then called on the event loop."""
         self._jobs.put((fn, done))
 
-    def call(self, fn: Callable[[], Any], inference: bool = False) -> "asyncio.Future[Any]":
+    def call(self, fn: Callable[[], Any], inference: bool = False) -> asyncio.Future[Any]:
         """Run fn() on the thread and await its result (loads, warmup, frees).
 
         The thread lives in inference mode (entered once: it costs microseconds

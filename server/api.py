@@ -21,9 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from modelconsole.console import __version__
-
-from .app import CLOSING, ENGINE, SETTINGS, STARTED, HttpError, dumps, json_response, read_json
+from .app import CLOSING, ENGINE, SETTINGS, STARTED, VERSION, HttpError, dumps, json_response, read_json
 
 STATES = ("UNLOADED", "LOADING", "WARMING", "READY", "UNLOADING", "FAILED")
 REGISTER_KEYS = ("name", "version", "source", "options")
@@ -68,7 +66,7 @@ def build_snapshot(engine: Any, server: dict[str, Any]) -> dict[str, Any]:
 def full_snapshot(app: web.Application) -> dict[str, Any]:
     engine = app[ENGINE]
     return build_snapshot(engine, {
-        "version": __version__,
+        "version": VERSION,
         "started": app[STARTED],
         "uptime_s": time.time() - app[STARTED],
         "accepting": engine.accepting,
@@ -94,14 +92,13 @@ async def events(request: web.Request) -> web.StreamResponse:
     engine = app[ENGINE]
     closing: asyncio.Event = app[CLOSING]
     interval = app[SETTINGS].snapshot_interval_s
-    field, raw = "Last-Event-ID", request.headers.get("Last-Event-ID")
-    if raw is None:
-        field, raw = "last_event_id", request.query.get("last_event_id")
-    last_seq = 0
-    if raw is not None:
-        if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
-            raise HttpError(400, f"{field}: expected an event sequence number (an integer >= 0), got {raw!r}")
-        last_seq = int(raw)
+    given = [(f, v) for f, v in (("Last-Event-ID", request.headers.get("Last-Event-ID")),
+                                 ("last_event_id", request.query.get("last_event_id"))) if v is not None]
+    for field, value in given:  # both are checked; the header wins when both are given
+        if not (value.isascii() and value.isdigit() and len(value) <= 18):
+            raise HttpError(400, f"{field}: expected an event sequence number (an integer >= 0), got {value!r}")
+    raw = given[0][1] if given else None
+    last_seq = int(raw) if raw is not None else 0
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                        "X-Accel-Buffering": "no"})
     await resp.prepare(request)
@@ -206,10 +203,14 @@ async def _version_of(request: web.Request) -> str | None:
     else None (the active one).  ``{}`` is the body that names none."""
     body = await read_json(request, optional=True)
     _only(body, CONTROL_KEYS)
-    if "version" in body:
-        return _as_version(body["version"], "version")
+    return _body_or_query_version(request, body)
+
+
+def _body_or_query_version(request: web.Request, body: dict[str, Any]) -> str | None:
+    """Both are checked when both are given; the body's wins."""
     query = request.query.get("version")
-    return _as_version(query, "?version") if query is not None else None
+    from_query = _as_version(query, "?version") if query is not None else None
+    return _as_version(body["version"], "version") if "version" in body else from_query
 
 
 def _control(action: str) -> Any:
@@ -237,12 +238,7 @@ async def set_priority(request: web.Request) -> web.Response:
     if "priority" not in body:
         raise HttpError(400, "priority: required (an integer, 1 is most urgent)")
     _only(body, ("priority", "version"))
-    if "version" in body:
-        version = _as_version(body["version"], "version")
-    elif "version" in request.query:
-        version = _as_version(request.query["version"], "?version")
-    else:
-        version = None
+    version = _body_or_query_version(request, body)
     engine = request.app[ENGINE]
     snap = await engine.set_priority(request.match_info["name"], version, body["priority"], actor=_actor(request))
     return json_response(_listed(engine, snap))

@@ -33,31 +33,43 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
-from typing import Any, Awaitable, Callable
-
-from aiohttp import compression_utils, web
-from aiohttp.http_exceptions import ContentEncodingError
+from aiohttp import web
 
 from modelconsole.scheduler.config import ConfigError
+from modelconsole.scheduler.errors import EngineError
 
 from . import body as body_mod
 from . import tokenfile
 from .body import BodyError
 from .connections import ConnectionGuard
-from .tokenfile import is_loopback
-from modelconsole.scheduler.errors import EngineError
 
 log = logging.getLogger("modelconsole.server")
+
+
+def _package_version() -> str:
+    """The installed distribution's version (the server sits below the console, so it does not
+    import ``modelconsole.console.__version__``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("modelconsole")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "0+unknown"
+
+
+VERSION = _package_version()
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # What every handler may read from its app (typed keys, as aiohttp recommends)
 ENGINE: web.AppKey[Any] = web.AppKey("engine", object)
-SETTINGS: web.AppKey["ServerSettings"] = web.AppKey("settings", object)
+SETTINGS: web.AppKey[ServerSettings] = web.AppKey("settings", object)
 STARTED: web.AppKey[float] = web.AppKey("started", float)
 CLOSING: web.AppKey[asyncio.Event] = web.AppKey("closing", asyncio.Event)
 DRAINING: web.AppKey[asyncio.Event] = web.AppKey("draining", asyncio.Event)
@@ -70,7 +82,7 @@ class ServerSettings:
     token: str | None = None
     infer_requires_token: bool = False  # also ask clients' infer calls for the token
     max_body_bytes: int = 64 * 2**20
-    max_inflation_ratio: float = 100.0  # a compressed body may grow this many times (past 1 MiB)
+    max_inflation_ratio: float = 100.0  # a compressed body may grow this many times (judged past 256 KiB)
     body_timeout_s: float = 30.0  # the whole body must arrive within this
     head_timeout_s: float = 15.0  # a new connection's first request head must arrive within this
     keepalive_timeout_s: float = 30.0  # an idle kept-alive connection (or a half-sent next head) is closed
@@ -170,23 +182,7 @@ def _not_json(request: web.Request) -> web.Response | None:
                                f"got {shown}")
 
 
-def _decodable_encodings() -> tuple[str, ...]:
-    """The request ``Content-Encoding`` values aiohttp decodes in this process.
-
-    gzip and deflate always; br and zstd only when their packages are
-    installed (aiohttp checks the same flags).  Anything else would reach the
-    handler as compressed bytes and fail as "invalid JSON", which hides the
-    real problem.
-    """
-    out = ["gzip", "deflate"]
-    if compression_utils.HAS_BROTLI:
-        out.append("br")
-    if compression_utils.HAS_ZSTD:
-        out.append("zstd")
-    return (*out, "identity")
-
-
-ENCODINGS = _decodable_encodings()
+ENCODINGS = (*body_mod.CODINGS, "identity")  # what body.py decodes
 
 
 def _check_encoding(request: web.Request) -> web.Response | None:
@@ -200,23 +196,18 @@ def _check_encoding(request: web.Request) -> web.Response | None:
 
 
 def _unreadable_body(request: web.Request, e: web.RequestPayloadError) -> web.Response:
-    """400 for a body aiohttp could not decode (corrupt gzip, bad chunking), on a closing connection.
+    """400 for a body aiohttp could not read (bad chunking), on a closing connection.
 
     The parser of this connection is broken past this point (it cannot find
     where the next request starts), so the answer says ``Connection: close``.
     Marking the body finished keeps aiohttp from reading it again after the
     answer, which would raise the same error and log it as "Unhandled
-    exception" with a traceback.
+    exception" with a traceback.  (Compressed bodies are decoded by body.py,
+    whose errors are BodyErrors.)
     """
-    cause = e.__cause__
-    if isinstance(cause, ContentEncodingError):
-        coding = request.headers.get("Content-Encoding", "").strip().lower()
-        message = f"cannot decode the request body: invalid {coding} data (Content-Encoding: {coding})"
-    else:
-        detail = getattr(cause, "message", None) or str(e)
-        message = "cannot read the request body: " + " ".join(str(detail).split())
+    detail = getattr(e.__cause__, "message", None) or str(e)
     request.content.feed_eof()
-    resp = error_response(400, message)
+    resp = error_response(400, "cannot read the request body: " + " ".join(str(detail).split()))
     resp.force_close()
     return resp
 
@@ -376,9 +367,11 @@ class Server:
         s = self.settings
         # lingering_time=0: a body left unread (refused, too large) is not read to its end after the
         # answer; the connection closes instead (body.py).
+        # auto_decompress=False: body.py decodes compressed bodies itself, in bounded pieces.
         self._runner = web.AppRunner(self.app, access_log=log if s.access_log else None,
                                      shutdown_timeout=s.shutdown_timeout_s, handle_signals=False,
-                                     lingering_time=0, keepalive_timeout=s.keepalive_timeout_s)
+                                     lingering_time=0, keepalive_timeout=s.keepalive_timeout_s,
+                                     auto_decompress=False)
         await self._runner.setup()
         loop = asyncio.get_running_loop()
         server = self._runner.server

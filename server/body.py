@@ -7,12 +7,14 @@ reading the rest just to skip it is the work an attacker wants us to do):
 
 * **size** — at most ``max_body_bytes`` after decoding (413);
 * **inflation** — a compressed body may inflate at most ``max_inflation``
-  times its compressed size once past ``INFLATION_FLOOR`` (413): a 2 MiB
-  gzip of zeros would otherwise cost 2 GiB of decompression.  aiohttp
-  inflates a chunk at a time as we read (never the whole body in one piece),
-  so stopping the read stops the inflation; the server runs with
-  ``lingering_time=0`` so aiohttp does not read (and inflate) the rest of an
-  abandoned body after the answer either;
+  times the compressed bytes consumed so far, once past ``INFLATION_FLOOR``
+  (413): a 2 MiB gzip of zeros would otherwise cost 2 GiB of decompression.
+  The server decodes bodies itself (aiohttp's ``auto_decompress`` is off:
+  it counts the bytes it was given, not the ones it consumed, so a ratio
+  judged on its figures lets a bomb inflate to the size limit first), in
+  pieces of at most ``PIECE`` bytes with the event loop free between them,
+  so no request waits behind one body's inflation.  What is left of a
+  refused body is dropped unparsed (``connections.py``);
 * **time** — the whole body within ``body_timeout_s`` (408): a client that
   sends half a body and waits does not hold a connection and a file
   descriptor forever.  (Request heads have their own deadline: see
@@ -22,11 +24,21 @@ reading the rest just to skip it is the work an attacker wants us to do):
 from __future__ import annotations
 
 import asyncio
+import zlib
+from collections.abc import Iterator
 
 from aiohttp import web
 
 # Below this much decoded data no ratio is judged: small bodies of zeros compress absurdly well.
-INFLATION_FLOOR = 1 << 20
+INFLATION_FLOOR = 256 << 10
+PIECE = 256 << 10  # the most one decompression step produces before the loop gets a turn
+
+try:
+    import brotli  # aiohttp's own optional dependency for Content-Encoding: br
+except ImportError:  # pragma: no cover - depends on the environment
+    brotli = None
+
+CODINGS = ("gzip", "deflate", *(("br",) if brotli is not None else ()))
 
 
 class BodyError(Exception):
@@ -39,12 +51,14 @@ class BodyError(Exception):
 
 
 async def read_body(request: web.Request, max_bytes: int, max_inflation: float, timeout_s: float) -> bytes:
-    """The decoded body, or BodyError (413 too large or too inflated, 408 too slow)."""
+    """The decoded body, or BodyError (413 too large or too inflated, 408 too slow, 400 not valid
+    data of its coding)."""
+    coding = request.headers.get("Content-Encoding", "identity").strip().lower()
     try:
         async with asyncio.timeout(timeout_s):
-            if "Content-Encoding" not in request.headers:
+            if coding == "identity":
                 return await _plain(request, max_bytes)
-            return await _inflated(request, max_bytes, max_inflation)
+            return await _inflated(request, coding, max_bytes, max_inflation)
     except TimeoutError:
         raise BodyError(408, f"the request body did not arrive within {timeout_s:g} s "
                              "([server] body_timeout_s)") from None
@@ -60,23 +74,99 @@ async def _plain(request: web.Request, max_bytes: int) -> bytes:
         raise _too_large(max_bytes) from None
 
 
-async def _inflated(request: web.Request, max_bytes: int, max_inflation: float) -> bytes:
-    content = request.content
+async def _inflated(request: web.Request, coding: str, max_bytes: int, max_inflation: float) -> bytes:
+    decoder = _decoder(coding)
     parts: list[bytes] = []
     total = 0
-    while True:
-        chunk = await content.readany()
-        if not chunk:
-            break
-        total += len(chunk)
-        if total > max_bytes:
-            raise _too_large(max_bytes, decoded=True)
-        compressed = max(1, getattr(content, "total_compressed_bytes", None) or 1)
-        if total > INFLATION_FLOOR and total > max_inflation * compressed:
-            raise BodyError(413, f"request body inflates more than {max_inflation:g} times its compressed size "
-                                 f"({total} bytes from {compressed} so far; [server] max_inflation_ratio)")
-        parts.append(chunk)
+    async for chunk in request.content.iter_any():
+        for piece in decoder.feed(chunk):
+            total += len(piece)
+            if total > max_bytes:
+                raise _too_large(max_bytes, decoded=True)
+            consumed = max(1, decoder.consumed)
+            if total > INFLATION_FLOOR and total > max_inflation * consumed:
+                raise BodyError(413, f"request body inflates more than {max_inflation:g} times its compressed "
+                                     f"size ({total} bytes from {consumed} so far; [server] max_inflation_ratio)")
+            parts.append(piece)
+            await asyncio.sleep(0)  # other requests run between pieces
+    decoder.finish()
     return b"".join(parts)
+
+
+class _Zlib:
+    """gzip (members may follow each other) or deflate (zlib-wrapped, or raw as some clients send it)."""
+
+    def __init__(self, coding: str):
+        self.coding = coding
+        self.consumed = 0
+        self._d: zlib._Decompress | None = None
+
+    def _new(self, first: int) -> zlib._Decompress:
+        if self.coding == "gzip":
+            return zlib.decompressobj(16 + zlib.MAX_WBITS)
+        # RFC 1950: a zlib stream's first byte has compression method 8 in its low bits
+        return zlib.decompressobj(zlib.MAX_WBITS if first & 0x0F == 8 else -zlib.MAX_WBITS)
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        while data:
+            if self._d is None or (self._d.eof and self.coding == "gzip"):
+                self._d = self._new(data[0])  # the first stream, or the next gzip member
+            elif self._d.eof:
+                raise _invalid(self.coding, "data after the end of the stream")
+            d = self._d
+            try:
+                out = d.decompress(data, PIECE)
+                rest = d.unconsumed_tail or d.unused_data
+                self.consumed += len(data) - len(rest)
+                data = rest
+                if out:
+                    yield out
+                while not data and len(out) == PIECE and not d.eof:  # output still pending inside zlib
+                    out = d.decompress(b"", PIECE)
+                    if out:
+                        yield out
+            except zlib.error:
+                raise _invalid(self.coding) from None
+
+    def finish(self) -> None:
+        if self._d is None or not self._d.eof:
+            raise _invalid(self.coding, "the stream ends early")
+
+
+class _Brotli:
+    def __init__(self) -> None:
+        self.consumed = 0
+        self._d = brotli.Decompressor()
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        try:
+            self.consumed += len(data)  # brotli keeps what it has not used: an upper bound
+            out = self._d.process(data, output_buffer_limit=PIECE)
+            while True:
+                if out:
+                    yield out
+                if self._d.can_accept_more_data():
+                    return
+                out = self._d.process(b"", output_buffer_limit=PIECE)
+        except brotli.error:
+            raise _invalid("br") from None
+
+    def finish(self) -> None:
+        if not self._d.is_finished():
+            raise _invalid("br", "the stream ends early")
+
+
+def _decoder(coding: str) -> _Zlib | _Brotli:
+    if coding in ("gzip", "deflate"):
+        return _Zlib(coding)
+    if coding == "br" and brotli is not None:
+        return _Brotli()
+    raise BodyError(415, f"Content-Encoding: {coding!r} is not supported")  # the guard checked it already
+
+
+def _invalid(coding: str, why: str | None = None) -> BodyError:
+    detail = f" ({why})" if why else ""
+    return BodyError(400, f"cannot decode the request body: invalid {coding} data{detail} (Content-Encoding: {coding})")
 
 
 def _too_large(max_bytes: int, decoded: bool = False) -> BodyError:

@@ -30,7 +30,7 @@ LINGER_BYTES = 64 << 20  # and at most this many
 class _Transport:
     """The socket's transport as aiohttp sees it: the same, but ``close`` may linger."""
 
-    def __init__(self, transport: asyncio.Transport, guard: "ConnectionGuard"):
+    def __init__(self, transport: asyncio.Transport, guard: ConnectionGuard):
         self._transport = transport
         self.connection_guard = guard
         # bound once: aiohttp's hot path calls these directly, no __getattr__ on each write

@@ -33,15 +33,15 @@ Handlers only translate.  Every error is an ``EngineError`` (or an
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
-from modelconsole.console import __version__
 from modelconsole.scheduler.errors import ModelNotFound
 
 from . import codec
-from .app import CLOSING, ENGINE, HttpError, json_response, read_body, read_json
+from .app import CLOSING, ENGINE, VERSION, HttpError, json_response, read_body, read_json
 
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "schedule_policy", "model_repository", "statistics"]
 
@@ -112,7 +112,7 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def server_metadata(request: web.Request) -> web.Response:
-    return json_response({"name": "modelconsole", "version": __version__, "extensions": EXTENSIONS})
+    return json_response({"name": "modelconsole", "version": VERSION, "extensions": EXTENSIONS})
 
 
 def _specs(specs: Any) -> list[dict[str, Any]]:
@@ -279,7 +279,7 @@ async def repository_load(request: web.Request) -> web.Response:
     body = await read_json(request, optional=True)
     params = body.get("parameters", {})
     if not isinstance(params, dict):
-        raise HttpError(400, "parameters: expected an object")
+        raise HttpError(400, f"parameters: expected an object, got {json.dumps(params)}")
     unsupported = [k for k in params if k == "config" or k.startswith("file:")]
     if unsupported:
         raise HttpError(400, f"parameters.{unsupported[0]}: replacing a model's config or files at load is "
@@ -289,7 +289,13 @@ async def repository_load(request: web.Request) -> web.Response:
 
 
 async def repository_unload(request: web.Request) -> web.Response:
-    await read_json(request, optional=True)
+    body = await read_json(request, optional=True)
+    params = body.get("parameters", {})
+    if not isinstance(params, dict):
+        raise HttpError(400, f"parameters: expected an object, got {json.dumps(params)}")
+    if not isinstance(params.get("unload_dependents", False), bool):
+        raise HttpError(400, "parameters.unload_dependents: expected true or false, "
+                             f"got {json.dumps(params['unload_dependents'])}")
     engine = request.app[ENGINE]
     name = request.match_info["name"]
     snaps = engine.snapshot_models(name)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from modelconsole.scheduler.config import parse_config
 from modelconsole.server.app import Server, ServerSettings
@@ -56,7 +57,7 @@ class ServerThread:
         self.engine: Any = None
         self.server: Server | None = None
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         self._thread.start()
         self.call(self._start)
         return self

@@ -18,18 +18,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 from consoleutil import cell, http, select, until
+from textual.app import App
+from textual.command import CommandList, CommandPalette
+from textual.widgets import Input
+
 from modelconsole.console import format as fmt
 from modelconsole.console.app import PALETTE, ActionCommands, ModelConsoleApp
-from modelconsole.console.client import LocalClient
+from modelconsole.console.local import LocalClient
 from modelconsole.console.screens import ConfirmScreen, HelpScreen, RegisterScreen
 from modelconsole.console.widgets import DeviceCard, Graph
 from modelconsole.gpu.devices import SimulatedBackend
 from modelconsole.scheduler.config import GpuConfig
 from modelconsole.scheduler.engine import Engine
 from modelconsole.scheduler.store import Store
-from textual.app import App
-from textual.command import CommandList, CommandPalette
-from textual.widgets import Input
 
 MiB = 2**20
 SIZE = (120, 40)
@@ -299,7 +300,9 @@ async def test_filter_and_sort(client):
         await pilot.pause()
         assert not box.has_class("-active") and app.table.has_focus
         assert {str(k.value) for k in app.table.rows} == {"tiny:1", "cnn:1", "sized:1"}
-        order = lambda: [str(r.key.value) for r in app.table.ordered_rows]
+        def order() -> list[str]:
+            return [str(r.key.value) for r in app.table.ordered_rows]
+
         assert order() == ["cnn:1", "sized:1", "tiny:1"]  # by name
         await pilot.press("O")
         assert order() == ["tiny:1", "sized:1", "cnn:1"]

@@ -23,10 +23,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from modelconsole.console.app import ModelConsoleApp
-from modelconsole.server.tokenfile import read_token
 from modelconsole.console.client import RemoteClient
 from modelconsole.console.screens import ConfirmScreen
+from modelconsole.server.tokenfile import read_token
 
 SIZE = (120, 40)
 CONFIG = """

@@ -10,10 +10,11 @@ import sys
 import time
 
 import pytest
-
-from modelconsole.console.client import ClientError, LocalClient, RemoteClient
-from modelconsole.server.app import ServerSettings
 from serverutil import ServerThread
+
+from modelconsole.console.client import ClientError, RemoteClient
+from modelconsole.console.local import LocalClient
+from modelconsole.server.app import ServerSettings
 
 MODELS = [
     {"name": "tiny", "source": "zoo:tiny-mlp", "warmup": 0},

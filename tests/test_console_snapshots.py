@@ -28,15 +28,16 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from textual.command import CommandList, CommandPalette
+from textual.screen import ModalScreen
+from textual.widgets import Input
+
 from modelconsole.console import app as app_module
 from modelconsole.console import format as fmt
 from modelconsole.console.app import ModelConsoleApp
 from modelconsole.console.client import EngineClient
 from modelconsole.console.screens import ConfirmScreen, HelpScreen, RegisterScreen
 from modelconsole.console.widgets import HISTORY
-from textual.command import CommandList, CommandPalette
-from textual.screen import ModalScreen
-from textual.widgets import Input
 
 DATA = Path(__file__).parent / "data" / "console_snapshot.json"
 SIZE = (120, 40)
@@ -300,7 +301,8 @@ async def record() -> dict[str, Any]:
     import tempfile
 
     import torch
-    from modelconsole.console.client import LocalClient
+
+    from modelconsole.console.local import LocalClient
     from modelconsole.gpu.devices import SimulatedBackend
     from modelconsole.scheduler.config import GpuConfig
     from modelconsole.scheduler.engine import Engine

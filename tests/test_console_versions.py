@@ -17,9 +17,12 @@ import textwrap
 import pytest
 import torch
 from consoleutil import cell, select, until
+from textual.widgets import Input, Select
+
 from modelconsole.console import format as fmt
 from modelconsole.console.app import PALETTE, ActionCommands, ModelConsoleApp
-from modelconsole.console.client import ClientError, LocalClient, RemoteClient
+from modelconsole.console.client import ClientError, RemoteClient
+from modelconsole.console.local import LocalClient
 from modelconsole.console.screens import (
     CanaryScreen,
     ConfirmScreen,
@@ -28,7 +31,6 @@ from modelconsole.console.screens import (
 )
 from modelconsole.scheduler.engine import Engine
 from modelconsole.scheduler.store import Store
-from textual.widgets import Input, Select
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
 

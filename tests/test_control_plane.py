@@ -23,12 +23,11 @@ import urllib.request
 
 import aiohttp
 import pytest
+from serverutil import ServerThread
+from test_server import _env, serving
 
 from modelconsole.console.cli import attach_token
 from modelconsole.server.tokenfile import read_token, token_path, write_token
-
-from serverutil import ServerThread
-from test_server import _env, serving
 
 MODELS = [{"name": f"m{i}", "source": "zoo:tiny-mlp", "args": {"hidden": 16}, "warmup": 0,
            "priority_levels": 3} for i in range(4)]

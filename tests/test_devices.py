@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+
 from modelconsole.gpu.devices import (
     OTHER_PID,
     DeviceBackend,
@@ -412,3 +413,30 @@ def test_nvml_respects_cuda_visible_devices(fake_nvml, monkeypatch, cvd, handles
     assert b._handles == handles and b.count() == len(handles)
     if handles:
         assert b.read(0).total_bytes == 10 * GiB + handles[0] * GiB - 512 * MiB
+
+
+# --------------------------------------------------------------------------- CUDA without NVML
+
+
+def test_cuda_without_nvml_still_has_budgets_from_torchs_figures():
+    """TorchCudaBackend reads what torch.cuda reports (passed in here: this machine has no GPU) and
+    the memory manager builds real budgets on it: other processes' use shrinks them, ours does not."""
+    import os
+
+    from modelconsole.gpu.devices import TorchCudaBackend
+    from modelconsole.scheduler.config import GpuConfig
+    from modelconsole.scheduler.events import EventBus
+    from modelconsole.scheduler.memory import MemoryManager
+
+    total, free, ours = 80 * GiB, 60 * GiB, 5 * GiB  # 20 GiB used: 5 ours, 15 another process's
+    backend = TorchCudaBackend("NVMLError_LibraryNotFound", count=2, mem_get_info=lambda i: (free, total),
+                               memory_reserved=lambda i: ours, device_name=lambda i: "Fake H200")
+    assert backend.kind == "torch" and "NVML is unavailable (NVMLError_LibraryNotFound)" in backend.warning
+    r = backend.read(1)
+    assert (r.total_bytes, r.used_bytes, r.free_bytes) == (total, 20 * GiB, free)
+    assert r.own_bytes(os.getpid()) == ours and r.other_processes_bytes(os.getpid()) == 15 * GiB
+    mm = MemoryManager(backend, GpuConfig(reserve_mib=512), EventBus())
+    mm.set_own_pid(os.getpid())
+    assert sorted(mm.budgets) == [0, 1]
+    assert mm.budgets[0].usable(r) == total - 512 * MiB - 15 * GiB  # the other process's memory is left alone
+    assert mm.available(0) == total - 512 * MiB - 15 * GiB - ours  # and ours is already committed

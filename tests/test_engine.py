@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from modelconsole.scheduler import zoo
+from modelconsole.scheduler.engine import Engine
 from modelconsole.scheduler.errors import (
     Conflict,
     InputError,
@@ -17,7 +18,6 @@ from modelconsole.scheduler.errors import (
     ModelUnavailable,
 )
 from modelconsole.scheduler.instance import LoadFailed
-from modelconsole.scheduler.engine import Engine
 from modelconsole.scheduler.trust import Trust
 
 TINY = {"name": "tiny", "source": "zoo:tiny-mlp", "device": "cpu", "warmup": 3}

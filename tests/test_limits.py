@@ -16,11 +16,10 @@ import threading
 import zlib
 
 import pytest
-
-from modelconsole.server.app import ServerSettings
-
 from serverutil import ServerThread
 from test_server import serving, tiny_json
+
+from modelconsole.server.app import ServerSettings
 
 FAIL_AFTER = 30.0  # a socket read this long means the server never acted: a failure, not a wait
 

@@ -474,7 +474,7 @@ async def test_churn_guard_refuses_with_a_retry_time_instead_of_thrashing(make_e
 
 async def test_a_request_refused_by_the_churn_guard_waits_for_room_within_its_timeout(make_engine):
     """The refusal says when the young model matures; the request waits for that instead of a 503."""
-    eng, _ = await make_engine((150,), min_residency_s=1.5)
+    eng, _ = await make_engine((150,), min_residency_s=3.0)  # x stays young long enough to be seen waiting
     await eng.register(sized("x", 80, priority=1))  # worth more: y's wait is the guard's (see above)
     await eng.register(sized("y", 80, priority=3))
     await eng.infer("x", one())
@@ -483,11 +483,12 @@ async def test_a_request_refused_by_the_churn_guard_waits_for_room_within_its_ti
     sub = eng.subscribe()
     # y comes back at once: x is young and protected; y's request waits until x matures, then y loads
     task = asyncio.create_task(eng.infer("y", one(2.0), timeout_ms=10_000))
-    for _ in range(100):  # the wait shows in the snapshot while it lasts
-        await asyncio.sleep(0.01)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not task.done():  # the wait shows in the snapshot while it lasts
         snap = next(m for m in eng.snapshot()["models"] if m["name"] == "y")
         if snap["waiting_for_room"]:
             break
+        await asyncio.sleep(0.01)
     assert snap["waiting_for_room"] == 1 and snap["state"] == "UNLOADED" and not task.done()
     res = await task
     assert res.outputs["output"].shape == (1, 16)

@@ -10,17 +10,18 @@ import dataclasses
 
 import pytest
 import torch
+from prometheus_client import REGISTRY
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as parse_openmetrics,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
 from modelconsole.gpu.devices import SimulatedBackend
 from modelconsole.scheduler.config import GpuConfig
 from modelconsole.scheduler.engine import Engine
 from modelconsole.scheduler.errors import InputError, ModelFailed, ModelNotFound
 from modelconsole.scheduler.store import Store
 from modelconsole.server.metrics import make_registry, render
-from prometheus_client import REGISTRY
-from prometheus_client.openmetrics.parser import (
-    text_string_to_metric_families as parse_openmetrics,
-)
-from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
 

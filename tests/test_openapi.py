@@ -30,13 +30,13 @@ from openapi_schema_validator import validate as schema_validate
 from openapi_spec_validator import validate as spec_validate
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
+from serverutil import ServerThread
 
 from modelconsole.scheduler import config as config_mod
 from modelconsole.scheduler.events import Event
 from modelconsole.scheduler.tensors import DATATYPES
 from modelconsole.server import api, v2
 from modelconsole.server.app import HttpError, ServerSettings, build_app
-from serverutil import ServerThread
 
 SPEC_FILE = Path(__file__).resolve().parents[1] / "docs" / "openapi.yaml"
 URI = "urn:modelconsole:openapi"

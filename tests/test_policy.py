@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
 from modelconsole.scheduler import policy
 from modelconsole.scheduler.policy import (
     Ewma,

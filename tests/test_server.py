@@ -24,11 +24,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from serverutil import ServerThread
 
 from modelconsole.console.cli import OneLineFormatter, describe_exception
-from modelconsole.server.app import ENCODINGS, ServerSettings, is_loopback
-from modelconsole.server.tokenfile import read_token
-from serverutil import ServerThread
+from modelconsole.server.app import ENCODINGS, ServerSettings
+from modelconsole.server.tokenfile import is_loopback, read_token
 
 TOKEN = "s3cret-token"
 
@@ -541,7 +541,7 @@ def test_serve_answers_then_drains_on_sigterm(tmp_path):
         assert status == 200 and json.loads(body)["model_version"] == "1"
         assert s.stop() == 0
         err = s.stderr()
-        assert "listening on http://127.0.0.1:%d" % s.port in err
+        assert f"listening on http://127.0.0.1:{s.port}" in err
         assert "SIGTERM: shutting down" in err and "stopped" in err
         assert "loaded" in err  # engine events reach the log
         assert_one_line_records(err)

@@ -17,10 +17,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from modelconsole.scheduler import zoo
-from modelconsole.scheduler.trust import Trust
 from modelconsole.scheduler.config import ConfigError, model_from_dict
 from modelconsole.scheduler.sources import LoadedModel, SourceError, declared_specs, load_model, resolve_path
 from modelconsole.scheduler.tensors import TensorSpec, random_tensor
+from modelconsole.scheduler.trust import Trust
 
 # TorchScript is deprecated upstream but still a supported source here.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")

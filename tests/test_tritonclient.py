@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 import tritonclient.http.aio as aioclient
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
-
 from serverutil import DATATYPES, ServerThread
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 
 @pytest.fixture(scope="module")

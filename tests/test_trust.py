@@ -20,11 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from serverutil import ServerThread
 
 from modelconsole.scheduler.config import ConfigError, parse_config
 from modelconsole.scheduler.sources import SourceError, load_model
-
-from serverutil import ServerThread
 
 SPECS = {
     "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],

@@ -201,11 +201,11 @@ async def test_swap_under_concurrent_load_drops_nothing(engine, version):
     await engine.load("m")
     sub = engine.subscribe()
     traffic = Traffic(engine, clients=8)
-    await asyncio.sleep(0.2)
+    await wait_until(lambda: traffic.answered >= 40, what="traffic flowing")
     before = traffic.answered
     result = await engine.swap("m", "2")
     at_swap = traffic.answered
-    await asyncio.sleep(0.2)
+    await wait_until(lambda: traffic.answered >= at_swap + 40, what="traffic on the new version")
     await traffic.stop()
 
     assert traffic.errors == []  # zero failed, zero lost
@@ -237,10 +237,11 @@ async def test_requests_caught_between_route_and_queue_go_to_the_new_version(eng
     await engine.register(version("2"))
     await engine.load("m")
     traffic = Traffic(engine, clients=8)
-    await asyncio.sleep(0.2)
+    await wait_until(lambda: engine.instance("m", "1").limiter.waiting > 0, what="requests on the limiter")
     waiting = engine.instance("m", "1").limiter.waiting
     await engine.swap("m", "2")
-    await asyncio.sleep(0.1)
+    at_swap = traffic.answered
+    await wait_until(lambda: traffic.answered >= at_swap + 8, what="traffic after the swap")
     await traffic.stop()
     assert waiting > 0  # requests were waiting on version 1's limiter when the swap began
     assert traffic.errors == [] and traffic.answered == traffic.sent
@@ -255,10 +256,11 @@ async def test_failing_new_version_leaves_the_old_serving(engine, version, tmp_p
     await engine.load("m")
     sub = engine.subscribe()
     traffic = Traffic(engine, clients=4)
-    await asyncio.sleep(0.1)
+    await wait_until(lambda: traffic.answered >= 20, what="traffic flowing")
     with pytest.raises(LoadFailed, match="version 2 failed to load"):
         await engine.swap("m", "2")
-    await asyncio.sleep(0.1)
+    failed_at = traffic.answered
+    await wait_until(lambda: traffic.answered >= failed_at + 20, what="traffic after the failed swap")
     await traffic.stop()
     assert traffic.errors == [] and traffic.answered == traffic.sent
     assert {v for seq in traffic.answers for v in seq} == {"1"}
@@ -395,7 +397,8 @@ async def test_canary_promotes_to_a_swap(engine, version):
     assert r["canary"]["baseline"] == "1" and r["canary"]["bounds"]["min_requests"] == 10
     await wait_until(lambda: engine.routing("m")["canary"]["state"] == "promoted", what="promotion")
     await wait_until(lambda: engine.routing("m")["swap"] is None, what="swap done")
-    await asyncio.sleep(0.05)
+    done_at = traffic.answered
+    await wait_until(lambda: traffic.answered >= done_at + 10, what="traffic after the promotion")
     await traffic.stop()
     assert traffic.errors == [] and traffic.answered == traffic.sent
     r = engine.routing("m")
@@ -421,7 +424,7 @@ async def test_canary_rolls_back_on_an_injected_error_rate(engine, version):
                               min_requests=20)
     await wait_until(lambda: engine.routing("m")["canary"]["state"] != "running", what="rollback")
     rolled_at = traffic.answered
-    await asyncio.sleep(0.1)
+    await wait_until(lambda: traffic.answered >= rolled_at + 20, what="traffic after the rollback")
     await traffic.stop()
     r = engine.routing("m")
     assert r["canary"]["state"] == "rolled_back" and r["canary"]["share"] == 0

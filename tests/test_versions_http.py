@@ -16,7 +16,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-
 from serverutil import ServerThread
 
 
@@ -116,12 +115,14 @@ async def test_swap_under_concurrent_http_load_loses_nothing(srv):
                 n += 1
 
         loops = [asyncio.create_task(loop(i)) for i in range(16)]
-        await asyncio.sleep(0.5)
+        while len(records) < 100:  # traffic flowing on version 1
+            await asyncio.sleep(0.01)
         swap_started = time.monotonic()
         status, result = await call(s, srv, "POST", "/api/models/m/swap", json={"version": "2"},
                                     headers={"X-Modelconsole-Actor": "test-swap"})
         swap_done = time.monotonic()
-        await asyncio.sleep(0.5)
+        while sum(1 for r in records if r[0] > swap_done) < 100:  # and on version 2
+            await asyncio.sleep(0.01)
         stop.set()
         await asyncio.gather(*loops)
 

@@ -17,11 +17,11 @@ from typing import Any
 import aiohttp
 import numpy as np
 import pytest
+from serverutil import ServerThread
 
 from modelconsole.scheduler import routing
 from modelconsole.scheduler.engine import Engine
 from modelconsole.server import codec
-from serverutil import ServerThread
 
 SEQ = 8
 ENCODER = {"layers": 1, "d_model": 16, "heads": 2, "seq": SEQ, "vocab": 100}

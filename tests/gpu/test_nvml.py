@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+
 from modelconsole.gpu.devices import NvmlBackend, open_backend
 
 MiB, GiB = 2**20, 2**30
@@ -120,3 +121,29 @@ def test_cuda_visible_devices_by_uuid(nvml):
             check=True,
         ).stdout.split()
         assert out == ["1", str(nvml.read(0).total_bytes)], (cvd, out)
+
+
+def test_without_nvml_budgets_come_from_torch_and_say_so(monkeypatch):
+    """A CUDA host where NVML fails: open_backend falls back to torch's own figures (not to no
+    budget at all), and an engine on it publishes a loud event."""
+    import asyncio
+
+    from modelconsole.gpu.devices import TorchCudaBackend
+    from modelconsole.scheduler.engine import Engine
+
+    monkeypatch.setattr(NvmlBackend, "probe", classmethod(lambda cls: "forced off by the test"))
+    backend = open_backend(None)
+    assert isinstance(backend, TorchCudaBackend) and backend.count() == torch.cuda.device_count()
+    free, total = torch.cuda.mem_get_info(0)
+    r = backend.read(0)
+    assert abs(r.total_bytes - total) <= TOL and abs(r.free_bytes - free) <= TOL
+    assert r.own_bytes(os.getpid()) == torch.cuda.memory_reserved(0)
+
+    async def scenario() -> tuple[list[str], int]:
+        async with Engine(None, backend=backend, default_device="auto") as eng:
+            kinds = [e.kind for e in eng.events.recent]
+            return kinds, eng.memory.available(0)
+
+    kinds, available = asyncio.run(scenario())
+    assert "gpu_readings_degraded" in kinds
+    assert 0 < available <= total
