@@ -176,6 +176,9 @@ class ModelInstance:
         self._sweep_at = float("inf")
         self._drained: asyncio.Event | None = None
         self.stalled = False  # a forward pass ran past its requests' deadlines and has not returned
+        self._running: dict[int, tuple[list[Request], float]] = {}  # batches on the worker, when each went
+        self._watch: asyncio.TimerHandle | None = None  # fires at the earliest deadline in flight
+        self._watch_at = math.inf
         self._output_names: tuple[str, ...] = ()
         self._grouped = False
         self._cuda_base = 0
@@ -471,8 +474,9 @@ class ModelInstance:
         run = self._run_batch if self._batches == 0 else self._run_batch_if_live
         self._batches += 1
         self.in_flight += len(batch)
-        watch = _Overdue(self, batch, loop)
-        self._worker.submit(lambda: run(batch), lambda r, e: self._batch_done(batch, now, r, e, watch=watch))
+        self._running[id(batch)] = (batch, now)
+        self._watch_deadline(loop, min(r.deadline for r in batch))
+        self._worker.submit(lambda: run(batch), lambda r, e: self._batch_done(batch, now, r, e))
 
     async def _retry_after_oom(self, batch: list[Request], formed: float) -> None:
         """Ask the engine to evict an idle model on this device, empty the cache, rerun the batch."""
@@ -488,6 +492,7 @@ class ModelInstance:
         if worker is None or self._worker is not worker:
             self._batch_done(batch, formed, None, ModelUnavailable(f"model {self.key} was unloaded"), retried=True)
             return
+        self._running[id(batch)] = (batch, formed)  # watched again while it reruns
         worker.submit(lambda: self._run_batch_if_live(batch),
                       lambda r, e: self._batch_done(batch, formed, r, e, retried=True))
 
@@ -595,7 +600,7 @@ class ModelInstance:
         return [dict(zip(names, row)) for row in zip(*parts)], time.perf_counter_ns() - t0
 
     def _batch_done(self, batch: list[Request], formed: float, result: Any, error: BaseException | None,
-                    retried: bool = False, watch: _Overdue | None = None) -> None:
+                    retried: bool = False) -> None:
         """Back on the loop: answer every request of the batch, then start the next one.
 
         Exception-safe: whatever goes wrong while answering, every request of
@@ -604,8 +609,7 @@ class ModelInstance:
         answer could not be built)."""
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        if watch is not None:
-            watch.cancel()
+        self._running.pop(id(batch), None)
         if error is not None and not retried and isinstance(error, torch.OutOfMemoryError):
             # Out of memory in a forward: free what we can and run this batch once more.
             self.events.publish("oom", f"{self.key}: out of memory running a batch of {len(batch)}; "
@@ -676,19 +680,36 @@ class ModelInstance:
         for req in batch:
             self._answer_error(req, ModelFailed(f"model {self.name} version {self.version} failed: {message}"))
 
-    def _overdue(self, batch: list[Request], started: float) -> None:
-        """A forward pass ran past requests' deadlines: answer them now (504), mark the model stalled."""
+    def _watch_deadline(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+        """Arm the in-flight watch for ``at`` unless it already fires sooner.  One timer per model,
+        re-armed only for an earlier deadline (each batch costs a comparison, not a timer)."""
+        if at < self._watch_at:
+            if self._watch is not None:
+                self._watch.cancel()
+            self._watch_at = at
+            self._watch = loop.call_later(max(0.0, at - time.monotonic()) + 0.005, self._on_watch)
+
+    def _on_watch(self) -> None:
+        """A deadline of a batch in flight has come: a forward pass that has not returned by a
+        request's deadline must not leave it without an answer (504), and marks the model stalled."""
+        self._watch, self._watch_at = None, math.inf
         now = time.monotonic()
-        expired = [r for r in batch if r.deadline <= now and not r.future.done()]
-        for req in expired:
-            self._answer_error(req, DeadlineExceeded(
-                f"model {self.name}: request timed out: the forward pass has run {now - started:.1f} s "
-                "and has not returned (the model is marked stalled)"))
-        if expired and not self.stalled:
-            self.stalled = True
-            self.events.publish("model_stalled", f"{self.key}: a forward pass has run {now - started:.1f} s, past "
-                                "its requests' deadlines; they were answered 504 and the model shows unhealthy "
-                                "until it returns", model=self.name, version=self.version, level="error")
+        nxt = math.inf
+        for batch, started in list(self._running.values()):
+            expired = [r for r in batch if r.deadline <= now and not r.future.done()]
+            for req in expired:
+                self._answer_error(req, DeadlineExceeded(
+                    f"model {self.name}: request timed out: the forward pass has run {now - started:.1f} s "
+                    "and has not returned (the model is marked stalled)"))
+            if expired and not self.stalled:
+                self.stalled = True
+                self.events.publish("model_stalled", f"{self.key}: a forward pass has run {now - started:.1f} s, "
+                                    "past its requests' deadlines; they were answered 504 and the model shows "
+                                    "unhealthy until it returns", model=self.name, version=self.version,
+                                    level="error")
+            nxt = min([nxt] + [r.deadline for r in batch if not r.future.done()])
+        if nxt != math.inf:
+            self._watch_deadline(asyncio.get_running_loop(), nxt)
 
     def _check_drained(self) -> None:
         if self._drained is not None and not self._batches and not self.queue.size:
@@ -775,32 +796,3 @@ def _split_objects(value: Any, sizes: list[int]) -> list[Any]:
 
     return np.split(value, np.cumsum(sizes)[:-1])
 
-
-class _Overdue:
-    """The deadline watch of one batch in flight: at each request's deadline, if the forward pass
-    has not returned, ``ModelInstance._overdue`` answers what expired (a hung forward pass must not
-    leave its requests without an answer)."""
-
-    __slots__ = ("_inst", "_batch", "_loop", "_handle", "_started")
-
-    def __init__(self, inst: ModelInstance, batch: list[Request], loop: asyncio.AbstractEventLoop):
-        self._inst, self._batch, self._loop = inst, batch, loop
-        self._started = time.monotonic()
-        self._handle: asyncio.TimerHandle | None = None
-        self._arm()
-
-    def _arm(self) -> None:
-        pending = [r.deadline for r in self._batch if not r.future.done()]
-        if pending:
-            # a moment past the deadline: a forward that returns on time answers first
-            self._handle = self._loop.call_later(max(0.0, min(pending) - time.monotonic()) + 0.005, self._fire)
-
-    def _fire(self) -> None:
-        self._handle = None
-        self._inst._overdue(self._batch, self._started)
-        self._arm()
-
-    def cancel(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None

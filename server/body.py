@@ -54,6 +54,8 @@ async def read_body(request: web.Request, max_bytes: int, max_inflation: float, 
     """The decoded body, or BodyError (413 too large or too inflated, 408 too slow, 400 not valid
     data of its coding)."""
     coding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if coding == "identity" and request.content.is_eof():
+        return await _plain(request, max_bytes)  # all of it has arrived: no wait, no timer needed
     try:
         async with asyncio.timeout(timeout_s):
             if coding == "identity":
