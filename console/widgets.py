@@ -244,9 +244,12 @@ class DetailPane(VerticalScroll):
         t.append(f"{' (active)' if m.get('active') else ''}  {m.get('state')} on {fmt.device_label(m)}")
         if m.get("pinned"):
             t.append("  pinned", style="bold")
+        if m.get("stalled"):
+            t.append("  STALLED: a forward pass is past its deadlines", style="bold red")
         head.set(t)
         lines = [
-            f"source {m.get('source') or cfg.get('source', '?')}",
+            f"source {m.get('source') or cfg.get('source', '?')}"
+            + (" · from a trusted root (may be unpickled)" if m.get("trusted") else ""),
             f"memory {fmt.size(m.get('footprint_bytes') or 0)} (weights {fmt.size(m.get('weight_bytes'))})"
             + (f" · loaded in {m['load_seconds']:.2f} s" if m.get("load_seconds") else ""),
             (f"queue {m.get('queue', 0)}"

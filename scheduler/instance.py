@@ -19,6 +19,7 @@ import asyncio
 import gc
 import logging
 import math
+import operator
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -40,6 +41,7 @@ from .tensors import random_tensor, validate_inputs
 from .worker import ModelWorker, Pending
 
 log = logging.getLogger("modelconsole.instance")
+_DEADLINE = operator.attrgetter("deadline")
 
 UNLOADED, LOADING, WARMING, READY, UNLOADING, FAILED = (
     "UNLOADED",
@@ -475,7 +477,7 @@ class ModelInstance:
         self._batches += 1
         self.in_flight += len(batch)
         self._running[id(batch)] = (batch, now)
-        self._watch_deadline(loop, min(r.deadline for r in batch))
+        self._watch_deadline(loop, min(map(_DEADLINE, batch)))
         self._worker.submit(lambda: run(batch), lambda r, e: self._batch_done(batch, now, r, e))
 
     async def _retry_after_oom(self, batch: list[Request], formed: float) -> None:

@@ -230,3 +230,34 @@ async def test_store_transactions_do_not_interleave(tmp_path):
                              *(good(i) for i in range(50, 100)))
         rows = await store.audit_log(1000)
         assert sorted(r["actor"] for r in rows) == sorted(f"a{i}" for i in range(100))
+
+
+# ------------------------------------------------------------------ small ones: a 4xx naming the field, never a 500
+
+
+@pytest.mark.parametrize("method, path, body, status, needle", [
+    ("POST", "/api/models", {"name": "n", "source": "torchscript:a\u0000b.pt"}, 400, "control characters"),
+    ("POST", "/api/models/m0/load", {"version": 600.0}, 404, "no version '600'"),  # 600.0 is 600 (JSON)
+    ("POST", "/api/models/m0/load", {"version": "0"}, 400, "version: expected a version number from 1"),
+    ("POST", "/api/models/m0/load", {"version": None}, 400, "version: expected a version number"),
+    ("POST", "/api/models/m0/load", {"version": 1.5}, 400, "version: expected a version number"),
+    ("POST", "/api/models/m0/load", {"colour": 1}, 400, "colour: unknown field"),
+    ("PUT", "/api/models/m0/priority", {"priority": 4}, 400, "priority: expected an integer from 1"),
+    ("POST", "/api/models/m0/canary", {"version": "1", "steps": [50, 25, 100]}, 400, "steps"),
+    ("PUT", "/api/models/m0/split", {"weights": {"0": 1}}, 400, "weights (key \"0\")"),
+])
+async def test_bad_values_are_4xx_naming_the_field(srv, method, path, body, status, needle):
+    before = [e for e in await _audit(srv) if e["result"] == "ok"]
+    got, _, answer = await send(method, srv.url + path, json=body)
+    assert got == status, answer
+    assert needle in answer["error"], answer
+    assert [e for e in await _audit(srv) if e["result"] == "ok"] == before  # nothing changed
+
+
+@pytest.mark.parametrize("query, header", [("last_event_id=-1", None), ("last_event_id=", None),
+                                           (None, "-5"), (None, ""), ("last_event_id=x", "3")])
+async def test_a_bad_last_event_id_is_400(srv, query, header):
+    url = srv.url + "/api/events" + (f"?{query}" if query is not None else "")
+    headers = {"Last-Event-ID": header} if header is not None else {}
+    status, _, body = await send("GET", url, headers=headers)
+    assert status == 400 and "expected an event sequence number" in body["error"], body
