@@ -124,7 +124,7 @@ class ServerConfig:
     token: str | None = None
     infer_requires_token: bool = False  # clients' infer calls need the token too
     max_body_mib: float = 64.0  # the largest request body accepted (decoded)
-    max_inflation_ratio: float = 100.0  # a compressed body may grow this many times (judged past 256 KiB)
+    max_inflation_ratio: float = 100.0  # a compressed body may grow this many times (judged past 64 KiB decoded)
     body_timeout_s: float = 30.0  # a request body must arrive whole within this
     head_timeout_s: float = 15.0  # a new connection's first request head must arrive within this
     keepalive_timeout_s: float = 30.0  # idle kept-alive connections (and half-sent next heads) close after this

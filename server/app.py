@@ -82,7 +82,7 @@ class ServerSettings:
     token: str | None = None
     infer_requires_token: bool = False  # also ask clients' infer calls for the token
     max_body_bytes: int = 64 * 2**20
-    max_inflation_ratio: float = 100.0  # a compressed body may grow this many times (judged past 256 KiB)
+    max_inflation_ratio: float = 100.0  # a compressed body may grow this many times (judged past 64 KiB decoded)
     body_timeout_s: float = 30.0  # the whole body must arrive within this
     head_timeout_s: float = 15.0  # a new connection's first request head must arrive within this
     keepalive_timeout_s: float = 30.0  # an idle kept-alive connection (or a half-sent next head) is closed

@@ -30,8 +30,8 @@ from collections.abc import Iterator
 from aiohttp import web
 
 # Below this much decoded data no ratio is judged: small bodies of zeros compress absurdly well.
-INFLATION_FLOOR = 256 << 10
-PIECE = 256 << 10  # the most one decompression step produces before the loop gets a turn
+INFLATION_FLOOR = 64 << 10
+PIECE = 64 << 10  # the most one decompression step produces before the loop gets a turn
 
 try:
     import brotli  # aiohttp's own optional dependency for Content-Encoding: br
@@ -86,7 +86,7 @@ async def _inflated(request: web.Request, coding: str, max_bytes: int, max_infla
             if total > max_bytes:
                 raise _too_large(max_bytes, decoded=True)
             consumed = max(1, decoder.consumed)
-            if total > INFLATION_FLOOR and total > max_inflation * consumed:
+            if total >= INFLATION_FLOOR and total > max_inflation * consumed:
                 raise BodyError(413, f"request body inflates more than {max_inflation:g} times its compressed "
                                      f"size ({total} bytes from {consumed} so far; [server] max_inflation_ratio)")
             parts.append(piece)
