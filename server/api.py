@@ -21,6 +21,8 @@ from typing import Any
 
 from aiohttp import web
 
+from modelconsole.scheduler.routing import DEFAULT_STEPS
+
 from .app import CLOSING, ENGINE, SETTINGS, STARTED, VERSION, HttpError, dumps, json_response, read_json
 
 STATES = ("UNLOADED", "LOADING", "WARMING", "READY", "UNLOADING", "FAILED")
@@ -331,7 +333,7 @@ async def start_canary(request: web.Request) -> web.Response:
     if "steps" in body:
         steps = body["steps"]
         if not isinstance(steps, list):
-            raise HttpError(400, f"steps: expected a list of percentages such as [5, 25, 50, 100], "
+            raise HttpError(400, f"steps: expected a list of percentages such as {list(DEFAULT_STEPS)}, "
                                  f"got {json.dumps(steps)}")
         kw["steps"] = tuple(_as_number(v, f"steps[{i}]") for i, v in enumerate(steps))
     for key in ("interval_s", "max_error_rate", "max_p95_ratio"):
