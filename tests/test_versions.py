@@ -420,7 +420,7 @@ async def test_canary_rolls_back_on_an_injected_error_rate(engine, version):
     await engine.load("m")
     sub = engine.subscribe()
     traffic = Traffic(engine, clients=4, pause=0.002)
-    await engine.start_canary("m", "2", steps=(25, 50, 100), interval_s=5.0, max_error_rate=0.05,
+    await engine.start_canary("m", "2", steps=(25, 50, 100), interval_s=600.0, max_error_rate=0.05,
                               min_requests=20)
     await wait_until(lambda: engine.routing("m")["canary"]["state"] != "running", what="rollback")
     rolled_at = traffic.answered
@@ -432,8 +432,8 @@ async def test_canary_rolls_back_on_an_injected_error_rate(engine, version):
     assert r["arms"]["2"]["errors"] > 0  # the evidence stays visible
     events = [e for e in drain(sub) if e.kind == "canary_rolled_back"]
     assert events and events[0].level == "error" and "error rate" in events[0].message
-    # rolled back well before the step ended (5 s): "the moment a bound is broken"
-    assert time.time() - r["canary"]["started"] < 4.0
+    # rolled back long before the step ended (600 s): "the moment a bound is broken"
+    assert events[0].ts - r["canary"]["started"] < 300
     # after the rollback every request goes to version 1 and succeeds
     answers = [await engine.infer("m", x1()) for _ in range(50)]
     assert {a.version for a in answers} == {"1"}
