@@ -13,11 +13,12 @@ from pathlib import Path
 def start_server(tmp: Path, port: int, config: str) -> subprocess.Popen:
     """Write ``config`` into ``tmp``, start ``--serve`` on 127.0.0.1:``port`` and return it once ready.
 
-    The server gets one OpenMP thread unless the caller's environment says
-    otherwise: it shares the machine's cores with the load generator.
+    The server runs as a user would start it: no environment tweaks (it chooses
+    its torch threads itself, ``[server] torch_threads``); an ``OMP_NUM_THREADS``
+    the bench itself set for its own process is not passed on.
     """
     (tmp / "bench.toml").write_text(config)
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     proc = subprocess.Popen([sys.executable, "-m", "modelconsole.console", "--serve", "--config",
                              str(tmp / "bench.toml"), "--port", str(port), "--store", str(tmp / "store.db"),
                              "--log-level", "WARNING"], env=env)

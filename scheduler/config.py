@@ -128,6 +128,7 @@ class ServerConfig:
     body_timeout_s: float = 30.0  # a request body must arrive whole within this
     head_timeout_s: float = 15.0  # a new connection's first request head must arrive within this
     keepalive_timeout_s: float = 30.0  # idle kept-alive connections (and half-sent next heads) close after this
+    torch_threads: int | None = None  # intra-op threads per model worker (None: policy.torch_threads; 0: torch's)
 
 
 @dataclass(frozen=True)
@@ -446,6 +447,7 @@ def parse_config(raw: dict[str, Any], base_dir: str, path: str | None = None) ->
         "body_timeout_s": _number(0, "a positive number of seconds", strict=True),
         "head_timeout_s": _number(0, "a positive number of seconds", strict=True),
         "keepalive_timeout_s": _number(0, "a positive number of seconds", strict=True),
+        "torch_threads": _int(0, "a non-negative integer (0 leaves torch's default)"),
     }))
     store = StoreConfig(**_section(raw, "store", {"path": _str}))
     if store.path is not None and store.path != ":memory:":

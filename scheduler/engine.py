@@ -173,6 +173,7 @@ class Engine:
         model_roots: Sequence[str] = (),
         base_dir: str | None = None,
         trust: Trust | None = None,
+        torch_threads: int | None = None,
         default_device: str = "auto",
         cache_bytes: int = 256 * 2**20,
         gpu: GpuConfig | None = None,
@@ -189,6 +190,7 @@ class Engine:
         # operator's config only (trust.py), never from a control call.
         self.trust = Trust(self.model_roots, trust.trusted_roots if trust else (), trust.factories if trust else ())
         self.default_device = default_device
+        self.torch_threads = torch_threads  # per model worker; None: chosen by policy.torch_threads
         self.events = EventBus()
         self.cache = ResultCache(cache_bytes)
         self.backend = backend if backend is not None else open_backend(self.gpu.simulate)
@@ -208,6 +210,7 @@ class Engine:
     @classmethod
     def from_config(cls, config: Config, store: Store | None = None) -> Engine:
         return cls(store, model_roots=config.model_roots, base_dir=config.base_dir, trust=config.trust,
+                   torch_threads=config.server.torch_threads,
                    cache_bytes=config.cache.max_bytes, gpu=config.gpu)
 
     async def start(self, models: Iterable[ModelConfig] = ()) -> None:
@@ -375,7 +378,7 @@ class Engine:
 
     def _register(self, cfg: ModelConfig, origin: str) -> ModelInstance:
         entry = self._models.setdefault(cfg.name, ModelEntry(cfg.name))
-        inst = ModelInstance(cfg, self.events, self.cache, self.host_tier)
+        inst = ModelInstance(cfg, self.events, self.cache, self.host_tier, torch_threads=self.torch_threads)
         inst.on_oom = self._make_room_after_oom
         self.cache.invalidate((cfg.name, cfg.version))  # a new definition: old answers are stale
         entry.versions[cfg.version] = inst

@@ -121,8 +121,9 @@ def _as_outputs(result: Any, names: Sequence[str]) -> list[Any]:
 
 class ModelInstance:
     def __init__(self, cfg: ModelConfig, events: EventBus, cache: ResultCache | None = None,
-                 host_tier: hosttier.HostTier | None = None):
+                 host_tier: hosttier.HostTier | None = None, torch_threads: int | None = None):
         self.cfg = cfg
+        self.torch_threads_setting = torch_threads  # None: policy.torch_threads chooses
         self.name = cfg.name
         self.version = cfg.version
         self.events = events
@@ -202,7 +203,8 @@ class ModelInstance:
         try:
             if device is None:
                 device = resolve_device(self.cfg.device)
-            worker = ModelWorker(f"{self.name}:{self.version}", device, loop)
+            threads = policy.torch_threads(self.torch_threads_setting)
+            worker = ModelWorker(f"{self.name}:{self.version}", device, loop, threads=threads)
             kept = self.host_tier.take(self.key) if self.host_tier is not None else None
             self.load_source = "host tier" if kept is not None else self.cfg.source
             loaded, footprint = await worker.call(lambda: self._load_on_thread(device, kept))

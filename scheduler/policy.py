@@ -508,3 +508,17 @@ def pick_next(candidates: Sequence[tuple[str, float]]) -> str | None:
         if best is None or u > best[1] or (u == best[1] and key < best[0]):
             best = (key, u)
     return None if best is None else best[0]
+
+
+def torch_threads(configured: int | None = None) -> int:
+    """Intra-op threads for one model's worker thread (``[server] torch_threads``).
+
+    ``configured`` wins when given (0: leave torch's default, every core).  Otherwise
+    one, on the GPU (a forward there is kernel launches) and on the CPU alike: each
+    model has its own worker thread already, and an OpenMP team per worker spins on
+    the cores the event loop needs.  Measured with tiny-mlp at c=64 (docs/benchmarks.md):
+    on 2 cores 1 thread served 10.6k req/s at 95 µs of CPU each, torch's default 8.6–9.0k
+    at 160 µs; on 16 cores 1 thread 5.7–6.5k at 159–181 µs, 7 threads 5.4–5.7k at ~1.2 ms,
+    torch's 16 3.6–3.9k at ~2.8 ms.  A big model on the CPU alone may want more: set it.
+    """
+    return 1 if configured is None else configured

@@ -19,8 +19,9 @@ import torch
 
 
 class ModelWorker:
-    def __init__(self, name: str, device: torch.device, loop: asyncio.AbstractEventLoop):
+    def __init__(self, name: str, device: torch.device, loop: asyncio.AbstractEventLoop, threads: int = 0):
         self.device = device
+        self.threads = threads  # torch intra-op threads on this thread; 0 leaves torch's default
         self._loop = loop
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=f"model:{name}", daemon=True)
@@ -64,6 +65,10 @@ class ModelWorker:
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        if self.threads > 0:
+            # per thread: OpenMP keeps the team size in each thread's own settings, so the
+            # main thread's (or the environment's) count would not reach this one otherwise
+            torch.set_num_threads(self.threads)
         stream_ctx = None
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)

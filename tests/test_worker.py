@@ -48,3 +48,26 @@ async def test_pending_jobs_overlap_with_the_next_start_and_answer_in_order():
     assert [a[0] for a in answers] == ["a", "b", "c", "d"]
     assert answers[0][1] == "a" and answers[1][1] == "b" and answers[2][1] == "c"
     assert isinstance(answers[3][2], ValueError)
+
+
+def test_torch_threads_are_chosen_per_worker_thread():
+    """policy.torch_threads: configured wins (0 = torch's default), else one; and the worker thread
+    really runs with the count it was given."""
+    import asyncio
+
+    from modelconsole.scheduler import policy
+    from modelconsole.scheduler.worker import ModelWorker
+
+    assert policy.torch_threads() == 1 and policy.torch_threads(4) == 4 and policy.torch_threads(0) == 0
+
+    async def scenario() -> list[int]:
+        loop = asyncio.get_running_loop()
+        seen = []
+        for n in (1, 2):
+            w = ModelWorker(f"t{n}", torch.device("cpu"), loop, threads=n)
+            seen.append(await w.call(torch.get_num_threads, inference=True))
+            w.stop()
+            w.join(10)
+        return seen
+
+    assert asyncio.run(scenario()) == [1, 2]
