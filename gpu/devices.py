@@ -230,6 +230,24 @@ def find_own_pid(backend: DeviceBackend, indices: list[int]) -> int | None:
 # --------------------------------------------------------------------------- NVML
 
 
+class _CudaBackend(DeviceBackend):
+    """Real CUDA devices, whoever reads their memory (NVML, or torch when NVML fails)."""
+
+    def torch_device(self, index: int) -> torch.device:
+        self._check_index(index)
+        return torch.device("cuda", index)
+
+    def open_context(self, index: int) -> None:
+        """One tiny tensor on ``cuda:index``: creates this process's CUDA context there."""
+        torch.empty(1, device=self.torch_device(index))
+
+    def allocate(self, index: int, owner: str, nbytes: int) -> None:
+        """No-op: real allocations are made by torch and show in readings by themselves."""
+
+    def release(self, index: int, owner: str) -> None:
+        """No-op: the engine frees tensors and calls ``torch.cuda.empty_cache()``."""
+
+
 def _nvml():
     import pynvml  # imported lazily: a missing or broken NVML must not break import of this module
 
@@ -249,7 +267,7 @@ def _visible_devices(spec: str | None) -> list[str] | None:
     return out
 
 
-class NvmlBackend(DeviceBackend):
+class NvmlBackend(_CudaBackend):
     """Real NVIDIA GPUs through NVML.
 
     Index ``i`` is the CUDA index (what ``torch.device("cuda", i)`` means).
@@ -332,20 +350,6 @@ class NvmlBackend(DeviceBackend):
 
     def count(self) -> int:
         return len(self._handles)
-
-    def torch_device(self, index: int) -> torch.device:
-        self._check_index(index)
-        return torch.device("cuda", index)
-
-    def open_context(self, index: int) -> None:
-        """One tiny tensor on ``cuda:index``: creates this process's CUDA context there."""
-        torch.empty(1, device=self.torch_device(index))
-
-    def allocate(self, index: int, owner: str, nbytes: int) -> None:
-        """No-op: real allocations are made by torch and show in readings by themselves."""
-
-    def release(self, index: int, owner: str) -> None:
-        """No-op: the engine frees tensors and calls ``torch.cuda.empty_cache()``."""
 
     def read(self, index: int) -> DeviceReading:
         self._check_index(index)
@@ -434,7 +438,7 @@ class NvmlBackend(DeviceBackend):
 # --------------------------------------------------------------------------- CUDA without NVML
 
 
-class TorchCudaBackend(DeviceBackend):
+class TorchCudaBackend(_CudaBackend):
     """CUDA devices when NVML cannot be used (no driver library in a container, a broken install).
 
     Budgets still hold: total and free memory come from
@@ -461,19 +465,6 @@ class TorchCudaBackend(DeviceBackend):
 
     def count(self) -> int:
         return self._count
-
-    def torch_device(self, index: int) -> torch.device:
-        self._check_index(index)
-        return torch.device("cuda", index)
-
-    def open_context(self, index: int) -> None:
-        torch.empty(1, device=self.torch_device(index))
-
-    def allocate(self, index: int, owner: str, nbytes: int) -> None:
-        """No-op: torch makes the real allocations."""
-
-    def release(self, index: int, owner: str) -> None:
-        """No-op: the engine frees tensors and empties torch's cache."""
 
     def read(self, index: int) -> DeviceReading:
         self._check_index(index)

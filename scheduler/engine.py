@@ -185,10 +185,11 @@ class Engine:
         if gpu is not None:
             default_device = gpu.default_device
         self.base_dir = str(Path(base_dir or ".").resolve())
-        self.model_roots = tuple(model_roots) or (trust.model_roots if trust else ()) or (self.base_dir,)
+        trust = trust or Trust()
+        self.model_roots = tuple(model_roots) or trust.model_roots or (self.base_dir,)
         # What a registration may name: trusted roots and the factory allowlist come from the
         # operator's config only (trust.py), never from a control call.
-        self.trust = Trust(self.model_roots, trust.trusted_roots if trust else (), trust.factories if trust else ())
+        self.trust = dataclasses.replace(trust, model_roots=self.model_roots)
         self.default_device = default_device
         self.torch_threads = torch_threads  # per model worker; None: chosen by policy.torch_threads
         self.events = EventBus()

@@ -711,7 +711,7 @@ class ModelInstance:
                                     "past its requests' deadlines; they were answered 504 and the model shows "
                                     "unhealthy until it returns", model=self.name, version=self.version,
                                     level="error")
-            nxt = min([nxt] + [r.deadline for r in batch if not r.future.done()])
+            nxt = min([nxt, *(r.deadline for r in batch if not r.future.done())])
         if nxt != math.inf:
             self._watch_deadline(asyncio.get_running_loop(), nxt)
 

@@ -232,7 +232,7 @@ def _import_factory(cfg: ModelConfig) -> Any:
     from the same base_dir is reused.
     """
     assert cfg.factory is not None
-    mod_name, attr = cfg.factory.partition(":")[0], cfg.factory.partition(":")[2]
+    mod_name, _, attr = cfg.factory.partition(":")
     base = Path(cfg.base_dir).resolve()
     try:
         expected = trust.check_factory(cfg.factory, str(base), cfg.trust)

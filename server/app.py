@@ -226,49 +226,42 @@ def _make_guard(settings: ServerSettings) -> Any:
     token = settings.token
     infer_too = settings.infer_requires_token
 
+    def refusal(request: web.Request) -> web.Response | None:
+        """What every request must pass before its handler runs: origin, token, coding, JSON."""
+        refused = _cross_site(request)
+        if refused is None and token is not None and _needs_token(request.path, infer_too):
+            refused = _check_token(request, token)
+        return refused or _check_encoding(request) or _not_json(request)
+
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        resp = await checked(request, handler)
+        resp = refusal(request)
+        if resp is None:
+            try:
+                resp = await handler(request)
+            except EngineError as e:
+                resp = engine_error_response(e)
+            except HttpError as e:
+                resp = error_response(e.status, e.message, e.headers)
+            except ConfigError as e:
+                resp = error_response(400, str(e))
+            except web.RequestPayloadError as e:
+                resp = _unreadable_body(request, e)
+            except BodyError as e:
+                resp = _refused_body(request, error_response(e.status, e.message))
+            except web.HTTPException as e:
+                if e.status < 400 or e.content_type == "application/json":
+                    raise
+                resp = error_response(e.status, e.reason if e.text is None or e.text.startswith(str(e.status))
+                                      else e.text, {k: v for k, v in e.headers.items() if k == "Allow"})
+            except (asyncio.CancelledError, ConnectionResetError):
+                raise
+            except Exception:  # noqa: BLE001 - one bad request must not take the server down
+                log.exception("unhandled error in %s %s", request.method, request.path)
+                resp = error_response(500, "internal error (logged by the server)")
         if request.app[DRAINING].is_set() and not resp.prepared:
             resp.force_close()  # shutting down: answer, then close (the client opens no more here)
         return resp
-
-    async def checked(request: web.Request, handler: Handler) -> web.StreamResponse:
-        refused = _cross_site(request)
-        if refused is not None:
-            return refused
-        if token is not None and _needs_token(request.path, infer_too):
-            refused = _check_token(request, token)
-            if refused is not None:
-                return refused
-        refused = _check_encoding(request) or _not_json(request)
-        if refused is not None:
-            return refused
-        try:
-            return await handler(request)
-        except EngineError as e:
-            return engine_error_response(e)
-        except HttpError as e:
-            return error_response(e.status, e.message, e.headers)
-        except ConfigError as e:
-            return error_response(400, str(e))
-        except web.RequestPayloadError as e:
-            return _unreadable_body(request, e)
-        except BodyError as e:
-            return _refused_body(request, error_response(e.status, e.message))
-        except web.HTTPRequestEntityTooLarge:
-            return _refused_body(request, error_response(
-                413, f"request body too large: the limit is {settings.max_body_bytes} bytes ([server] max_body_mib)"))
-        except web.HTTPException as e:
-            if e.status >= 400 and e.content_type != "application/json":
-                return error_response(e.status, e.reason if e.text is None or e.text.startswith(str(e.status))
-                                      else e.text, {k: v for k, v in e.headers.items() if k == "Allow"})
-            raise
-        except (asyncio.CancelledError, ConnectionResetError):
-            raise
-        except Exception:  # noqa: BLE001 - one bad request must not take the server down
-            log.exception("unhandled error in %s %s", request.method, request.path)
-            return error_response(500, "internal error (logged by the server)")
 
     return guard
 
