@@ -52,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-token", action="store_true",
                    help="serve /api/ and /v2/repository without a token (loopback only; not recommended)")
     p.add_argument("--access-log", action="store_true", help="log one line per HTTP request")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="--serve: N front-end processes on the port (HTTP, gRPC, V2 decoding) beside one engine "
+                   "core; 0: one process (default: [server] workers, else chosen from the cores: 0 with 2 "
+                   "or fewer, else half the cores, at most 8)")
+    p.add_argument("--grpc-port", metavar="PORT|off",
+                   help="KServe V2 over gRPC on this port (default with --serve: [server] grpc_port, else 8001; "
+                   "the console serves gRPC only when given; 0 picks a free port; off: none)")
     p.add_argument("--attach", metavar="URL",
                    help="open the console on a running `modelconsole --serve` (e.g. http://127.0.0.1:8000)")
     p.add_argument("--demo", action="store_true",
@@ -185,12 +192,45 @@ def serve(args: argparse.Namespace) -> int:
     if isinstance(settings, str):
         print(f"modelconsole: {settings}", file=sys.stderr)
         return 2
+    workers = workers_setting(args, config)
+    grpc = grpc_setting(args, config.server.grpc_port)
+    if isinstance(workers, str) or isinstance(grpc, str):
+        print(f"modelconsole: {workers if isinstance(workers, str) else grpc}", file=sys.stderr)
+        return 2
     try:
-        return _run_loop(run(config, settings[0], store_path(args, config)))
+        return _run_loop(run(config, settings[0], store_path(args, config), workers=workers, grpc_port=grpc))
     except Exception as e:  # noqa: BLE001 - a clear line, not a traceback, for what stops the start
         logging.getLogger("modelconsole").debug("start failed", exc_info=True)
         print(f"modelconsole: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+
+
+def workers_setting(args: argparse.Namespace, config) -> int | str:
+    """--workers over [server] workers over the policy's choice for this machine's cores."""
+    if args.workers is not None:
+        if args.workers < 0:
+            return f"--workers: expected 0 (one process) or more, got {args.workers}"
+        return args.workers
+    if config.server.workers is not None:
+        return config.server.workers
+    from modelconsole.scheduler.policy import frontend_workers
+
+    return frontend_workers(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def grpc_setting(args: argparse.Namespace, default: int | None) -> int | None | str:
+    """--grpc-port PORT|off, else ``default`` (the config's for --serve, None in the console)."""
+    if args.grpc_port is None:
+        return default
+    if args.grpc_port == "off":
+        return None
+    try:
+        port = int(args.grpc_port)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        return f"--grpc-port: expected a port 0-65535 or off, got {args.grpc_port!r}"
+    return port
 
 
 def _run_loop(coro) -> int:
@@ -252,9 +292,13 @@ def embedded(args: argparse.Namespace) -> int:
     if isinstance(keymap, str):
         print(f"modelconsole: {keymap}", file=sys.stderr)
         return 2
+    grpc = grpc_setting(args, None)
+    if isinstance(grpc, str):
+        print(f"modelconsole: {grpc}", file=sys.stderr)
+        return 2
     path = store_path(args, config)
     return _run_loop(run_embedded(config, settings[0], path, demo=args.demo, theme=args.theme,
-                                  read_only=args.read_only, keymap=keymap))
+                                  read_only=args.read_only, keymap=keymap, grpc_port=grpc))
 
 
 def _console_log(args: argparse.Namespace, level: str) -> None:

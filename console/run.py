@@ -24,7 +24,7 @@ log = logging.getLogger("modelconsole.console")
 
 async def run_embedded(config: Any, settings: Any, store_path: str, *, demo: bool, theme: str | None,
                        read_only: bool, keymap: dict[str, str] | None = None,
-                       run_app: Callable[[Any], Awaitable[Any]] | None = None) -> int:
+                       run_app: Callable[[Any], Awaitable[Any]] | None = None, grpc_port: int | None = None) -> int:
     """``run_app``: how the app runs once everything is up (default ``app.run_async()``, in the
     terminal); tests pass one that drives it headless under Pilot, the rest of the path unchanged."""
     from modelconsole.scheduler.config import DEMO_MODELS
@@ -36,7 +36,7 @@ async def run_embedded(config: Any, settings: Any, store_path: str, *, demo: boo
 
     engine = await start_engine(config, store_path)
     traffic = None
-    server = Server(engine, settings)
+    server = Server(engine, settings, grpc_port=grpc_port)
     server_error = None
     try:
         await server.start()

@@ -129,6 +129,8 @@ class ServerConfig:
     head_timeout_s: float = 15.0  # a new connection's first request head must arrive within this
     keepalive_timeout_s: float = 30.0  # idle kept-alive connections (and half-sent next heads) close after this
     torch_threads: int | None = None  # intra-op threads per model worker (None: policy.torch_threads; 0: torch's)
+    workers: int | None = None  # front-end processes with --serve (None: policy.frontend_workers; 0: one process)
+    grpc_port: int | None = 8001  # KServe V2 over gRPC with --serve (None: off; the console only with --grpc-port)
 
 
 @dataclass(frozen=True)
@@ -430,6 +432,15 @@ def _port(path: str, v: Any) -> int:
     return v
 
 
+def grpc_port(path: str, v: Any) -> int | None:
+    """A gRPC port, or "off"."""
+    if v == "off":
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 65535:
+        raise _fail(path, 'a port number 0-65535 or "off"', v)
+    return v
+
+
 def parse_config(raw: dict[str, Any], base_dir: str, path: str | None = None) -> Config:
     """Check a parsed TOML document; ConfigError messages carry key paths (no file)."""
     top = {"model_roots", "server", "store", "gpu", "cache", "models", "security"}
@@ -448,6 +459,8 @@ def parse_config(raw: dict[str, Any], base_dir: str, path: str | None = None) ->
         "head_timeout_s": _number(0, "a positive number of seconds", strict=True),
         "keepalive_timeout_s": _number(0, "a positive number of seconds", strict=True),
         "torch_threads": _int(0, "a non-negative integer (0 leaves torch's default)"),
+        "workers": _int(0, "a non-negative integer (0: one process)"),
+        "grpc_port": grpc_port,
     }))
     store = StoreConfig(**_section(raw, "store", {"path": _str}))
     if store.path is not None and store.path != ":memory:":

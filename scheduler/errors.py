@@ -74,3 +74,21 @@ class Conflict(EngineError):
 
     status = 409
     kind = "conflict"
+
+
+_BY_KIND: dict[str, type[EngineError]] = {
+    c.kind: c for c in (EngineError, InputError, Forbidden, ModelNotFound, ModelUnavailable, QueueFull,
+                        RateLimited, DeadlineExceeded, ModelFailed, Conflict)
+}
+
+
+def from_wire(kind: str, status: int, message: str, retry_after: float | None = None) -> EngineError:
+    """An error another process answered with (``kind``, ``status``, ``message``), rebuilt as
+    the same kind here: the front-end processes answer it exactly as the engine core would
+    have (status, message, Retry-After, the gRPC code chosen from the status)."""
+    cls = _BY_KIND.get(kind)
+    err = (cls or EngineError)(message, retry_after=retry_after)
+    if cls is None or cls.status != status:  # a kind defined elsewhere (load_failed, insufficient_memory, ...)
+        err.kind = kind
+        err.status = status
+    return err

@@ -522,3 +522,18 @@ def torch_threads(configured: int | None = None) -> int:
     torch's 16 3.6–3.9k at ~2.8 ms.  A big model on the CPU alone may want more: set it.
     """
     return 1 if configured is None else configured
+
+
+def frontend_workers(cores: int) -> int:
+    """Front-end processes for ``--serve`` (``[server] workers``) on a machine with ``cores``.
+
+    Each front end takes a core's worth of HTTP and V2 work off the engine
+    core's event loop, which keeps one core (and its model worker threads
+    more).  With two cores or fewer there is no core to give them: the
+    single process serves as much as the machine can (measured on 2 cores:
+    ``bench/http.py --quick``).  Above that, half the cores, at most 8
+    (docs/benchmarks.md has the H200 host's figures).
+    """
+    if cores <= 2:
+        return 0
+    return max(1, min(8, cores // 2))

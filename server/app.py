@@ -32,6 +32,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from . import body as body_mod
 from . import tokenfile
 from .body import BodyError
 from .connections import ConnectionGuard
+from .link import LocalLink
 
 log = logging.getLogger("modelconsole.server")
 
@@ -73,6 +75,7 @@ SETTINGS: web.AppKey[ServerSettings] = web.AppKey("settings", object)
 STARTED: web.AppKey[float] = web.AppKey("started", float)
 CLOSING: web.AppKey[asyncio.Event] = web.AppKey("closing", asyncio.Event)
 DRAINING: web.AppKey[asyncio.Event] = web.AppKey("draining", asyncio.Event)
+LINK: web.AppKey[Any] = web.AppKey("link", object)  # how infer calls reach the engine (link.py)
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,8 @@ class ServerSettings:
     access_log: bool = False  # one line per request costs ~10% of throughput: off unless asked
     # Where a token made at start (tokenfile.py) is written once the port is known; None: not written.
     token_dir: str | None = None
+    reuse_port: bool = False  # SO_REUSEPORT: several front-end processes listen on one port (workers.py)
+    unix_path: str | None = None  # listen on this Unix socket instead of host:port (the engine core's control app)
 
     def __post_init__(self) -> None:
         # Without a token the guard has nothing to compare, so the flag would silently check nothing.
@@ -313,6 +318,7 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> web.Applic
     settings = settings or ServerSettings()
     app = web.Application(middlewares=[_make_guard(settings)], client_max_size=settings.max_body_bytes)
     app[ENGINE] = engine
+    app[LINK] = LocalLink(engine)
     app[SETTINGS] = settings
     app[STARTED] = time.time()
     app[CLOSING] = asyncio.Event()
@@ -347,10 +353,14 @@ class Server:
     then every connection is closed.
     """
 
-    def __init__(self, engine: Any, settings: ServerSettings):
+    def __init__(self, engine: Any, settings: ServerSettings, *, app: web.Application | None = None,
+                 grpc_port: int | None = None):
         self.engine = engine
         self.settings = settings
-        self.app = build_app(engine, settings)
+        self.app = app if app is not None else build_app(engine, settings)
+        self.grpc_port_setting = grpc_port  # KServe V2 over gRPC on this loop too (grpc_v2.py); None: off
+        self.grpc: Any = None
+        self._grpc_dir: str | None = None
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.AbstractServer | None = None
         self.port: int | None = None
@@ -373,14 +383,40 @@ class Server:
         def protocol() -> asyncio.Protocol:
             return ConnectionGuard(server(), s.head_timeout_s, loop)
 
-        self._listener = await loop.create_server(protocol, s.host, s.port, reuse_address=True, backlog=1024)
+        if s.unix_path is not None:
+            self._listener = await loop.create_unix_server(protocol, s.unix_path, backlog=1024)
+            os.chmod(s.unix_path, 0o600)
+            self.port = None
+            log.info("control app on unix:%s", s.unix_path)
+            return
+        self._listener = await loop.create_server(protocol, s.host, s.port, reuse_address=True,
+                                                  reuse_port=s.reuse_port or None, backlog=1024)
         sockets = self._listener.sockets or []
         self.port = sockets[0].getsockname()[1] if sockets else s.port
         if s.token is not None and s.token_dir is not None:
             self.token_file = tokenfile.write_token(s.token_dir, self.port, s.token)
+        if self.grpc_port_setting is not None:
+            await self._start_grpc(protocol)
         where = f" (in {self.token_file}: --attach reads it)" if self.token_file else ""
         log.info("listening on http://%s:%s (token %s)", s.host, self.port,
                  f"required for /api/ and /v2/repository{where}" if s.token else "off: --no-token")
+
+    async def _start_grpc(self, protocol: Callable[[], asyncio.Protocol]) -> None:
+        """gRPC beside HTTP: its metadata calls reach this app over a private Unix socket."""
+        import tempfile
+
+        from .grpc_v2 import GrpcFrontEnd
+        from .proxy import ControlProxy
+
+        self._grpc_dir = tempfile.mkdtemp(prefix="modelconsole-")
+        path = os.path.join(self._grpc_dir, "control.sock")
+        self._unix = await asyncio.get_running_loop().create_unix_server(protocol, path)
+        self.grpc = GrpcFrontEnd(self.app[LINK], ControlProxy(path), self.settings, self.grpc_port_setting)
+        await self.grpc.start()
+
+    @property
+    def grpc_port(self) -> int | None:
+        return self.grpc.port if self.grpc is not None else None
 
     @property
     def url(self) -> str:
@@ -392,6 +428,14 @@ class Server:
     async def stop(self) -> None:
         """Stop accepting, answer what open connections still send (then close them), let
         in-flight requests finish (bounded by shutdown_timeout_s)."""
+        if self.grpc is not None:
+            grpc, self.grpc = self.grpc, None
+            await grpc.stop(self.settings.shutdown_timeout_s)
+            await grpc.servicer.control.close()
+            self._unix.close()
+            import shutil
+
+            shutil.rmtree(self._grpc_dir or "", ignore_errors=True)
         if self._runner is None:
             return
         runner, self._runner = self._runner, None

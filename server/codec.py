@@ -54,6 +54,8 @@ __all__ = [
     "encode_error",
     "encode_response",
     "raw_request",
+    "tensor_from_bytes",
+    "tensor_to_bytes",
 ]
 
 
@@ -668,6 +670,30 @@ def _serialize_bytes(items: list) -> bytes:
         append(len(x).to_bytes(4, "little"))
         append(x)
     return b"".join(parts)
+
+
+def tensor_to_bytes(name: str, value: Any) -> tuple[str, list[int], Any]:
+    """One tensor as (datatype, shape, its V2 wire bytes): what a binary output, a gRPC
+    ``raw_output_contents`` entry and an IPC frame carry.  The bytes are a view of the
+    tensor's memory where it is contiguous (no copy); BYTES elements are length-prefixed."""
+    datatype, arr = _output_array(name, value)
+    shape = list(arr.shape)
+    if datatype == "BYTES":
+        return datatype, shape, _serialize_bytes(arr.reshape(-1).tolist())
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
+    return datatype, shape, arr.reshape(-1).view(np.uint8) if arr.size else b""
+
+
+def tensor_from_bytes(data: Any, datatype: Any, shape: Any, where: str) -> Any:
+    """The tensor that ``data`` (V2 wire bytes) holds, checked against ``datatype`` and ``shape``;
+    DecodeError naming ``where`` otherwise.  Zero-copy for fixed-size datatypes (a read-only
+    view of ``data``).  The inverse of :func:`tensor_to_bytes`."""
+    if type(datatype) is not str or datatype not in _WIRE:
+        raise DecodeError(f"{where}.datatype: expected one of {', '.join(DATATYPES)}, got {_show(datatype)}")
+    nbytes = len(data)
+    count = _check_shape(shape, max(nbytes, 1) if datatype != "BYTES" else nbytes, where)
+    return _from_binary(data, 0, nbytes, datatype, shape, count, where)
 
 
 def encode_error(message: str) -> bytes:

@@ -43,13 +43,25 @@ async def start_engine(config: Any, store_path: str) -> Any:
     return engine
 
 
-async def serve(config: Any, settings: ServerSettings, store_path: str, *, stop: asyncio.Event | None = None) -> int:
+def make_server(engine: Any, settings: ServerSettings, workers: int = 0, grpc_port: int | None = None,
+                log_level: str = "INFO") -> Any:
+    """One process (``workers`` 0: HTTP and gRPC on this event loop) or an engine core with
+    ``workers`` front-end processes (``workers.py``); both have ``start``/``stop``/``port``/``url``."""
+    if workers:
+        from .workers import WorkerServer
+
+        return WorkerServer(engine, settings, workers, grpc_port=grpc_port, log_level=log_level)
+    return Server(engine, settings, grpc_port=grpc_port)
+
+
+async def serve(config: Any, settings: ServerSettings, store_path: str, *, stop: asyncio.Event | None = None,
+                workers: int = 0, grpc_port: int | None = None) -> int:
     """Run until a signal (or ``stop``) says otherwise; the exit status."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     engine = await start_engine(config, store_path)
     logger = loop.create_task(_log_events(engine))
-    server = Server(engine, settings)
+    server = make_server(engine, settings, workers, grpc_port, logging.getLevelName(log.getEffectiveLevel()))
     try:
         await server.start()
     except OSError as e:

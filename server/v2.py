@@ -33,7 +33,6 @@ Handlers only translate.  Every error is an ``EngineError`` (or an
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -41,7 +40,8 @@ from aiohttp import web
 from modelconsole.scheduler.errors import ModelNotFound
 
 from . import codec
-from .app import CLOSING, ENGINE, VERSION, HttpError, json_response, read_body, read_json
+from .app import CLOSING, ENGINE, LINK, VERSION, HttpError, json_response, read_body, read_json
+from .ipc import InferCall
 
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "schedule_policy", "model_repository", "statistics"]
 
@@ -105,8 +105,7 @@ async def live(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    engine = request.app[ENGINE]
-    if engine.accepting and not request.app[CLOSING].is_set():
+    if request.app[LINK].ready and not request.app[CLOSING].is_set():
         return web.Response(status=200)
     return web.Response(status=400)
 
@@ -190,10 +189,12 @@ async def model_config(request: web.Request) -> web.Response:
 
 
 async def infer(request: web.Request) -> web.Response:
-    engine = request.app[ENGINE]
+    """Decode, hand the call to the engine through the app's link (in process, or the engine
+    core's over IPC), encode the answer."""
+    link = request.app[LINK]
     name = request.match_info["name"]
     version = _version(request)
-    inst = engine.instance(name, version)  # 404 before reading a byte of the body
+    link.check(name, version)  # 404 before reading a byte of the body, where the link knows
     raw = request.headers.get(_HEADER_LENGTH)
     header_length = None
     if raw is not None:
@@ -206,16 +207,16 @@ async def infer(request: web.Request) -> web.Response:
     body = await read_body(request)
     if header_length == 0:  # the raw form: the body is the one input of the version that serves it
         req = codec.raw_request()
-        inputs: Any = _raw_inputs(body)
+        call = InferCall(name, version, None, body)
     else:  # JSON (+ binary tail): every tensor names itself; the serving version validates it
         req = codec.decode_request(body, header_length)
-        inputs = req.inputs
-    outputs = [o.name for o in req.outputs] if req.outputs else None
-    result = await engine.infer(name, inputs, version=version, priority=req.priority,
-                                timeout_ms=req.timeout_ms, outputs=outputs, routing_key=_routing_key(request, req))
-    served = inst if result.version == inst.version else engine.instance(name, result.version)
-    payload, json_length = codec.encode_response(result.model, result.version, result.outputs, req,
-                                                 served.outputs or ())
+        call = InferCall(name, version, req.inputs)
+    call.priority = req.priority
+    call.timeout_ms = req.timeout_ms
+    call.outputs = [o.name for o in req.outputs] if req.outputs else None
+    call.routing_key = _routing_key(request, req)
+    answer = await link.infer(call)
+    payload, json_length = codec.encode_response(answer.model, answer.version, answer.outputs, req)
     if json_length is None:
         resp = web.Response(body=payload, content_type="application/json")
     else:
@@ -224,22 +225,6 @@ async def infer(request: web.Request) -> web.Response:
     if len(payload) >= 1024 and "Accept-Encoding" in request.headers:
         resp.enable_compression()  # gzip or deflate, whichever the client accepts
     return resp
-
-
-def _raw_inputs(body: bytes) -> Callable[[Any], dict[str, Any]]:
-    """A raw body's one input, decoded by the engine against the version that serves the request.
-
-    Without a version in the URL that version is known only once the engine
-    has routed the request (the active version at that moment, or a split's
-    arm, whose inputs may differ), and it is called again if the request is
-    rerouted or copied to a shadow version.  Decoding against the version the
-    handler looked up first would refuse, or mis-shape, a body meant for the
-    version that actually serves it.
-    """
-    def decode(inst: Any) -> dict[str, Any]:
-        return codec.decode_raw(body, inst.inputs, inst.cfg.max_batch_size).inputs
-
-    return decode
 
 
 def _routing_key(request: web.Request, req: codec.V2Request) -> str | None:

@@ -1,0 +1,249 @@
+"""What front-end processes and the engine core say to each other about inference.
+
+One infer request is an :class:`InferCall`; its answer an :class:`InferAnswer`
+or an ``EngineError``.  Both cross the process boundary as ZeroMQ multipart
+messages (``frontend.py`` sends calls, ``core.py`` answers), and a message
+carries **many** of them: everything a process has ready in one event-loop
+iteration goes in one message, so under load the per-message costs (a
+syscall, a wake-up of the other side) are shared by tens of requests.
+
+A message is ``[header, frame, frame, ...]``.  The header is JSON (orjson)
+with one entry per call or answer, in order; each tensor is one frame of its
+V2 wire bytes (``codec.tensor_to_bytes``: little-endian, row-major; BYTES
+length-prefixed) that ZeroMQ sends from the tensor's own memory and the other
+side reads with ``np.frombuffer`` (``codec.tensor_from_bytes``): no pickle,
+no per-element work for fixed-size datatypes.
+
+Call entry: ``{"i": id, "m": model, "v": version|null, "p": priority|null,
+"t": timeout_ms|null, "o": [output names]|null, "k": routing key|null,
+"x": [[name, datatype, shape], ...]}`` with one frame per input, or
+``"r": 1`` with one frame: a raw body (``Inference-Header-Content-Length:
+0``), decoded by the core against the version that serves it.
+Answer entry: ``{"i": id, "m": model, "v": version, "x": [[name, datatype,
+shape], ...]}`` with one frame per output, or ``{"i": id, "e": [kind,
+status, message, retry_after]}``.
+
+The core trusts nothing in a message: every field is type-checked and a
+message that does not parse is dropped with a log line (``ProtocolError``);
+a call whose tensors do not match their declared shape gets a 400 like the
+same tensors over HTTP would.  ``run_call`` is the one place a call meets
+the engine, in-process (``LocalLink``) or in the core.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from modelconsole.scheduler.errors import EngineError, InputError, from_wire
+
+from . import codec
+
+__all__ = ["InferAnswer", "InferCall", "ProtocolError", "pack_answers", "pack_calls", "run_call",
+           "unpack_answers", "unpack_calls"]
+
+
+class ProtocolError(Exception):
+    """A message that is not what this module writes (a bug or a stranger on the socket)."""
+
+
+@dataclass(slots=True)
+class InferCall:
+    model: str
+    version: str | None
+    inputs: dict[str, Any] | None  # name -> numpy array / torch tensor (BF16); None with raw
+    raw: Any = None  # the raw body's bytes (one input, decoded against the serving version)
+    priority: int | None = None
+    timeout_ms: float | None = None
+    outputs: list[str] | None = None
+    routing_key: str | None = None
+
+
+@dataclass(slots=True)
+class InferAnswer:
+    model: str
+    version: str
+    outputs: dict[str, Any]  # in the model's declared output order
+
+
+async def run_call(engine: Any, call: InferCall) -> InferAnswer:
+    """One call on the engine; its outputs in the serving version's declared order."""
+    if call.raw is not None:
+        body = call.raw
+
+        def inputs(inst: Any) -> dict[str, Any]:
+            return codec.decode_raw(body, inst.inputs, inst.cfg.max_batch_size).inputs
+    else:
+        inputs = call.inputs
+    result = await engine.infer(call.model, inputs, version=call.version, priority=call.priority,
+                                timeout_ms=call.timeout_ms, outputs=call.outputs, routing_key=call.routing_key)
+    outs = result.outputs
+    specs = engine.instance(result.model, result.version).outputs
+    if specs and len(outs) > 1:
+        ordered = {s.name: outs[s.name] for s in specs if s.name in outs}
+        if len(ordered) == len(outs):
+            outs = ordered
+    return InferAnswer(result.model, result.version, outs)
+
+
+# --------------------------------------------------------------------------- calls
+
+
+def pack_calls(calls: Sequence[tuple[int, InferCall]]) -> list[Any]:
+    head = []
+    frames: list[Any] = []
+    for i, c in calls:
+        entry: dict[str, Any] = {"i": i, "m": c.model, "v": c.version, "p": c.priority, "t": c.timeout_ms,
+                                 "o": c.outputs, "k": c.routing_key}
+        if c.raw is not None:
+            entry["r"] = 1
+            frames.append(c.raw)
+        else:
+            entry["x"] = _pack_tensors(c.inputs or {}, frames)
+        head.append(entry)
+    return [orjson.dumps(head), *frames]
+
+
+def unpack_calls(frames: Sequence[Any]) -> list[tuple[int, InferCall | EngineError]]:
+    """The calls of one message; a call whose tensors do not decode comes back as its error.
+
+    ProtocolError when the message as a whole is not one (nothing in it is answered)."""
+    head = _header(frames)
+    out: list[tuple[int, InferCall | EngineError]] = []
+    pos = 1
+    for entry in head:
+        if type(entry) is not dict or type(entry.get("i")) is not int:
+            raise ProtocolError("call entry without an integer 'i'")
+        i = entry["i"]
+        try:
+            model, version = _str(entry, "m"), _opt_str(entry, "v")
+            outputs = entry.get("o")
+            if outputs is not None and (type(outputs) is not list or any(type(o) is not str for o in outputs)):
+                raise ProtocolError("'o' is not a list of names")
+            key = _opt_str(entry, "k")
+            priority, timeout = entry.get("p"), entry.get("t")  # checked by the engine, as over HTTP
+            if entry.get("r") == 1:
+                raw = _frame(frames, pos)
+                pos += 1
+                call = InferCall(model, version, None, raw, priority, timeout, outputs, key)
+            else:
+                metas = entry.get("x")
+                if type(metas) is not list:
+                    raise ProtocolError("call entry without 'x' or 'r'")
+                inputs, pos = _unpack_tensors(metas, frames, pos, "inputs")
+                call = InferCall(model, version, inputs, None, priority, timeout, outputs, key)
+        except (InputError, ProtocolError) as e:
+            pos = _skip(entry, pos)
+            out.append((i, e if isinstance(e, InputError) else EngineError(f"malformed call from the front end: {e}")))
+            continue
+        out.append((i, call))
+    if pos != len(frames):
+        raise ProtocolError(f"{len(frames) - pos} frames left over")
+    return out
+
+
+# --------------------------------------------------------------------------- answers
+
+
+def pack_answers(answers: Sequence[tuple[int, InferAnswer | EngineError]]) -> list[Any]:
+    head = []
+    frames: list[Any] = []
+    for i, a in answers:
+        if isinstance(a, EngineError):
+            head.append({"i": i, "e": [a.kind, a.status, a.message, a.retry_after]})
+            continue
+        try:
+            metas = _pack_tensors(a.outputs, frames)
+        except (TypeError, ValueError) as e:  # an output that is no V2 tensor: the model's fault
+            head.append({"i": i, "e": ["model_error", 500, f"model '{a.model}' gave an output the protocol "
+                                                           f"cannot carry: {e}", None]})
+            continue
+        head.append({"i": i, "m": a.model, "v": a.version, "x": metas})
+    return [orjson.dumps(head), *frames]
+
+
+def unpack_answers(frames: Sequence[Any]) -> list[tuple[int, InferAnswer | EngineError]]:
+    head = _header(frames)
+    out: list[tuple[int, InferAnswer | EngineError]] = []
+    pos = 1
+    for entry in head:
+        i = entry["i"]
+        err = entry.get("e")
+        if err is not None:
+            kind, status, message, retry_after = err
+            out.append((i, from_wire(kind, status, message, retry_after)))
+            continue
+        outputs, pos = _unpack_tensors(entry["x"], frames, pos, "outputs")
+        out.append((i, InferAnswer(entry["m"], entry["v"], outputs)))
+    return out
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _pack_tensors(tensors: dict[str, Any], frames: list[Any]) -> list[list[Any]]:
+    metas = []
+    for name, value in tensors.items():
+        datatype, shape, data = codec.tensor_to_bytes(name, value)
+        metas.append([name, datatype, shape])
+        frames.append(data)
+    return metas
+
+
+def _unpack_tensors(metas: list[Any], frames: Sequence[Any], pos: int, field: str) -> tuple[dict[str, Any], int]:
+    tensors: dict[str, Any] = {}
+    for meta in metas:
+        if type(meta) is not list or len(meta) != 3 or type(meta[0]) is not str:
+            raise ProtocolError(f"a tensor of '{field}' is not [name, datatype, shape]")
+        name, datatype, shape = meta
+        tensors[name] = codec.tensor_from_bytes(_frame(frames, pos), datatype, shape, f"{field}.{name}")
+        pos += 1
+    return tensors, pos
+
+
+def _skip(entry: dict[str, Any], pos: int) -> int:
+    """Where the next call's frames start, past a call that failed part-way."""
+    if entry.get("r") == 1:
+        return pos + 1
+    metas = entry.get("x")
+    return pos + len(metas) if type(metas) is list else pos
+
+
+def _header(frames: Sequence[Any]) -> list[Any]:
+    if not frames:
+        raise ProtocolError("empty message")
+    try:
+        head = orjson.loads(_buffer(frames[0]))
+    except orjson.JSONDecodeError as e:
+        raise ProtocolError(f"header is not JSON: {e}") from None
+    if type(head) is not list:
+        raise ProtocolError("header is not a list")
+    return head
+
+
+def _frame(frames: Sequence[Any], pos: int) -> Any:
+    if pos >= len(frames):
+        raise ProtocolError("fewer frames than the header declares")
+    return _buffer(frames[pos])
+
+
+def _buffer(frame: Any) -> Any:
+    """A frame's bytes without copying (a zmq.Frame's buffer; bytes as they are)."""
+    return frame.buffer if hasattr(frame, "buffer") else frame
+
+
+def _str(entry: dict[str, Any], key: str) -> str:
+    value = entry.get(key)
+    if type(value) is not str:
+        raise ProtocolError(f"'{key}' is not a string")
+    return value
+
+
+def _opt_str(entry: dict[str, Any], key: str) -> str | None:
+    value = entry.get(key)
+    if value is not None and type(value) is not str:
+        raise ProtocolError(f"'{key}' is not a string")
+    return value

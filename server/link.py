@@ -1,0 +1,162 @@
+"""How a front end reaches the engine: one small interface, two implementations.
+
+Every protocol front end (``v2.py`` over HTTP, ``grpc_v2.py`` over gRPC) sends
+its infer calls through a link and never touches the engine itself:
+
+* :class:`LocalLink` — the engine lives in this process (``--workers 0`` and
+  the embedded console): the call goes straight to ``ipc.run_call``;
+* :class:`ZmqLink` — a front-end process (``--workers N``): calls go to the
+  engine core over a ZeroMQ DEALER socket, batched per event-loop iteration
+  (``ipc.py`` gives the message format, ``core.py`` the other end).
+
+``check`` refuses an unknown model before its body is read where the link
+knows the models (in process); a front-end process leaves that to the core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Protocol
+
+from modelconsole.scheduler.errors import EngineError, ModelUnavailable
+
+from . import ipc
+from .ipc import InferAnswer, InferCall
+
+log = logging.getLogger("modelconsole.server.link")
+
+
+class Link(Protocol):
+    def check(self, name: str, version: str | None) -> None: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def infer(self, call: InferCall) -> InferAnswer: ...
+
+
+class LocalLink:
+    """The engine of this process."""
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+
+    def check(self, name: str, version: str | None) -> None:
+        self.engine.instance(name, version)  # ModelNotFound (404) before a byte of the body is read
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.engine.accepting)
+
+    async def infer(self, call: InferCall) -> InferAnswer:
+        return await ipc.run_call(self.engine, call)
+
+
+class ZmqLink:
+    """A front-end process's connection to the engine core.
+
+    Calls made in one event-loop iteration leave in one message (``_flush``
+    runs once, after them); one reader task resolves the answers.  When the
+    core goes away, ``fail_all`` answers every call in flight with 503 and
+    every later one at once: a client never waits on a core that is gone.
+    """
+
+    def __init__(self, address: str):
+        import zmq
+        import zmq.asyncio
+
+        self._zmq = zmq
+        self._ctx = zmq.asyncio.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SNDHWM, 0)  # never drop or block a send: the engine bounds its queues
+        self._sock.setsockopt(zmq.RCVHWM, 0)
+        self._sock.connect(address)
+        self._pending: dict[int, asyncio.Future[InferAnswer]] = {}
+        self._outbox: list[tuple[int, InferCall]] = []
+        self._next = 0
+        self._reader: asyncio.Task[None] | None = None
+        self.gone: str | None = None  # why calls fail at once (the core stopped)
+        self.messages_sent = 0  # test hook: calls / messages shows the batching
+
+    def check(self, name: str, version: str | None) -> None:
+        return None
+
+    @property
+    def ready(self) -> bool:
+        return self.gone is None
+
+    def start(self) -> None:
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def infer(self, call: InferCall) -> InferAnswer:
+        if self.gone is not None:
+            raise ModelUnavailable(self.gone)
+        loop = asyncio.get_running_loop()
+        i = self._next
+        self._next += 1
+        fut: asyncio.Future[InferAnswer] = loop.create_future()
+        self._pending[i] = fut
+        if not self._outbox:
+            loop.call_soon(self._flush)
+        self._outbox.append((i, call))
+        try:
+            return await fut
+        finally:
+            self._pending.pop(i, None)
+
+    def _flush(self) -> None:
+        calls, self._outbox = self._outbox, []
+        if not calls:
+            return
+        try:
+            frames = ipc.pack_calls(calls)
+            self._sock.send_multipart(frames, copy=False)
+            self.messages_sent += 1
+        except Exception as e:  # noqa: BLE001 - these calls fail, the link keeps working
+            log.exception("cannot send %d calls to the engine core", len(calls))
+            for i, _ in calls:
+                fut = self._pending.get(i)
+                if fut is not None and not fut.done():
+                    fut.set_exception(EngineError(f"cannot reach the engine core: {e}"))
+
+    async def _read(self) -> None:
+        while True:
+            frames = await self._sock.recv_multipart(copy=False)
+            try:
+                answers = ipc.unpack_answers(frames)
+            except Exception:  # noqa: BLE001 - a bug, logged; the calls in it fail by their timeout
+                log.exception("unreadable answer from the engine core")
+                continue
+            pending = self._pending
+            for i, a in answers:
+                fut = pending.get(i)
+                if fut is None or fut.done():
+                    continue  # its client went away
+                if isinstance(a, EngineError):
+                    fut.set_exception(a)
+                else:
+                    fut.set_result(a)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def fail_all(self, message: str) -> None:
+        """The core is gone: every call in flight, and every later one, gets a 503 now."""
+        self.gone = message
+        for fut in list(self._pending.values()):
+            if not fut.done():
+                fut.set_exception(ModelUnavailable(message))
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        self.fail_all(self.gone or "the front end is shutting down")
+        self._sock.close(0)
+        self._ctx.term()

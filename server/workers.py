@@ -1,0 +1,226 @@
+"""``--serve --workers N``: the engine core's side of front-end processes.
+
+:class:`WorkerServer` has ``Server``'s face (``start``, ``stop``, ``port``,
+``url``) so ``serve.py`` runs either.  It starts, in order:
+
+1. the core's end of the infer link (``core.CoreServer``) and the core's own
+   app on a Unix socket (``proxy.py`` forwards the control API, events,
+   metrics and metadata to it), both in a private 0700 directory;
+2. a reservation of the public port (and the gRPC port): a socket bound with
+   SO_REUSEPORT that never listens, so ``--port 0`` picks one port for every
+   front end and a restarted front end always gets it back;
+3. N front-end processes (``frontend.py``), each told its settings on stdin.
+
+A front end that exits while the server runs is restarted (an event says
+so; a crash loop backs off up to 10 s).  Its clients saw their connections
+close, an error at once; the engine finishes their work and the core drops
+the answers.  If the engine core dies, the front ends see their stdin close
+and stop (503 for what they hold).  ``stop`` drains front ends first (they
+still reach the engine to answer what is in flight), then the control app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from . import tokenfile
+from .app import Server, ServerSettings
+from .core import CoreServer
+
+log = logging.getLogger("modelconsole.server.workers")
+
+READY_TIMEOUT_S = 120.0  # a front end imports torch (for the codec's BF16): seconds on a busy machine
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """A bound, never-listening SO_REUSEPORT socket holding (host, port) for the front ends."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind(addr)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class FrontEnds:
+    """N front-end processes: started, watched, restarted, drained."""
+
+    def __init__(self, count: int, spec: dict[str, Any], on_event: Callable[[str, str, str], None]):
+        self.count = count
+        self.spec = spec
+        self.on_event = on_event
+        self.procs: list[asyncio.subprocess.Process | None] = [None] * count
+        self.restarts = 0
+        self._keepers: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    async def start(self) -> None:
+        await asyncio.gather(*(self._spawn(k) for k in range(self.count)))
+        loop = asyncio.get_running_loop()
+        self._keepers = [loop.create_task(self._keep(k)) for k in range(self.count)]
+
+    async def _spawn(self, k: int) -> None:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "modelconsole.server.frontend",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps(dict(self.spec, index=k)).encode() + b"\n")
+        await proc.stdin.drain()
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), READY_TIMEOUT_S)
+        except TimeoutError:
+            line = b""
+        if line.strip() != b"ready":
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise RuntimeError(f"front end {k} did not start (exit status {proc.returncode}; its log is above)")
+        self.procs[k] = proc
+
+    async def _keep(self, k: int) -> None:
+        delay = 0.0
+        while not self._stopping:
+            proc = self.procs[k]
+            assert proc is not None
+            started = asyncio.get_running_loop().time()
+            rc = await proc.wait()
+            if self._stopping:
+                return
+            self.restarts += 1
+            lived = asyncio.get_running_loop().time() - started
+            delay = 0.0 if lived > 10 else min(10.0, max(0.25, delay * 2))
+            how = f"signal {-rc}" if rc < 0 else f"status {rc}"
+            self.on_event("frontend_restarted", f"front end {k} (pid {proc.pid}) exited with {how}: its "
+                                                f"connections were closed; restarting it", "warning")
+            if delay:
+                await asyncio.sleep(delay)
+            while not self._stopping:
+                try:
+                    await self._spawn(k)
+                    break
+                except RuntimeError as e:
+                    log.error("%s; trying again in 10 s", e)
+                    await asyncio.sleep(10)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs if p is not None]
+
+    async def stop(self, timeout: float) -> None:
+        """SIGTERM to each: they drain (new connections refused, in-flight calls answered); past
+        ``timeout`` the ones left are killed."""
+        self._stopping = True
+        for task in self._keepers:
+            task.cancel()
+        live = [p for p in self.procs if p is not None and p.returncode is None]
+        for p in live:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in live)), timeout)
+        except TimeoutError:
+            for p in live:
+                if p.returncode is None:
+                    log.warning("front end pid %d did not stop within %.0fs: killed", p.pid, timeout)
+                    with contextlib.suppress(ProcessLookupError):
+                        p.kill()
+            await asyncio.gather(*(p.wait() for p in live))
+        for p in self.procs:
+            if p is not None and p.stdin is not None:
+                p.stdin.close()
+
+
+class WorkerServer:
+    """The engine core with N front-end processes in front of it (module docstring)."""
+
+    def __init__(self, engine: Any, settings: ServerSettings, workers: int, *, grpc_port: int | None = None,
+                 log_level: str = "INFO"):
+        if workers < 1:
+            raise ValueError(f"workers: expected at least 1, got {workers}")
+        self.engine = engine
+        self.settings = settings
+        self.workers = workers
+        self.grpc_port_setting = grpc_port
+        self.log_level = log_level
+        self.port: int | None = None
+        self.grpc_port: int | None = None
+        self.token_file: Any = None
+        self.core: CoreServer | None = None
+        self.control: Server | None = None
+        self.frontends: FrontEnds | None = None
+        self._reserved: list[socket.socket] = []
+        self._dir: str | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        self._dir = tempfile.mkdtemp(prefix="modelconsole-")  # 0700: only this user reaches the core
+        try:
+            self.core = CoreServer(self.engine, f"ipc://{self._dir}/engine")
+            self.core.start()
+            control = os.path.join(self._dir, "control.sock")
+            self.control = Server(self.engine, dataclasses.replace(s, unix_path=control, token_dir=None))
+            await self.control.start()
+            main = reserve_port(s.host, s.port)
+            self._reserved.append(main)
+            self.port = main.getsockname()[1]
+            if self.grpc_port_setting is not None:
+                g = reserve_port(s.host, self.grpc_port_setting)
+                self._reserved.append(g)
+                self.grpc_port = g.getsockname()[1]
+            front = dataclasses.replace(s, port=self.port, reuse_port=True, token_dir=None)
+            spec = {"settings": dataclasses.asdict(front), "ipc": self.core.address, "control": control,
+                    "grpc_port": self.grpc_port, "log_level": self.log_level}
+            self.frontends = FrontEnds(self.workers, spec, self._event)
+            await self.frontends.start()
+        except BaseException:
+            await self.stop()
+            raise
+        if s.token is not None and s.token_dir is not None:
+            self.token_file = tokenfile.write_token(s.token_dir, self.port, s.token)
+        log.info("listening on http://%s:%s with %d front-end processes (pids %s)%s", s.host, self.port,
+                 self.workers, " ".join(map(str, self.frontends.pids)),
+                 f"; gRPC on {s.host}:{self.grpc_port}" if self.grpc_port is not None else "")
+
+    def _event(self, kind: str, message: str, level: str) -> None:
+        log.warning("%s", message)
+        self.engine.events.publish(kind, message, level=level)
+
+    @property
+    def url(self) -> str:
+        host = self.settings.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    async def stop(self) -> None:
+        if self.frontends is not None:
+            await self.frontends.stop(self.settings.shutdown_timeout_s + self.settings.drain_grace_s + 5)
+            self.frontends = None
+        for sock in self._reserved:
+            sock.close()
+        self._reserved = []
+        if self.control is not None:
+            await self.control.stop()
+            self.control = None
+        if self.core is not None:
+            await self.core.close()
+            self.core = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
