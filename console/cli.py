@@ -198,7 +198,8 @@ def serve(args: argparse.Namespace) -> int:
         print(f"modelconsole: {workers if isinstance(workers, str) else grpc}", file=sys.stderr)
         return 2
     try:
-        return _run_loop(run(config, settings[0], store_path(args, config), workers=workers, grpc_port=grpc))
+        return _run_loop(run(config, settings[0], store_path(args, config), workers=workers, grpc_port=grpc,
+                             grpc_required=args.grpc_port is not None))
     except Exception as e:  # noqa: BLE001 - a clear line, not a traceback, for what stops the start
         logging.getLogger("modelconsole").debug("start failed", exc_info=True)
         print(f"modelconsole: {type(e).__name__}: {e}", file=sys.stderr)

@@ -354,11 +354,12 @@ class Server:
     """
 
     def __init__(self, engine: Any, settings: ServerSettings, *, app: web.Application | None = None,
-                 grpc_port: int | None = None):
+                 grpc_port: int | None = None, grpc_required: bool = True):
         self.engine = engine
         self.settings = settings
         self.app = app if app is not None else build_app(engine, settings)
         self.grpc_port_setting = grpc_port  # KServe V2 over gRPC on this loop too (grpc_v2.py); None: off
+        self.grpc_required = grpc_required  # False: a port that cannot be bound is a warning, not a failure
         self.grpc: Any = None
         self._grpc_dir: str | None = None
         self._runner: web.AppRunner | None = None
@@ -396,7 +397,13 @@ class Server:
         if s.token is not None and s.token_dir is not None:
             self.token_file = tokenfile.write_token(s.token_dir, self.port, s.token)
         if self.grpc_port_setting is not None:
-            await self._start_grpc(protocol)
+            try:
+                await self._start_grpc(protocol)
+            except OSError as e:
+                if self.grpc_required:
+                    raise
+                log.warning("gRPC not started (%s): set --grpc-port to another port, or off", e)
+                await self._stop_grpc()
         where = f" (in {self.token_file}: --attach reads it)" if self.token_file else ""
         log.info("listening on http://%s:%s (token %s)", s.host, self.port,
                  f"required for /api/ and /v2/repository{where}" if s.token else "off: --no-token")
@@ -411,8 +418,25 @@ class Server:
         self._grpc_dir = tempfile.mkdtemp(prefix="modelconsole-")
         path = os.path.join(self._grpc_dir, "control.sock")
         self._unix = await asyncio.get_running_loop().create_unix_server(protocol, path)
-        self.grpc = GrpcFrontEnd(self.app[LINK], ControlProxy(path), self.settings, self.grpc_port_setting)
-        await self.grpc.start()
+        grpc = GrpcFrontEnd(self.app[LINK], ControlProxy(path), self.settings, self.grpc_port_setting)
+        try:
+            await grpc.start()
+        except OSError:
+            await grpc.servicer.control.close()
+            raise
+        self.grpc = grpc
+
+    async def _stop_grpc(self) -> None:
+        if self.grpc is not None:
+            grpc, self.grpc = self.grpc, None
+            await grpc.stop(self.settings.shutdown_timeout_s)
+            await grpc.servicer.control.close()
+        if self._grpc_dir is not None:
+            self._unix.close()
+            import shutil
+
+            shutil.rmtree(self._grpc_dir, ignore_errors=True)
+            self._grpc_dir = None
 
     @property
     def grpc_port(self) -> int | None:
@@ -428,14 +452,7 @@ class Server:
     async def stop(self) -> None:
         """Stop accepting, answer what open connections still send (then close them), let
         in-flight requests finish (bounded by shutdown_timeout_s)."""
-        if self.grpc is not None:
-            grpc, self.grpc = self.grpc, None
-            await grpc.stop(self.settings.shutdown_timeout_s)
-            await grpc.servicer.control.close()
-            self._unix.close()
-            import shutil
-
-            shutil.rmtree(self._grpc_dir or "", ignore_errors=True)
+        await self._stop_grpc()
         if self._runner is None:
             return
         runner, self._runner = self._runner, None

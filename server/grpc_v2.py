@@ -332,7 +332,8 @@ class GrpcFrontEnd:
         limit = s.max_body_bytes
         self._server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", -1),
-            ("grpc.so_reuseport", 1),
+            # front-end processes share the port; one process alone must not join another server's group
+            ("grpc.so_reuseport", 1 if s.reuse_port else 0),
         ])
         self._server.add_generic_rpc_handlers((handlers(self.servicer),))
         host = f"[{s.host}]" if ":" in s.host else s.host

@@ -19,6 +19,7 @@ Call entry: ``{"i": id, "m": model, "v": version|null, "p": priority|null,
 "x": [[name, datatype, shape], ...]}`` with one frame per input, or
 ``"r": 1`` with one frame: a raw body (``Inference-Header-Content-Length:
 0``), decoded by the core against the version that serves it.
+A call with ``"c": 1`` and no frames only asks whether the model and version exist.
 Answer entry: ``{"i": id, "m": model, "v": version, "x": [[name, datatype,
 shape], ...]}`` with one frame per output, or ``{"i": id, "e": [kind,
 status, message, retry_after]}``.
@@ -60,6 +61,7 @@ class InferCall:
     timeout_ms: float | None = None
     outputs: list[str] | None = None
     routing_key: str | None = None
+    check_only: bool = False  # only: is there such a model and version? (link.ZmqLink.check)
 
 
 @dataclass(slots=True)
@@ -71,6 +73,9 @@ class InferAnswer:
 
 async def run_call(engine: Any, call: InferCall) -> InferAnswer:
     """One call on the engine; its outputs in the serving version's declared order."""
+    if call.check_only:
+        inst = engine.instance(call.model, call.version)  # ModelNotFound, with the engine's message
+        return InferAnswer(inst.name, inst.version, {})
     if call.raw is not None:
         body = call.raw
 
@@ -98,7 +103,9 @@ def pack_calls(calls: Sequence[tuple[int, InferCall]]) -> list[Any]:
     for i, c in calls:
         entry: dict[str, Any] = {"i": i, "m": c.model, "v": c.version, "p": c.priority, "t": c.timeout_ms,
                                  "o": c.outputs, "k": c.routing_key}
-        if c.raw is not None:
+        if c.check_only:
+            entry["c"] = 1
+        elif c.raw is not None:
             entry["r"] = 1
             frames.append(c.raw)
         else:
@@ -125,7 +132,9 @@ def unpack_calls(frames: Sequence[Any]) -> list[tuple[int, InferCall | EngineErr
                 raise ProtocolError("'o' is not a list of names")
             key = _opt_str(entry, "k")
             priority, timeout = entry.get("p"), entry.get("t")  # checked by the engine, as over HTTP
-            if entry.get("r") == 1:
+            if entry.get("c") == 1:
+                call = InferCall(model, version, None, check_only=True)
+            elif entry.get("r") == 1:
                 raw = _frame(frames, pos)
                 pos += 1
                 call = InferCall(model, version, None, raw, priority, timeout, outputs, key)

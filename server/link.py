@@ -9,8 +9,8 @@ its infer calls through a link and never touches the engine itself:
   engine core over a ZeroMQ DEALER socket, batched per event-loop iteration
   (``ipc.py`` gives the message format, ``core.py`` the other end).
 
-``check`` refuses an unknown model before its body is read where the link
-knows the models (in process); a front-end process leaves that to the core.
+``check`` refuses an unknown model before its body is read, with the
+engine's own message (a front-end process asks the core once per name).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ log = logging.getLogger("modelconsole.server.link")
 
 
 class Link(Protocol):
-    def check(self, name: str, version: str | None) -> None: ...
+    async def check(self, name: str, version: str | None) -> None: ...
 
     @property
     def ready(self) -> bool: ...
@@ -42,7 +42,7 @@ class LocalLink:
     def __init__(self, engine: Any):
         self.engine = engine
 
-    def check(self, name: str, version: str | None) -> None:
+    async def check(self, name: str, version: str | None) -> None:
         self.engine.instance(name, version)  # ModelNotFound (404) before a byte of the body is read
 
     @property
@@ -78,10 +78,19 @@ class ZmqLink:
         self._next = 0
         self._reader: asyncio.Task[None] | None = None
         self.gone: str | None = None  # why calls fail at once (the core stopped)
+        self._known: set[tuple[str, str | None]] = set()  # (model, version) pairs the core has
         self.messages_sent = 0  # test hook: calls / messages shows the batching
 
-    def check(self, name: str, version: str | None) -> None:
-        return None
+    async def check(self, name: str, version: str | None) -> None:
+        """ModelNotFound (the engine's own message) for a model or version the core does not have.
+
+        Models are never removed, so a name and version the core once knew stay known: only
+        the first request for each costs a round trip; an unknown one asks every time (it
+        may have been registered since)."""
+        if (name, version) in self._known:
+            return
+        await self.infer(InferCall(name, version, None, check_only=True))
+        self._known.add((name, version))
 
     @property
     def ready(self) -> bool:

@@ -44,24 +44,26 @@ async def start_engine(config: Any, store_path: str) -> Any:
 
 
 def make_server(engine: Any, settings: ServerSettings, workers: int = 0, grpc_port: int | None = None,
-                log_level: str = "INFO") -> Any:
+                log_level: str = "INFO", grpc_required: bool = True) -> Any:
     """One process (``workers`` 0: HTTP and gRPC on this event loop) or an engine core with
     ``workers`` front-end processes (``workers.py``); both have ``start``/``stop``/``port``/``url``."""
     if workers:
         from .workers import WorkerServer
 
-        return WorkerServer(engine, settings, workers, grpc_port=grpc_port, log_level=log_level)
-    return Server(engine, settings, grpc_port=grpc_port)
+        return WorkerServer(engine, settings, workers, grpc_port=grpc_port, grpc_required=grpc_required,
+                            log_level=log_level)
+    return Server(engine, settings, grpc_port=grpc_port, grpc_required=grpc_required)
 
 
 async def serve(config: Any, settings: ServerSettings, store_path: str, *, stop: asyncio.Event | None = None,
-                workers: int = 0, grpc_port: int | None = None) -> int:
-    """Run until a signal (or ``stop``) says otherwise; the exit status."""
+                workers: int = 0, grpc_port: int | None = None, grpc_required: bool = True) -> int:
+    """``grpc_required`` False (the default port, not asked for): a gRPC port in use is a warning."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     engine = await start_engine(config, store_path)
     logger = loop.create_task(_log_events(engine))
-    server = make_server(engine, settings, workers, grpc_port, logging.getLevelName(log.getEffectiveLevel()))
+    server = make_server(engine, settings, workers, grpc_port, logging.getLevelName(log.getEffectiveLevel()),
+                         grpc_required)
     try:
         await server.start()
     except OSError as e:

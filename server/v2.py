@@ -194,7 +194,7 @@ async def infer(request: web.Request) -> web.Response:
     link = request.app[LINK]
     name = request.match_info["name"]
     version = _version(request)
-    link.check(name, version)  # 404 before reading a byte of the body, where the link knows
+    await link.check(name, version)  # 404 before reading a byte of the body
     raw = request.headers.get(_HEADER_LENGTH)
     header_length = None
     if raw is not None:

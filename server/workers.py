@@ -45,8 +45,16 @@ READY_TIMEOUT_S = 120.0  # a front end imports torch (for the codec's BF16): sec
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
-    """A bound, never-listening SO_REUSEPORT socket holding (host, port) for the front ends."""
+    """A bound, never-listening SO_REUSEPORT socket holding (host, port) for the front ends.
+
+    A port some other server already listens on is refused first (EADDRINUSE), as a plain
+    bind would: SO_REUSEPORT alone would let this server join that one's group and take
+    half of its connections."""
     family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    if port:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no reason to refuse
+            probe.bind(addr)
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -106,8 +114,6 @@ class FrontEnds:
             lived = asyncio.get_running_loop().time() - started
             delay = 0.0 if lived > 10 else min(10.0, max(0.25, delay * 2))
             how = f"signal {-rc}" if rc < 0 else f"status {rc}"
-            self.on_event("frontend_restarted", f"front end {k} (pid {proc.pid}) exited with {how}: its "
-                                                f"connections were closed; restarting it", "warning")
             if delay:
                 await asyncio.sleep(delay)
             while not self._stopping:
@@ -117,6 +123,11 @@ class FrontEnds:
                 except RuntimeError as e:
                     log.error("%s; trying again in 10 s", e)
                     await asyncio.sleep(10)
+            else:
+                return
+            self.on_event("frontend_restarted", f"front end {k} (pid {proc.pid}) exited with {how}: its "
+                                                f"connections were closed; restarted as pid {self.procs[k].pid}",
+                          "warning")
 
     @property
     def pids(self) -> list[int]:
@@ -150,13 +161,14 @@ class WorkerServer:
     """The engine core with N front-end processes in front of it (module docstring)."""
 
     def __init__(self, engine: Any, settings: ServerSettings, workers: int, *, grpc_port: int | None = None,
-                 log_level: str = "INFO"):
+                 grpc_required: bool = True, log_level: str = "INFO"):
         if workers < 1:
             raise ValueError(f"workers: expected at least 1, got {workers}")
         self.engine = engine
         self.settings = settings
         self.workers = workers
         self.grpc_port_setting = grpc_port
+        self.grpc_required = grpc_required  # False: a port that cannot be bound is a warning, not a failure
         self.log_level = log_level
         self.port: int | None = None
         self.grpc_port: int | None = None
@@ -180,9 +192,15 @@ class WorkerServer:
             self._reserved.append(main)
             self.port = main.getsockname()[1]
             if self.grpc_port_setting is not None:
-                g = reserve_port(s.host, self.grpc_port_setting)
-                self._reserved.append(g)
-                self.grpc_port = g.getsockname()[1]
+                try:
+                    g = reserve_port(s.host, self.grpc_port_setting)
+                except OSError as e:
+                    if self.grpc_required:
+                        raise
+                    log.warning("gRPC not started (%s): set --grpc-port to another port, or off", e)
+                else:
+                    self._reserved.append(g)
+                    self.grpc_port = g.getsockname()[1]
             front = dataclasses.replace(s, port=self.port, reuse_port=True, token_dir=None)
             spec = {"settings": dataclasses.asdict(front), "ipc": self.core.address, "control": control,
                     "grpc_port": self.grpc_port, "log_level": self.log_level}

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from modelconsole.scheduler.config import parse_config
-from modelconsole.server.app import Server, ServerSettings
-from modelconsole.server.serve import start_engine
+from modelconsole.server.app import ServerSettings
+from modelconsole.server.serve import make_server, start_engine
 
 DATATYPES = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
              "FP16", "FP32", "FP64", "BYTES", "BF16")
@@ -45,7 +45,8 @@ def default_models() -> list[dict[str, Any]]:
 
 class ServerThread:
     def __init__(self, tmp: Path, models: list[dict[str, Any]] | None = None,
-                 settings: ServerSettings | None = None, extra: dict[str, Any] | None = None):
+                 settings: ServerSettings | None = None, extra: dict[str, Any] | None = None,
+                 workers: int = 0, grpc_port: int | None = None):
         raw: dict[str, Any] = {"models": default_models() if models is None else models,
                                "gpu": {"simulate": "1x8GiB"}}
         raw.update(extra or {})
@@ -55,7 +56,9 @@ class ServerThread:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
         self.engine: Any = None
-        self.server: Server | None = None
+        self.server: Any = None  # a Server, or with workers a WorkerServer (front-end processes)
+        self.workers = workers
+        self.grpc_port = grpc_port
 
     def __enter__(self) -> ServerThread:
         self._thread.start()
@@ -64,7 +67,7 @@ class ServerThread:
 
     async def _start(self) -> None:
         self.engine = await start_engine(self.config, self.store_path)
-        self.server = Server(self.engine, self.settings)
+        self.server = make_server(self.engine, self.settings, self.workers, self.grpc_port)
         await self.server.start()
 
     async def _stop(self) -> None:
@@ -93,3 +96,8 @@ class ServerThread:
     def hostport(self) -> str:
         """What tritonclient wants: host:port without a scheme."""
         return self.url.removeprefix("http://")
+
+    @property
+    def grpc_hostport(self) -> str:
+        assert self.server is not None and self.server.grpc_port is not None
+        return f"127.0.0.1:{self.server.grpc_port}"

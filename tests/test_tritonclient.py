@@ -1,4 +1,5 @@
-"""The unmodified ``tritonclient[http]`` (sync and aio) against a real server on a loopback port.
+"""The unmodified ``tritonclient[http]`` (sync and aio) against a real server on a loopback port:
+one process, and the engine core behind two front-end processes (``--workers 2``).
 
 Every client method the server implements, JSON and binary tensors, every
 datatype (through ``zoo:identity`` echo models), compression, request
@@ -21,9 +22,10 @@ from serverutil import DATATYPES, ServerThread
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory):
-    with ServerThread(tmp_path_factory.mktemp("triton")) as s:
+@pytest.fixture(scope="module", params=[0, 2], ids=["one-process", "2-front-ends"])
+def srv(request, tmp_path_factory):
+    """The same suite against one process and against two front-end processes (--workers 2)."""
+    with ServerThread(tmp_path_factory.mktemp("triton"), workers=request.param) as s:
         yield s
 
 

@@ -1,0 +1,261 @@
+"""``--workers N``: front-end processes beside one engine core, over real sockets.
+
+The tritonclient suites (``test_tritonclient.py``, ``test_grpc.py``) already
+run through two front ends; here is what only the split has: the same 4xx
+answers from a front end as from one process, the control API, event
+stream and metrics through a front end, batching of calls into IPC
+messages, a malformed IPC message, a front end killed and restarted, a
+drain that answers everything in flight, and front ends stopping when the
+engine core dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import aiohttp
+import numpy as np
+import pytest
+from serverutil import ServerThread
+
+from modelconsole.console.client import RemoteClient
+from modelconsole.server.app import ServerSettings
+
+TOKEN = "workers-test-token"
+MODELS = [
+    {"name": "tiny", "source": "zoo:tiny-mlp", "max_queue_delay_ms": 1},
+    # requests wait here until 64 arrive or 5 s pass: in flight long enough to drain them
+    {"name": "slow", "source": "zoo:tiny-mlp", "max_batch_size": 64, "max_queue_delay_ms": 5000},
+]
+
+
+def tiny_body(batch: int = 1) -> dict:
+    return {"inputs": [{"name": "input", "datatype": "FP32", "shape": [batch, 64],
+                        "data": np.ones(batch * 64).tolist()}]}
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """One process and two front ends over the same models, to compare their answers."""
+    settings = ServerSettings(port=0, token=TOKEN)
+    with ServerThread(tmp_path_factory.mktemp("one"), MODELS, settings=settings) as one, \
+            ServerThread(tmp_path_factory.mktemp("two"), MODELS, settings=settings, workers=2) as two:
+        yield one, two
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+BAD_REQUESTS = [
+    ("POST", "/v2/models/tiny/infer", {}, b"{not json", "invalid JSON"),
+    ("POST", "/v2/models/tiny/infer", {}, b'{"inputs": [{"name": "input"}]}', "inputs"),
+    ("POST", "/v2/models/nope/infer", {}, b'{"inputs": []}', "unknown model"),
+    ("POST", "/v2/models/tiny/versions/x/infer", {}, b"{}", "model version"),
+    ("POST", "/v2/models/tiny/infer", {"Inference-Header-Content-Length": "-3"}, b"{}", "non-negative"),
+    ("POST", "/v2/models/tiny/infer", {"Content-Encoding": "zstd-x"}, b"{}", "Content-Encoding"),
+    ("POST", "/v2/models/tiny/infer", {"Content-Encoding": "gzip"}, gzip.compress(b"\0" * (8 << 20)),
+     "inflat"),
+    ("POST", "/v2/models/tiny/infer", {"Inference-Header-Content-Length": "0"}, b"\0" * 12, "raw input"),
+    ("GET", "/api/snapshot", {"Authorization": "Bearer wrong"}, None, "token"),
+    ("GET", "/api/snapshot", {}, None, "Authorization"),
+    ("POST", "/api/models/tiny/load", {**AUTH, "Content-Type": "text/plain"}, b"{}", "Content-Type"),
+    ("POST", "/api/models", {**AUTH, "Content-Type": "application/json"}, b'{"name": "x", "source": "os:system"}',
+     "source"),
+    ("GET", "/v2/models/tiny", {"Origin": "http://evil.example"}, None, "cross-site"),
+    ("GET", "/v2/models/nope/config", {}, None, "unknown model"),
+    ("DELETE", "/v2/models/tiny", {}, None, ""),
+]
+
+
+async def answer(session: aiohttp.ClientSession, base: str, method: str, path: str, headers: dict,
+                 body: bytes | None) -> tuple[int, str]:
+    async with session.request(method, base + path, headers=headers, data=body) as r:
+        return r.status, await r.text()
+
+
+async def test_a_front_end_refuses_exactly_as_one_process_does(pair):
+    one, two = pair
+    async with aiohttp.ClientSession(auto_decompress=False) as s:
+        for method, path, headers, body, needle in BAD_REQUESTS:
+            a = await answer(s, one.url, method, path, headers, body)
+            b = await answer(s, two.url, method, path, headers, body)
+            assert a[0] >= 400 and needle in a[1], (path, a)
+            # the same status and message (a message naming the server's own address names its port)
+            assert (a[0], a[1].replace(str(one.server.port), "PORT")) == \
+                (b[0], b[1].replace(str(two.server.port), "PORT")), (method, path, headers)
+
+
+async def test_infer_answers_match_one_process(pair):
+    one, two = pair
+    async with aiohttp.ClientSession() as s:
+        for body in (tiny_body(1), tiny_body(5)):
+            async with s.post(one.url + "/v2/models/tiny/infer", json=body) as r1, \
+                    s.post(two.url + "/v2/models/tiny/infer", json=body) as r2:
+                assert r1.status == r2.status == 200
+                assert await r1.json() == await r2.json()
+        raw = np.arange(64, dtype="<f4").tobytes()
+        outs = []
+        for srv in pair:
+            async with s.post(srv.url + "/v2/models/tiny/infer", data=raw,
+                              headers={"Inference-Header-Content-Length": "0"}) as r:
+                assert r.status == 200
+                outs.append(await r.read())
+        assert outs[0] == outs[1]
+
+
+async def test_control_events_and_metrics_through_a_front_end(pair):
+    _, two = pair
+    async with aiohttp.ClientSession(headers=AUTH, timeout=aiohttp.ClientTimeout(total=120)) as s:
+        async with s.get(two.url + "/api/events") as stream:
+            assert stream.status == 200 and stream.content_type == "text/event-stream"
+            async with s.post(two.url + "/api/models/tiny/unload", json={}) as r:
+                assert r.status == 200, await r.text()
+            seen = b""
+            while b'"kind":"unloaded"' not in seen:  # the stream ends only with the test's timeout
+                seen += await stream.content.readany()
+        async with s.get(two.url + "/api/audit", params={"model": "tiny"}) as r:
+            entries = (await r.json())["entries"]
+            assert entries[0]["action"] == "unload" and entries[0]["result"] == "ok"
+        async with s.post(two.url + "/v2/models/tiny/infer", json=tiny_body()) as r:
+            assert r.status == 200  # loads again on demand
+        async with s.get(two.url + "/metrics") as r:
+            text = await r.text()
+            assert 'nv_inference_request_success{model="tiny",version="1"}' in text
+
+
+def test_the_console_attaches_through_a_front_end(pair):
+    _, two = pair
+
+    async def look() -> list[str]:
+        client = RemoteClient(two.url, TOKEN)
+        await client.start()
+        try:
+            return [m["name"] for m in client.snapshot()["models"]]
+        finally:
+            await client.close()
+
+    assert {"tiny", "slow"} <= set(asyncio.run(look()))
+
+
+async def test_calls_share_ipc_messages_under_load(pair):
+    _, two = pair
+    core = two.server.core
+    before_calls, before_messages = core.calls, core.messages
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as s:
+
+        async def one() -> int:
+            async with s.post(two.url + "/v2/models/tiny/infer", json=tiny_body()) as r:
+                return r.status
+
+        statuses = await asyncio.gather(*(one() for _ in range(400)))
+    assert statuses == [200] * 400
+    calls, messages = core.calls - before_calls, core.messages - before_messages
+    assert calls == 400 and messages < calls, (calls, messages)
+
+
+async def test_a_malformed_ipc_message_is_dropped_and_the_core_serves_on(pair):
+    import zmq
+    import zmq.asyncio
+
+    _, two = pair
+    core = two.server.core
+    dropped = core.dropped_messages
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(core.address)
+    garbage = [[b"not json"], [b"{}"], [b"[1, 2]"], [b'[{"i": 1, "m": "tiny", "x": [["input", "FP32", [1, 64]]]}]'],
+               [b'[{"i": 1, "m": 5, "x": []}]', b"extra"]]
+    for frames in garbage:
+        await sock.send_multipart(frames)
+    # a call with tensors that do not match their shape gets a 400 answer, like HTTP's
+    await sock.send_multipart([b'[{"i": 9, "m": "tiny", "x": [["input", "FP32", [1, 64]]]}]', b"\0" * 10])
+    reply = await asyncio.wait_for(sock.recv_multipart(), 30)
+    assert b'"i":9' in reply[0] and b"400" in reply[0]
+    sock.close(0)
+    ctx.term()
+    assert core.dropped_messages == dropped + len(garbage)
+    async with aiohttp.ClientSession() as s, s.post(two.url + "/v2/models/tiny/infer", json=tiny_body()) as r:
+        assert r.status == 200
+
+
+def test_a_dead_front_end_is_restarted(tmp_path):
+    with ServerThread(tmp_path, MODELS, workers=2) as srv:
+        fronts = srv.server.frontends
+        victim = fronts.procs[0].pid
+
+        async def restarted() -> str:
+            with srv.engine.subscribe() as sub:
+                os.kill(victim, signal.SIGKILL)
+                async for ev in sub:
+                    if ev.kind == "frontend_restarted":
+                        return ev.message
+
+        message = srv.call(restarted)
+        assert f"pid {victim}" in message and "signal 9" in message
+        assert victim not in fronts.pids and len(fronts.pids) == 2 and fronts.restarts == 1
+
+        async def traffic() -> list[int]:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+                async def one() -> int:
+                    async with s.post(srv.url + "/v2/models/tiny/infer", json=tiny_body()) as r:
+                        return r.status
+                return await asyncio.gather(*(one() for _ in range(50)))
+
+        assert asyncio.run(traffic()) == [200] * 50
+
+
+def test_sigterm_drain_answers_every_request_in_flight(tmp_path):
+    with ServerThread(tmp_path, MODELS, workers=2) as srv:
+        core = srv.server.core
+        n = 12
+
+        async def main() -> list[int]:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+                async def one() -> int:
+                    async with s.post(srv.url + "/v2/models/slow/infer", json=tiny_body()) as r:
+                        return r.status
+
+                tasks = [asyncio.create_task(one()) for _ in range(n)]
+                deadline = time.monotonic() + 60
+                while core.calls < n:  # every call has reached the engine core (they wait for a batch there)
+                    assert time.monotonic() < deadline, core.calls
+                    await asyncio.sleep(0.02)
+                assert not any(t.done() for t in tasks)
+                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(srv.server.stop(), srv.loop))
+                return await asyncio.gather(*tasks)
+
+        assert asyncio.run(main()) == [200] * n
+
+
+def test_front_ends_stop_when_the_engine_core_dies(tmp_path):
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "modelconsole.console", "--serve", "--port", "0",
+                                 "--workers", "2", "--grpc-port", "off", "--store", str(tmp_path / "s.db")],
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        pids = None
+        deadline = time.monotonic() + 120
+        while pids is None:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            for line in log.read_text().splitlines():
+                if "front-end processes (pids" in line:
+                    pids = [int(p) for p in line.split("(pids ")[1].split(")")[0].split()]
+            time.sleep(0.1)
+        fds = [os.pidfd_open(p) for p in pids]
+        proc.kill()
+        proc.wait(30)
+        for fd in fds:  # a pidfd is readable once its process has exited
+            ready, _, _ = select.select([fd], [], [], 60)
+            assert ready, f"a front end outlived its engine core:\n{log.read_text()}"
+            os.close(fd)
+        assert "the engine core is gone" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
