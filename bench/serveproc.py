@@ -10,18 +10,22 @@ import urllib.request
 from pathlib import Path
 
 
-def start_server(tmp: Path, port: int, config: str) -> subprocess.Popen:
+def start_server(tmp: Path, port: int, config: str, extra: list[str] | None = None,
+                 cpus: list[int] | None = None) -> subprocess.Popen:
     """Write ``config`` into ``tmp``, start ``--serve`` on 127.0.0.1:``port`` and return it once ready.
 
     The server runs as a user would start it: no environment tweaks (it chooses
     its torch threads itself, ``[server] torch_threads``); an ``OMP_NUM_THREADS``
-    the bench itself set for its own process is not passed on.
+    the bench itself set for its own process is not passed on.  ``extra``: more flags
+    (the default is one process without gRPC); ``cpus``: the CPUs it (and its front-end
+    processes) may run on.
     """
     (tmp / "bench.toml").write_text(config)
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     proc = subprocess.Popen([sys.executable, "-m", "modelconsole.console", "--serve", "--config",
                              str(tmp / "bench.toml"), "--port", str(port), "--store", str(tmp / "store.db"),
-                             "--log-level", "WARNING"], env=env)
+                             "--log-level", "WARNING", *(extra or ["--workers", "0", "--grpc-port", "off"])],
+                            env=env, preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     deadline = time.monotonic() + 120
     while True:
         try:
