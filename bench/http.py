@@ -288,9 +288,9 @@ def run_load(protocol: str, host: str, port: int, models: list[int], procs: int,
 # --------------------------------------------------------------------------- servers and raw torch
 
 
-def config(models: int, device: str) -> str:
-    return "\n".join(f'[[models]]\nname = "{name}"\nsource = "zoo:{zoo}"\ndevice = "{device}"\n'
-                     for name, zoo, *_ in ZOO[:models])
+def config(models: int, device: str, ipc: str = "unix") -> str:
+    return f'[server]\nipc = "{ipc}"\n\n' + "\n".join(
+        f'[[models]]\nname = "{name}"\nsource = "zoo:{zoo}"\ndevice = "{device}"\n' for name, zoo, *_ in ZOO[:models])
 
 
 def model_stats(port: int) -> dict[str, tuple[int, int]]:
@@ -315,11 +315,19 @@ def raw_torch_samples_per_s(models: int, batches: dict[str, int], device: str, s
         else:
             x = torch.rand((b, *shape), device=device)
         built.append((module, x, b))
+    one = []
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     with torch.inference_mode():
-        for module, x, _ in built:  # warm up
+        for module, x, b in built:  # warm up, and each model alone (printed beside the total)
             module(x)
-        sync()
+            sync()
+            t0, n = time.perf_counter(), 0
+            while time.perf_counter() - t0 < 0.5:
+                module(x)
+                sync()
+                n += b
+            one.append(round(n / (time.perf_counter() - t0)))
+        print(f"  raw torch alone, samples/s: {dict(zip([m[0] for m in ZOO], one))}")
         samples = 0
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < seconds:
@@ -333,12 +341,12 @@ def raw_torch_samples_per_s(models: int, batches: dict[str, int], device: str, s
 class Serve:
     """``modelconsole --serve`` (pinned to ``cpus`` where given) for the length of a with-block."""
 
-    def __init__(self, tmp: Path, models: int, device: str, workers: int, cpus: list[int] | None):
+    def __init__(self, tmp: Path, models: int, device: str, workers: int, cpus: list[int] | None, ipc: str):
         self.tmp = tmp / f"w{workers}"
         self.tmp.mkdir()
         self.port = _free_port()
         self.grpc_port = _free_port()
-        self.args = (config(models, device), workers, cpus)
+        self.args = (config(models, device, ipc), workers, cpus)
 
     def __enter__(self) -> Serve:
         text, workers, cpus = self.args
@@ -369,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="both (default): the c=256 rows over HTTP and the gRPC row; http: no gRPC row")
     ap.add_argument("--models", type=int, default=3, choices=[1, 2, 3], help="models of the multi-model rows")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the models and raw torch)")
+    ap.add_argument("--ipc", choices=["unix", "zmq"], default="unix", help="[server] ipc of the workers server")
     ap.add_argument("--seconds", type=float, default=10.0, help="measured seconds per row")
     ap.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each row")
     ap.add_argument("--procs", type=int, help="load-generator processes (default: the cores the servers leave)")
@@ -390,12 +399,12 @@ def main(argv: list[str] | None = None) -> int:
     tiny256, tiny1 = [0] * 256, [0]
     multi = [m for m in range(args.models) for _ in range(64)]
     with tempfile.TemporaryDirectory() as tmp:
-        with Serve(Path(tmp), args.models, args.device, 0, server_cpus) as one:
+        with Serve(Path(tmp), args.models, args.device, 0, server_cpus, args.ipc) as one:
             rows["one process, c=256"] = run_load("http", host, one.port, tiny256, procs, args.warmup,
                                                   args.seconds, one.proc.pid, load_cpus)
             rows["one process, c=1"] = run_load("http", host, one.port, tiny1, 1, args.warmup, args.seconds,
                                                 one.proc.pid, load_cpus)
-        with Serve(Path(tmp), args.models, args.device, workers, server_cpus) as many:
+        with Serve(Path(tmp), args.models, args.device, workers, server_cpus, args.ipc) as many:
             name = f"{workers} workers"
             rows[f"{name}, c=256"] = run_load("http", host, many.port, tiny256, procs, args.warmup, args.seconds,
                                               many.proc.pid, load_cpus)
@@ -417,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
 
     where = (f"server on CPUs {server_cpus[0]}-{server_cpus[-1]}, load on {load_cpus[0]}-{load_cpus[-1]}"
              if server_cpus else f"server and load share all {cores} CPUs")
-    print(f"tiny-mlp binary V2, single-sample; {args.device}; {where}; {procs} load processes; "
+    print(f"tiny-mlp binary V2, single-sample; {args.device}; IPC {args.ipc}; {where}; {procs} load processes; "
           f"{args.seconds:g} s measured per row")
     print(f"  {'row':<28} {'requests':>9} {'req/s':>8} {'p50 us':>8} {'p99 us':>8} {'errors':>6}  "
           f"CPU cores busy (core / front ends / load)")

@@ -142,7 +142,7 @@ def server_settings(args: argparse.Namespace, config) -> tuple[object, str] | st
                           body_timeout_s=config.server.body_timeout_s,
                           head_timeout_s=config.server.head_timeout_s,
                           keepalive_timeout_s=config.server.keepalive_timeout_s,
-                          access_log=args.access_log, token_dir=token_dir), host
+                          access_log=args.access_log, token_dir=token_dir, ipc=config.server.ipc), host
 
 
 def store_path(args: argparse.Namespace, config) -> str:

@@ -131,6 +131,7 @@ class ServerConfig:
     torch_threads: int | None = None  # intra-op threads per model worker (None: policy.torch_threads; 0: torch's)
     workers: int | None = None  # front-end processes with --serve (None: policy.frontend_workers; 0: one process)
     grpc_port: int | None = 8001  # KServe V2 over gRPC with --serve (None: off; the console only with --grpc-port)
+    ipc: str = "unix"  # how front-end processes reach the engine core: "unix" (a Unix socket) or "zmq"
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,12 @@ def _number(minimum: float, what: str, strict: bool = False) -> Callable[[str, A
 def _str(path: str, v: Any) -> str:
     if not isinstance(v, str) or not v:
         raise _fail(path, "a non-empty string", v)
+    return v
+
+
+def _ipc(path: str, v: Any) -> str:
+    if v not in ("unix", "zmq"):
+        raise _fail(path, '"unix" or "zmq"', v)
     return v
 
 
@@ -461,6 +468,7 @@ def parse_config(raw: dict[str, Any], base_dir: str, path: str | None = None) ->
         "torch_threads": _int(0, "a non-negative integer (0 leaves torch's default)"),
         "workers": _int(0, "a non-negative integer (0: one process)"),
         "grpc_port": grpc_port,
+        "ipc": _ipc,
     }))
     store = StoreConfig(**_section(raw, "store", {"path": _str}))
     if store.path is not None and store.path != ":memory:":

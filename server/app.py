@@ -97,6 +97,7 @@ class ServerSettings:
     token_dir: str | None = None
     reuse_port: bool = False  # SO_REUSEPORT: several front-end processes listen on one port (workers.py)
     unix_path: str | None = None  # listen on this Unix socket instead of host:port (the engine core's control app)
+    ipc: str = "unix"  # --workers: how front ends reach the engine core (transport.py): "unix" or "zmq"
 
     def __post_init__(self) -> None:
         # Without a token the guard has nothing to compare, so the flag would silently check nothing.

@@ -3,8 +3,8 @@
 It listens on the server's port beside its siblings (SO_REUSEPORT: the kernel
 spreads connections over them) and does the per-request work that grows with
 the traffic: HTTP, the token check, V2 decoding and its 4xx answers, and the
-answer's encoding.  Infer calls go to the engine core over ZeroMQ
-(``link.ZmqLink``); everything else is forwarded to the core's own app
+answer's encoding.  Infer calls go to the engine core over IPC (``transport.py``)
+(``link.CoreLink``); everything else is forwarded to the core's own app
 (``proxy.py``), so its answers are exactly one process's.  With a gRPC port
 it serves KServe V2 over gRPC too (``grpc_v2.py``), through the same link.
 
@@ -31,7 +31,7 @@ from typing import Any
 from aiohttp import web
 
 from .app import CLOSING, DRAINING, ENGINE, LINK, SETTINGS, STARTED, Server, ServerSettings, _make_guard
-from .link import ZmqLink
+from .link import CoreLink
 from .proxy import ControlProxy
 
 log = logging.getLogger("modelconsole.server.frontend")
@@ -72,8 +72,8 @@ def build_frontend_app(link: Any, proxy: ControlProxy, settings: ServerSettings)
 
 async def run(spec: dict[str, Any], stdin_eof: asyncio.Future[None]) -> int:
     settings = ServerSettings(**spec["settings"])
-    link = ZmqLink(spec["ipc"])
-    link.start()
+    link = CoreLink(spec["ipc"])
+    await link.start()
     proxy = ControlProxy(spec["control"])
     app = build_frontend_app(link, proxy, settings)
     server = Server(None, settings, app=app)

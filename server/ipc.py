@@ -1,16 +1,17 @@
 """What front-end processes and the engine core say to each other about inference.
 
 One infer request is an :class:`InferCall`; its answer an :class:`InferAnswer`
-or an ``EngineError``.  Both cross the process boundary as ZeroMQ multipart
+or an ``EngineError``.  Both cross the process boundary as multipart
 messages (``frontend.py`` sends calls, ``core.py`` answers), and a message
 carries **many** of them: everything a process has ready in one event-loop
 iteration goes in one message, so under load the per-message costs (a
 syscall, a wake-up of the other side) are shared by tens of requests.
+``transport.py`` carries the messages (a Unix socket, or ZeroMQ).
 
 A message is ``[header, frame, frame, ...]``.  The header is JSON (orjson)
 with one entry per call or answer, in order; each tensor is one frame of its
 V2 wire bytes (``codec.tensor_to_bytes``: little-endian, row-major; BYTES
-length-prefixed) that ZeroMQ sends from the tensor's own memory and the other
+length-prefixed) that is sent from the tensor's own memory and the other
 side reads with ``np.frombuffer`` (``codec.tensor_from_bytes``): no pickle,
 no per-element work for fixed-size datatypes.
 
@@ -61,7 +62,7 @@ class InferCall:
     timeout_ms: float | None = None
     outputs: list[str] | None = None
     routing_key: str | None = None
-    check_only: bool = False  # only: is there such a model and version? (link.ZmqLink.check)
+    check_only: bool = False  # only: is there such a model and version? (link.CoreLink.check)
 
 
 @dataclass(slots=True)
@@ -240,7 +241,7 @@ def _frame(frames: Sequence[Any], pos: int) -> Any:
 
 
 def _buffer(frame: Any) -> Any:
-    """A frame's bytes without copying (a zmq.Frame's buffer; bytes as they are)."""
+    """A frame's bytes without copying (a zmq.Frame's buffer; a memoryview or bytes as they are)."""
     return frame.buffer if hasattr(frame, "buffer") else frame
 
 

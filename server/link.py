@@ -5,8 +5,8 @@ its infer calls through a link and never touches the engine itself:
 
 * :class:`LocalLink` — the engine lives in this process (``--workers 0`` and
   the embedded console): the call goes straight to ``ipc.run_call``;
-* :class:`ZmqLink` — a front-end process (``--workers N``): calls go to the
-  engine core over a ZeroMQ DEALER socket, batched per event-loop iteration
+* :class:`CoreLink` — a front-end process (``--workers N``): calls go to the
+  engine core over ``transport.py``, batched per event-loop iteration
   (``ipc.py`` gives the message format, ``core.py`` the other end).
 
 ``check`` refuses an unknown model before its body is read, with the
@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from modelconsole.scheduler.errors import EngineError, ModelUnavailable
 
-from . import ipc
+from . import ipc, transport
 from .ipc import InferAnswer, InferCall
 
 log = logging.getLogger("modelconsole.server.link")
@@ -53,33 +53,24 @@ class LocalLink:
         return await ipc.run_call(self.engine, call)
 
 
-class ZmqLink:
+class CoreLink:
     """A front-end process's connection to the engine core.
 
     Calls made in one event-loop iteration leave in one message (``_flush``
-    runs once, after them); one reader task resolves the answers.  When the
-    core goes away, ``fail_all`` answers every call in flight with 503 and
-    every later one at once: a client never waits on a core that is gone.
+    runs once, after them); answers are resolved as their message arrives.
+    When the core goes away, ``fail_all`` answers every call in flight with
+    503 and every later one at once: a client never waits on a core that is
+    gone.
     """
 
     def __init__(self, address: str):
-        import zmq
-        import zmq.asyncio
-
-        self._zmq = zmq
-        self._ctx = zmq.asyncio.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.SNDHWM, 0)  # never drop or block a send: the engine bounds its queues
-        self._sock.setsockopt(zmq.RCVHWM, 0)
-        self._sock.connect(address)
+        self._end = transport.client_end(address, self._on_message, self._on_lost)
         self._pending: dict[int, asyncio.Future[InferAnswer]] = {}
         self._outbox: list[tuple[int, InferCall]] = []
         self._next = 0
-        self._reader: asyncio.Task[None] | None = None
         self.gone: str | None = None  # why calls fail at once (the core stopped)
         self._known: set[tuple[str, str | None]] = set()  # (model, version) pairs the core has
-        self.messages_sent = 0  # test hook: calls / messages shows the batching
+        self.messages_sent = 0
 
     async def check(self, name: str, version: str | None) -> None:
         """ModelNotFound (the engine's own message) for a model or version the core does not have.
@@ -96,8 +87,8 @@ class ZmqLink:
     def ready(self) -> bool:
         return self.gone is None
 
-    def start(self) -> None:
-        self._reader = asyncio.get_running_loop().create_task(self._read())
+    async def start(self) -> None:
+        await self._end.start()
 
     async def infer(self, call: InferCall) -> InferAnswer:
         if self.gone is not None:
@@ -120,8 +111,7 @@ class ZmqLink:
         if not calls:
             return
         try:
-            frames = ipc.pack_calls(calls)
-            self._sock.send_multipart(frames, copy=False)
+            self._end.send(ipc.pack_calls(calls))
             self.messages_sent += 1
         except Exception as e:  # noqa: BLE001 - these calls fail, the link keeps working
             log.exception("cannot send %d calls to the engine core", len(calls))
@@ -130,23 +120,20 @@ class ZmqLink:
                 if fut is not None and not fut.done():
                     fut.set_exception(EngineError(f"cannot reach the engine core: {e}"))
 
-    async def _read(self) -> None:
-        while True:
-            frames = await self._sock.recv_multipart(copy=False)
-            try:
-                answers = ipc.unpack_answers(frames)
-            except Exception:  # noqa: BLE001 - a bug, logged; the calls in it fail by their timeout
-                log.exception("unreadable answer from the engine core")
-                continue
-            pending = self._pending
-            for i, a in answers:
-                fut = pending.get(i)
-                if fut is None or fut.done():
-                    continue  # its client went away
-                if isinstance(a, EngineError):
-                    fut.set_exception(a)
-                else:
-                    fut.set_result(a)
+    def _on_message(self, frames: list[Any]) -> None:
+        pending = self._pending
+        for i, a in ipc.unpack_answers(frames):
+            fut = pending.get(i)
+            if fut is None or fut.done():
+                continue  # its client went away
+            if isinstance(a, EngineError):
+                fut.set_exception(a)
+            else:
+                fut.set_result(a)
+
+    def _on_lost(self) -> None:
+        if self.gone is None:
+            self.fail_all("the engine core closed the connection")
 
     @property
     def in_flight(self) -> int:
@@ -160,12 +147,7 @@ class ZmqLink:
                 fut.set_exception(ModelUnavailable(message))
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
-        self.fail_all(self.gone or "the front end is shutting down")
-        self._sock.close(0)
-        self._ctx.term()
+        if self.gone is None:
+            self.gone = "the front end is shutting down"
+        await self._end.close()
+        self.fail_all(self.gone)

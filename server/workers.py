@@ -183,8 +183,9 @@ class WorkerServer:
         s = self.settings
         self._dir = tempfile.mkdtemp(prefix="modelconsole-")  # 0700: only this user reaches the core
         try:
-            self.core = CoreServer(self.engine, f"ipc://{self._dir}/engine")
-            self.core.start()
+            address = f"ipc://{self._dir}/engine" if s.ipc == "zmq" else f"unix://{self._dir}/engine.sock"
+            self.core = CoreServer(self.engine, address)
+            await self.core.start()
             control = os.path.join(self._dir, "control.sock")
             self.control = Server(self.engine, dataclasses.replace(s, unix_path=control, token_dir=None))
             await self.control.start()

@@ -26,6 +26,7 @@ import pytest
 from serverutil import ServerThread
 
 from modelconsole.console.client import RemoteClient
+from modelconsole.server import transport
 from modelconsole.server.app import ServerSettings
 
 TOKEN = "workers-test-token"
@@ -160,26 +161,27 @@ async def test_calls_share_ipc_messages_under_load(pair):
 
 
 async def test_a_malformed_ipc_message_is_dropped_and_the_core_serves_on(pair):
-    import zmq
-    import zmq.asyncio
-
     _, two = pair
     core = two.server.core
     dropped = core.dropped_messages
-    ctx = zmq.asyncio.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.connect(core.address)
+    received: asyncio.Queue = asyncio.Queue()
+    end = transport.client_end(core.address, received.put_nowait, lambda: None)
+    await end.start()
     garbage = [[b"not json"], [b"{}"], [b"[1, 2]"], [b'[{"i": 1, "m": "tiny", "x": [["input", "FP32", [1, 64]]]}]'],
                [b'[{"i": 1, "m": 5, "x": []}]', b"extra"]]
     for frames in garbage:
-        await sock.send_multipart(frames)
+        end.send(frames)
     # a call with tensors that do not match their shape gets a 400 answer, like HTTP's
-    await sock.send_multipart([b'[{"i": 9, "m": "tiny", "x": [["input", "FP32", [1, 64]]]}]', b"\0" * 10])
-    reply = await asyncio.wait_for(sock.recv_multipart(), 30)
-    assert b'"i":9' in reply[0] and b"400" in reply[0]
-    sock.close(0)
-    ctx.term()
+    end.send([b'[{"i": 9, "m": "tiny", "x": [["input", "FP32", [1, 64]]]}]', b"\0" * 10])
+    reply = await asyncio.wait_for(received.get(), 30)
+    assert b'"i":9' in bytes(reply[0]) and b"400" in bytes(reply[0])
+    await end.close()
     assert core.dropped_messages == dropped + len(garbage)
+    # bytes that are no record at all close that connection only
+    reader, writer = await asyncio.open_unix_connection(core.address.removeprefix("unix://"))
+    writer.write(b"\xff" * 64)
+    assert await reader.read() == b""  # closed by the core
+    writer.close()
     async with aiohttp.ClientSession() as s, s.post(two.url + "/v2/models/tiny/infer", json=tiny_body()) as r:
         assert r.status == 200
 
