@@ -375,7 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, help="front-end processes of the second server (default 8, --quick 1)")
     ap.add_argument("--protocol", choices=["http", "grpc", "both"], default="both",
                     help="both (default): the c=256 rows over HTTP and the gRPC row; http: no gRPC row")
-    ap.add_argument("--models", type=int, default=3, choices=[1, 2, 3], help="models of the multi-model rows")
+    ap.add_argument("--models", type=int, choices=[1, 2, 3],
+                    help="models of the multi-model rows (default 3; --quick 2: the encoder takes ~2 s a batch on a "
+                    "CPU core)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the models and raw torch)")
     ap.add_argument("--ipc", choices=["unix", "zmq"], default="unix", help="[server] ipc of the workers server")
     ap.add_argument("--seconds", type=float, default=10.0, help="measured seconds per row")
@@ -385,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.seconds, args.warmup = 3.0, 1.0
     workers = args.workers if args.workers is not None else (1 if args.quick else 8)
+    if args.models is None:
+        args.models = 2 if args.quick else 3
     host = "127.0.0.1"
     # the servers get the first cores (the core process, its model threads, the front ends), the load the rest
     server_cores = min(cores, workers + 3)
