@@ -383,6 +383,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=10.0, help="measured seconds per row")
     ap.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each row")
     ap.add_argument("--procs", type=int, help="load-generator processes (default: the cores the servers leave)")
+    ap.add_argument("--attach", type=int, metavar="PORT",
+                    help="only load a server already listening on 127.0.0.1:PORT (serving zoo:tiny-mlp as \"tiny\"), "
+                    "e.g. to profile it: its c=256 and c=1 rows (workers_rps and c1_p50_us; the rest null)")
+    ap.add_argument("--server-pid", type=int, help="with --attach: the server's pid, for its CPU split")
     args = ap.parse_args(argv)
     if args.quick:
         args.seconds, args.warmup = 3.0, 1.0
@@ -401,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: dict[str, dict] = {}
     tiny256, tiny1 = [0] * 256, [0]
+    if args.attach:
+        return attached(args, host, procs, load_cpus)
     multi = [m for m in range(args.models) for _ in range(64)]
     with tempfile.TemporaryDirectory() as tmp:
         with Serve(Path(tmp), args.models, args.device, 0, server_cpus, args.ipc) as one:
@@ -458,6 +464,21 @@ def main(argv: list[str] | None = None) -> int:
         "grpc_rps": round(grpc_row["rps"]) if grpc_row else None,
         "c1_p50_us": round(rows[f"{workers} workers, c=1"]["p50_us"], 1),
     }))
+    return 1 if any(r["errors"] for r in rows.values()) else 0
+
+
+def attached(args: argparse.Namespace, host: str, procs: int, load_cpus: list[int] | None) -> int:
+    rows = {"attached, c=256": run_load("http", host, args.attach, [0] * 256, procs, args.warmup, args.seconds,
+                                        args.server_pid, load_cpus),
+            "attached, c=1": run_load("http", host, args.attach, [0], 1, args.warmup, args.seconds,
+                                      args.server_pid, load_cpus)}
+    print(f"tiny-mlp binary V2, single-sample, the server on 127.0.0.1:{args.attach}; {args.seconds:g} s per row")
+    for label, r in rows.items():
+        print(f"  {label:<16} {r['requests']:>9} req {r['rps']:>8.0f} req/s  p50 {r['p50_us']:>6.0f} us  "
+              f"p99 {r['p99_us']:>6.0f} us  errors {r['errors']}  CPU {r['cpu']}")
+    print(json.dumps({"single_process_rps": None, "workers_rps": round(rows["attached, c=256"]["rps"]),
+                      "workers": None, "scaling": None, "multi_model_rps": None, "multi_model_vs_raw": None,
+                      "grpc_rps": None, "c1_p50_us": round(rows["attached, c=1"]["p50_us"], 1)}))
     return 1 if any(r["errors"] for r in rows.values()) else 0
 
 
