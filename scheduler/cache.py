@@ -72,6 +72,30 @@ def entry_size(key: bytes, stored: tuple[Stored, ...]) -> int:
     return size
 
 
+def input_digest(entries: Any) -> bytes:
+    """xxh3-128 of a request's inputs: (name, datatype, shape, V2 wire bytes) each, sorted by
+    name (the wire bytes: little-endian row-major, BF16 as its 16 bits, BYTES length-prefixed)."""
+    h = xxhash.xxh3_128()
+    for name, datatype, shape, data in entries:
+        h.update(name.encode() + b"\0" + datatype.encode() + b"\0" + repr(tuple(shape)).encode())
+        h.update(data)
+    return h.digest()
+
+
+def _wire(t: Any) -> Any:
+    """A validated tensor's V2 wire bytes (what ``input_digest`` hashes)."""
+    if isinstance(t, torch.Tensor):
+        if t.dtype == torch.bfloat16:
+            t = t.view(torch.int16)
+        return t.contiguous().numpy().data
+    parts = []  # BYTES: length-prefixed elements
+    for item in t.flat:
+        b = item if isinstance(item, bytes) else str(item).encode()
+        parts.append(len(b).to_bytes(4, "little"))
+        parts.append(b)
+    return b"".join(parts)
+
+
 class ResultCache:
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
@@ -82,23 +106,16 @@ class ResultCache:
         self.evictions = 0
 
     @staticmethod
-    def key(prefix: bytes, specs: tuple[TensorSpec, ...], tensors: list[Any]) -> bytes:
-        """prefix identifies the model version; then each input's name, datatype, shape and bytes."""
-        h = xxhash.xxh3_128(prefix)
-        for spec, t in zip(specs, tensors):
-            h.update(spec.name.encode())
-            h.update(spec.datatype.encode())
-            h.update(repr(tuple(t.shape)).encode())
-            if isinstance(t, torch.Tensor):
-                if t.dtype == torch.bfloat16:
-                    t = t.view(torch.int16)
-                h.update(t.contiguous().numpy().data)
-            else:  # BYTES: length-prefixed elements
-                for item in t.flat:
-                    b = item if isinstance(item, bytes) else str(item).encode()
-                    h.update(len(b).to_bytes(4, "little"))
-                    h.update(b)
-        return h.digest()
+    def key(prefix: bytes, specs: tuple[TensorSpec, ...], tensors: list[Any], digest: bytes | None = None) -> bytes:
+        """prefix identifies the model version; ``digest`` (``input_digest``) the inputs.
+
+        A front-end process computes the digest while it packs the tensors for the engine
+        core, so the core's event loop never hashes tensor bytes; without one it is computed
+        here, from the same bytes."""
+        if digest is None:
+            digest = input_digest(sorted(((s.name, s.datatype, tuple(t.shape), _wire(t))
+                                          for s, t in zip(specs, tensors)), key=lambda e: e[0]))
+        return xxhash.xxh3_128(prefix + digest).digest()
 
     def get(self, key: bytes) -> dict[str, Any] | None:
         entry = self._entries.get(key)

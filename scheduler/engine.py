@@ -713,7 +713,7 @@ class Engine:
             inputs = inputs(inst)
         req = inst.prepare(inputs, priority, timeout_ms, outputs, time.monotonic())
         if inst.cache is not None:
-            hit = inst.cached(req)
+            hit = inst.cached(req, getattr(inputs, "digest", None))  # hashed by a front end, if one did
             if hit is not None:
                 return hit
         if inst.limiter is not None:

@@ -387,9 +387,10 @@ class ModelInstance:
         group = tuple(t.shape[1:] for t in tensors) if self._grouped else None
         return Request(tensors, size, None, level, now + timeout / 1000.0, now, group, outputs)
 
-    def cached(self, req: Request) -> InferResult | None:
-        """The cached answer to req, or None (and req remembers its key to store the result)."""
-        req.cache_key = key = ResultCache.key(self._cache_prefix, self.inputs, req.tensors)
+    def cached(self, req: Request, digest: bytes | None = None) -> InferResult | None:
+        """The cached answer to req, or None (and req remembers its key to store the result).
+        ``digest``: the inputs' ``cache.input_digest``, when a front end computed it."""
+        req.cache_key = key = ResultCache.key(self._cache_prefix, self.inputs, req.tensors, digest)
         outs = self.cache.get(key)
         if outs is None:
             self.stats.cache_misses += 1

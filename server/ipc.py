@@ -17,7 +17,9 @@ no per-element work for fixed-size datatypes.
 
 Call entry: ``{"i": id, "m": model, "v": version|null, "p": priority|null,
 "t": timeout_ms|null, "o": [output names]|null, "k": routing key|null,
-"x": [[name, datatype, shape], ...]}`` with one frame per input, or
+"x": [[name, datatype, shape], ...], "d": the inputs' cache digest (hex)}``
+with one frame per input (the front end hashes the inputs for the result
+cache, so the core's loop never hashes tensor bytes), or
 ``"r": 1`` with one frame: a raw body (``Inference-Header-Content-Length:
 0``), decoded by the core against the version that serves it.
 A call with ``"c": 1`` and no frames only asks whether the model and version exist.
@@ -40,6 +42,7 @@ from typing import Any
 
 import orjson
 
+from modelconsole.scheduler.cache import input_digest
 from modelconsole.scheduler.errors import EngineError, InputError, from_wire
 
 from . import codec
@@ -63,6 +66,13 @@ class InferCall:
     outputs: list[str] | None = None
     routing_key: str | None = None
     check_only: bool = False  # only: is there such a model and version? (link.CoreLink.check)
+    digest: bytes | None = None  # the inputs' cache.input_digest (a front end hashes them, not the core)
+
+
+class Inputs(dict):
+    """Tensors by name that carry their ``cache.input_digest`` (the engine's cache reads it)."""
+
+    __slots__ = ("digest",)
 
 
 @dataclass(slots=True)
@@ -82,6 +92,9 @@ async def run_call(engine: Any, call: InferCall) -> InferAnswer:
 
         def inputs(inst: Any) -> dict[str, Any]:
             return codec.decode_raw(body, inst.inputs, inst.cfg.max_batch_size).inputs
+    elif call.digest is not None:
+        inputs = Inputs(call.inputs or {})
+        inputs.digest = call.digest
     else:
         inputs = call.inputs
     result = await engine.infer(call.model, inputs, version=call.version, priority=call.priority,
@@ -110,7 +123,10 @@ def pack_calls(calls: Sequence[tuple[int, InferCall]]) -> list[Any]:
             entry["r"] = 1
             frames.append(c.raw)
         else:
-            entry["x"] = _pack_tensors(c.inputs or {}, frames)
+            start = len(frames)
+            entry["x"] = metas = _pack_tensors(c.inputs or {}, frames)
+            entry["d"] = input_digest(sorted(((m[0], m[1], m[2], frames[start + k]) for k, m in enumerate(metas)),
+                                             key=lambda e: e[0])).hex()
         head.append(entry)
     return [orjson.dumps(head), *frames]
 
@@ -144,7 +160,8 @@ def unpack_calls(frames: Sequence[Any]) -> list[tuple[int, InferCall | EngineErr
                 if type(metas) is not list:
                     raise ProtocolError("call entry without 'x' or 'r'")
                 inputs, pos = _unpack_tensors(metas, frames, pos, "inputs")
-                call = InferCall(model, version, inputs, None, priority, timeout, outputs, key)
+                call = InferCall(model, version, inputs, None, priority, timeout, outputs, key,
+                                 digest=_digest(entry.get("d")))
         except (InputError, ProtocolError) as e:
             pos = _skip(entry, pos)
             out.append((i, e if isinstance(e, InputError) else EngineError(f"malformed call from the front end: {e}")))
@@ -243,6 +260,17 @@ def _frame(frames: Sequence[Any], pos: int) -> Any:
 def _buffer(frame: Any) -> Any:
     """A frame's bytes without copying (a zmq.Frame's buffer; a memoryview or bytes as they are)."""
     return frame.buffer if hasattr(frame, "buffer") else frame
+
+
+def _digest(value: Any) -> bytes | None:
+    if value is None:
+        return None
+    if type(value) is not str or len(value) != 32:
+        raise ProtocolError("'d' is not a 128-bit hex digest")
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        raise ProtocolError("'d' is not a 128-bit hex digest") from None
 
 
 def _str(entry: dict[str, Any], key: str) -> str:

@@ -34,6 +34,7 @@ MODELS = [
     {"name": "tiny", "source": "zoo:tiny-mlp", "max_queue_delay_ms": 1},
     # requests wait here until 64 arrive or 5 s pass: in flight long enough to drain them
     {"name": "slow", "source": "zoo:tiny-mlp", "max_batch_size": 64, "max_queue_delay_ms": 5000},
+    {"name": "cached", "source": "zoo:tiny-mlp", "cache": True},
 ]
 
 
@@ -128,6 +129,28 @@ async def test_control_events_and_metrics_through_a_front_end(pair):
         async with s.get(two.url + "/metrics") as r:
             text = await r.text()
             assert 'nv_inference_request_success{model="tiny",version="1"}' in text
+
+
+async def test_the_result_cache_is_keyed_by_the_front_ends_hash(pair, monkeypatch):
+    """A front end hashes the inputs for the cache while it packs them: the engine core's loop
+    never hashes tensor bytes (its own input_digest is not called), and hits still happen."""
+    from modelconsole.scheduler import cache
+
+    one, two = pair
+    calls = []
+    real = cache.input_digest
+    monkeypatch.setattr(cache, "input_digest", lambda entries: calls.append(1) or real(entries))
+    body = tiny_body(3)
+    hits_before = two.engine.instance("cached").stats.cache_hits
+    async with aiohttp.ClientSession() as s:
+        answers = []
+        for srv in (two, two, one):
+            async with s.post(srv.url + "/v2/models/cached/infer", json=body) as r:
+                assert r.status == 200
+                answers.append(await r.json())
+    assert answers[0] == answers[1] == answers[2]
+    assert two.engine.instance("cached").stats.cache_hits == hits_before + 1
+    assert len(calls) == 1  # only the single process hashed on its loop
 
 
 def test_the_console_attaches_through_a_front_end(pair):
