@@ -204,6 +204,7 @@ class Engine:
         self._control = asyncio.Lock()
         self.versions = Versions(self)  # routing of version-less requests; swap, split, canary
         self._closing = False
+        self._reroutes: set[asyncio.Task[None]] = set()  # submit()'s reroutes in flight
         self._started = False
 
     # ------------------------------------------------------------ start / stop
@@ -701,6 +702,68 @@ class Engine:
                 return await self.versions.reroute(name, inputs, priority, timeout_ms, outputs, routing_key)
             inst.stats.fail(e.kind)  # every failed answer is counted here, once, by kind
             raise
+
+    def submit(self, name: str, inputs: Mapping[str, Any], done: Callable[[Any, BaseException | None], None], *,
+               version: str | None = None, priority: int | None = None, timeout_ms: float | None = None,
+               outputs: Sequence[str] | None = None) -> ModelInstance | None:
+        """``infer`` for the common request without a coroutine (the engine core's IPC calls).
+
+        Returns None, having done nothing, when the request needs ``infer``'s full path: a
+        name with a split or canary, a version not READY (lazy load), a rate limit, the
+        engine closing.  Otherwise the serving instance: ``done(result, None)`` or
+        ``done(None, error)`` is called once, on the loop, when the request is answered.
+        Errors found at once (unknown model, bad input, queue full) are raised instead.
+        Failures are counted in the model's stats exactly as ``infer`` counts them, and a
+        version-less request whose version went away before it ran is rerouted once, as
+        ``infer`` does.  One future callback per request instead of a task and three
+        coroutine frames: on the engine core's loop that is most of its per-request cost.
+        """
+        if self._closing or (version is None and name in self.versions.routed):
+            return None
+        inst = self._instance(name, version)  # ModelNotFound: counted in no model's stats, as in infer
+        if inst.state != READY or inst.limiter is not None:
+            return None
+        try:
+            req = inst.prepare(inputs, priority, timeout_ms, outputs, time.monotonic())
+            hit = inst.cached(req, getattr(inputs, "digest", None)) if inst.cache is not None else None
+            if hit is None:
+                answer = inst.enqueue(req)
+        except EngineError as e:
+            inst.stats.fail(e.kind)
+            raise
+        if hit is not None:
+            asyncio.get_running_loop().call_soon(done, hit, None)
+            return inst
+
+        def settle(fut: asyncio.Future[InferResult]) -> None:
+            if fut.cancelled():
+                return done(None, ModelUnavailable("the request was cancelled"))
+            error = fut.exception()
+            if error is None:
+                return done(fut.result(), None)
+            if isinstance(error, EngineError):
+                if version is None and type(error) is ModelUnavailable and self.versions.moved_on(name, inst):
+                    self._reroute_then(name, inputs, priority, timeout_ms, outputs, done)
+                    return None
+                inst.stats.fail(error.kind)
+            return done(None, error)
+
+        answer.add_done_callback(settle)
+        return inst
+
+    def _reroute_then(self, name: str, inputs: Inputs, priority: int | None, timeout_ms: float | None,
+                      outputs: Sequence[str] | None, done: Callable[[Any, BaseException | None], None]) -> None:
+        async def again() -> None:
+            try:
+                result = await self.versions.reroute(name, inputs, priority, timeout_ms, outputs, None)
+            except BaseException as e:  # noqa: BLE001 - handed to done, as infer would raise it
+                done(None, e)
+            else:
+                done(result, None)
+
+        task = asyncio.get_running_loop().create_task(again())
+        self._reroutes.add(task)
+        task.add_done_callback(self._reroutes.discard)
 
     async def _serve(self, inst: ModelInstance, inputs: Inputs, priority: int | None, timeout_ms: float | None,
                      outputs: Sequence[str] | None) -> InferResult:

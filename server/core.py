@@ -18,6 +18,7 @@ finishes the work: nothing waits on them).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sys
 import time
@@ -70,7 +71,20 @@ class CoreServer:
                 self._answer(peer, i, call)
                 continue
             self.calls += 1
-            task = _start(self._run(peer, i, call), loop)
+            if call.raw is None and not call.check_only:
+                try:  # the common request: a future callback, no task (Engine.submit)
+                    if self.engine.submit(call.model, ipc.call_inputs(call), functools.partial(self._done, peer, i),
+                                          version=call.version, priority=call.priority, timeout_ms=call.timeout_ms,
+                                          outputs=call.outputs) is not None:
+                        continue
+                except EngineError as e:
+                    self._answer(peer, i, e)
+                    continue
+                except Exception:  # noqa: BLE001 - one call's failure, answered
+                    log.exception("unhandled error in a front end's infer call for '%s'", call.model)
+                    self._answer(peer, i, EngineError("internal error (logged by the engine core)"))
+                    continue
+            task = _start(self._run(peer, i, call), loop)  # the full path (engine.infer)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -89,6 +103,20 @@ class CoreServer:
         except Exception:  # noqa: BLE001 - one call's failure, answered; the core keeps serving
             log.exception("unhandled error in a front end's infer call for '%s'", call.model)
             answer = EngineError("internal error (logged by the engine core)")
+        self._answer(peer, i, answer)
+
+    def _done(self, peer: Any, i: int, result: Any, error: BaseException | None) -> None:
+        if error is None:
+            try:
+                answer: InferAnswer | EngineError = ipc.to_answer(self.engine, result)
+            except Exception as e:  # noqa: BLE001
+                error = e
+        if error is not None:
+            if isinstance(error, EngineError):
+                answer = error
+            else:
+                log.error("a front end's infer call failed: %s: %s", type(error).__name__, error)
+                answer = EngineError("internal error (logged by the engine core)")
         self._answer(peer, i, answer)
 
     def _answer(self, peer: Any, i: int, answer: InferAnswer | EngineError) -> None:

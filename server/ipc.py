@@ -102,19 +102,31 @@ async def run_call(engine: Any, call: InferCall) -> InferAnswer:
 
         def inputs(inst: Any) -> dict[str, Any]:
             return codec.decode_raw(body, inst.inputs, inst.cfg.max_batch_size).inputs
-    elif call.digest is not None:
-        inputs = Inputs(call.inputs or {})
-        inputs.digest = call.digest
     else:
-        inputs = call.inputs
+        inputs = call_inputs(call)
     result = await engine.infer(call.model, inputs, version=call.version, priority=call.priority,
                                 timeout_ms=call.timeout_ms, outputs=call.outputs, routing_key=call.routing_key)
+    return to_answer(engine, result)
+
+
+def call_inputs(call: InferCall) -> dict[str, Any]:
+    """A call's tensors as the engine takes them (with the front end's cache digest, if any)."""
+    if call.digest is None:
+        return call.inputs or {}
+    inputs = Inputs(call.inputs or {})
+    inputs.digest = call.digest
+    return inputs
+
+
+def to_answer(engine: Any, result: Any) -> InferAnswer:
+    """An engine result as the answer: its outputs in the serving version's declared order."""
     outs = result.outputs
-    specs = engine.instance(result.model, result.version).outputs
-    if specs and len(outs) > 1:
-        ordered = {s.name: outs[s.name] for s in specs if s.name in outs}
-        if len(ordered) == len(outs):
-            outs = ordered
+    if len(outs) > 1:
+        specs = engine.instance(result.model, result.version).outputs
+        if specs:
+            ordered = {s.name: outs[s.name] for s in specs if s.name in outs}
+            if len(ordered) == len(outs):
+                outs = ordered
     return InferAnswer(result.model, result.version, outs)
 
 

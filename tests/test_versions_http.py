@@ -36,9 +36,11 @@ MODELS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory):
-    with ServerThread(tmp_path_factory.mktemp("versions"), models=MODELS) as s:
+@pytest.fixture(scope="module", params=[0, 2], ids=["one-process", "2-front-ends"])
+def srv(request, tmp_path_factory):
+    """Each test against one process and against two front-end processes (--workers 2): the engine
+    core's fast path (Engine.submit) must swap, split and reroute exactly as engine.infer does."""
+    with ServerThread(tmp_path_factory.mktemp("versions"), models=MODELS, workers=request.param) as s:
         yield s
 
 

@@ -93,6 +93,21 @@ async def test_a_front_end_refuses_exactly_as_one_process_does(pair):
                 (b[0], b[1].replace(str(two.server.port), "PORT")), (method, path, headers)
 
 
+async def test_failures_are_counted_by_kind_as_in_one_process(pair):
+    """The engine core's fast path (Engine.submit) counts what engine.infer counts."""
+    wrong = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 32], "data": [0.0] * 32}]}
+    late = dict(tiny_body(), parameters={"timeout": 1})  # 1 us: over before the 5 s batch delay
+    before = [srv.engine.instance("slow").stats.failures.copy() for srv in pair]
+    async with aiohttp.ClientSession() as s:
+        for srv in pair:
+            for body, status in ((wrong, 400), (late, 504), (tiny_body(), 200)):
+                async with s.post(srv.url + "/v2/models/slow/infer", json=body) as r:
+                    assert r.status == status, await r.text()
+    after = [srv.engine.instance("slow").stats.failures for srv in pair]
+    deltas = [{k: a.get(k, 0) - b.get(k, 0) for k in a} for a, b in zip(after, before)]
+    assert deltas[0] == deltas[1] and deltas[0].get("invalid_input") == 1 and deltas[0].get("deadline") == 1
+
+
 async def test_infer_answers_match_one_process(pair):
     one, two = pair
     async with aiohttp.ClientSession() as s:
