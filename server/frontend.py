@@ -112,15 +112,23 @@ async def run(spec: dict[str, Any], stdin_eof: asyncio.Future[None]) -> int:
     return 0
 
 
+class _OneLine(logging.Formatter):
+    """One line per record, as ``--serve`` logs (a traceback's lines joined with ' | ')."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return " | ".join(line.strip() for line in super().format(record).splitlines() if line.strip())
+
+
 async def _main() -> int:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     line = await reader.readline()
     spec = json.loads(line)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLine(f"%(asctime)s %(levelname)-7s %(name)s[fe{spec.get('index')}]: %(message)s"))
     logging.basicConfig(level=getattr(logging, str(spec.get("log_level", "INFO")).upper(), logging.INFO),
-                        format=f"%(asctime)s %(levelname)s %(name)s[fe{spec.get('index')}]: %(message)s",
-                        stream=sys.stderr)
+                        handlers=[handler])
     eof: asyncio.Future[None] = loop.create_future()
 
     async def watch() -> None:
