@@ -33,6 +33,8 @@ import hmac
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -362,7 +364,8 @@ class Server:
         self.grpc_port_setting = grpc_port  # KServe V2 over gRPC on this loop too (grpc_v2.py); None: off
         self.grpc_required = grpc_required  # False: a port that cannot be bound is a warning, not a failure
         self.grpc: Any = None
-        self._grpc_dir: str | None = None
+        self._grpc_dir: str | None = None  # holds the Unix socket gRPC's metadata calls use
+        self._unix: asyncio.AbstractServer | None = None
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.AbstractServer | None = None
         self.port: int | None = None
@@ -411,8 +414,6 @@ class Server:
 
     async def _start_grpc(self, protocol: Callable[[], asyncio.Protocol]) -> None:
         """gRPC beside HTTP: its metadata calls reach this app over a private Unix socket."""
-        import tempfile
-
         from .grpc_v2 import GrpcFrontEnd
         from .proxy import ControlProxy
 
@@ -433,9 +434,8 @@ class Server:
             await grpc.stop(self.settings.shutdown_timeout_s)
             await grpc.servicer.control.close()
         if self._grpc_dir is not None:
-            self._unix.close()
-            import shutil
-
+            if self._unix is not None:
+                self._unix.close()
             shutil.rmtree(self._grpc_dir, ignore_errors=True)
             self._grpc_dir = None
 

@@ -98,6 +98,18 @@ outputs = [{ name = "y", datatype = "FP32", shape = [-1, 2] }]
     assert "outside the model roots" in proc.stdout
 
 
+def test_serve_flags_for_workers_and_grpc_refuse_bad_values(tmp_path):
+    import subprocess
+    import sys
+
+    for flags, message in ((["--workers", "-1"], "--workers: expected 0 (one process) or more, got -1"),
+                           (["--grpc-port", "on"], "--grpc-port: expected a port 0-65535 or off, got 'on'"),
+                           (["--grpc-port", "70000"], "--grpc-port: expected a port 0-65535 or off")):
+        p = subprocess.run([sys.executable, "-m", "modelconsole.console", "--serve", "--port", "0",
+                            "--store", str(tmp_path / "s.db"), *flags], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2 and message in p.stderr, (flags, p.stderr)
+
+
 def test_console_flags_refuse_bad_values_with_a_clear_message(tmp_path):
     import subprocess
     import sys
