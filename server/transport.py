@@ -73,8 +73,9 @@ class _Records(asyncio.Protocol):
             end = pos + table + sum(sizes)
             if n < end:
                 break
-            record = bytes(buf[pos + table:end])  # one copy per message; the frames are views of it
-            view = memoryview(record)
+            # one copy per message, writable (a bytearray): tensors read from it need no second copy
+            # before torch takes them (tensors.to_tensor copies read-only arrays)
+            view = memoryview(buf[pos + table:end])
             frames = []
             at = 0
             for size in sizes:
