@@ -224,14 +224,42 @@ async def test_a_malformed_ipc_message_is_dropped_and_the_core_serves_on(pair):
         assert r.status == 200
 
 
-def test_a_dead_front_end_is_restarted(tmp_path):
+def test_a_dead_front_end_is_restarted_and_its_clients_are_not_left_waiting(tmp_path):
     with ServerThread(tmp_path, MODELS, workers=2) as srv:
         fronts = srv.server.frontends
+        core = srv.server.core
         victim = fronts.procs[0].pid
+        n = 16
+
+        async def kill_with_requests_in_flight() -> list[str]:
+            """16 requests wait in the engine (a 5 s batch delay) through both front ends when one
+            is killed: each still ends, with its answer or with its connection closed, never a hang."""
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True),
+                                             timeout=aiohttp.ClientTimeout(total=120)) as s:
+                async def one() -> str:
+                    try:
+                        async with s.post(srv.url + "/v2/models/slow/infer", json=tiny_body()) as r:
+                            await r.read()
+                            return str(r.status)
+                    except aiohttp.ClientConnectionError:
+                        return "closed"
+
+                tasks = [asyncio.create_task(one()) for _ in range(n)]
+                deadline = time.monotonic() + 60
+                while core.calls < n:
+                    assert time.monotonic() < deadline, core.calls
+                    await asyncio.sleep(0.02)
+                os.kill(victim, signal.SIGKILL)
+                return await asyncio.gather(*tasks)
+
+        outcomes = asyncio.run(kill_with_requests_in_flight())
+        assert len(outcomes) == n and set(outcomes) <= {"200", "closed"}, outcomes
 
         async def restarted() -> str:
             with srv.engine.subscribe() as sub:
-                os.kill(victim, signal.SIGKILL)
+                for ev in srv.engine.events.recent:
+                    if ev.kind == "frontend_restarted":
+                        return ev.message
                 async for ev in sub:
                     if ev.kind == "frontend_restarted":
                         return ev.message
