@@ -78,6 +78,9 @@ STARTED: web.AppKey[float] = web.AppKey("started", float)
 CLOSING: web.AppKey[asyncio.Event] = web.AppKey("closing", asyncio.Event)
 DRAINING: web.AppKey[asyncio.Event] = web.AppKey("draining", asyncio.Event)
 LINK: web.AppKey[Any] = web.AppKey("link", object)  # how infer calls reach the engine (link.py)
+# modelconsole_frontend_requests_total (metrics.py); None where this app does not count (the engine core's
+# control app behind front ends: they counted the request)
+REQUESTS: web.AppKey[Any] = web.AppKey("requests", object)
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ class ServerSettings:
     reuse_port: bool = False  # SO_REUSEPORT: several front-end processes listen on one port (workers.py)
     unix_path: str | None = None  # listen on this Unix socket instead of host:port (the engine core's control app)
     ipc: str = "unix"  # --workers: how front ends reach the engine core (transport.py): "unix" or "zmq"
+    frontends_metrics_dir: str | None = None  # the engine core's app: /metrics sums the front ends' counters here
 
     def __post_init__(self) -> None:
         # Without a token the guard has nothing to compare, so the flag would silently check nothing.
@@ -230,6 +234,9 @@ def _refused_body(request: web.Request, resp: web.Response) -> web.Response:
     return resp
 
 
+_CODES = {code: str(code) for code in range(100, 600)}
+
+
 def _make_guard(settings: ServerSettings) -> Any:
     token = settings.token
     infer_too = settings.infer_requires_token
@@ -269,6 +276,11 @@ def _make_guard(settings: ServerSettings) -> Any:
                 resp = error_response(500, "internal error (logged by the server)")
         if request.app[DRAINING].is_set() and not resp.prepared:
             resp.force_close()  # shutting down: answer, then close (the client opens no more here)
+        counter = request.app[REQUESTS]
+        if counter is not None and not isinstance(request.transport and
+                                                  request.transport.get_extra_info("sockname"), str):
+            # counted once, where a client reached us (not a gRPC call's internal one over a Unix socket)
+            counter.labels("http", _CODES.get(resp.status) or str(resp.status)).inc()
         return resp
 
     return guard
@@ -328,7 +340,9 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> web.Applic
     app[DRAINING] = asyncio.Event()
     v2.add_routes(app)
     api.add_routes(app)
-    registry = metrics.make_registry(engine)
+    registry = metrics.make_registry(engine, settings.frontends_metrics_dir)
+    # this app counts the requests it answers, unless front-end processes do (they are summed instead)
+    app[REQUESTS] = metrics.frontend_requests(registry) if settings.frontends_metrics_dir is None else None
 
     async def get_metrics(request: web.Request) -> web.Response:
         body, content_type = metrics.render(registry, request.headers.get("Accept"))
@@ -420,7 +434,8 @@ class Server:
         self._grpc_dir = tempfile.mkdtemp(prefix="modelconsole-")
         path = os.path.join(self._grpc_dir, "control.sock")
         self._unix = await asyncio.get_running_loop().create_unix_server(protocol, path)
-        grpc = GrpcFrontEnd(self.app[LINK], ControlProxy(path), self.settings, self.grpc_port_setting)
+        grpc = GrpcFrontEnd(self.app[LINK], ControlProxy(path), self.settings, self.grpc_port_setting,
+                            self.app[REQUESTS])
         try:
             await grpc.start()
         except OSError:

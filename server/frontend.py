@@ -30,11 +30,19 @@ from typing import Any
 
 from aiohttp import web
 
-from .app import CLOSING, DRAINING, ENGINE, LINK, SETTINGS, STARTED, Server, ServerSettings, _make_guard
+from .app import CLOSING, DRAINING, ENGINE, LINK, REQUESTS, SETTINGS, STARTED, Server, ServerSettings, _make_guard
 from .link import CoreLink
 from .proxy import ControlProxy
 
 log = logging.getLogger("modelconsole.server.frontend")
+
+
+def requests_counter() -> Any:
+    """This process's ``modelconsole_frontend_requests_total``, written to its file in
+    PROMETHEUS_MULTIPROC_DIR (the supervisor sets it) for the engine core's /metrics to sum."""
+    from .metrics import frontend_requests
+
+    return frontend_requests(None)
 
 
 def build_frontend_app(link: Any, proxy: ControlProxy, settings: ServerSettings) -> web.Application:
@@ -45,6 +53,7 @@ def build_frontend_app(link: Any, proxy: ControlProxy, settings: ServerSettings)
     app = web.Application(middlewares=[_make_guard(settings)], client_max_size=settings.max_body_bytes)
     app[ENGINE] = None
     app[LINK] = link
+    app[REQUESTS] = requests_counter()
     app[SETTINGS] = settings
     app[STARTED] = time.time()
     app[CLOSING] = asyncio.Event()
@@ -82,7 +91,7 @@ async def run(spec: dict[str, Any], stdin_eof: asyncio.Future[None]) -> int:
     if spec.get("grpc_port") is not None:
         from .grpc_v2 import GrpcFrontEnd
 
-        grpc = GrpcFrontEnd(link, proxy, settings, spec["grpc_port"])
+        grpc = GrpcFrontEnd(link, proxy, settings, spec["grpc_port"], app[REQUESTS])
         await grpc.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

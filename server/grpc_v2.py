@@ -289,10 +289,16 @@ def _from_contents(t: Any, shape: list[int], where: str) -> Any:
         raise GrpcError(400, f"{where}.contents.{field}: a value does not fit {t.datatype}") from None
 
 
-def _unary(fn: Callable[[Any, Any], Awaitable[Any]], req_cls: Any, resp_cls: Any) -> grpc.RpcMethodHandler:
+def _unary(fn: Callable[[Any, Any], Awaitable[Any]], req_cls: Any, resp_cls: Any,
+           counter: Any) -> grpc.RpcMethodHandler:
+    ok = counter.labels("grpc", "OK") if counter is not None else None
+
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await fn(request, context)
+            reply = await fn(request, context)
+            if ok is not None:
+                ok.inc()
+            return reply
         except (GrpcError, EngineError) as e:
             status = e.status
             message = e.message
@@ -302,26 +308,31 @@ def _unary(fn: Callable[[Any, Any], Awaitable[Any]], req_cls: Any, resp_cls: Any
             status, message, retry = 500, "internal error (logged by the server)", None
         if retry is not None:
             context.set_trailing_metadata((("retry-after", str(max(1, int(retry + 0.999)))),))
-        await context.abort(STATUS.get(status, grpc.StatusCode.UNKNOWN), message)
+        code = STATUS.get(status, grpc.StatusCode.UNKNOWN)
+        if counter is not None:
+            counter.labels("grpc", code.name).inc()
+        await context.abort(code, message)
 
     return grpc.unary_unary_rpc_method_handler(handle, request_deserializer=req_cls.FromString,
                                                response_serializer=resp_cls.SerializeToString)
 
 
-def handlers(servicer: Servicer) -> grpc.GenericRpcHandler:
+def handlers(servicer: Servicer, counter: Any = None) -> grpc.GenericRpcHandler:
+    """``counter``: modelconsole_frontend_requests_total (metrics.py), or None."""
     methods = {}
     for name in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
                  "ModelConfig", "ModelStatistics", "RepositoryIndex", "RepositoryModelLoad",
                  "RepositoryModelUnload"):
-        methods[name] = _unary(getattr(servicer, name), M[f"{name}Request"], M[f"{name}Response"])
+        methods[name] = _unary(getattr(servicer, name), M[f"{name}Request"], M[f"{name}Response"], counter)
     return grpc.method_handlers_generic_handler(SERVICE, methods)
 
 
 class GrpcFrontEnd:
     """The gRPC server of one process: ``start`` listens, ``stop`` drains."""
 
-    def __init__(self, link: Any, control: ControlProxy, settings: ServerSettings, port: int):
+    def __init__(self, link: Any, control: ControlProxy, settings: ServerSettings, port: int, counter: Any = None):
         self.servicer = Servicer(link, control, settings)
+        self.counter = counter
         self.settings = settings
         self.requested_port = port
         self.port: int | None = None
@@ -335,7 +346,7 @@ class GrpcFrontEnd:
             # front-end processes share the port; one process alone must not join another server's group
             ("grpc.so_reuseport", 1 if s.reuse_port else 0),
         ])
-        self._server.add_generic_rpc_handlers((handlers(self.servicer),))
+        self._server.add_generic_rpc_handlers((handlers(self.servicer, self.counter),))
         host = f"[{s.host}]" if ":" in s.host else s.host
         try:
             self.port = self._server.add_insecure_port(f"{host}:{self.requested_port}")

@@ -90,6 +90,17 @@ modelconsole_gpu_slots_running                 gauge     batches running on the 
 modelconsole_gpu_slots_waiting                 gauge     models waiting for a slot
 =============================================  ========  ===========================================
 
+Front ends (labels ``protocol``: http or grpc; ``code``: the HTTP status, or the gRPC
+status name), counted where the request is answered: in the process with ``--workers
+0``, in every front-end process with ``--workers N`` (summed over them, the processes
+that died included, by prometheus-client's multiprocess collector: each front end
+writes its counts to a file in the server's private directory).  Requests a front end
+refuses before the engine (a malformed body, a bad token) are counted only here:
+
+=============================================  ========  ===========================================
+modelconsole_frontend_requests_total           counter   requests answered, by protocol and code
+=============================================  ========  ===========================================
+
 Result cache and host-memory tier (no labels):
 
 =============================================  ========  ===========================================
@@ -316,11 +327,26 @@ class EngineCollector:
                                   value=tier["drops"])
 
 
-def make_registry(engine: Engine) -> CollectorRegistry:
-    """A private registry holding one collector that reads ``engine`` at every scrape."""
+def make_registry(engine: Engine, frontends_dir: str | None = None) -> CollectorRegistry:
+    """A private registry holding one collector that reads ``engine`` at every scrape; with
+    ``frontends_dir`` (where front-end processes write their counters) also their sum, by
+    prometheus-client's multiprocess collector."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(EngineCollector(engine))
+    if frontends_dir is not None:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        MultiProcessCollector(registry, path=frontends_dir)
     return registry
+
+
+def frontend_requests(registry: CollectorRegistry | None) -> Any:
+    """The ``modelconsole_frontend_requests_total{protocol, code}`` counter (on ``registry``; None:
+    a front-end process, whose counts go to its multiprocess file)."""
+    from prometheus_client import Counter
+
+    return Counter("modelconsole_frontend_requests", "requests answered by a front end, by protocol and code",
+                   ["protocol", "code"], registry=registry)
 
 
 def render(registry: CollectorRegistry, accept_header: str | None = None) -> tuple[bytes, str]:

@@ -69,9 +69,11 @@ def reserve_port(host: str, port: int) -> socket.socket:
 class FrontEnds:
     """N front-end processes: started, watched, restarted, drained."""
 
-    def __init__(self, count: int, spec: dict[str, Any], on_event: Callable[[str, str, str], None]):
+    def __init__(self, count: int, spec: dict[str, Any], on_event: Callable[[str, str, str], None],
+                 env: dict[str, str] | None = None):
         self.count = count
         self.spec = spec
+        self.env = {**os.environ, **(env or {})}
         self.on_event = on_event
         self.procs: list[asyncio.subprocess.Process | None] = [None] * count
         self.restarts = 0
@@ -86,7 +88,7 @@ class FrontEnds:
     async def _spawn(self, k: int) -> None:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "modelconsole.server.frontend",
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=self.env)
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.write(json.dumps(dict(self.spec, index=k)).encode() + b"\n")
         await proc.stdin.drain()
@@ -187,7 +189,10 @@ class WorkerServer:
             self.core = CoreServer(self.engine, address)
             await self.core.start()
             control = os.path.join(self._dir, "control.sock")
-            self.control = Server(self.engine, dataclasses.replace(s, unix_path=control, token_dir=None))
+            counts = os.path.join(self._dir, "metrics")  # the front ends' counters (prometheus multiprocess files)
+            os.mkdir(counts)
+            self.control = Server(self.engine, dataclasses.replace(s, unix_path=control, token_dir=None,
+                                                                   frontends_metrics_dir=counts))
             await self.control.start()
             main = reserve_port(s.host, s.port)
             self._reserved.append(main)
@@ -205,7 +210,7 @@ class WorkerServer:
             front = dataclasses.replace(s, port=self.port, reuse_port=True, token_dir=None)
             spec = {"settings": dataclasses.asdict(front), "ipc": self.core.address, "control": control,
                     "grpc_port": self.grpc_port, "log_level": self.log_level}
-            self.frontends = FrontEnds(self.workers, spec, self._event)
+            self.frontends = FrontEnds(self.workers, spec, self._event, {"PROMETHEUS_MULTIPROC_DIR": counts})
             await self.frontends.start()
         except BaseException:
             await self.stop()

@@ -281,3 +281,26 @@ def test_typed_contents_and_their_errors(srv):
         unimplemented(b"")
     assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
     channel.close()
+
+
+def test_grpc_requests_are_counted_once_by_protocol_and_code(srv):
+    """modelconsole_frontend_requests_total{protocol="grpc"} counts each call by its status; the
+    JSON a gRPC call asks of the engine's app internally is not counted as an HTTP request."""
+    import urllib.request
+
+    from test_workers import frontend_counts
+
+    def counts() -> dict:
+        with urllib.request.urlopen(srv.url + "/metrics", timeout=30) as r:
+            return frontend_counts(r.read().decode())
+
+    client = grpcclient.InferenceServerClient(url=srv.grpc_hostport)
+    before = counts()
+    client.get_model_metadata("tiny")
+    client.infer("tiny", [tiny_input()])
+    with pytest.raises(InferenceServerException):
+        client.get_model_metadata("nope")
+    after = counts()
+    client.close()
+    delta = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    assert delta == {("grpc", "OK"): 2, ("grpc", "NOT_FOUND"): 1, ("http", "200"): 1}, delta  # + the first scrape

@@ -182,6 +182,37 @@ def test_the_console_attaches_through_a_front_end(pair):
     assert {"tiny", "slow"} <= set(asyncio.run(look()))
 
 
+def frontend_counts(text: str) -> dict[tuple[str, str], float]:
+    """modelconsole_frontend_requests_total by (protocol, code) from a /metrics body."""
+    import re
+
+    out = {}
+    for m in re.finditer(r'^modelconsole_frontend_requests_total\{code="(\w+)",protocol="(\w+)"\} (\S+)$', text, re.M):
+        out[(m.group(2), m.group(1))] = float(m.group(3))
+    return out
+
+
+async def test_metrics_sum_the_front_ends_request_counters(pair):
+    """/metrics counts requests answered by every front end (prometheus-client's multiprocess
+    files), as one process counts its own: the same deltas for the same requests."""
+    async with aiohttp.ClientSession() as s:
+        deltas = []
+        for srv in pair:
+            async with s.get(srv.url + "/metrics") as r:
+                before = frontend_counts(await r.text())
+            for _ in range(6):
+                async with s.post(srv.url + "/v2/models/tiny/infer", json=tiny_body()) as r:
+                    assert r.status == 200
+            for _ in range(3):
+                async with s.post(srv.url + "/v2/models/tiny/infer", data=b"{no") as r:
+                    assert r.status == 400
+            async with s.get(srv.url + "/metrics") as r:
+                after = frontend_counts(await r.text())
+            deltas.append({k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)})
+    # the first /metrics scrape itself is answered (200) before the second reads the counters
+    assert deltas[0] == deltas[1] == {("http", "200"): 7, ("http", "400"): 3}, deltas
+
+
 async def test_calls_share_ipc_messages_under_load(pair):
     _, two = pair
     core = two.server.core
