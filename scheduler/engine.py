@@ -766,8 +766,9 @@ class Engine:
         task.add_done_callback(self._reroutes.discard)
 
     async def _serve(self, inst: ModelInstance, inputs: Inputs, priority: int | None, timeout_ms: float | None,
-                     outputs: Sequence[str] | None) -> InferResult:
-        """One request on one version: lazy load, validation, cache, rate limit, queue."""
+                     outputs: Sequence[str] | None, metric: str | None = None) -> InferResult:
+        """One request on one version: lazy load, validation, cache, rate limit, queue.
+        ``metric``: an output whose mean the answer carries (a split's arm metric)."""
         if inst.state != READY:
             if inst.state not in (UNLOADED, LOADING, WARMING):
                 raise inst.unavailable()
@@ -775,6 +776,7 @@ class Engine:
         if callable(inputs):  # decoded for the version that serves it (and knows its inputs once loaded)
             inputs = inputs(inst)
         req = inst.prepare(inputs, priority, timeout_ms, outputs, time.monotonic())
+        req.metric = metric
         if inst.cache is not None:
             hit = inst.cached(req, getattr(inputs, "digest", None))  # hashed by a front end, if one did
             if hit is not None:

@@ -37,7 +37,7 @@ from .queueing import Request, RequestQueue
 from .ratelimit import RateLimit
 from .shared import SharedDevice
 from .stats import ModelStats
-from .tensors import random_tensor, validate_inputs
+from .tensors import output_mean, random_tensor, validate_inputs
 from .worker import ModelWorker, Pending
 
 log = logging.getLogger("modelconsole.instance")
@@ -75,12 +75,13 @@ class InferResult:
     clone one to modify it); from the cache they are private copies.
     """
 
-    __slots__ = ("model", "version", "outputs")
+    __slots__ = ("model", "version", "outputs", "metric")
 
-    def __init__(self, model: str, version: str, outputs: dict[str, Any]):
+    def __init__(self, model: str, version: str, outputs: dict[str, Any], metric: float | None = None):
         self.model = model
         self.version = version
         self.outputs = outputs
+        self.metric = metric  # the mean of the output a split's arm tracks, when one was asked for
 
     def __repr__(self) -> str:
         return f"InferResult({self.model!r}, {self.version!r}, {list(self.outputs)})"
@@ -593,7 +594,9 @@ class ModelInstance:
         """Each request's rows of the batch's outputs (worker thread)."""
         names = self._output_names
         if len(batch) == 1:
-            return [dict(zip(names, outs))], time.perf_counter_ns() - t0
+            per_request = [dict(zip(names, outs))]
+            _metric_means(batch, per_request)
+            return per_request, time.perf_counter_ns() - t0
         total = sum(r.size for r in batch)
         for name, o in zip(names, outs):
             if getattr(o, "shape", (None,))[0] != total:
@@ -602,7 +605,9 @@ class ModelInstance:
                 )
         sizes = [r.size for r in batch]
         parts = [o.split(sizes) if isinstance(o, torch.Tensor) else _split_objects(o, sizes) for o in outs]
-        return [dict(zip(names, row)) for row in zip(*parts)], time.perf_counter_ns() - t0
+        per_request = [dict(zip(names, row)) for row in zip(*parts)]
+        _metric_means(batch, per_request)
+        return per_request, time.perf_counter_ns() - t0
 
     def _batch_done(self, batch: list[Request], formed: float, result: Any, error: BaseException | None,
                     retried: bool = False) -> None:
@@ -666,7 +671,7 @@ class ModelInstance:
                     cache.put(req.cache_key, outs, (name, version))
                 if req.outputs is not None:
                     outs = {k: outs[k] for k in req.outputs}
-                req.future.set_result(InferResult(name, version, outs))
+                req.future.set_result(InferResult(name, version, outs, req.metric_mean))
             except Exception as e:  # noqa: BLE001 - this request fails, the rest of the batch goes on
                 self._answer_error(req, ModelFailed(f"model {name} version {version}: cannot answer: "
                                                     f"{type(e).__name__}: {e}"))
@@ -794,6 +799,14 @@ def _concat_objects(parts: list[Any]) -> Any:
     import numpy as np
 
     return np.concatenate(parts)
+
+
+def _metric_means(batch: list[Request], per_request: list[dict[str, Any]]) -> None:
+    """For each request of a split's arm that tracks an output: that output's mean, here on the
+    worker thread rather than on the event loop (it grows with the output's size)."""
+    for req, outs in zip(batch, per_request):
+        if req.metric is not None:
+            req.metric_mean = output_mean(outs.get(req.metric))
 
 
 def _split_objects(value: Any, sizes: list[int]) -> list[Any]:

@@ -20,7 +20,8 @@ from typing import Any
 class Request:
     """One inference request waiting for (or inside) a batch."""
 
-    __slots__ = ("tensors", "size", "future", "level", "deadline", "enqueued", "group", "outputs", "cache_key")
+    __slots__ = ("tensors", "size", "future", "level", "deadline", "enqueued", "group", "outputs", "cache_key",
+                 "metric", "metric_mean")
 
     def __init__(
         self, tensors: list[Any], size: int, future: Any, level: int, deadline: float, enqueued: float,
@@ -35,6 +36,8 @@ class Request:
         self.group = group  # non-batch shapes when they can vary, else None
         self.outputs = outputs  # the outputs the caller asked for (None: all)
         self.cache_key: bytes | None = None
+        self.metric: str | None = None  # an output whose mean a split's arm tracks (the worker computes it)
+        self.metric_mean: float | None = None
 
 
 class RequestQueue:

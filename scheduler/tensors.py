@@ -194,6 +194,20 @@ def validate_inputs(
     return out, batch
 
 
+def output_mean(value: Any) -> float | None:
+    """The mean of all elements of one numeric output (None if it has none, or is not numeric):
+    a split's per-arm metric (versions.py), computed on the model's worker thread."""
+    if value is None:
+        return None
+    try:
+        a = np.asarray(value)
+        if a.dtype.kind not in "biuf" or a.size == 0:
+            return None
+        return float(a.mean())
+    except Exception:  # noqa: BLE001 - e.g. BF16, which numpy cannot hold: not tracked
+        return None
+
+
 def parse_shape(value: Any) -> tuple[int, ...]:
     if not isinstance(value, (list, tuple)) or not all(
         isinstance(d, int) and not isinstance(d, bool) and (d == -1 or d >= 0) for d in value

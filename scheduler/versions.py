@@ -94,13 +94,12 @@ from dataclasses import dataclass, field
 from random import random
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from . import routing
 from .errors import Conflict, EngineError, InputError, ModelNotFound, ModelUnavailable
 from .instance import READY, UNLOADED, UNLOADING, InferResult, ModelInstance
 from .routing import DEFAULT_STEPS
 from .store import KEEP
+from .tensors import output_mean
 
 if TYPE_CHECKING:
     from .engine import Engine, Inputs, ModelEntry
@@ -140,18 +139,11 @@ class Route:
         return bool(self.weights or self.shadow or self.canary is not None or self.swap is not None)
 
 
-def _metric_mean(outputs: Mapping[str, Any], name: str) -> float | None:
-    """The mean of all elements of one numeric output of an answer (None if it has none)."""
-    out = outputs.get(name)
-    if out is None:
+def _metric_mean(res: InferResult, name: str | None) -> float | None:
+    """The tracked output's mean: the worker thread computed it, except for a cache hit."""
+    if name is None:
         return None
-    try:
-        a = np.asarray(out)
-        if a.dtype.kind not in "biuf" or a.size == 0:
-            return None
-        return float(a.mean())
-    except Exception:  # noqa: BLE001 - e.g. BF16, which numpy cannot hold: not tracked
-        return None
+    return res.metric if res.metric is not None else output_mean(res.outputs.get(name))
 
 
 class Versions:
@@ -706,7 +698,7 @@ class Versions:
         arm = route.arms.get(v) or route.arm(v)
         t0 = time.monotonic()
         try:
-            res = await self._engine._serve(inst, inputs, priority, timeout_ms, outputs)
+            res = await self._engine._serve(inst, inputs, priority, timeout_ms, outputs, route.metric_output)
         except EngineError as e:
             if may_reroute and type(e) is ModelUnavailable and self.moved_on(name, inst):
                 return await self.reroute(name, inputs, priority, timeout_ms, outputs, routing_key)
@@ -715,8 +707,7 @@ class Versions:
             if route.canary is not None:
                 route.wake.set()  # the controller judges the error rate now, not at its next tick
             raise
-        metric = route.metric_output
-        arm.ok(time.monotonic() - t0, _metric_mean(res.outputs, metric) if metric is not None else None)
+        arm.ok(time.monotonic() - t0, _metric_mean(res, route.metric_output))
         return res
 
     def _send_shadow(self, route: Route, entry: ModelEntry, version: str, inputs: Inputs,
@@ -740,15 +731,15 @@ class Versions:
         t0 = time.monotonic()
         try:
             # the least urgent level: a copy never overtakes real traffic
-            res = await self._engine._serve(inst, inputs, inst.cfg.priority_levels, timeout_ms, None)
+            res = await self._engine._serve(inst, inputs, inst.cfg.priority_levels, timeout_ms, None,
+                                            route.metric_output)
         except EngineError as e:
             inst.stats.fail(e.kind)
             arm.fail()
         except Exception:  # noqa: BLE001 - a shadow's failure must never surface anywhere but its metrics
             arm.fail()
         else:
-            metric = route.metric_output
-            arm.ok(time.monotonic() - t0, _metric_mean(res.outputs, metric) if metric is not None else None)
+            arm.ok(time.monotonic() - t0, _metric_mean(res, route.metric_output))
         finally:
             route.shadow_inflight -= 1
 

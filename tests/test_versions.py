@@ -376,6 +376,8 @@ async def test_shadow_answers_are_recorded_never_returned(engine, version):
     assert arms["3"]["errors"] == 40 and arms["3"]["error_rate"] == 1.0
     expected = sum(float(a.outputs["y"].mean()) for a in answers) / 40
     assert arms["1"]["mean_output"] == pytest.approx(expected, rel=1e-5)
+    # each answer's mean came from the model's worker thread, not the event loop (issue 13, item 5)
+    assert all(a.metric == pytest.approx(float(a.outputs["y"].mean()), rel=1e-6) for a in answers)
     assert engine.instance("m", "2").stats.success == 40
     # with a split as well: shadows get copies of every routed request, arms only their own
     await engine.set_split("m", {"1": 50, "2": 50}, shadow=["3"])
