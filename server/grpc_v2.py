@@ -18,6 +18,8 @@ Calls:
 * health, metadata, config, statistics and the repository calls ask the
   engine's own HTTP app for the JSON it answers (``proxy.ControlProxy``), so
   both protocols tell the same story, and translate it.
+* ``ModelStreamInfer`` (tritonclient's ``start_stream`` / ``async_stream_infer``):
+  each request of the stream is one ``ModelInfer``, answered as it completes;
 * the shared-memory, trace and log calls are not served: UNIMPLEMENTED.
 
 Errors carry the gRPC status the HTTP status maps to (``STATUS``): 400
@@ -31,6 +33,7 @@ infer calls too with ``infer_requires_token``.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
@@ -317,9 +320,57 @@ def _unary(fn: Callable[[Any, Any], Awaitable[Any]], req_cls: Any, resp_cls: Any
                                                response_serializer=resp_cls.SerializeToString)
 
 
+def _stream(servicer: Servicer, counter: Any) -> grpc.RpcMethodHandler:
+    """``ModelStreamInfer``: every request of the stream is one ``ModelInfer``, run as it
+    arrives; answers go back as they are ready (tritonclient matches them by ``id``), an
+    error as ``error_message`` with the request's id, model and version."""
+
+    async def handle(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        out: asyncio.Queue[Any] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+        loop = asyncio.get_running_loop()
+
+        async def answer(request: Any) -> None:
+            try:
+                reply = M["ModelStreamInferResponse"](infer_response=await servicer.ModelInfer(request, context))
+                code = "OK"
+            except (GrpcError, EngineError) as e:
+                reply = M["ModelStreamInferResponse"](error_message=e.message, infer_response=M["ModelInferResponse"](
+                    id=request.id, model_name=request.model_name, model_version=request.model_version))
+                code = STATUS.get(e.status, grpc.StatusCode.UNKNOWN).name
+            except Exception:  # noqa: BLE001 - one request's failure; the stream goes on
+                log.exception("unhandled error in a gRPC stream's request")
+                reply = M["ModelStreamInferResponse"](error_message="internal error (logged by the server)")
+                code = "INTERNAL"
+            if counter is not None:
+                counter.labels("grpc", code).inc()
+            out.put_nowait(reply)
+
+        async def read() -> None:
+            async for request in requests:
+                task = loop.create_task(answer(request))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            while running:
+                await asyncio.gather(*list(running))
+            out.put_nowait(None)
+
+        reader = loop.create_task(read())
+        try:
+            while (reply := await out.get()) is not None:
+                yield reply
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+
+    return grpc.stream_stream_rpc_method_handler(handle, request_deserializer=M["ModelInferRequest"].FromString,
+                                                 response_serializer=M["ModelStreamInferResponse"].SerializeToString)
+
+
 def handlers(servicer: Servicer, counter: Any = None) -> grpc.GenericRpcHandler:
     """``counter``: modelconsole_frontend_requests_total (metrics.py), or None."""
-    methods = {}
+    methods = {"ModelStreamInfer": _stream(servicer, counter)}
     for name in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
                  "ModelConfig", "ModelStatistics", "RepositoryIndex", "RepositoryModelLoad",
                  "RepositoryModelUnload"):

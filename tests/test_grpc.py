@@ -304,3 +304,24 @@ def test_grpc_requests_are_counted_once_by_protocol_and_code(srv):
     client.close()
     delta = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
     assert delta == {("grpc", "OK"): 2, ("grpc", "NOT_FOUND"): 1, ("http", "200"): 1}, delta  # + the first scrape
+
+
+def test_stream_infer_answers_each_request_by_id(srv):
+    """tritonclient's streaming API: every request answered, a bad one with its error, matched by id."""
+    import queue
+
+    got: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url=srv.grpc_hostport)
+    client.start_stream(callback=lambda result, error: got.put((result, error)))
+    wrong = grpcclient.InferInput("input", [1, 32], "FP32")
+    wrong.set_data_from_numpy(np.zeros((1, 32), np.float32))
+    for k in range(5):
+        client.async_stream_infer("tiny", [tiny_input(k + 1)], request_id=f"r{k}")
+    client.async_stream_infer("tiny", [wrong], request_id="bad")
+    answers = [got.get(timeout=60) for _ in range(6)]
+    client.stop_stream()
+    client.close()
+    ok = {r.get_response().id: r.as_numpy("logits").shape for r, e in answers if e is None}
+    errors = [e for r, e in answers if e is not None]
+    assert ok == {f"r{k}": (k + 1, 10) for k in range(5)}
+    assert len(errors) == 1 and "expected shape [-1, 64]" in errors[0].message()
