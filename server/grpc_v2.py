@@ -396,6 +396,10 @@ class GrpcFrontEnd:
             ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", -1),
             # front-end processes share the port; one process alone must not join another server's group
             ("grpc.so_reuseport", 1 if s.reuse_port else 0),
+            # the HTTP side's read bounds: a connection that never completes its handshake is closed
+            # after head_timeout_s, an idle one after keepalive_timeout_s
+            ("grpc.server_handshake_timeout_ms", int(s.head_timeout_s * 1000)),
+            ("grpc.max_connection_idle_ms", int(s.keepalive_timeout_s * 1000)),
         ])
         self._server.add_generic_rpc_handlers((handlers(self.servicer, self.counter),))
         host = f"[{s.host}]" if ":" in s.host else s.host

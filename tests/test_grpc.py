@@ -8,6 +8,7 @@ gRPC status the HTTP status maps to, with the same message.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import grpc
@@ -325,3 +326,31 @@ def test_stream_infer_answers_each_request_by_id(srv):
     errors = [e for r, e in answers if e is not None]
     assert ok == {f"r{k}": (k + 1, 10) for k in range(5)}
     assert len(errors) == 1 and "expected shape [-1, 64]" in errors[0].message()
+
+
+def test_connections_that_say_nothing_are_closed(tmp_path):
+    """The HTTP side's bounds hold for gRPC too: a connection that never sends the HTTP/2 preface
+    is closed after head_timeout_s, an idle one after keepalive_timeout_s (the test waits for
+    the server to close each socket: recv returns b"")."""
+    import socket
+
+    settings = ServerSettings(port=0, head_timeout_s=0.5, keepalive_timeout_s=1.0)
+    with ServerThread(tmp_path, [{"name": "tiny", "source": "zoo:tiny-mlp"}], settings=settings,
+                      grpc_port=0) as s:
+        silent = socket.create_connection(("127.0.0.1", s.server.grpc_port))
+        silent.settimeout(60)
+        while silent.recv(1024):  # the server's own SETTINGS, then its close (not the test's timeout)
+            pass
+        silent.close()
+        channel = grpc.insecure_channel(s.grpc_hostport)
+        grpc.channel_ready_future(channel).result(timeout=60)
+        live = channel.unary_unary("/inference.GRPCInferenceService/ServerLive",
+                                   request_serializer=grpc_v2.M["ServerLiveRequest"].SerializeToString,
+                                   response_deserializer=grpc_v2.M["ServerLiveResponse"].FromString)
+        assert live(grpc_v2.M["ServerLiveRequest"]()).live
+        # after keepalive_timeout_s idle the server sends GOAWAY: the channel reconnects on the next call
+        idle = threading.Event()
+        channel.subscribe(lambda state: idle.set() if state == grpc.ChannelConnectivity.IDLE else None)
+        assert idle.wait(60), "the idle connection was not closed by the server"
+        assert live(grpc_v2.M["ServerLiveRequest"]()).live
+        channel.close()
