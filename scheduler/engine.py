@@ -724,8 +724,7 @@ class Engine:
         if inst.state != READY or inst.limiter is not None:
             return None
         try:
-            req = inst.prepare(inputs, priority, timeout_ms, outputs, time.monotonic())
-            hit = inst.cached(req, getattr(inputs, "digest", None)) if inst.cache is not None else None
+            req, hit = self._prepare(inst, inputs, priority, timeout_ms, outputs)
             if hit is None:
                 answer = inst.enqueue(req)
         except EngineError as e:
@@ -775,15 +774,22 @@ class Engine:
             await self._load_for_request(inst, timeout_ms)  # lazy load, or join the one under way
         if callable(inputs):  # decoded for the version that serves it (and knows its inputs once loaded)
             inputs = inputs(inst)
-        req = inst.prepare(inputs, priority, timeout_ms, outputs, time.monotonic())
-        req.metric = metric
-        if inst.cache is not None:
-            hit = inst.cached(req, getattr(inputs, "digest", None))  # hashed by a front end, if one did
-            if hit is not None:
-                return hit
+        req, hit = self._prepare(inst, inputs, priority, timeout_ms, outputs, metric)
+        if hit is not None:
+            return hit
         if inst.limiter is not None:
             await inst.limiter.admit(req.deadline, inst.name)
         return await inst.enqueue(req)
+
+    @staticmethod
+    def _prepare(inst: ModelInstance, inputs: Mapping[str, Any], priority: int | None, timeout_ms: float | None,
+                 outputs: Sequence[str] | None, metric: str | None = None) -> tuple[Any, InferResult | None]:
+        """A validated request and its cached answer, if the cache has one (InputError otherwise).
+        A front end may have hashed the inputs for the cache already (``inputs.digest``)."""
+        req = inst.prepare(inputs, priority, timeout_ms, outputs, time.monotonic())
+        req.metric = metric
+        hit = inst.cached(req, getattr(inputs, "digest", None)) if inst.cache is not None else None
+        return req, hit
 
     async def _load_for_request(self, inst: ModelInstance, timeout_ms: float | None) -> None:
         """A request's lazy load: when there is no room yet, wait for it within the request's timeout.

@@ -139,13 +139,23 @@ def _needs_token(path: str, infer_too: bool) -> bool:
     return infer_too and path.startswith("/v2/") and path.endswith("/infer")
 
 
+def bearer_status(authorization: str, token: str) -> int | None:
+    """The one token rule of every protocol: None when ``authorization`` carries the bearer token
+    (constant-time compare), 401 when it is empty, 403 when it is wrong."""
+    if not authorization:
+        return 401
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+        return 403
+    return None
+
+
 def _check_token(request: web.Request, token: str) -> web.Response | None:
-    got = request.headers.get("Authorization", "")
-    if not got:
+    status = bearer_status(request.headers.get("Authorization", ""), token)
+    if status == 401:
         return error_response(401, "this call needs 'Authorization: Bearer <token>'",
                               {"WWW-Authenticate": 'Bearer realm="modelconsole"'})
-    scheme, _, value = got.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+    if status == 403:
         return error_response(403, "the bearer token is not valid")
     return None
 
@@ -359,6 +369,11 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> web.Applic
     return app
 
 
+def http_url(host: str, port: int | None) -> str:
+    """The URL clients use for (host, port); an IPv6 address in brackets."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 class Server:
     """Runs an app on a host and port; ``stop()`` stops accepting and drains.
 
@@ -460,10 +475,7 @@ class Server:
 
     @property
     def url(self) -> str:
-        host = self.settings.host
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.port}"
+        return http_url(self.settings.host, self.port)
 
     async def stop(self) -> None:
         """Stop accepting, answer what open connections still send (then close them), let

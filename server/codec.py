@@ -26,6 +26,7 @@ BYTES tensors are walked element by element.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -93,6 +94,8 @@ for _dt in DATATYPES:
     else:
         _WIRE[_dt] = numpy_dtype(_dt).newbyteorder("<")
 _SIZE = {dt: element_size(dt) for dt in DATATYPES}
+# wire bytes that are the numpy array as they are (no BOOL canonicalising, no BF16 view, no BYTES walk)
+_DIRECT = {dt: d for dt, d in _WIRE.items() if d is not None and dt not in ("BOOL", "BF16")}
 _INT_RANGE = {
     dt: (int(np.iinfo(d).min), int(np.iinfo(d).max))
     for dt, d in _WIRE.items()
@@ -676,6 +679,10 @@ def tensor_to_bytes(name: str, value: Any) -> tuple[str, list[int], Any]:
     """One tensor as (datatype, shape, its V2 wire bytes): what a binary output, a gRPC
     ``raw_output_contents`` entry and an IPC frame carry.  The bytes are a view of the
     tensor's memory where it is contiguous (no copy); BYTES elements are length-prefixed."""
+    if type(value) is torch.Tensor and value.is_cpu and not value.requires_grad and value.is_contiguous():
+        datatype = _TORCH_V2.get(value.dtype)
+        if datatype is not None and datatype != "BF16":  # the common answer: its memory as it is
+            return datatype, list(value.shape), value.numpy().reshape(-1).view(np.uint8) if value.numel() else b""
     datatype, arr = _output_array(name, value)
     shape = list(arr.shape)
     if datatype == "BYTES":
@@ -689,6 +696,10 @@ def tensor_from_bytes(data: Any, datatype: Any, shape: Any, where: str) -> Any:
     """The tensor that ``data`` (V2 wire bytes) holds, checked against ``datatype`` and ``shape``;
     DecodeError naming ``where`` otherwise.  Zero-copy for fixed-size datatypes (a read-only
     view of ``data``).  The inverse of :func:`tensor_to_bytes`."""
+    dtype = _DIRECT.get(datatype) if type(datatype) is str else None
+    if dtype is not None and type(shape) is list and 0 < len(shape) <= _MAX_DIMS and \
+            all(type(d) is int and d > 0 for d in shape) and math.prod(shape) * dtype.itemsize == len(data):
+        return np.frombuffer(data, dtype).reshape(shape)  # the common tensor: a checked view
     if type(datatype) is not str or datatype not in _WIRE:
         raise DecodeError(f"{where}.datatype: expected one of {', '.join(DATATYPES)}, got {_show(datatype)}")
     nbytes = len(data)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import sys
 import time
 from collections import defaultdict
 from typing import Any
@@ -31,16 +30,6 @@ from . import ipc, transport
 from .ipc import InferAnswer, InferCall
 
 log = logging.getLogger("modelconsole.server.core")
-
-
-if sys.version_info >= (3, 12):
-    def _start(coro: Any, loop: asyncio.AbstractEventLoop) -> asyncio.Task[None]:
-        """Run the call's coroutine now, up to its first wait (validation, cache, queueing), rather
-        than one loop iteration later: a scheduling step saved per call on the core's loop."""
-        return asyncio.Task(coro, loop=loop, eager_start=True)
-else:
-    def _start(coro: Any, loop: asyncio.AbstractEventLoop) -> asyncio.Task[None]:
-        return loop.create_task(coro)
 
 
 class CoreServer:
@@ -84,7 +73,7 @@ class CoreServer:
                     log.exception("unhandled error in a front end's infer call for '%s'", call.model)
                     self._answer(peer, i, EngineError("internal error (logged by the engine core)"))
                     continue
-            task = _start(self._run(peer, i, call), loop)  # the full path (engine.infer)
+            task = loop.create_task(self._run(peer, i, call))  # the full path (engine.infer)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 

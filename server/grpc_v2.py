@@ -34,7 +34,6 @@ infer calls too with ``infer_requires_token``.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -49,7 +48,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, json_format, messag
 from modelconsole.scheduler.errors import EngineError
 
 from . import codec
-from .app import ServerSettings
+from .app import ServerSettings, bearer_status
 from .ipc import InferCall
 from .proxy import ControlProxy
 
@@ -111,11 +110,10 @@ class Servicer:
         token = self.settings.token
         if token is None:
             return
-        got = dict(context.invocation_metadata() or ()).get("authorization", "")
-        if not got:
+        status = bearer_status(dict(context.invocation_metadata() or ()).get("authorization", ""), token)
+        if status == 401:
             raise GrpcError(401, "this call needs the metadata 'authorization: Bearer <token>'")
-        scheme, _, value = got.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+        if status == 403:
             raise GrpcError(403, "the bearer token is not valid")
 
     async def _json(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:

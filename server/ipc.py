@@ -36,14 +36,11 @@ the engine, in-process (``LocalLink``) or in the core.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import orjson
-import torch
 
 from modelconsole.scheduler.cache import input_digest
 from modelconsole.scheduler.errors import EngineError, InputError, from_wire
@@ -52,13 +49,6 @@ from . import codec
 
 __all__ = ["InferAnswer", "InferCall", "ProtocolError", "pack_answers", "pack_calls", "run_call",
            "unpack_answers", "unpack_calls"]
-
-
-# Fixed-size datatypes read and written without the codec's general path (the hot path's tensors)
-_FAST_IN = {dt: np.dtype(f"<{c}") for dt, c in (("FP32", "f4"), ("FP64", "f8"), ("FP16", "f2"), ("INT64", "i8"),
-                                                 ("INT32", "i4"), ("INT16", "i2"), ("INT8", "i1"), ("UINT8", "u1"))}
-_FAST_OUT = {torch.float32: "FP32", torch.float64: "FP64", torch.float16: "FP16", torch.int64: "INT64",
-             torch.int32: "INT32", torch.int16: "INT16", torch.int8: "INT8", torch.uint8: "UINT8"}
 
 
 class ProtocolError(Exception):
@@ -236,12 +226,6 @@ def unpack_answers(frames: Sequence[Any]) -> list[tuple[int, InferAnswer | Engin
 def _pack_tensors(tensors: dict[str, Any], frames: list[Any]) -> list[list[Any]]:
     metas = []
     for name, value in tensors.items():
-        fast = _FAST_OUT.get(value.dtype) if type(value) is torch.Tensor and not value.requires_grad else None
-        if fast is not None and value.is_cpu and value.is_contiguous():
-            # the common answer (a CPU float/int tensor): its memory as it is
-            metas.append([name, fast, list(value.shape)])
-            frames.append(value.numpy().reshape(-1).view(np.uint8) if value.numel() else b"")
-            continue
         datatype, shape, data = codec.tensor_to_bytes(name, value)
         metas.append([name, datatype, shape])
         frames.append(data)
@@ -254,13 +238,7 @@ def _unpack_tensors(metas: list[Any], frames: Sequence[Any], pos: int, field: st
         if type(meta) is not list or len(meta) != 3 or type(meta[0]) is not str:
             raise ProtocolError(f"a tensor of '{field}' is not [name, datatype, shape]")
         name, datatype, shape = meta
-        data = _frame(frames, pos)
-        dtype = _FAST_IN.get(datatype)
-        if dtype is not None and type(shape) is list and 0 < len(shape) <= 8 and \
-                all(type(d) is int and d > 0 for d in shape) and math.prod(shape) * dtype.itemsize == len(data):
-            tensors[name] = np.frombuffer(data, dtype).reshape(shape)  # the common tensor: a view, checked
-        else:  # everything else, and every error, the codec's way
-            tensors[name] = codec.tensor_from_bytes(data, datatype, shape, f"{field}.{name}")
+        tensors[name] = codec.tensor_from_bytes(_frame(frames, pos), datatype, shape, f"{field}.{name}")
         pos += 1
     return tensors, pos
 

@@ -70,7 +70,6 @@ class CoreLink:
         self._next = 0
         self.gone: str | None = None  # why calls fail at once (the core stopped)
         self._known: set[tuple[str, str | None]] = set()  # (model, version) pairs the core has
-        self.messages_sent = 0
 
     async def check(self, name: str, version: str | None) -> None:
         """ModelNotFound (the engine's own message) for a model or version the core does not have.
@@ -112,7 +111,6 @@ class CoreLink:
             return
         try:
             self._end.send(ipc.pack_calls(calls))
-            self.messages_sent += 1
         except Exception as e:  # noqa: BLE001 - these calls fail, the link keeps working
             log.exception("cannot send %d calls to the engine core", len(calls))
             for i, _ in calls:
@@ -134,10 +132,6 @@ class CoreLink:
     def _on_lost(self) -> None:
         if self.gone is None:
             self.fail_all("the engine core closed the connection")
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._pending)
 
     def fail_all(self, message: str) -> None:
         """The core is gone: every call in flight, and every later one, gets a 503 now."""

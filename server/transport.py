@@ -144,78 +144,67 @@ class UnixClientEnd:
             self.proto.transport.close()
 
 
-class ZmqServerEnd:
-    def __init__(self, address: str, on_message: OnServerMessage):
+class _ZmqEnd:
+    """A ZeroMQ socket read by a task of the loop; the two ends differ in kind and delivery."""
+
+    def __init__(self, address: str, kind: str, bind: bool):
         import zmq
         import zmq.asyncio
 
         self.address = address
-        self.on_message = on_message
+        self._bind = bind
         self._ctx = zmq.asyncio.Context()
-        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock = self._ctx.socket(getattr(zmq, kind))
         for opt in (zmq.LINGER, zmq.SNDHWM, zmq.RCVHWM):
             self._sock.setsockopt(opt, 0)  # never drop, never block: the engine bounds its queues
         self._reader: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._sock.bind(self.address)
+        (self._sock.bind if self._bind else self._sock.connect)(self.address)
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     async def _read(self) -> None:
         while True:
             frames = await self._sock.recv_multipart(copy=False)
-            if len(frames) < 2:
-                continue
             try:
-                self.on_message(frames[0].bytes, [f.buffer for f in frames[1:]])
+                self._deliver(frames)
             except Exception:  # noqa: BLE001
                 log.exception("message handler failed")
+
+    def _deliver(self, frames: list[Any]) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        self._sock.close(0)
+        self._ctx.term()
+
+
+class ZmqServerEnd(_ZmqEnd):
+    def __init__(self, address: str, on_message: OnServerMessage):
+        super().__init__(address, "ROUTER", bind=True)
+        self.on_message = on_message
+
+    def _deliver(self, frames: list[Any]) -> None:
+        if len(frames) >= 2:  # [peer identity, frames...]
+            self.on_message(frames[0].bytes, [f.buffer for f in frames[1:]])
 
     def send(self, peer: bytes, frames: Sequence[Any]) -> None:
         self._sock.send_multipart([peer, *frames], copy=False)
 
-    async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
-        self._sock.close(0)
-        self._ctx.term()
 
-
-class ZmqClientEnd:
+class ZmqClientEnd(_ZmqEnd):
     def __init__(self, address: str, on_message: OnMessage, on_lost: Callable[[], None]):
-        import zmq
-        import zmq.asyncio
-
-        self.address = address
+        super().__init__(address, "DEALER", bind=False)  # ZeroMQ reconnects by itself: on_lost is not called
         self.on_message = on_message
-        self._ctx = zmq.asyncio.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        for opt in (zmq.LINGER, zmq.SNDHWM, zmq.RCVHWM):
-            self._sock.setsockopt(opt, 0)
-        self._reader: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        self._sock.connect(self.address)
-        self._reader = asyncio.get_running_loop().create_task(self._read())
-
-    async def _read(self) -> None:
-        while True:
-            frames = await self._sock.recv_multipart(copy=False)
-            try:
-                self.on_message([f.buffer for f in frames])
-            except Exception:  # noqa: BLE001
-                log.exception("message handler failed")
+    def _deliver(self, frames: list[Any]) -> None:
+        self.on_message([f.buffer for f in frames])
 
     def send(self, frames: Sequence[Any]) -> None:
         self._sock.send_multipart(list(frames), copy=False)
-
-    async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
-        self._sock.close(0)
-        self._ctx.term()
 
 
 def server_end(address: str, on_message: OnServerMessage) -> UnixServerEnd | ZmqServerEnd:

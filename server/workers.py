@@ -36,7 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import tokenfile
-from .app import Server, ServerSettings
+from .app import Server, ServerSettings, http_url
 from .core import CoreServer
 
 log = logging.getLogger("modelconsole.server.workers")
@@ -222,15 +222,11 @@ class WorkerServer:
                  f"; gRPC on {s.host}:{self.grpc_port}" if self.grpc_port is not None else "")
 
     def _event(self, kind: str, message: str, level: str) -> None:
-        log.warning("%s", message)
-        self.engine.events.publish(kind, message, level=level)
+        self.engine.events.publish(kind, message, level=level)  # --serve logs every engine event
 
     @property
     def url(self) -> str:
-        host = self.settings.host
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.port}"
+        return http_url(self.settings.host, self.port)
 
     async def stop(self) -> None:
         if self.frontends is not None:

@@ -18,7 +18,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 from google.protobuf import descriptor_pb2
 from serverutil import DATATYPES, ServerThread, echo_model
-from test_tritonclient import assert_echoed, sample
+from test_tritonclient import Blocking, assert_echoed, sample
 from tritonclient.utils import InferenceServerException
 
 from modelconsole.server import grpc_v2
@@ -42,21 +42,6 @@ def srv(request, tmp_path_factory):
     with ServerThread(tmp_path_factory.mktemp("grpc"), models(), settings=settings, workers=request.param,
                       grpc_port=0) as s:
         yield s
-
-
-class Blocking:
-    """The sync client behind the aio client's interface (as in test_tritonclient.py)."""
-
-    def __init__(self, client: grpcclient.InferenceServerClient):
-        self._client = client
-
-    def __getattr__(self, name: str):
-        method = getattr(self._client, name)
-
-        async def call(*args, **kwargs):
-            return method(*args, **kwargs)
-
-        return call
 
 
 @pytest.fixture(params=["sync", "aio"])
