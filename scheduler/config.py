@@ -11,6 +11,7 @@ so a control call gets exactly the messages a config file does.
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from collections.abc import Callable
@@ -25,6 +26,10 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 SOURCE_KINDS = ("zoo", "torchscript", "export", "safetensors")
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 DTYPES = ("FP32", "FP16", "BF16")
+
+
+# Each replica is a worker thread (and on a GPU a device's share): a bound a registration cannot pass.
+MAX_REPLICAS = 64
 
 
 class ConfigError(ValueError):
@@ -58,6 +63,8 @@ class ModelConfig:
     latency_target_ms: float = 100.0  # drives urgency on a shared device
     estimate_mib: float | None = None  # the footprint to reserve before the first load (else derived)
     cuda_graphs: bool = False  # on a GPU: replay captured graphs per batch-size bucket (graphs.py)
+    replicas: int = 1  # instances of this version kept loaded, each on its own device (replicas.py)
+    max_replicas: int | None = None  # scale up to this many under load (None: exactly ``replicas``)
     # Where relative source paths and factory modules are looked up, and the
     # directories a source path must stay inside.
     base_dir: str = "."
@@ -78,6 +85,11 @@ class ModelConfig:
     @property
     def trust(self) -> Trust:
         return Trust(self.model_roots or (self.base_dir,), self.trusted_roots, self.factories)
+
+    @property
+    def replica_limit(self) -> int:
+        """The most replicas this version may have: ``max_replicas``, else ``replicas``."""
+        return self.max_replicas if self.max_replicas is not None else self.replicas
 
     def to_dict(self) -> dict[str, Any]:
         """The options as registered (JSON-able), for the store and the API."""
@@ -100,6 +112,10 @@ class ModelConfig:
         }
         if self.keep_alive is not None:
             d["keep_alive"] = self.keep_alive
+        if self.replicas != 1:
+            d["replicas"] = self.replicas
+        if self.max_replicas is not None:
+            d["max_replicas"] = self.max_replicas
         if self.estimate_mib is not None:
             d["estimate_mib"] = self.estimate_mib
         if self.rate_limit:
@@ -140,6 +156,15 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """``--cluster ray[://ADDRESS]`` (docs/cluster.md)."""
+
+    ray_address: str | None = None  # "ray" (the local cluster) or "ray://HOST:PORT"; None: no cluster
+    control_port: int = 8010  # the controller's own HTTP app (the control plane front ends forward to)
+    frontend_port: int | None = None  # each node's front end (None: [server] port); 0: any free port
+
+
+@dataclass(frozen=True)
 class GpuConfig:
     default_device: str = "auto"
     simulate: str | None = None  # e.g. "2x24GiB": simulated devices (models run on the CPU)
@@ -169,6 +194,7 @@ class Config:
     trusted_roots: tuple[str, ...] = ()  # model roots marked trusted = true
     factories: tuple[str, ...] = ()  # [security] factories
     base_dir: str = "."  # the config file's directory: relative paths and factory modules start here
+    cluster: ClusterConfig = ClusterConfig()
 
     @property
     def trust(self) -> Trust:
@@ -196,9 +222,9 @@ def _fail(path: str, expected: str, value: Any) -> ConfigError:
     return ConfigError(f"{path}: expected {expected}, got {_show(value)}")
 
 
-def _int(minimum: int, what: str) -> Callable[[str, Any], int]:
+def _int(minimum: int, what: str, maximum: float = math.inf) -> Callable[[str, Any], int]:
     def check(path: str, v: Any) -> int:
-        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        if isinstance(v, bool) or not isinstance(v, int) or not minimum <= v <= maximum:
             raise _fail(path, what, v)
         return v
 
@@ -377,6 +403,8 @@ _MODEL_KEYS: dict[str, Callable[[str, Any], Any]] = {
     "estimate_mib": _number(0, "a positive number of MiB", strict=True),
     "cuda_graphs": _bool,
     "timeout_ms": _number(0, "a positive number of milliseconds", strict=True),
+    "replicas": _int(1, f"an integer from 1 to {MAX_REPLICAS} (instances kept loaded)", MAX_REPLICAS),
+    "max_replicas": _int(1, f"an integer from 1 to {MAX_REPLICAS} (the most instances under load)", MAX_REPLICAS),
 }
 MODEL_KEYS = tuple(_MODEL_KEYS)
 
@@ -412,6 +440,8 @@ def model_from_dict(
         raise ConfigError(
             f"{path}.priority: expected a level from 1 to priority_levels ({cfg.priority_levels}), got {cfg.priority}"
         )
+    if cfg.max_replicas is not None and cfg.max_replicas < cfg.replicas:
+        raise ConfigError(f"{path}.max_replicas: expected at least replicas ({cfg.replicas}), got {cfg.max_replicas}")
     if cfg.max_batch_size > 0:
         for label, specs in (("inputs", cfg.inputs), ("outputs", cfg.outputs)):
             for i, s in enumerate(specs or ()):
@@ -439,6 +469,13 @@ def _port(path: str, v: Any) -> int:
     return v
 
 
+def cluster_address(path: str, v: Any) -> str:
+    """``ray`` (join the Ray cluster this machine belongs to) or ``ray://HOST:PORT``."""
+    if v == "ray" or (isinstance(v, str) and re.fullmatch(r"ray://[A-Za-z0-9_.:\[\]-]+:\d{1,5}", v)):
+        return v
+    raise _fail(path, '"ray" or "ray://HOST:PORT" (the Ray cluster\'s GCS address)', v)
+
+
 def grpc_port(path: str, v: Any) -> int | None:
     """A gRPC port, or "off"."""
     if v == "off":
@@ -450,7 +487,7 @@ def grpc_port(path: str, v: Any) -> int | None:
 
 def parse_config(raw: dict[str, Any], base_dir: str, path: str | None = None) -> Config:
     """Check a parsed TOML document; ConfigError messages carry key paths (no file)."""
-    top = {"model_roots", "server", "store", "gpu", "cache", "models", "security"}
+    top = {"model_roots", "server", "store", "gpu", "cache", "models", "security", "cluster"}
     for key in raw:
         if key not in top:
             raise ConfigError(f"{key}: unknown key (expected one of: {', '.join(sorted(top))})")
@@ -485,6 +522,8 @@ def parse_config(raw: dict[str, Any], base_dir: str, path: str | None = None) ->
         "device_slots": _int(1, "a positive integer"),
     }))
     cache = CacheConfig(**_section(raw, "cache", {"max_bytes": _size}))
+    cluster = ClusterConfig(**_section(raw, "cluster", {
+        "ray_address": cluster_address, "control_port": _port, "frontend_port": _port}))
     models_raw = raw.get("models", [])
     if not isinstance(models_raw, list):
         raise _fail("models", "an array of tables ([[models]])", models_raw)
@@ -498,7 +537,8 @@ def parse_config(raw: dict[str, Any], base_dir: str, path: str | None = None) ->
             raise ConfigError(f"models[{i}]: duplicate model {cfg.name} version {cfg.version}")
         seen.add((cfg.name, cfg.version))
         models.append(cfg)
-    return Config(path, server, store, gpu, cache, tuple(models), roots, trusted, trust.factories, str(base))
+    return Config(path, server, store, gpu, cache, tuple(models), roots, trusted, trust.factories, str(base),
+                  cluster)
 
 
 def _model_roots(v: Any, base: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:

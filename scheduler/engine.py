@@ -44,7 +44,7 @@ import torch
 
 from modelconsole.gpu.devices import DeviceBackend, find_own_pid, open_backend
 
-from . import policy, sources
+from . import policy, replicas, sources
 from .cache import ResultCache
 from .config import Config, ConfigError, GpuConfig, ModelConfig, model_from_dict
 from .errors import Conflict, EngineError, Forbidden, InputError, ModelNotFound, ModelUnavailable
@@ -53,7 +53,7 @@ from .hosttier import HostTier
 from .instance import FAILED, LOADING, READY, UNLOADED, WARMING, InferResult, LoadFailed, ModelInstance
 from .memory import InsufficientMemory, MemoryManager, weights_estimate
 from .routing import DEFAULT_STEPS
-from .shared import SharedDevice
+from .shared import SharedDevice, model_urgency
 from .store import Store
 from .trust import Trust
 from .versions import Versions
@@ -89,11 +89,21 @@ def _loading(inst: ModelInstance) -> bool:
     return inst.load_task is not None and not inst.load_task.done()
 
 
+def _group_loading(inst: ModelInstance) -> bool:
+    """A load of any replica of ``inst``'s version is under way."""
+    return any(_loading(r) for r in inst.replica_set)
+
+
+def _idle_s(inst: ModelInstance, now: float) -> float:
+    return now - max(inst.last_used, inst.loaded_mono)
+
+
 def _expired(inst: ModelInstance, now: float) -> bool:
-    """READY, not pinned, idle and past its keep_alive."""
+    """A version (its primary) READY, not pinned, every replica idle and past its keep_alive."""
     ka = inst.cfg.keep_alive
-    return (ka is not None and inst.state == READY and not inst.pinned and not inst.busy()
-            and now - max(inst.last_used, inst.loaded_mono) > ka)
+    return (ka is not None and inst.state == READY and not inst.pinned
+            and not any(r.busy() for r in inst.replica_set)
+            and min(_idle_s(r, now) for r in inst.replica_set if r.state == READY) > ka)
 
 
 def _warm_process(backend: DeviceBackend, indices: list[int]) -> int | None:
@@ -104,6 +114,20 @@ def _warm_process(backend: DeviceBackend, indices: list[int]) -> int | None:
     torch.nn.Linear(1, 1, device="meta").to_empty(device="cpu")
     return find_own_pid(backend, indices)
 
+
+def _replica_for(inst: ModelInstance, req: Any) -> ModelInstance:
+    """Where a version's request is queued: the version itself, or its least-loaded replica."""
+    if len(inst.replica_set) == 1:
+        return inst
+    target = replicas.least_loaded(inst.replica_set)
+    target.last_used = req.enqueued
+    return target
+
+
+# A replica that could not be loaded (no distinct device with room) is tried again after this
+# many seconds, doubling each time up to the maximum.
+REPLICA_RETRY_S = 10.0
+REPLICA_RETRY_MAX_S = 300.0
 
 _heap_frozen = False
 
@@ -205,6 +229,9 @@ class Engine:
         self.versions = Versions(self)  # routing of version-less requests; swap, split, canary
         self._closing = False
         self._reroutes: set[asyncio.Task[None]] = set()  # submit()'s reroutes in flight
+        self._scale_seen: dict[str, tuple[int, int]] = {}  # version key -> (queue_ns, samples) last tick
+        # replica key -> (when a failed load may be tried again, the delay after that, its last reason)
+        self._replica_retry: dict[str, tuple[float, float, str]] = {}
         self._started = False
 
     # ------------------------------------------------------------ start / stop
@@ -276,7 +303,7 @@ class Engine:
         self._started = True
         loop = asyncio.get_running_loop()
         self._janitor = loop.create_task(self._janitor_loop())
-        for inst in self._instances():
+        for inst in self._primaries():
             if inst.pinned:  # a pinned model is kept resident: bring it up now, in the background
                 loop.create_task(self._load_quietly(inst))
         self.versions.resume(resume)  # interrupted canaries pick up where they were (routing.py: restart rule)
@@ -291,12 +318,12 @@ class Engine:
         # Canary controllers stop where they are (their state stays stored: they resume at the next start).
         await self.versions.stop(drain_timeout)
         # Loads under way finish first (they take the control lock themselves).
-        loads = [inst.load_task for e in self._models.values() for inst in e.versions.values()
+        loads = [inst.load_task for inst in self._instances()
                  if inst.load_task is not None and not inst.load_task.done()]
         await asyncio.gather(*loads, return_exceptions=True)
         async with self._control:
             await asyncio.gather(
-                *(self._unload_locked(inst, drain_timeout, keep=False) for inst in self._instances()),
+                *(self._unload_locked(inst, drain_timeout, keep=False) for inst in self._primaries()),
                 return_exceptions=True,
             )
         await self.versions.wait_shadows()  # their requests were answered by the drain above
@@ -394,7 +421,9 @@ class Engine:
         """Load a model version (no-op if READY); raises LoadFailed with the reason."""
         inst = self._instance(name, version)
         await self._ensure_loaded(inst)
-        await self._audit(actor, "load", inst)
+        failed = [r.label for r, ok in zip(inst.replica_set[1:], await asyncio.gather(
+            *self._start_replicas(inst, inst.cfg.replicas, retry=True), return_exceptions=True)) if ok is not None]
+        await self._audit(actor, "load", inst, detail=f"replicas not loaded: {', '.join(failed)}" if failed else None)
         return inst.snapshot()
 
     async def _ensure_loaded(self, inst: ModelInstance) -> None:
@@ -406,6 +435,57 @@ class Engine:
         if inst.load_task is None or inst.load_task.done():
             inst.load_task = asyncio.get_running_loop().create_task(self._run_load(inst))
         await asyncio.shield(inst.load_task)
+        if inst.replica == 0 and inst.cfg.replicas > 1:
+            self._start_replicas(inst, inst.cfg.replicas)  # in the background: the primary serves meanwhile
+
+    def _replica(self, primary: ModelInstance, number: int) -> ModelInstance:
+        """Replica ``number`` of a version, made on first use (replicas.py)."""
+        group = primary.replica_set
+        while len(group) <= number:
+            rep = ModelInstance(primary.cfg, self.events, self.cache, self.host_tier,
+                                torch_threads=self.torch_threads, replica=len(group), stats=primary.stats)
+            rep.replica_set = group
+            rep.on_oom = self._make_room_after_oom
+            group.append(rep)
+        rep = group[number]
+        rep.cfg, rep.pinned = primary.cfg, primary.pinned
+        return rep
+
+    def _start_replicas(self, primary: ModelInstance, count: int, retry: bool = False) -> list[asyncio.Task]:
+        """Start loading replicas 1..count-1 that are not loaded or loading; the tasks of each.
+
+        A replica that could not be placed (no distinct device with room) is tried again
+        after ``REPLICA_RETRY_S``, or at once when ``retry`` (an explicit load)."""
+        tasks: list[asyncio.Task] = []
+        if primary.state != READY or self._closing:
+            return tasks
+        now = time.monotonic()
+        for number in range(1, count):
+            rep = self._replica(primary, number)
+            if rep.state in (UNLOADED, FAILED) and not _loading(rep):
+                if not retry and self._replica_retry.get(rep.key, (0.0,))[0] > now:
+                    continue
+                rep.load_task = asyncio.get_running_loop().create_task(self._run_replica_load(rep))
+            if rep.load_task is not None and not rep.load_task.done():
+                tasks.append(rep.load_task)
+        return tasks
+
+    async def _run_replica_load(self, rep: ModelInstance) -> None:
+        """One replica's load.  A failure is an event, once per reason (the version serves on
+        without it); the janitor tries again with a doubling delay (``REPLICA_RETRY_S`` up to
+        ``REPLICA_RETRY_MAX_S``)."""
+        try:
+            await self._run_load(rep)
+            self._replica_retry.pop(rep.key, None)
+        except EngineError as e:
+            _, delay, last = self._replica_retry.get(rep.key, (0.0, REPLICA_RETRY_S / 2, ""))
+            delay = min(delay * 2, REPLICA_RETRY_MAX_S)
+            self._replica_retry[rep.key] = (time.monotonic() + delay, delay, e.message)
+            if e.message != last:
+                self.events.publish("replica_not_loaded", f"{rep.label} not loaded: {e.message}",
+                                    model=rep.name, version=rep.version, level="warning",
+                                    data={"replica": rep.replica})
+            raise
 
     async def _run_load(self, inst: ModelInstance) -> None:
         """Place, reserve, load, commit the measured footprint: the body of ``inst.load_task``.
@@ -424,7 +504,9 @@ class Engine:
                     return
                 if inst.state not in (UNLOADED, FAILED):
                     raise ModelUnavailable(f"model {inst.name} version {inst.version} is {inst.state}")
-                targets = self.memory.target_devices(inst.cfg.device)
+                if inst.replica and inst.replica_set[0].state != READY:
+                    raise ModelUnavailable(f"{inst.label}: its version is {inst.replica_set[0].state}")
+                targets = self._replica_targets(inst, self.memory.target_devices(inst.cfg.device))
                 index = None
                 if targets is not None:  # a managed device (None: the CPU, unbudgeted)
                     need = need or weights_estimate(inst)
@@ -456,6 +538,19 @@ class Engine:
                                     model=inst.name, version=inst.version, level="warning")
                 need, retried = int(need * 1.5), True
 
+    @staticmethod
+    def _replica_targets(inst: ModelInstance, targets: list[int] | None) -> list[int] | None:
+        """The managed devices a replica may go to: not one its siblings hold (replicas.py).
+        On the CPU (``None``) every replica is one more worker thread."""
+        if targets is None or len(inst.replica_set) == 1:
+            return targets
+        taken = {r.device_index for r in inst.replica_set if r is not inst and r.device_index is not None}
+        free = [t for t in targets if t not in taken]
+        if not free:
+            raise InsufficientMemory(f"{inst.label}: every device it may use ({', '.join(map(str, targets))}) "
+                                     f"already holds a replica of {inst.name} v{inst.version}")
+        return free
+
     @contextlib.asynccontextmanager
     async def _control_when_settled(self, inst: ModelInstance):
         """The control lock, taken at a moment when ``inst`` has no load under way.
@@ -465,11 +560,11 @@ class Engine:
         waits for the load outside the lock, then takes the lock.
         """
         while True:
-            task = inst.load_task
-            if task is not None and not task.done():
-                await asyncio.wait([task])
+            tasks = [r.load_task for r in inst.replica_set if _loading(r)]
+            if tasks:
+                await asyncio.wait(tasks)
             await self._control.acquire()
-            if not _loading(inst):
+            if not _group_loading(inst):
                 break
             self._control.release()  # a new load started meanwhile: wait for that one too
         try:
@@ -492,11 +587,20 @@ class Engine:
                 await self._evict_locked(by_key[key], f"after {inst.key} ran out of memory: {plan.reason}")
 
     async def _evict_locked(self, inst: ModelInstance, reason: str) -> None:
-        self.events.publish("evicted", f"evicted {inst.key} {reason}", model=inst.name, version=inst.version,
+        """Evict a version: all its replicas go (replicas.py), whichever one the plan named."""
+        primary = inst.replica_set[0]
+        self.events.publish("evicted", f"evicted {primary.key} {reason}", model=inst.name, version=inst.version,
                             level="warning", data={"reason": reason})
-        await self._unload_locked(inst)
+        await self._unload_locked(primary)
 
     async def _unload_locked(self, inst: ModelInstance, drain_timeout: float = 30.0, keep: bool = True) -> None:
+        """Unload one instance; a version's primary takes its replicas with it (extras first,
+        so that a READY replica always has a READY primary)."""
+        if inst.replica == 0 and len(inst.replica_set) > 1:
+            await asyncio.gather(*(self._unload_one(r, drain_timeout, keep) for r in inst.replica_set[1:]))
+        await self._unload_one(inst, drain_timeout, keep)
+
+    async def _unload_one(self, inst: ModelInstance, drain_timeout: float, keep: bool) -> None:
         if _loading(inst) and inst.load_task is not asyncio.current_task():
             # its load owns the reservation: callers take _control_when_settled (a bug otherwise)
             raise RuntimeError(f"{inst.key} unloaded while its load is under way")
@@ -511,8 +615,13 @@ class Engine:
             index, inst.device_index = inst.device_index, None
             await self.memory.release(index, inst, freed, before)
 
-    def _instances(self) -> list[ModelInstance]:
+    def _primaries(self) -> list[ModelInstance]:
+        """Every registered version (its primary instance)."""
         return [inst for e in self._models.values() for inst in e.versions.values()]
+
+    def _instances(self) -> list[ModelInstance]:
+        """Every instance: each version's primary and its other replicas."""
+        return [r for e in self._models.values() for inst in e.versions.values() for r in inst.replica_set]
 
     def _residents(self, index: int) -> list[ModelInstance]:
         """The versions holding (or about to hold) memory on a managed device."""
@@ -522,7 +631,7 @@ class Engine:
         """The residents a load may evict: all but those with a load under way (their load owns
         their reservation until it has ended) and the two sides of a swap under way."""
         protected = self.versions.protected
-        return [i for i in self._residents(index) if not _loading(i) and i.key not in protected]
+        return [i for i in self._residents(index) if not _group_loading(i) and i.version_key not in protected]
 
     async def _load_quietly(self, inst: ModelInstance) -> None:
         """Bring a pinned model up in the background; a refusal becomes an event."""
@@ -551,7 +660,8 @@ class Engine:
         async with self._control:
             if self.store is not None:
                 await self.store.set_pin(inst.name, inst.version, pinned, actor)
-            inst.pinned = pinned
+            for r in inst.replica_set:
+                r.pinned = pinned
         self.events.publish("pinned" if pinned else "unpinned", f"{inst.key} {'pinned' if pinned else 'unpinned'}",
                             model=inst.name, version=inst.version, data={"actor": actor})
         if pinned and inst.state == UNLOADED:
@@ -588,6 +698,8 @@ class Engine:
             if self.store is not None:
                 await self.store.set_priority(inst.name, inst.version, priority, previous, actor)
             inst.cfg = dataclasses.replace(inst.cfg, priority=priority)
+            for r in inst.replica_set:
+                r.cfg = inst.cfg
         self.events.publish("priority", f"{inst.key} base priority {previous} -> {priority}",
                             model=inst.name, version=inst.version,
                             data={"actor": actor, "priority": priority, "previous": previous})
@@ -600,15 +712,53 @@ class Engine:
             now = time.monotonic()
             for inst in self._instances():
                 inst.tick(now)
+            for inst in self._primaries():
+                if inst.cfg.replica_limit > 1 and inst.state == READY:
+                    await self._scale(inst, now)
                 if _expired(inst, now) and inst.key not in self.versions.protected:
                     async with self._control_when_settled(inst):
                         # re-read under the lock that gates the unload
                         if _expired(inst, now) and inst.key not in self.versions.protected:
-                            idle = now - max(inst.last_used, inst.loaded_mono)
+                            idle = min(_idle_s(r, now) for r in inst.replica_set if r.state == READY)
                             self.events.publish("expired", f"{inst.key} idle for {idle:.0f}s (keep_alive "
                                                 f"{inst.cfg.keep_alive:g}s): unloading",
                                                 model=inst.name, version=inst.version)
                             await self._unload_locked(inst)
+
+    async def _scale(self, primary: ModelInstance, now: float) -> None:
+        """One tick of a version's replica count: keep ``replicas`` loaded, and with
+        ``max_replicas`` grow or shrink by ``replicas.replica_target`` (one step a tick)."""
+        group = primary.replica_set
+        stats = primary.stats
+        seen_ns, seen_n = self._scale_seen.get(primary.key, (0, 0))
+        self._scale_seen[primary.key] = (stats.queue_ns, stats.inference_count)
+        ran = stats.inference_count - seen_n
+        live = [r for r in group if r.state in (READY, LOADING, WARMING)]
+        ready = [r for r in live if r.state == READY]
+        extras = [r for r in ready if r.replica > 0]
+        last = max(extras, key=lambda r: r.replica) if extras else None
+        load = replicas.Load(
+            replicas=len(live),
+            mean_wait_s=(stats.queue_ns - seen_ns) / ran / 1e9 if ran > 0 else 0.0,
+            urgency=max((model_urgency(r, now) for r in ready if r.queue.size), default=0.0),
+            latency_target_s=primary.cfg.latency_target_ms / 1000.0,
+            idle_s=_idle_s(last, now) if last is not None and not last.busy() else 0.0)
+        cfg = primary.cfg
+        target = replicas.replica_target(load, cfg.replicas, cfg.replica_limit, cfg.keep_alive)
+        if target > len(live):
+            started = self._start_replicas(primary, target)
+            if started:
+                self.events.publish("replicas_scaled", f"{primary.key}: {len(live)} -> {target} replicas "
+                                    f"(mean queue wait {load.mean_wait_s * 1000:.1f} ms, urgency {load.urgency:.2f}, "
+                                    f"target {cfg.latency_target_ms:g} ms)", model=primary.name,
+                                    version=primary.version, data={"from": len(live), "to": target})
+        elif target < len(live) and last is not None and not primary.pinned:
+            async with self._control_when_settled(last):
+                if last.state == READY and not last.busy():
+                    self.events.publish("replicas_scaled", f"{primary.key}: {len(live)} -> {target} replicas "
+                                        f"({last.label} idle {load.idle_s:.0f}s)", model=primary.name,
+                                        version=primary.version, data={"from": len(live), "to": target})
+                    await self._unload_one(last, 30.0, keep=True)
 
     async def _audit_failure(self, actor: str, action: str, name: Any, version: Any, message: str) -> None:
         """The row of a refused or failed control call; a store that cannot write it is logged,
@@ -627,6 +777,13 @@ class Engine:
             await self.store.audit(actor, action, inst.name, inst.version, {}, result, detail)
 
     # ------------------------------------------------------------ versions (versions.py does the work)
+
+    def adopt_active(self, name: str, version: str) -> None:
+        """Take ``version`` as the active version of ``name`` without a swap: in a fleet, the
+        controller decided (and stored) it, and this engine serves no copy of the old one."""
+        entry = self._models.get(name)
+        if entry is not None and version in entry.versions:
+            entry.active = version
 
     def routing(self, name: str) -> dict[str, Any]:
         """How a model name routes requests without a version, and each arm's metrics."""
@@ -726,7 +883,7 @@ class Engine:
         try:
             req, hit = self._prepare(inst, inputs, priority, timeout_ms, outputs)
             if hit is None:
-                answer = inst.enqueue(req)
+                answer = _replica_for(inst, req).enqueue(req)
         except EngineError as e:
             inst.stats.fail(e.kind)
             raise
@@ -779,7 +936,7 @@ class Engine:
             return hit
         if inst.limiter is not None:
             await inst.limiter.admit(req.deadline, inst.name)
-        return await inst.enqueue(req)
+        return await _replica_for(inst, req).enqueue(req)
 
     @staticmethod
     def _prepare(inst: ModelInstance, inputs: Mapping[str, Any], priority: int | None, timeout_ms: float | None,

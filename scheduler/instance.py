@@ -122,8 +122,13 @@ def _as_outputs(result: Any, names: Sequence[str]) -> list[Any]:
 
 class ModelInstance:
     def __init__(self, cfg: ModelConfig, events: EventBus, cache: ResultCache | None = None,
-                 host_tier: hosttier.HostTier | None = None, torch_threads: int | None = None):
+                 host_tier: hosttier.HostTier | None = None, torch_threads: int | None = None,
+                 replica: int = 0, stats: ModelStats | None = None):
         self.cfg = cfg
+        # replicas.py: replica 0 is the version itself (the primary); the others share its stats
+        # and its replica_set, the list of every replica, primary first
+        self.replica = replica
+        self.replica_set: list[ModelInstance] = [self]
         self.torch_threads_setting = torch_threads  # None: policy.torch_threads chooses
         self.name = cfg.name
         self.version = cfg.version
@@ -138,7 +143,9 @@ class ModelInstance:
         self.load_seconds: float | None = None
         self.loaded_at: float | None = None
         self.warmup_runs = 0  # real forward passes run before READY (not counted in stats)
-        self.key = f"{cfg.name}:{cfg.version}"
+        self.version_key = f"{cfg.name}:{cfg.version}"
+        self.key = self.version_key + (f"#{replica}" if replica else "")
+        self.label = f"{cfg.name} v{cfg.version}" + (f" replica {replica}" if replica else "")
         self.host_tier = host_tier  # where its weights wait after an unload (None: dropped)
         self.trusted = sources.is_trusted(cfg)  # its file is in a root marked trusted = true
         self.load_source: str | None = None  # what the last load read: the source or "host tier"
@@ -158,7 +165,7 @@ class ModelInstance:
         # set by the engine: evicts something idle on this model's device after a forward OOM
         self.on_oom: Any = None
         self._rate_seen = 0  # requests counted into rate so far
-        self.stats = ModelStats()
+        self.stats = stats if stats is not None else ModelStats()
         self.queue = RequestQueue(cfg.priority_levels, cfg.max_queue_size)
         # the shared result cache, when this model uses it
         self.cache = cache if cfg.cache else None
@@ -167,6 +174,7 @@ class ModelInstance:
             RateLimit(cfg.rate_limit["rps"], int(cfg.rate_limit["burst"])) if cfg.rate_limit else None
         )
         self.in_flight = 0  # requests inside batches handed to the worker
+        self.served = 0  # requests this instance answered (its version's stats count every replica's)
         self.load_task: asyncio.Task | None = None  # shared by concurrent lazy loads
         self._module: Any = None
         self._worker: ModelWorker | None = None
@@ -198,7 +206,7 @@ class ModelInstance:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         self._set_state(LOADING)
-        self.events.publish("loading", f"loading {self.name} v{self.version} from {self.cfg.source}",
+        self.events.publish("loading", f"loading {self.label} from {self.cfg.source}",
                             model=self.name, version=self.version)
         worker = None
         try:
@@ -237,7 +245,7 @@ class ModelInstance:
             self._module = None
             self._worker = None
             self._set_state(FAILED, reason)
-            self.events.publish("load_failed", f"{self.name} v{self.version} failed to load: {reason}",
+            self.events.publish("load_failed", f"{self.label} failed to load: {reason}",
                                 model=self.name, version=self.version, level="error")
             raise LoadFailed(f"model {self.name} version {self.version} failed to load: {reason}") from e
         self.load_seconds = time.perf_counter() - started
@@ -246,7 +254,7 @@ class ModelInstance:
         self._set_state(READY)
         self.events.publish(
             "loaded",
-            f"{self.name} v{self.version} ready on {self.device} in {self.load_seconds:.2f}s from {self.load_source} "
+            f"{self.label} ready on {self.device} in {self.load_seconds:.2f}s from {self.load_source} "
             f"({self.footprint_bytes / 2**20:.1f} MiB)",
             model=self.name, version=self.version,
             data={"load_seconds": self.load_seconds, "footprint_bytes": self.footprint_bytes,
@@ -289,7 +297,7 @@ class ModelInstance:
                 self._set_state(UNLOADED)
             return
         self._set_state(UNLOADING)
-        self.events.publish("unloading", f"unloading {self.name} v{self.version}",
+        self.events.publish("unloading", f"unloading {self.label}",
                             model=self.name, version=self.version)
         if self.queue.size or self._batches:
             self._drained = asyncio.Event()
@@ -305,7 +313,7 @@ class ModelInstance:
         if worker is not None:
             await self._free(worker, keep=keep and self.host_tier is not None and self.host_tier.enabled)
         self._set_state(UNLOADED)
-        self.events.publish("unloaded", f"{self.name} v{self.version} unloaded",
+        self.events.publish("unloaded", f"{self.label} unloaded",
                             model=self.name, version=self.version,
                             data={"freed_bytes": self.footprint_bytes})
 
@@ -680,6 +688,7 @@ class ModelInstance:
             waited += formed - req.enqueued
             stats.record_latency(now - req.enqueued)
         stats.success += answered
+        self.served += answered
         if samples:
             stats.record_batch(samples, int(waited * 1e9), compute_ns)
 
@@ -726,6 +735,18 @@ class ModelInstance:
             self._drained.set()
 
     # ------------------------------------------------------------ observation
+
+    @property
+    def queued(self) -> int:
+        return self.queue.size
+
+    def replica_view(self) -> dict[str, Any]:
+        """This replica in its version's snapshot (``replicas``)."""
+        return {"replica": self.replica, "state": self.state, "reason": self.reason,
+                "device": str(self.device) if self.device is not None else self.cfg.device,
+                "device_index": self.device_index, "queue": self.queue.size, "in_flight": self.in_flight,
+                "served": self.served,
+                "footprint_bytes": self.footprint_bytes if self.state in (READY, WARMING, UNLOADING) else 0}
 
     def busy(self) -> bool:
         return bool(self.queue.size or self._batches or self.state in (LOADING, WARMING))
@@ -792,6 +813,7 @@ class ModelInstance:
             "outputs": [s.to_dict() for s in self.outputs] if self.outputs else None,
             "config": self.cfg.to_dict(),
             "stats": self.stats.to_dict(),
+            "replicas": [r.replica_view() for r in self.replica_set],
         }
 
 

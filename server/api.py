@@ -221,14 +221,18 @@ def _control(action: str) -> Any:
         name = request.match_info["name"]
         version = await _version_of(request)
         actor = _actor(request)
+        # ?node=ID: on a fleet (cluster/), act on that node only; without it, the whole fleet
+        where = {"node": request.query["node"]} if "node" in request.query else {}
+        if where and not hasattr(engine, "nodes"):
+            raise HttpError(400, "node: only a fleet (--serve --cluster) has nodes; leave it out here")
         if action == "load":
-            snap = await engine.load(name, version, actor=actor)
+            snap = await engine.load(name, version, actor=actor, **where)
         elif action == "unload":
-            snap = await engine.unload(name, version, actor=actor)
+            snap = await engine.unload(name, version, actor=actor, **where)
         elif action == "evict":
-            snap = await engine.evict(name, version, actor=actor)
+            snap = await engine.evict(name, version, actor=actor, **where)
         else:
-            snap = await engine.pin(name, version, pinned=action == "pin", actor=actor)
+            snap = await engine.pin(name, version, pinned=action == "pin", actor=actor, **where)
         return json_response(_listed(engine, snap))
 
     handler.__name__ = f"control_{action}"

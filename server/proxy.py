@@ -42,15 +42,21 @@ PROXY: web.AppKey[ControlProxy] = web.AppKey("proxy", object)
 
 
 class ControlProxy:
-    def __init__(self, unix_path: str):
+    """Forwards to the engine core's app on a Unix socket (``unix_path``), or to a fleet's control
+    plane over TCP (``base_url``, cluster/frontend.py)."""
+
+    def __init__(self, unix_path: str | None = None, base_url: str | None = None):
         self.unix_path = unix_path
+        self.base = base_url.rstrip("/") if base_url else "http://engine-core"
         self._session: aiohttp.ClientSession | None = None
         self._streams: set[aiohttp.ClientResponse] = set()
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
+            connector = (aiohttp.UnixConnector(path=self.unix_path, limit=64) if self.unix_path is not None
+                         else aiohttp.TCPConnector(limit=64))
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.UnixConnector(path=self.unix_path, limit=64),
+                connector=connector,
                 auto_decompress=False,  # the client's Accept-Encoding went through; its coding comes back as is
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
             )
@@ -60,7 +66,7 @@ class ControlProxy:
         body = await read_body(request) if request.body_exists else None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
         try:
-            upstream = await self._client().request(request.method, "http://engine-core" + request.path_qs,
+            upstream = await self._client().request(request.method, self.base + request.path_qs,
                                                     data=body, headers=headers, allow_redirects=False)
         except (aiohttp.ClientConnectionError, OSError) as e:
             raise HttpError(503, f"the engine core is not reachable ({e})", {"Retry-After": "1"}) from None
@@ -79,7 +85,7 @@ class ControlProxy:
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
         try:
-            async with self._client().request(method, "http://engine-core" + path, data=body,
+            async with self._client().request(method, self.base + path, data=body,
                                               headers=headers) as upstream:
                 return upstream.status, upstream.headers, await upstream.read()
         except (aiohttp.ClientConnectionError, OSError) as e:

@@ -152,6 +152,12 @@ def triton_config(inst: Any, versions: list[str]) -> dict[str, Any]:
     cfg = inst.cfg
     batching = cfg.max_batch_size > 0
     on_gpu = str(inst.device or cfg.device).startswith("cuda")
+    ready = [r for r in inst.replica_set if r.state == "READY"]
+    group: dict[str, Any] = {"name": inst.name, "kind": "KIND_GPU" if on_gpu else "KIND_CPU",
+                             "count": len(ready) if ready else cfg.replicas}
+    gpus = sorted({r.device.index or 0 for r in ready if r.device is not None and r.device.type == "cuda"})
+    if gpus:
+        group["gpus"] = gpus
     out: dict[str, Any] = {
         "name": inst.name,
         "platform": inst.platform or "pytorch_libtorch",
@@ -160,7 +166,7 @@ def triton_config(inst: Any, versions: list[str]) -> dict[str, Any]:
         "max_batch_size": cfg.max_batch_size,
         "input": _config_tensors(inst.inputs, batching),
         "output": _config_tensors(inst.outputs, batching),
-        "instance_group": [{"name": inst.name, "kind": "KIND_GPU" if on_gpu else "KIND_CPU", "count": 1}],
+        "instance_group": [group],
         "response_cache": {"enable": bool(cfg.cache)},
         "parameters": {"modelconsole_source": {"string_value": cfg.source}},
     }

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = sorted(p for p in (ROOT / "bench").glob("*.py") if "__main__" in p.read_text(encoding="utf-8"))
-PACKAGES = ("console", "scheduler", "gpu", "server", "themes")
+PACKAGES = ("console", "scheduler", "gpu", "server", "themes", "cluster")
 
 
 def _tool(name: str) -> str:

@@ -1,0 +1,243 @@
+"""The fleet's controller: a named, detached Ray actor, the one owner of what the operator decided.
+
+It holds the registry (``fleet.Fleet``: an engine that never loads, on the
+SQLite store on the head node) and serves the control plane, an HTTP app with
+the single host's API (``server/app.py`` on ``fleet.Fleet``), on
+``[cluster] control_port``.  Every node's front end forwards everything but
+infer there, so any node answers the whole API and ``--attach`` works on any
+of them.
+
+Its node loop (every ``TICK_S``) reads Ray's node list: a node that joins gets
+an engine core (``core.EngineCore``, node affinity; on a cluster with GPU
+nodes, only those) and a front end (``frontend.FrontEnd``), both detached and
+named by node, so a restarted controller finds them again; then it reads each
+engine core's report.  A node that leaves, or whose core stops answering, is
+marked lost with a ``node_lost`` event naming what it held; front ends retry
+its requests elsewhere (``link.py``), and its models are placed again on
+their next request.
+
+Ray restarts the controller when its process dies (``max_restarts=-1``): the
+new one reopens the store (registrations, active versions, splits, pins,
+priorities and the audit log come back) and starts on its first call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from modelconsole.gpu.devices import SimulatedBackend
+from modelconsole.scheduler.config import GpuConfig
+from modelconsole.scheduler.engine import Engine
+from modelconsole.scheduler.store import Store
+from modelconsole.server.app import LINK, Server, ServerSettings, build_app, http_url
+
+from . import rayenv
+from .core import EngineCore, node_config
+from .fleet import Fleet, Node
+from .frontend import FrontEnd
+from .link import ClusterLink
+
+log = logging.getLogger("modelconsole.cluster.controller")
+
+TICK_S = 0.5
+REPORT_TIMEOUT_S = 10.0
+
+
+class Controller:
+    """``spec``: config (path or None), simulate_gpu_size, store (path), control (ServerSettings
+    fields for the control app), frontend (ServerSettings fields for each node's front end)."""
+
+    def __init__(self, spec: dict[str, Any]):
+        self.spec = spec
+        self.fleet: Fleet | None = None
+        self.server: Server | None = None
+        self.url: str | None = None
+        self._start: asyncio.Task[None] | None = None
+        self._loop: asyncio.Task[None] | None = None
+        self._bringing: dict[str, asyncio.Task[None]] = {}
+        self.restarted_at = time.time()
+
+    # ------------------------------------------------------------ start
+
+    async def _ensure(self) -> Fleet:
+        if self._start is None:
+            self._start = asyncio.get_running_loop().create_task(self._begin())
+        await asyncio.shield(self._start)
+        assert self.fleet is not None
+        return self.fleet
+
+    async def _begin(self) -> None:
+        cfg = node_config({"config": self.spec.get("config")})
+        # the registry: validates, stores and restores; it never loads (no devices, nothing calls a load)
+        registry = Engine(Store(self.spec["store"]), model_roots=cfg.model_roots, base_dir=cfg.base_dir,
+                          trust=cfg.trust, backend=SimulatedBackend([]), gpu=GpuConfig(default_device="cpu"),
+                          cache_bytes=0, tick_s=3600.0)
+        await registry.start(cfg.models)
+        self.fleet = fleet = Fleet(registry)
+        settings = ServerSettings(**self.spec["control"])
+        app = build_app(fleet, settings)
+        link = ClusterLink(self._table, self._place)  # this app's own infer calls (front ends have theirs)
+        app[LINK] = link
+        self.server = Server(fleet, settings, app=app)
+        await self.server.start()
+        await link.start()
+        self.url = http_url(settings.host, self.server.port)
+        fleet.events.publish("controller_started", f"controller started; control plane on {self.url}",
+                             data={"url": self.url})
+        await self._tick()
+        self._loop = asyncio.get_running_loop().create_task(self._node_loop())
+
+    # ------------------------------------------------------------ what front ends and the launcher call
+
+    async def ready(self) -> dict[str, Any]:
+        fleet = await self._ensure()
+        return {"url": self.url, "restarted_at": self.restarted_at,
+                "nodes": {n.node: {"health": n.health, "frontend": n.frontend_url} for n in fleet.nodes.values()}}
+
+    async def table(self) -> dict[str, Any]:
+        await self._ensure()
+        return await self._table()
+
+    async def place(self, name: str, version: str | None, exclude: list[str]) -> list[str]:
+        """Where a version that no live node holds goes (a front end's miss): the nodes for its
+        replicas, best first; the request goes to the first (its lazy load), the others load now."""
+        await self._ensure()
+        return await self._place(name, version, exclude)
+
+    async def _table(self) -> dict[str, Any]:
+        assert self.fleet is not None
+        return self.fleet.placement_table()
+
+    async def _place(self, name: str, version: str | None, exclude: list[str]) -> list[str]:
+        fleet = self.fleet
+        assert fleet is not None
+        nodes = fleet.place(name, version, exclude)
+        inst = fleet.registry.instance(name, version)
+        if nodes:
+            fleet.events.publish("placed", f"{inst.key} placed on {', '.join(nodes)}", model=name,
+                                 version=inst.version, data={"nodes": nodes})
+        if len(nodes) > 1:
+            rest = [fleet.nodes[n] for n in nodes[1:]]
+            asyncio.get_running_loop().create_task(
+                fleet._on(rest, "load", {"name": name, "version": inst.version, "actor": "placement"}))
+        return nodes
+
+    async def shutdown(self) -> None:
+        """Stop the fleet: every front end and engine core, then the control plane."""
+        import ray
+
+        fleet = await self._ensure()
+        if self._loop is not None:
+            self._loop.cancel()
+        for n in fleet.nodes.values():
+            for actor in (n.frontend, n.core):
+                if actor is not None:
+                    try:
+                        ray.kill(actor, no_restart=True)
+                    except Exception:  # noqa: BLE001 - already gone
+                        pass
+        await fleet.close()
+        if self.server is not None:
+            await self.server.stop()
+        await fleet.registry.close()
+
+    # ------------------------------------------------------------ nodes
+
+    async def _node_loop(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            try:
+                await self._tick()
+            except Exception:  # noqa: BLE001 - one bad tick must not end the loop
+                log.exception("node loop tick failed")
+
+    async def _tick(self) -> None:
+        fleet = self.fleet
+        assert fleet is not None
+        alive = {n["NodeID"]: n for n in rayenv.alive_nodes()}  # one quick GCS read
+        gpu_nodes = {nid for nid, n in alive.items() if _gpus(n) or _sim_gpus(n)}
+        for nid, info in alive.items():
+            node = fleet.nodes.get(nid)
+            if (node is None or node.health == "lost") and nid not in self._bringing:
+                if gpu_nodes and nid not in gpu_nodes and node is None:
+                    fleet.nodes[nid] = Node(nid, info.get("NodeManagerAddress", "?"), health="no GPUs")
+                    continue
+                if node is not None and node.health == "no GPUs":
+                    continue
+                task = asyncio.get_running_loop().create_task(self._bring_up(nid, info))
+                self._bringing[nid] = task
+                task.add_done_callback(lambda _, nid=nid: self._bringing.pop(nid, None))
+        for nid, node in list(fleet.nodes.items()):
+            if node.health == "ok" and nid not in alive:
+                self._lost(node, "the node left the cluster")
+        ok = [n for n in fleet.nodes.values() if n.health == "ok"]
+        reports = await asyncio.gather(*(asyncio.wait_for(_await(n.core.report.remote()), REPORT_TIMEOUT_S)
+                                         for n in ok), return_exceptions=True)
+        for node, report in zip(ok, reports):
+            if isinstance(report, BaseException):
+                if rayenv.is_actor_gone(report) or isinstance(report, TimeoutError):
+                    self._lost(node, f"its engine core stopped answering ({type(report).__name__})")
+                continue
+            fleet.absorb(node, report)
+
+    async def _bring_up(self, nid: str, info: dict[str, Any]) -> None:
+        import ray
+
+        fleet = self.fleet
+        assert fleet is not None
+        node = Node(nid, info.get("NodeManagerAddress", "?"))
+        fleet.nodes[nid] = node
+        gpus, sim = _gpus(info), _sim_gpus(info)
+        core_spec = {"config": self.spec.get("config"), "cpus": self.spec.get("cpus", {}).get(nid)}
+        options: dict[str, Any] = {"num_cpus": 0}
+        if gpus:
+            options["num_gpus"] = gpus  # every GPU of the node: its engine core places models on them
+        if sim:
+            options["resources"] = {"sim_gpu": sim}
+            core_spec["simulate"] = f"{sim}x{self.spec.get('simulate_gpu_size', '8GiB')}"
+        try:
+            common = {"namespace": rayenv.NAMESPACE, "lifetime": "detached", "get_if_exists": True,
+                      "scheduling_strategy": rayenv.node_affinity(nid), "max_restarts": 0}
+            core = ray.remote(EngineCore).options(name=rayenv.core_name(nid), **common, **options).remote(
+                nid, core_spec)
+            report = await core.sync.remote(fleet.record())
+            node.core = core
+            fleet.absorb(node, report)
+            frontend = ray.remote(FrontEnd).options(name=rayenv.frontend_name(nid), num_cpus=0, **common).remote(
+                nid, {"settings": self.spec["frontend"], "control_url": self.url})
+            node.frontend = frontend
+            node.frontend_url = await frontend.start.remote()
+        except Exception as e:  # noqa: BLE001 - the node stays lost; the next tick tries again
+            if node.health == "ok":  # its engine core was serving: the node went away mid-start
+                self._lost(node, f"it went away while its front end started ({type(e).__name__})")
+                return
+            node.health = "lost"
+            fleet.events.publish("node_failed", f"node {nid[:8]} could not be brought up: {e}", level="error",
+                                 data={"node": nid})
+            return
+        fleet.events.publish("node_joined", f"node {nid[:8]} ({node.address}) joined: engine core up, "
+                             f"front end on {node.frontend_url}", data={"node": nid, "frontend": node.frontend_url})
+
+    def _lost(self, node: Node, why: str) -> None:
+        held = list(node.report.get("holds", []))
+        node.health = "lost"
+        assert self.fleet is not None
+        self.fleet.events.publish(
+            "node_lost", f"node {node.node[:8]} lost ({why}); it held {', '.join(held) or 'nothing'}: requests "
+            "in flight there are retried on another node, its models are placed again on demand",
+            level="error", data={"node": node.node, "held": held, "reason": why})
+
+
+def _gpus(info: dict[str, Any]) -> int:
+    return int(info.get("Resources", {}).get("GPU", 0))
+
+
+def _sim_gpus(info: dict[str, Any]) -> int:
+    return int(info.get("Resources", {}).get("sim_gpu", 0))
+
+
+async def _await(ref: Any) -> Any:
+    return await ref

@@ -1,0 +1,172 @@
+"""One node's engine core in the fleet: a Ray actor holding an ``Engine``.
+
+The controller starts one per node (node affinity: it runs there and nowhere
+else) and tells it everything the operator decided: the registered versions,
+the active version of each name, splits and pins (``sync``, then one call per
+change).  The engine core decides the rest on its own node, as a single host
+does: budgets from that node's NVML (or simulated devices), placement on its
+devices, eviction by keep-value, its own host tier, batching.  It keeps no
+store: the controller's SQLite file on the head is the one record.
+
+Front ends send infer calls as ``server/ipc.py`` frames (``call``), one message
+per front end per loop iteration; each call is one ``engine.infer``.  The
+controller reads ``report`` every tick: the engine's snapshot, the events since
+the last report and what the placement function needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any
+
+from modelconsole.scheduler.config import Config, demo_config, load_config, model_from_dict, with_demo_devices
+from modelconsole.scheduler.engine import Engine
+from modelconsole.scheduler.errors import EngineError
+from modelconsole.server import ipc
+
+log = logging.getLogger("modelconsole.cluster.core")
+
+
+def node_config(spec: dict[str, Any]) -> Config:
+    """The config an engine core runs with: the operator's file (the same path on every node),
+    or the demo zoo; ``spec["simulate"]`` simulates devices (tests, CPU-only demos)."""
+    import dataclasses
+
+    cfg = load_config(spec["config"]) if spec.get("config") else with_demo_devices(demo_config())
+    if spec.get("simulate"):
+        cfg = dataclasses.replace(cfg, gpu=dataclasses.replace(cfg.gpu, simulate=spec["simulate"]))
+    return cfg
+
+
+def error_wire(e: EngineError) -> dict[str, Any]:
+    return {"error": {"kind": e.kind, "status": e.status, "message": e.message, "retry_after": e.retry_after}}
+
+
+class EngineCore:
+    """The Ray actor (``ray.remote`` is applied by the controller, so importing this needs no Ray)."""
+
+    def __init__(self, node_id: str, spec: dict[str, Any]):
+        self.node_id = node_id
+        self.spec = spec
+        self.config = node_config(spec)
+        self.engine: Engine | None = None
+        self._seq = 0  # the last event sequence number reported
+        self.started = time.time()
+        cpus = spec.get("cpus")  # the benchmark pins each node's engine core to its own cores
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    async def sync(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Start (once) with the controller's record: models, active versions, splits, pins."""
+        if self.engine is None:
+            cfg = self.config
+            engine = Engine.from_config(cfg, store=None)
+            models = [model_from_dict(raw, "model", cfg.base_dir, cfg.model_roots, cfg.trust)
+                      for raw in state["models"]]
+            await engine.start(models)
+            self.engine = engine
+        await self.apply(state)
+        return self.report()
+
+    async def apply(self, state: dict[str, Any]) -> None:
+        """Bring this core to the controller's record (idempotent)."""
+        engine = self.engine
+        assert engine is not None
+        known = {(m["name"], m["version"]) for m in engine.snapshot_models()}
+        cfg = self.config
+        for raw in state["models"]:
+            if (raw["name"], str(raw["version"])) not in known:
+                await engine.register(model_from_dict(raw, "model", cfg.base_dir, cfg.model_roots, cfg.trust),
+                                      actor="controller")
+        for name, version in state.get("active", {}).items():
+            engine.adopt_active(name, version)
+        for name, split in state.get("splits", {}).items():
+            try:
+                await engine.set_split(name, split["weights"], shadow=split.get("shadow") or (),
+                                       metric_output=split.get("metric_output"), actor="controller")
+            except EngineError as e:
+                log.warning("split of %s not applied on %s: %s", name, self.node_id, e.message)
+        for name, version, pinned in state.get("pins", []):
+            try:
+                inst = engine.instance(name, version)
+                if inst.pinned != pinned:
+                    await engine.pin(name, version, pinned, actor="controller")
+            except EngineError:
+                pass
+
+    async def call(self, frames: list[bytes]) -> list[bytes]:
+        """Infer calls from a front end; the answers in one message."""
+        calls = ipc.unpack_calls(frames)
+        answers = await asyncio.gather(*(self._one(c) for _, c in calls))
+        return [bytes(f) for f in ipc.pack_answers([(i, a) for (i, _), a in zip(calls, answers)])]
+
+    async def _one(self, call: Any) -> Any:
+        if isinstance(call, EngineError):
+            return call
+        try:
+            return await ipc.run_call(self.engine, call)
+        except EngineError as e:
+            return e
+        except Exception:  # noqa: BLE001 - one call's failure, answered
+            log.exception("unhandled error in an infer call for '%s'", call.model)
+            return EngineError("internal error (logged by the engine core)")
+
+    async def control(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        """One operator action on this node: the engine's answer, or its error as data."""
+        engine = self.engine
+        assert engine is not None
+        try:
+            if op == "register":
+                cfg = self.config
+                raw = model_from_dict(args["model"], "model", cfg.base_dir, cfg.model_roots, cfg.trust)
+                return {"result": await engine.register(raw, actor=args["actor"])}
+            if op == "swap":
+                inst = engine.instance(args["name"], None)
+                if inst.state == "READY":  # this node serves the old version: a hot swap here
+                    return {"result": await engine.swap(args["name"], args["version"], actor=args["actor"])}
+                engine.adopt_active(args["name"], args["version"])
+                return {"result": {"name": args["name"], "to": args["version"], "loaded": False}}
+            fn = getattr(engine, op)
+            return {"result": await fn(**args)}
+        except EngineError as e:
+            return error_wire(e)
+
+    def report(self) -> dict[str, Any]:
+        """What the controller shows and places by: the snapshot, new events, free room."""
+        engine = self.engine
+        if engine is None:
+            return {"node": self.node_id, "started": False}
+        snap = engine.snapshot()
+        events = [e.to_dict() for e in engine.events.recent if e.seq > self._seq]
+        if events:
+            self._seq = events[-1]["seq"]
+        devices = snap["devices"]
+        if devices:
+            free = sum(max(0, d["budget"]["available_bytes"]) for d in devices)
+        else:
+            free = _host_free()
+        keeps = [m["eviction"]["keep_value"] for m in snap["models"]
+                 if m["eviction"] is not None and not m["pinned"]]
+        return {
+            "node": self.node_id, "started": True, "pid": os.getpid(), "since": self.started,
+            "snapshot": snap, "events": events, "free_bytes": free,
+            "outstanding": sum(m["queue"] + m["in_flight"] for m in snap["models"]),
+            "holds": sorted(f"{m['name']}:{m['version']}" for m in snap["models"] if m["state"] == "READY"),
+            "cheapest_keep": min(keeps) if keeps else None,
+        }
+
+    async def close(self) -> None:
+        if self.engine is not None:
+            await self.engine.close()
+
+
+def _host_free() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001
+        return 0

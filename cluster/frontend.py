@@ -1,0 +1,63 @@
+"""A node's front end in the fleet: a Ray actor serving HTTP on that node.
+
+The same front-end app as ``--workers`` (``server/frontend.py``): infer and
+liveness here, decoded and encoded here; infer calls go to engine cores
+through ``link.ClusterLink`` (least outstanding holder, placement on a miss,
+one retry when a node dies); everything else is forwarded to the
+controller's control plane (``server/proxy.py`` over TCP), so every node
+answers the whole API.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from modelconsole.server.app import Server, ServerSettings, http_url
+from modelconsole.server.frontend import build_frontend_app
+from modelconsole.server.proxy import ControlProxy
+
+from . import rayenv
+from .link import ClusterLink
+
+log = logging.getLogger("modelconsole.cluster.frontend")
+
+
+class FrontEnd:
+    def __init__(self, node_id: str, spec: dict[str, Any]):
+        self.node_id = node_id
+        self.spec = spec
+        self.url: str | None = None
+        self.link: ClusterLink | None = None
+        self.server: Server | None = None
+
+    async def start(self) -> str:
+        if self.url is not None:
+            return self.url
+        import ray
+
+        controller = ray.get_actor(rayenv.CONTROLLER, namespace=rayenv.NAMESPACE)
+
+        async def table() -> dict[str, Any]:
+            return await controller.table.remote()
+
+        async def place(name: str, version: str | None, exclude: list[str]) -> list[str]:
+            return await controller.place.remote(name, version, exclude)
+
+        settings = ServerSettings(**self.spec["settings"])
+        self.link = ClusterLink(table, place)
+        await self.link.start()
+        app = build_frontend_app(self.link, ControlProxy(base_url=self.spec["control_url"]), settings)
+        self.server = Server(None, settings, app=app)
+        await self.server.start()
+        self.url = http_url(settings.host, self.server.port)
+        return self.url
+
+    def stats(self) -> dict[str, Any]:
+        """What this front end's link knows: calls retried after a node loss, and the holders of each
+        version in its routing table (tests wait on it instead of on the refresh period)."""
+        link = self.link
+        if link is None:
+            return {"url": self.url, "retried": 0, "holders": {}}
+        return {"url": self.url, "retried": link.retried,
+                "holders": {name: m["holders"] for name, m in link.table["models"].items()}}

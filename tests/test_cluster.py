@@ -1,0 +1,352 @@
+"""The fleet on a real local Ray cluster (``ray.cluster_utils.Cluster``: a head and more nodes in
+this machine, every process on 127.0.0.1, simulated GPUs as the custom resource ``sim_gpu``).
+
+One cluster serves the module (starting one costs seconds); the tests run in file order and
+the last ones change it (a node removed, the controller killed).  Each waits on the fleet's
+own answers (``wait_for``: the controller's node list, the snapshot), never on a clock."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import time
+
+import pytest
+
+from modelconsole.cluster import rayenv
+
+# before Ray is imported: it reads these when its modules load (every process on 127.0.0.1)
+rayenv.apply_loopback_env()
+pytest.importorskip("ray")
+
+import aiohttp  # noqa: E402
+import psutil  # noqa: E402
+
+from modelconsole.cluster import launch, placement  # noqa: E402
+from modelconsole.scheduler.config import load_config  # noqa: E402
+from modelconsole.server.app import ServerSettings  # noqa: E402
+
+TOKEN = "fleet-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+CONFIG = """
+[[models]]
+name = "tiny"
+source = "zoo:tiny-mlp"
+warmup = 0
+replicas = 2
+
+[[models]]
+name = "solo"
+source = "zoo:tiny-mlp"
+warmup = 0
+
+[[models]]
+name = "slow"
+source = "zoo:tiny-mlp"
+warmup = 0
+max_queue_delay_ms = 2000
+max_batch_size = 256
+
+[cluster]
+frontend_port = 0
+"""
+ROW = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0.5] * 64}]}
+
+
+# ------------------------------------------------------------------ placement (pure)
+
+
+def test_place_prefers_holders_then_room_then_the_cheapest_eviction_and_spreads():
+    nodes = [placement.NodeView("a", free_bytes=10, holds=frozenset({"m:1"}), outstanding=5),
+             placement.NodeView("b", free_bytes=100, outstanding=1),
+             placement.NodeView("c", free_bytes=50),
+             placement.NodeView("d", free_bytes=0, cheapest_keep=0.1),
+             placement.NodeView("e", free_bytes=0, cheapest_keep=5.0),
+             placement.NodeView("f", free_bytes=1000, alive=False)]
+    assert placement.place("m:1", 40, nodes, 1) == ["a"]
+    assert placement.place("m:1", 40, nodes, 3) == ["a", "b", "c"]
+    assert placement.place("n:1", 40, nodes, 5) == ["b", "c", "d", "e", "a"]  # a lacks room: last but evictions
+    assert placement.place("n:1", 40, nodes, 9) == ["b", "c", "d", "e", "a"]  # one replica per node, dead skipped
+    assert placement.place("m:1", 40, nodes, 1, exclude=["a"]) == ["b"]
+
+
+def test_pick_takes_the_least_outstanding_holder():
+    assert placement.pick([("a", 3), ("b", 1), ("c", 1)]) == "b"
+    assert placement.pick([("a", 3), ("b", 1)], exclude=["b"]) == "a"
+    assert placement.pick([("a", 3)], exclude=["a"]) is None
+
+
+def test_cluster_address_setting():
+    assert rayenv.gcs_address("ray") == "auto"
+    assert rayenv.gcs_address("ray://10.0.0.1:6379") == "10.0.0.1:6379"
+    with pytest.raises(ValueError, match="ray://HOST:PORT"):
+        rayenv.gcs_address("http://x")
+
+
+# ------------------------------------------------------------------ a real cluster
+
+
+class Fleet:
+    def __init__(self, cluster, controller, control_port):
+        self.cluster = cluster
+        self.controller = controller
+        self.control_port = control_port
+        self.extra: list = []
+
+    async def info(self):
+        return await self.controller.ready.remote()
+
+    async def frontends(self):
+        return {n: v["frontend"] for n, v in (await self.info())["nodes"].items()
+                if v["health"] == "ok" and v["frontend"]}
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    where = tmp_path_factory.mktemp("fleet")
+    (where / "fleet.toml").write_text(CONFIG)
+    config = load_config(where / "fleet.toml")
+    control_port = rayenv.free_port()
+    config = type(config)(**{**config.__dict__, "cluster": type(config.cluster)(control_port=control_port,
+                                                                                 frontend_port=0)})
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False, "resources": {"sim_gpu": 1}})
+    cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={"sim_gpu": 1})
+    ray.init(address=cluster.address, namespace=rayenv.NAMESPACE, log_to_driver=False)
+    spec = launch.controller_spec(config, ServerSettings(port=0, token=TOKEN), str(where / "fleet.db"),
+                                  simulate_gpu_size="2GiB")
+    controller = launch.start_controller(spec)
+    asyncio.run(launch.wait_for_nodes(controller, 2))
+    f = Fleet(cluster, controller, control_port)
+    yield f
+    try:
+        ray.get(controller.shutdown.remote(), timeout=60)
+        ray.kill(controller, no_restart=True)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+async def wait_for(check, what, timeout=90.0):
+    """Poll the fleet's own answers until ``check()`` is truthy (a bound, not a sleep window)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+async def snapshot(url):
+    async with aiohttp.ClientSession() as s, s.get(url + "/api/snapshot", headers=AUTH) as r:
+        assert r.status == 200, await r.text()
+        return await r.json()
+
+
+async def version_of(url, name):
+    snap = await snapshot(url)
+    return next(m for m in snap["models"] if m["name"] == name)
+
+
+async def infer(session, url, name, **kw):
+    async with session.post(f"{url}/v2/models/{name}/infer", json=ROW, **kw) as r:
+        return r.status, await r.json(), r.headers
+
+
+def test_every_ray_process_listens_on_loopback_only(fleet):
+    me = psutil.Process()
+    procs = [me, *me.children(recursive=True)]
+    listening = []
+    for p in procs:
+        try:
+            conns = p.net_connections(kind="inet")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        listening += [(p.pid, p.name(), c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN]
+    assert len(procs) > 5 and listening, "the cluster's processes were not found"
+    outside = [x for x in listening if not _loopback(x[2])]
+    assert not outside, f"listening outside 127.0.0.0/8: {outside}"
+
+
+def _loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)  # gRPC binds "::ffff:127.0.0.1": IPv4 loopback on a v6 socket
+    return (mapped or ip).is_loopback
+
+
+async def test_every_node_answers_the_whole_api_and_lists_every_node(fleet):
+    urls = await fleet.frontends()
+    assert len(urls) == 2
+    for url in urls.values():
+        snap = await snapshot(url)
+        assert {n["node"] for n in snap["nodes"] if n["health"] == "ok"} == set(urls)
+        assert {m["name"] for m in snap["models"]} == {"tiny", "solo", "slow"}
+        async with aiohttp.ClientSession() as s:
+            async with s.get(url + "/api/snapshot") as r:
+                assert r.status == 401  # the control plane's token, on every node
+            async with s.get(url + "/v2/models/nope") as r:
+                assert r.status == 404
+
+
+async def test_replicas_spread_over_nodes_and_requests_reach_both(fleet):
+    urls = list((await fleet.frontends()).values())
+    async with aiohttp.ClientSession() as s:
+        async with s.post(urls[0] + "/api/models/tiny/load", json={}, headers=AUTH) as r:
+            assert r.status == 200, await r.text()
+            body = await r.json()
+        assert len(body["nodes"]) == 2  # replicas = 2: one per node
+        await wait_for(lambda: _routed_by_every_frontend(fleet, "tiny", 2), "both holders in every routing table")
+        results = await asyncio.gather(*(infer(s, urls[i % 2], "tiny") for i in range(200)))
+    assert all(st == 200 for st, _, _ in results)
+    tiny = await wait_for(lambda: _answered(urls[0], "tiny", 200), "the nodes' reports counting 200 answers")
+    served = {r["node"]: r["served"] for r in tiny["replicas"]}
+    assert len(served) == 2 and all(n > 0 for n in served.values()), served
+
+
+async def _answered(url, name, n):
+    v = await version_of(url, name)
+    return v if v["stats"]["success"] >= n else None
+
+
+async def _routed_by_every_frontend(fleet, name, count):
+    import ray
+
+    for node in await fleet.frontends():
+        stats = await ray.get_actor(rayenv.frontend_name(node), namespace=rayenv.NAMESPACE).stats.remote()
+        if len(stats["holders"].get(name, {}).get("1", [])) < count:
+            return False
+    return True
+
+
+async def test_a_miss_is_placed_by_the_controller_and_answered(fleet):
+    urls = list((await fleet.frontends()).values())
+    async with aiohttp.ClientSession() as s:
+        status, body, _ = await infer(s, urls[1], "solo")
+    assert status == 200 and body["model_name"] == "solo"
+    solo = await wait_for(lambda: _held(urls[0], "solo"), "solo held somewhere")
+    assert len(solo["nodes"]) == 1
+    snap = await snapshot(urls[0])
+    assert any(e["kind"] == "placed" and "solo:1" in e["message"] for e in snap["events"])
+
+
+async def _held(url, name):
+    v = await version_of(url, name)
+    return v if v["nodes"] else None
+
+
+async def test_control_calls_name_a_node_or_get_a_clear_400(fleet):
+    urls = await fleet.frontends()
+    url = next(iter(urls.values()))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url + "/api/models/solo/unload?node=nonsense", json={}, headers=AUTH) as r:
+            assert r.status == 400
+            assert "node: expected the id of a live node" in (await r.json())["error"]
+        async with s.post(url + "/api/models/missing/load", json={}, headers=AUTH) as r:
+            assert r.status == 404
+
+
+async def test_a_node_removed_mid_traffic_leaves_no_request_unanswered(fleet):
+    before = set(await fleet.frontends())
+    node = fleet.cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={"sim_gpu": 1})
+    urls = await wait_for(lambda: _nodes_up(fleet, 3), "the third node's engine core and front end")
+    new = (set(urls) - before).pop()
+    head_url = next(u for n, u in urls.items() if n != new)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{head_url}/api/models/slow/load?node={new}", json={}, headers=AUTH) as r:
+            assert r.status == 200, await r.text()
+        await wait_for(lambda: _held(head_url, "slow"), "slow held on the new node")
+        # slow batches wait 2 s: the requests below sit in the new node's queue when it goes
+        traffic = [asyncio.ensure_future(infer(s, head_url, "slow")) for _ in range(40)]
+        await wait_for(lambda: _queued_on(head_url, "slow"), "requests queued on the new node")
+        await asyncio.to_thread(fleet.cluster.remove_node, node)
+        results = await asyncio.wait_for(asyncio.gather(*traffic), 120)
+    statuses = [st for st, _, _ in results]
+    assert len(statuses) == 40 and set(statuses) <= {200, 503}, statuses
+    assert statuses.count(200) >= 1
+    for st, body, headers in results:
+        if st == 503:
+            assert headers.get("Retry-After") and "retry" in body["error"]
+    await wait_for(lambda: _health(head_url, new, "lost"), "the node marked lost")
+    lost = await _event(head_url, "node_lost")
+    assert lost is not None and new in lost, " ".join(e["kind"] + (e["message"] if "node" in e["kind"] else "") for e in (await snapshot(head_url))["events"])
+
+
+async def _health(url, node, health):
+    return any(n["node"] == node and n["health"] == health for n in (await snapshot(url))["nodes"])
+
+
+async def _nodes_up(fleet, n):
+    urls = await fleet.frontends()
+    return urls if len(urls) >= n else None
+
+
+async def _queued_on(url, name):
+    v = await version_of(url, name)
+    return v["queue"] + v["in_flight"] > 0
+
+
+async def _event(url, kind):
+    """The first ``kind`` event in the fleet's history, replayed by the event stream."""
+    async with aiohttp.ClientSession() as s, s.get(url + "/api/events?last_event_id=0", headers=AUTH) as r:
+        name = None
+        async for line in r.content:
+            text = line.decode().strip()
+            if text.startswith("event: "):
+                name = text[7:]
+            elif text.startswith("data: ") and name == "snapshot":
+                return None  # the history is replayed before the first snapshot
+            elif text.startswith("data: ") and name == "event":
+                e = json.loads(text[6:])
+                if e["kind"] == kind:
+                    return e["message"] + " " + str(e.get("data", {}).get("node"))
+    return None
+
+
+async def test_the_controller_restarts_with_everything_the_operator_changed(fleet):
+    import ray
+
+    urls = list((await fleet.frontends()).values())
+    url = urls[0]
+    async with aiohttp.ClientSession() as s:
+        reg = {"name": "later", "source": "zoo:tiny-mlp", "options": {"warmup": 0}}
+        async with s.post(url + "/api/models", json=reg, headers=AUTH) as r:
+            assert r.status == 201, await r.text()
+        reg2 = {"name": "later", "version": "2", "source": "zoo:tiny-mlp", "options": {"warmup": 0}}
+        async with s.post(url + "/api/models", json=reg2, headers=AUTH) as r:
+            assert r.status == 201, await r.text()
+        async with s.put(url + "/api/models/later/split", json={"weights": {"1": 70, "2": 30}}, headers=AUTH) as r:
+            assert r.status == 200, await r.text()
+        first = (await fleet.info())["restarted_at"]
+        ray.kill(fleet.controller, no_restart=False)
+        info = await wait_for(lambda: _restarted(fleet, first), "the controller restarted by Ray")
+        assert info["url"].endswith(f":{fleet.control_port}")
+        later = await wait_for(lambda: _model(url, "later"), "the restored registry through a front end")
+        assert {m["version"] for m in later} == {"1", "2"}
+        async with s.get(url + "/api/models/later/routing", headers=AUTH) as r:
+            assert (await r.json())["weights"] == {"1": 70.0, "2": 30.0}
+        async with s.get(url + "/api/audit?model=later", headers=AUTH) as r:
+            actions = [e["action"] for e in (await r.json())["entries"]]
+        assert "register" in actions and "split" in actions
+        status, body, _ = await infer(s, url, "later")  # the engine cores still serve the split
+        assert status == 200 and body["model_version"] in ("1", "2")
+
+
+async def _restarted(fleet, first):
+    try:
+        info = await asyncio.wait_for(fleet.controller.ready.remote(), 30)
+    except Exception:  # noqa: BLE001 - restarting
+        return None
+    return info if info["restarted_at"] != first else None
+
+
+async def _model(url, name):
+    try:
+        async with aiohttp.ClientSession() as s, s.get(f"{url}/api/models/{name}", headers=AUTH) as r:
+            return (await r.json())["versions"] if r.status == 200 else None
+    except aiohttp.ClientError:
+        return None
