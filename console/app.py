@@ -220,6 +220,7 @@ class ModelConsoleApp(App[None]):
         yield Line(id="status")
         yield Line(id="banner")
         yield GpuPanel(id="gpus")
+        yield Line(id="nodes")  # the fleet's nodes (--serve --cluster); hidden on one host
         table = ModelTable(id="models", cursor_type="row", zebra_stripes=False)
         yield table
         with Horizontal(id="bottom"):
@@ -233,6 +234,8 @@ class ModelConsoleApp(App[None]):
         self._main = self.screen
         self.table = self.query_one("#models", ModelTable)
         self.gpus = self.query_one("#gpus", GpuPanel)
+        self.nodes_panel = self.query_one("#nodes", Line)
+        self.nodes_panel.display = False
         self.detail = self.query_one("#detail", DetailPane)
         self.log_widget = self.query_one("#events", RichLog)
         self.status_line = self.query_one("#status", Line)
@@ -295,6 +298,7 @@ class ModelConsoleApp(App[None]):
         with self.batch_update():
             self._update_models(snap.get("models") or [])
             self.gpus.update_devices(snap.get("devices") or [])
+            self._update_nodes(snap.get("nodes") or [])
             self._update_detail()
             self._update_status(snap)
 
@@ -303,6 +307,13 @@ class ModelConsoleApp(App[None]):
         if not self._soon:
             self._soon = True
             self.set_timer(0.05, self._refresh_now)
+
+    def _update_nodes(self, nodes: list[dict[str, Any]]) -> None:
+        lines = fmt.node_lines(nodes)
+        self.nodes_panel.display = bool(lines)
+        if lines:
+            self.nodes_panel.styles.height = len(lines)
+            self.nodes_panel.set("\n".join(lines))
 
     def _refresh_now(self) -> None:
         self._soon = False

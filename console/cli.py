@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-token", action="store_true",
                    help="serve /api/ and /v2/repository without a token (loopback only; not recommended)")
     p.add_argument("--access-log", action="store_true", help="log one line per HTTP request")
+    p.add_argument("--cluster", metavar="ray[://ADDRESS]",
+                   help="with --serve: run as a fleet on a Ray cluster (docs/cluster.md); \"ray\" joins the cluster "
+                        "this machine belongs to, ray://HOST:PORT the head's GCS address (or [cluster] ray_address)")
     p.add_argument("--workers", type=int, metavar="N",
                    help="--serve: N front-end processes on the port (HTTP, gRPC, V2 decoding) beside one engine "
                    "core; 0: one process (default: [server] workers, else chosen from the cores: 0 with 2 "
@@ -192,6 +195,9 @@ def serve(args: argparse.Namespace) -> int:
     if isinstance(settings, str):
         print(f"modelconsole: {settings}", file=sys.stderr)
         return 2
+    cluster = args.cluster if args.cluster is not None else config.cluster.ray_address
+    if cluster is not None:
+        return serve_cluster(args, config, settings[0], cluster)
     workers = workers_setting(args, config)
     grpc = grpc_setting(args, config.server.grpc_port)
     if isinstance(workers, str) or isinstance(grpc, str):
@@ -202,6 +208,28 @@ def serve(args: argparse.Namespace) -> int:
                              grpc_required=args.grpc_port is not None))
     except Exception as e:  # noqa: BLE001 - a clear line, not a traceback, for what stops the start
         logging.getLogger("modelconsole").debug("start failed", exc_info=True)
+        print(f"modelconsole: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+def serve_cluster(args: argparse.Namespace, config, settings, address: str) -> int:
+    """``--serve --cluster``: the fleet's controller, engine cores and front ends on Ray (cluster/)."""
+    from modelconsole.scheduler.config import ConfigError, cluster_address
+
+    try:
+        cluster_address("--cluster", address)
+    except ConfigError as e:
+        print(f"modelconsole: {e}", file=sys.stderr)
+        return 2
+    try:
+        from modelconsole.cluster import launch
+    except ImportError as e:
+        print(f"modelconsole: --cluster needs Ray: pip install 'modelconsole[cluster]' ({e})", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(launch.serve(config, settings, store_path(args, config), address))
+    except Exception as e:  # noqa: BLE001 - a clear line, not a traceback
+        logging.getLogger("modelconsole").debug("cluster start failed", exc_info=True)
         print(f"modelconsole: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
 
@@ -386,6 +414,10 @@ def _stderr_log(level: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.cluster is not None and not args.serve:
+        print("modelconsole: --cluster runs a fleet headless: use it with --serve (then --attach any node's "
+              "front end)", file=sys.stderr)
+        return 2
     level = args.log_level or ("INFO" if args.serve else "WARNING")
     console = args.check_config is None and not args.serve
     if console:

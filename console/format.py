@@ -466,3 +466,16 @@ def parse_rate(text: str, what: str = "max error rate") -> float:
     if value > 1:
         raise ValueError(f"{what}: a fraction 0..1 (0.05) or a percentage (5%), got '{raw}'")
     return value
+
+
+def node_lines(nodes: list[dict[str, Any]]) -> list[str]:
+    """The fleet panel (``--serve --cluster``): one line per node, with what it holds."""
+    if not nodes:
+        return []
+    out = [f"{'node':<10} {'health':<9} {'gpus':>4} {'memory':>17} {'req/s':>7}  holds"]
+    for n in nodes:
+        mem = f"{size(n.get('memory_used_bytes'))}/{size(n.get('memory_total_bytes'))}" if n.get("gpus") else "-"
+        holds = ", ".join(n.get("holds") or []) or "-"
+        out.append(f"{str(n.get('node', '?'))[:8]:<10} {n.get('health', '?'):<9} {n.get('gpus', 0):>4} "
+                   f"{mem:>17} {rate(n.get('rps')):>7}  {holds}")
+    return out

@@ -126,3 +126,12 @@ def test_console_flags_refuse_bad_values_with_a_clear_message(tmp_path):
         p = subprocess.run([sys.executable, "-m", "modelconsole.console", "--attach", srv.url, "--theme", "nope"],
                            capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "unknown theme 'nope'" in p.stderr and "modelconsole-light" in p.stderr
+
+
+def test_cluster_flag_needs_serve_and_a_ray_address(capsys):
+    from modelconsole.console.cli import main
+
+    assert main(["--cluster", "ray"]) == 2
+    assert "use it with --serve" in capsys.readouterr().err
+    assert main(["--serve", "--cluster", "http://10.0.0.1:6379", "--port", "0"]) == 2
+    assert '--cluster: expected "ray" or "ray://HOST:PORT"' in capsys.readouterr().err

@@ -250,6 +250,28 @@ async def test_control_calls_name_a_node_or_get_a_clear_400(fleet):
             assert r.status == 404
 
 
+async def test_the_attached_console_shows_every_node_and_what_it_holds(fleet):
+    from modelconsole.console.app import ModelConsoleApp
+    from modelconsole.console.client import RemoteClient
+
+    urls = await fleet.frontends()
+    client = RemoteClient(next(iter(urls.values())), TOKEN)
+    await client.start()
+    try:
+        app = ModelConsoleApp(client, refresh_s=0.25)
+        async with app.run_test(size=(140, 40)) as pilot:
+            async def shown() -> bool:
+                await pilot.pause()
+                text = app.query_one("#nodes").text
+                return all(n[:8] in text for n in urls) and "tiny:1" in text
+
+            await wait_for(shown, "the nodes panel listing every node and its models")
+            assert app.query_one("#nodes").display
+            await pilot.press("q")
+    finally:
+        await client.close()
+
+
 async def test_a_node_removed_mid_traffic_leaves_no_request_unanswered(fleet):
     before = set(await fleet.frontends())
     node = fleet.cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={"sim_gpu": 1})

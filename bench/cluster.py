@@ -1,0 +1,208 @@
+"""Fleet benchmark: the same CPU-bound workload on 1, 2 and 4 Ray nodes, and a node killed under load.
+
+    python bench/cluster.py                 # the 16-core GPU host: 1, 2 and 4 nodes
+    python bench/cluster.py --quick         # the 2-core machine: 1 and 2 nodes, short rows
+
+What runs (so the figures mean something):
+
+* a real local Ray cluster per row (``ray.cluster_utils.Cluster``: a head and
+  N-1 more nodes, every process on 127.0.0.1, dashboard off), the fleet
+  started as ``--serve --cluster`` starts it (``cluster/launch.py``), each
+  node's engine core pinned to its own cores (``--cores-per-node``);
+* the model: tiny-mlp widened (``--hidden``, default 2048) so a request is
+  CPU work, with ``replicas`` = N (one per node) and ``torch_threads`` as
+  configured; loaded before the row starts;
+* the load: ``--concurrency`` keep-alive HTTP clients (aiohttp, in this
+  process) sending single-sample V2 JSON requests round-robin to every
+  node's front end for ``--seconds``; req/s counts 200 answers;
+* the kill: at the most nodes, traffic for ``--seconds``, a non-head node
+  removed halfway; ``unanswered_on_node_kill`` counts requests that got no
+  HTTP answer at all (a 503 with Retry-After is an answer), ``failover_s``
+  is how long after the removal the last request in flight at that moment
+  was answered.
+
+The LAST line is one JSON object with exactly ``nodes`` (the most),
+``scaling_efficiency`` (req/s at the most nodes ÷ (nodes × req/s at one)),
+``unanswered_on_node_kill`` and ``failover_s``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# bench/ holds http.py: the folder goes to the END of the import path, so the standard library's
+# http (urllib3, aiohttp, Ray) is the one imported
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+from modelconsole.cluster import rayenv  # noqa: E402
+
+rayenv.apply_loopback_env()  # before Ray is imported: every process on 127.0.0.1
+
+TOKEN = "bench-token"
+ERRORS: dict[str, int] = {}  # client-side failures by exception type (printed)
+
+
+def config_text(hidden: int, replicas: int, threads: int) -> str:
+    return f"""
+[server]
+torch_threads = {threads}
+
+[[models]]
+name = "work"
+source = "zoo:tiny-mlp"
+args = {{ hidden = {hidden} }}
+device = "cpu"
+warmup = 1
+replicas = {replicas}
+max_batch_size = 32
+
+[cluster]
+frontend_port = 0
+"""
+
+
+def row_body() -> bytes:
+    return json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
+                                   "data": [0.25] * 64}]}).encode()
+
+
+async def drive(urls: list[str], concurrency: int, seconds: float, on_half=None) -> list[tuple[float, float, int]]:
+    """(start, end, status) of every request; status 0: no HTTP answer."""
+    import aiohttp
+
+    body = row_body()
+    records: list[tuple[float, float, int]] = []
+    errors = ERRORS
+    stop_at = time.monotonic() + seconds
+    half = time.monotonic() + seconds / 2
+    fired = asyncio.Event()
+
+    async def client(i: int, session: aiohttp.ClientSession) -> None:
+        url = f"{urls[i % len(urls)]}/v2/models/work/infer"
+        while time.monotonic() < stop_at:
+            t0 = time.monotonic()
+            try:
+                async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
+                    await r.read()
+                    status = r.status
+            except (TimeoutError, aiohttp.ClientError, OSError) as e:
+                status = 0
+                errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
+            records.append((t0, time.monotonic(), status))
+            if on_half is not None and not fired.is_set() and time.monotonic() >= half:
+                fired.set()
+                asyncio.get_running_loop().create_task(on_half())
+
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        await asyncio.gather(*(client(i, session) for i in range(concurrency)))
+    return records
+
+
+def run_row(n: int, args: argparse.Namespace, kill: bool) -> dict:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from modelconsole.cluster import launch
+    from modelconsole.scheduler.config import load_config
+    from modelconsole.server.app import ServerSettings
+
+    where = Path(tempfile.mkdtemp(prefix="mc-cluster-bench-"))
+    (where / "fleet.toml").write_text(config_text(args.hidden, n, args.torch_threads))
+    config = load_config(where / "fleet.toml")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
+                                                            "include_dashboard": False})
+    extra = [cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1") for _ in range(n - 2)]
+    ray.init(address=cluster.address, namespace=rayenv.NAMESPACE, log_to_driver=False)
+    before = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+    if n > 1:
+        extra.append(cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1"))
+        cluster.wait_for_nodes()
+    try:
+        ids = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+        last = next((i for i in ids if i not in before), None)  # the node the kill row removes
+        cores = sorted(os.sched_getaffinity(0))
+        k = args.cores_per_node
+        pin = {nid: cores[i * k:(i + 1) * k] for i, nid in enumerate(ids)} if len(cores) >= n * k else {}
+        spec = launch.controller_spec(config, ServerSettings(port=0, token=TOKEN), str(where / "fleet.db"),
+                                      cpus=pin)
+        controller = launch.start_controller(spec)
+
+        async def go() -> dict:
+            import aiohttp
+
+            info = await launch.wait_for_nodes(controller, n)
+            doomed = last if kill else None
+            # clients of the node that goes lose their connection with it: load goes to the others' front ends
+            urls = [v["frontend"] for nid, v in info["nodes"].items() if v["frontend"] and nid != doomed]
+            async with aiohttp.ClientSession() as s, s.post(urls[0] + "/api/models/work/load", json={},
+                                                              headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+                assert r.status == 200, await r.text()
+            await drive(urls, args.concurrency, 1.0)  # warm every connection and holder
+            killed_at: list[float] = []
+
+            async def kill_one() -> None:
+                killed_at.append(time.monotonic())
+                await asyncio.to_thread(cluster.remove_node, extra[-1])
+
+            recs = await drive(urls, args.concurrency, args.seconds, kill_one if kill else None)
+            ok = [r for r in recs if r[2] == 200]
+            out = {"nodes": n, "rps": len(ok) / args.seconds, "requests": len(recs),
+                   "errors": sum(1 for r in recs if r[2] != 200), "pinned": bool(pin),
+                   "unanswered": sum(1 for r in recs if r[2] == 0), "failover_s": 0.0}
+            if killed_at:
+                t = killed_at[0]
+                in_flight = [r for r in recs if r[0] <= t <= r[1]]
+                out["failover_s"] = max((r[1] - t for r in in_flight), default=0.0)
+            await controller.shutdown.remote()
+            return out
+
+        return asyncio.run(go())
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--nodes", default="1,2,4", help="node counts, comma-separated (default 1,2,4)")
+    p.add_argument("--quick", action="store_true", help="1 and 2 nodes, 4 s rows (the 2-core machine)")
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--hidden", type=int, default=2048, help="tiny-mlp's hidden width: the work per request")
+    p.add_argument("--cores-per-node", type=int, default=3, help="cores each node's engine core is pinned to")
+    p.add_argument("--torch-threads", type=int, default=1)
+    args = p.parse_args()
+    counts = [1, 2] if args.quick else [int(x) for x in args.nodes.split(",")]
+    if args.quick:
+        args.seconds, args.concurrency, args.cores_per_node = 4.0, 16, 1
+    rows = [run_row(n, args, kill=False) for n in counts]
+    most = max(counts)
+    kill = run_row(most, args, kill=True) if most > 1 else {"unanswered": 0, "failover_s": 0.0}
+    base = rows[0]["rps"]
+    top = next(r for r in rows if r["nodes"] == most)["rps"]
+    print(f"{'nodes':>5} {'req/s':>9} {'per node':>9} {'requests':>9} {'errors':>7} {'pinned':>6}")
+    for r in rows:
+        print(f"{r['nodes']:>5} {r['rps']:>9.0f} {r['rps'] / r['nodes']:>9.0f} {r['requests']:>9} {r['errors']:>7} "
+              f"{str(r['pinned']):>6}")
+    print(f"node killed at {most} nodes: {kill.get('unanswered')} unanswered, failover {kill.get('failover_s'):.2f} s, "
+          f"{kill.get('errors', 0)} non-200 answers (503 with Retry-After while it was placed again)")
+    if ERRORS:
+        print("requests without an HTTP answer, by client error:", ERRORS)
+    print(json.dumps({"nodes": most, "scaling_efficiency": round(top / (most * base), 3) if base else None,
+                      "unanswered_on_node_kill": kill.get("unanswered"),
+                      "failover_s": round(kill.get("failover_s", 0.0), 3)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
