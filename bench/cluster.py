@@ -9,12 +9,14 @@ What runs (so the figures mean something):
   N-1 more nodes, every process on 127.0.0.1, dashboard off), the fleet
   started as ``--serve --cluster`` starts it (``cluster/launch.py``), each
   node's engine core pinned to its own cores (``--cores-per-node``);
-* the model: tiny-mlp widened (``--hidden``, default 2048) so a request is
+* the model: a small transformer encoder (``--layers``, d_model 128, 64
+  tokens: ~2 MB of weights, a few ms of one core a sample) so a request is
   CPU work, with ``replicas`` = N (one per node) and ``torch_threads`` as
   configured; loaded before the row starts;
-* the load: ``--concurrency`` keep-alive HTTP clients (aiohttp, in this
-  process) sending single-sample V2 JSON requests round-robin to every
-  node's front end for ``--seconds``; req/s counts 200 answers;
+* the load: ``--concurrency`` keep-alive HTTP clients per node (the same
+  load per node at every size) (aiohttp) in
+  ``--clients`` spawned processes (1 with ``--quick``), sending
+  single-sample V2 JSON requests round-robin to every node's front end for ``--seconds``; req/s counts 200 answers;
 * the kill: at the most nodes, traffic for ``--seconds``, a non-head node
   removed halfway; ``unanswered_on_node_kill`` counts requests that got no
   HTTP answer at all (a 503 with Retry-After is an answer), ``failover_s``
@@ -51,15 +53,17 @@ TOKEN = "bench-token"
 ERRORS: dict[str, int] = {}  # client-side failures by exception type (printed)
 
 
-def config_text(hidden: int, replicas: int, threads: int) -> str:
+def config_text(layers: int, replicas: int, threads: int) -> str:
+    """A small transformer encoder: ~2 MB of weights (in cache on every core, so nodes on one
+    machine do not contend for memory bandwidth) and a few ms of one core per sample."""
     return f"""
 [server]
 torch_threads = {threads}
 
 [[models]]
 name = "work"
-source = "zoo:tiny-mlp"
-args = {{ hidden = {hidden} }}
+source = "zoo:encoder"
+args = {{ layers = {layers}, d_model = 128, heads = 4, seq = {SEQ}, vocab = 1000 }}
 device = "cpu"
 warmup = 1
 replicas = {replicas}
@@ -70,9 +74,46 @@ frontend_port = 0
 """
 
 
+SEQ = 64
+
+
 def row_body() -> bytes:
-    return json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
-                                   "data": [0.25] * 64}]}).encode()
+    return json.dumps({"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, SEQ],
+                                   "data": [(7 * i) % 1000 for i in range(SEQ)]}]}).encode()
+
+
+def _client_process(urls: list[str], concurrency: int, seconds: float, out) -> None:
+    """One load-generator process (spawned): its records and client errors go back on ``out``."""
+    records = asyncio.run(drive(urls, concurrency, seconds))
+    out.put((records, ERRORS))
+
+
+async def drive_many(urls: list[str], concurrency: int, seconds: float, processes: int,
+                     on_half=None) -> list[tuple[float, float, int]]:
+    """``drive`` in ``processes`` spawned processes (one Python loop cannot load four nodes), the
+    kill fired from here halfway; CLOCK_MONOTONIC is one clock for every process."""
+    if processes <= 1:
+        return await drive(urls, concurrency, seconds, on_half)
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_client_process, args=(urls, max(1, concurrency // processes), seconds, out))
+             for _ in range(processes)]
+    for p in procs:
+        p.start()
+    if on_half is not None:
+        await asyncio.sleep(1.0 + seconds / 2)  # the processes' start, then half the row: when the kill lands
+        await on_half()
+    records: list[tuple[float, float, int]] = []
+    for _ in procs:
+        recs, errs = await asyncio.to_thread(out.get)
+        records += recs
+        for k, v in errs.items():
+            ERRORS[k] = ERRORS.get(k, 0) + v
+    for p in procs:
+        p.join()
+    return records
 
 
 async def drive(urls: list[str], concurrency: int, seconds: float, on_half=None) -> list[tuple[float, float, int]]:
@@ -117,7 +158,7 @@ def run_row(n: int, args: argparse.Namespace, kill: bool) -> dict:
     from modelconsole.server.app import ServerSettings
 
     where = Path(tempfile.mkdtemp(prefix="mc-cluster-bench-"))
-    (where / "fleet.toml").write_text(config_text(args.hidden, n, args.torch_threads))
+    (where / "fleet.toml").write_text(config_text(args.layers, n, args.torch_threads))
     config = load_config(where / "fleet.toml")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
                                                             "include_dashboard": False})
@@ -147,14 +188,16 @@ def run_row(n: int, args: argparse.Namespace, kill: bool) -> dict:
             async with aiohttp.ClientSession() as s, s.post(urls[0] + "/api/models/work/load", json={},
                                                               headers={"Authorization": f"Bearer {TOKEN}"}) as r:
                 assert r.status == 200, await r.text()
-            await drive(urls, args.concurrency, 1.0)  # warm every connection and holder
             killed_at: list[float] = []
 
             async def kill_one() -> None:
                 killed_at.append(time.monotonic())
                 await asyncio.to_thread(cluster.remove_node, extra[-1])
 
-            recs = await drive(urls, args.concurrency, args.seconds, kill_one if kill else None)
+            # the same load per node at every size: concurrency grows with the nodes (per-node batches alike)
+            clients = args.concurrency * n
+            await drive_many(urls, clients, 1.0, args.clients)  # warm every connection and holder
+            recs = await drive_many(urls, clients, args.seconds, args.clients, kill_one if kill else None)
             ok = [r for r in recs if r[2] == 200]
             out = {"nodes": n, "rps": len(ok) / args.seconds, "requests": len(recs),
                    "errors": sum(1 for r in recs if r[2] != 200), "pinned": bool(pin),
@@ -177,14 +220,15 @@ def main() -> int:
     p.add_argument("--nodes", default="1,2,4", help="node counts, comma-separated (default 1,2,4)")
     p.add_argument("--quick", action="store_true", help="1 and 2 nodes, 4 s rows (the 2-core machine)")
     p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--concurrency", type=int, default=64)
-    p.add_argument("--hidden", type=int, default=2048, help="tiny-mlp's hidden width: the work per request")
+    p.add_argument("--concurrency", type=int, default=64, help="connections per node (the total grows with nodes)")
+    p.add_argument("--layers", type=int, default=6, help="the encoder's layers: the work per request")
     p.add_argument("--cores-per-node", type=int, default=3, help="cores each node's engine core is pinned to")
     p.add_argument("--torch-threads", type=int, default=1)
+    p.add_argument("--clients", type=int, default=4, help="load-generator processes (1 with --quick)")
     args = p.parse_args()
     counts = [1, 2] if args.quick else [int(x) for x in args.nodes.split(",")]
     if args.quick:
-        args.seconds, args.concurrency, args.cores_per_node = 4.0, 16, 1
+        args.seconds, args.concurrency, args.cores_per_node, args.clients = 4.0, 16, 1, 1
     rows = [run_row(n, args, kill=False) for n in counts]
     most = max(counts)
     kill = run_row(most, args, kill=True) if most > 1 else {"unanswered": 0, "failover_s": 0.0}
