@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import os
 import time
 
 import pytest
@@ -88,11 +89,13 @@ def test_cluster_address_setting():
 
 
 class Fleet:
-    def __init__(self, cluster, controller, control_port):
+    def __init__(self, cluster, controller, control_port, config_path, store_path):
         self.cluster = cluster
         self.controller = controller
         self.control_port = control_port
-        self.extra: list = []
+        self.config_path = config_path
+        self.store_path = store_path
+        self.stopped = False  # the last test stops the fleet through the CLI
 
     async def info(self):
         return await self.controller.ready.remote()
@@ -121,11 +124,12 @@ def fleet(tmp_path_factory):
                                   simulate_gpu_size="2GiB")
     controller = launch.start_controller(spec)
     asyncio.run(launch.wait_for_nodes(controller, 2))
-    f = Fleet(cluster, controller, control_port)
+    f = Fleet(cluster, controller, control_port, where / "fleet.toml", where / "fleet.db")
     yield f
     try:
-        ray.get(controller.shutdown.remote(), timeout=60)
-        ray.kill(controller, no_restart=True)
+        if not f.stopped:
+            ray.get(controller.shutdown.remote(), timeout=60)
+            ray.kill(controller, no_restart=True)
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -372,3 +376,37 @@ async def _model(url, name):
             return (await r.json())["versions"] if r.status == 200 else None
     except aiohttp.ClientError:
         return None
+
+
+async def test_serve_cluster_joins_the_fleet_says_where_it_listens_and_stops_it(fleet, tmp_path):
+    """``modelconsole --serve --cluster ray://ADDRESS`` as an operator runs it (last: it stops the fleet)."""
+    import signal
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MODELCONSOLE_TOKEN=TOKEN)
+    cmd = [sys.executable, "-m", "modelconsole.console", "--serve", "--cluster",
+           f"ray://{fleet.cluster.address}", "--config", str(fleet.config_path), "--store",
+           str(fleet.store_path), "--port", "0"]
+    proc = await asyncio.create_subprocess_exec(*cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    lines: list[str] = []
+    try:
+        async def read_until(text: str) -> None:
+            while True:
+                line = (await asyncio.wait_for(proc.stderr.readline(), 120)).decode()
+                assert line, "the process ended:\n" + "".join(lines)
+                lines.append(line)
+                if text in line:
+                    return
+
+        await read_until("control plane on")
+        await read_until("front end on")
+        assert any(f"control plane on http://127.0.0.1:{fleet.control_port} " in ln for ln in lines), lines
+        proc.send_signal(signal.SIGTERM)
+        await read_until("stopping the fleet")
+        assert await asyncio.wait_for(proc.wait(), 120) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    fleet.stopped = True
