@@ -207,7 +207,8 @@ class Controller:
             node.core = core
             fleet.absorb(node, report)
             frontend = ray.remote(FrontEnd).options(name=rayenv.frontend_name(nid), num_cpus=0, **common).remote(
-                nid, {"settings": self.spec["frontend"], "control_url": self.url})
+                nid, {"settings": self.spec["frontend"], "control_url": self.url,
+                      "grpc_port": self.spec.get("grpc_port")})
             node.frontend = frontend
             node.frontend_url = await frontend.start.remote()
         except Exception as e:  # noqa: BLE001 - the node stays lost; the next tick tries again

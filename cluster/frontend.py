@@ -5,7 +5,8 @@ liveness here, decoded and encoded here; infer calls go to engine cores
 through ``link.ClusterLink`` (least outstanding holder, placement on a miss,
 one retry when a node dies); everything else is forwarded to the
 controller's control plane (``server/proxy.py`` over TCP), so every node
-answers the whole API.
+answers the whole API.  With ``[server] grpc_port`` it serves KServe V2 over
+gRPC too, through the same link.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ class FrontEnd:
         self.url: str | None = None
         self.link: ClusterLink | None = None
         self.server: Server | None = None
+        self.grpc: Any = None
+        self.grpc_port: int | None = None
 
     async def start(self) -> str:
         if self.url is not None:
@@ -51,6 +54,18 @@ class FrontEnd:
         self.server = Server(None, settings, app=app)
         await self.server.start()
         self.url = http_url(settings.host, self.server.port)
+        port = self.spec.get("grpc_port")
+        if port is not None:  # KServe V2 over gRPC beside HTTP, through the same link (server/grpc_v2.py)
+            from modelconsole.server.app import REQUESTS
+            from modelconsole.server.grpc_v2 import GrpcFrontEnd
+
+            grpc = GrpcFrontEnd(self.link, ControlProxy(base_url=self.spec["control_url"]), settings, port,
+                                app[REQUESTS])
+            try:
+                await grpc.start()
+                self.grpc, self.grpc_port = grpc, grpc.port
+            except OSError as e:  # the default port taken on this node: HTTP serves on, as --serve does
+                log.warning("node %s: no gRPC front end: %s", self.node_id[:8], e)
         return self.url
 
     def stats(self) -> dict[str, Any]:
@@ -58,6 +73,6 @@ class FrontEnd:
         version in its routing table (tests wait on it instead of on the refresh period)."""
         link = self.link
         if link is None:
-            return {"url": self.url, "retried": 0, "holders": {}}
-        return {"url": self.url, "retried": link.retried,
+            return {"url": self.url, "grpc_port": self.grpc_port, "retried": 0, "holders": {}}
+        return {"url": self.url, "grpc_port": self.grpc_port, "retried": link.retried,
                 "holders": {name: m["holders"] for name, m in link.table["models"].items()}}

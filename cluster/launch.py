@@ -35,7 +35,8 @@ def controller_spec(config: Any, settings: Any, store_path: str, *, simulate_gpu
     frontend = dict(base, port=cluster.frontend_port if cluster.frontend_port is not None else settings.port,
                     token_dir=None)
     return {"config": str(Path(config.path).resolve()) if config.path else None, "store": store_path,
-            "control": control, "frontend": frontend, "simulate_gpu_size": simulate_gpu_size, "cpus": cpus or {}}
+            "control": control, "frontend": frontend, "grpc_port": config.server.grpc_port,
+            "simulate_gpu_size": simulate_gpu_size, "cpus": cpus or {}}
 
 
 def start_controller(spec: dict[str, Any]) -> Any:

@@ -49,6 +49,9 @@ warmup = 0
 max_queue_delay_ms = 2000
 max_batch_size = 256
 
+[server]
+grpc_port = 0
+
 [cluster]
 frontend_port = 0
 """
@@ -241,6 +244,29 @@ async def test_a_miss_is_placed_by_the_controller_and_answered(fleet):
 async def _held(url, name):
     v = await version_of(url, name)
     return v if v["nodes"] else None
+
+
+async def test_every_node_serves_kserve_v2_over_grpc_too(fleet):
+    import numpy as np
+    import ray
+    import tritonclient.grpc as grpcclient
+
+    for node in await fleet.frontends():
+        stats = await ray.get_actor(rayenv.frontend_name(node), namespace=rayenv.NAMESPACE).stats.remote()
+        assert stats["grpc_port"], stats
+
+        def call(port=stats["grpc_port"]):
+            client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+            try:
+                meta = client.get_model_metadata("tiny")
+                x = grpcclient.InferInput("input", [1, 64], "FP32")
+                x.set_data_from_numpy(np.full((1, 64), 0.5, dtype=np.float32))
+                out = client.infer("tiny", [x]).as_numpy("logits")
+                return meta.name, out.shape
+            finally:
+                client.close()
+
+        assert await asyncio.to_thread(call) == ("tiny", (1, 10))
 
 
 async def test_control_calls_name_a_node_or_get_a_clear_400(fleet):
