@@ -58,6 +58,7 @@ class Controller:
         self._start: asyncio.Task[None] | None = None
         self._loop: asyncio.Task[None] | None = None
         self._bringing: dict[str, asyncio.Task[None]] = {}
+        self._pinning: set[tuple[str, str, str]] = set()  # pins being applied to a node (pin_drift)
         self.restarted_at = time.time()
 
     # ------------------------------------------------------------ start
@@ -182,6 +183,13 @@ class Controller:
                     self._lost(node, f"its engine core stopped answering ({type(report).__name__})")
                 continue
             fleet.absorb(node, report)
+        for node, name, version, pinned in fleet.pin_drift():
+            key = (node.node, name, version)
+            if key not in self._pinning:
+                self._pinning.add(key)
+                task = asyncio.get_running_loop().create_task(fleet._on(
+                    [node], "pin", {"name": name, "version": version, "pinned": pinned, "actor": "controller"}))
+                task.add_done_callback(lambda _, key=key: self._pinning.discard(key))
 
     async def _bring_up(self, nid: str, info: dict[str, Any]) -> None:
         import ray

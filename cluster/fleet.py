@@ -330,8 +330,8 @@ class Fleet:
 
     async def pin(self, name: str, version: str | None = None, pinned: bool = True, actor: str = "api",
                   node: str | None = None) -> dict[str, Any]:
-        """Stored in the registry (it survives a restart); applied where the version is held (a
-        node that holds it later takes it unpinned: placement moves it on demand)."""
+        """Stored in the registry (it survives a restart); applied where the version is held, and
+        by the controller's tick wherever it is held later (``pin_drift``)."""
         inst = self.registry.instance(name, version)
         await self.registry.store.set_pin(inst.name, inst.version, pinned, actor)
         inst.pinned = pinned
@@ -397,6 +397,19 @@ class Fleet:
             await self.registry.store.audit(actor, action, inst.name, inst.version, {"nodes": nodes},
                                             "error" if failed and not nodes else "ok",
                                             "; ".join(failed) if failed else None)
+
+    def pin_drift(self) -> list[tuple[Node, str, str, bool]]:
+        """(node, name, version, pinned) wherever a node holds a version READY with another pin than
+        the registry's: a node that took a pinned version after the pin (a placement, a failover)
+        is brought to it by the controller's next tick."""
+        pinned = {(m["name"], m["version"]): m["pinned"] for m in self.registry.snapshot_models()}
+        out = []
+        for n in self.live():
+            for m in n.report.get("snapshot", {}).get("models", []):
+                want = pinned.get((m["name"], str(m["version"])))
+                if want is not None and m["state"] == "READY" and m["pinned"] != want:
+                    out.append((n, m["name"], str(m["version"]), want))
+        return out
 
     def record(self) -> dict[str, Any]:
         """What a new or restarted engine core is brought to (``EngineCore.sync``)."""

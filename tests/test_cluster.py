@@ -269,6 +269,32 @@ async def test_every_node_serves_kserve_v2_over_grpc_too(fleet):
         assert await asyncio.to_thread(call) == ("tiny", (1, 10))
 
 
+async def test_a_pin_follows_the_version_to_a_node_that_takes_it_later(fleet):
+    urls = await fleet.frontends()
+    url = next(iter(urls.values()))
+    solo = await wait_for(lambda: _held(url, "solo"), "solo held")  # placed by the miss test
+    holder = solo["nodes"][0]
+    other = next(n for n in urls if n != holder)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url + "/api/models/solo/pin", json={}, headers=AUTH) as r:
+            assert r.status == 200, await r.text()
+        assert await _pinned_on(holder, "solo")
+        async with s.post(f"{url}/api/models/solo/load?node={other}", json={}, headers=AUTH) as r:
+            assert r.status == 200, await r.text()
+        await wait_for(lambda: _pinned_on(other, "solo"), "the controller pinning solo where it was loaded later")
+        async with s.post(url + "/api/models/solo/unpin", json={}, headers=AUTH) as r:
+            assert r.status == 200, await r.text()
+    for node in (holder, other):
+        assert not await _pinned_on(node, "solo")
+
+
+async def _pinned_on(node, name):
+    import ray
+
+    report = await ray.get_actor(rayenv.core_name(node), namespace=rayenv.NAMESPACE).report.remote()
+    return any(m["name"] == name and m["pinned"] for m in report["snapshot"]["models"])
+
+
 async def test_control_calls_name_a_node_or_get_a_clear_400(fleet):
     urls = await fleet.frontends()
     url = next(iter(urls.values()))
