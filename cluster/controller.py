@@ -89,6 +89,7 @@ class Controller:
         fleet.events.publish("controller_started", f"controller started; control plane on {self.url}",
                              data={"url": self.url})
         await self._tick()
+        await fleet.canaries.resume()
         self._loop = asyncio.get_running_loop().create_task(self._node_loop())
 
     # ------------------------------------------------------------ what front ends and the launcher call

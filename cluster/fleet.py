@@ -34,6 +34,7 @@ from modelconsole.scheduler.events import EventBus, Subscription
 from modelconsole.scheduler.tensors import TensorSpec
 
 from . import placement
+from .canary import FleetCanaries
 
 ADDITIVE = ("success", "fail", "inference_count", "execution_count", "queue_ms_total", "compute_ms_total",
             "request_ms_total", "cache_hits", "cache_misses")
@@ -126,6 +127,7 @@ class Fleet:
         self.nodes: dict[str, Node] = {}
         self.backend = _Backend()
         self._closing = False
+        self.canaries = FleetCanaries(self)
 
     # ------------------------------------------------------------ what the app reads
 
@@ -199,7 +201,8 @@ class Fleet:
             for k in ("bytes", "max_bytes", "hits", "drops"):
                 host[k] += t.get(k, 0)
         return {"models": self.snapshot_models(), "cache": dict(cache), "devices": devices, "host_tier": host,
-                "routing": self.registry.versions.snapshot(),
+                "routing": {n: self.routing(n) for n in sorted(
+                    set(self.registry.versions.snapshot()) | set(self.canaries.canaries))},
                 "nodes": [n.to_dict() for n in sorted(self.nodes.values(), key=lambda n: n.node)]}
 
     def instance(self, name: str, version: str | None = None) -> FleetInstance:
@@ -212,7 +215,8 @@ class Fleet:
         return await self.registry.audit_log(limit, model)
 
     def routing(self, name: str) -> dict[str, Any]:
-        return self.registry.routing(name)
+        """The registry's routing, with the fleet canary and the arms summed over the nodes."""
+        return self.canaries.routing(name)
 
     def placement_table(self) -> dict[str, Any]:
         """What front ends route by (``link.ClusterLink``)."""
@@ -379,16 +383,11 @@ class Fleet:
         return routing
 
     async def start_canary(self, name: str, version: str | int, **kw: Any) -> dict[str, Any]:
-        """Each node ramps the canary on its own traffic (the same steps and bounds everywhere)."""
-        self.registry.instance(name, str(version))
-        answers = await self._on(self.live(), "start_canary", dict(kw, name=name, version=version))
-        self._raise_first(answers)
-        return answers[0][1]["result"] if answers else self.registry.routing(name)
+        """One ramp for the fleet, run by the controller (``canary.py``)."""
+        return await self.canaries.start(name, version, **kw)
 
     async def stop_canary(self, name: str, actor: str = "api") -> dict[str, Any]:
-        answers = await self._on(self.live(), "stop_canary", {"name": name, "actor": actor})
-        self._raise_first(answers)
-        return answers[0][1]["result"] if answers else self.registry.routing(name)
+        return await self.canaries.stop(name, actor)
 
     async def _audit(self, actor: str, action: str, inst: Any, answers: list[tuple[Node, dict[str, Any]]]) -> None:
         failed = [f"{n.node}: {a['error']['message']}" for n, a in answers if "error" in a]
@@ -425,6 +424,7 @@ class Fleet:
 
     async def close(self) -> None:
         self._closing = True
+        await self.canaries.close()
 
 
 __all__ = ["EngineError", "Fleet", "FleetInstance", "Node"]

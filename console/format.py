@@ -479,3 +479,18 @@ def node_lines(nodes: list[dict[str, Any]]) -> list[str]:
         out.append(f"{str(n.get('node', '?'))[:8]:<10} {n.get('health', '?'):<9} {n.get('gpus', 0):>4} "
                    f"{mem:>17} {rate(n.get('rps')):>7}  {holds}")
     return out
+
+
+def replicas_line(m: dict[str, Any]) -> str | None:
+    """A version's replicas in the detail pane, when it has more than one or lives on a fleet's
+    nodes: how many are READY, and each one's device (and node), state and answers."""
+    reps = m.get("replicas") or []
+    if len(reps) <= 1 and not any(r.get("node") for r in reps):
+        return None
+    ready = sum(1 for r in reps if r.get("state") == "READY")
+    parts = []
+    for r in reps:
+        where = str(r.get("device") or "?") + (f"@{str(r['node'])[:8]}" if r.get("node") else "")
+        state = "" if r.get("state") == "READY" else f" {r.get('state')}"
+        parts.append(f"#{r.get('replica', '?')} {where}{state} ({r.get('served', 0)})")
+    return f"replicas {ready}/{len(reps)} READY: " + " · ".join(parts)

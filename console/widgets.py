@@ -260,6 +260,9 @@ class DetailPane(VerticalScroll):
             (f"latency p50 {fmt.ms(lat_ms.get('p50'))} · p95 {fmt.ms(lat_ms.get('p95'))} · "
              f"p99 {fmt.ms(lat_ms.get('p99'))} ms (target {fmt.ms(m.get('latency_target_ms'))} ms)"),
         ]
+        replicas = fmt.replicas_line(m)
+        if replicas:
+            lines.append(replicas)
         facts.set("\n".join(lines))
         self.lat.set_values(lat)
         self.rates.set_values(rates)

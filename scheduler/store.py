@@ -89,6 +89,15 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at REAL NOT NULL
     );
     """,
+    # 3 -> 4: a fleet's canaries, run by its controller (cluster/canary.py), apart from one
+    # engine's own (which that engine resumes at start)
+    """
+    CREATE TABLE fleet_canaries (
+        name TEXT PRIMARY KEY,
+        state TEXT NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -319,6 +328,19 @@ class Store:
 
     async def canaries(self) -> dict[str, dict[str, Any]]:
         return {n: json.loads(s) for n, s in await self._fetch("SELECT name, state FROM canaries")}
+
+    async def save_fleet_canary(self, name: str, record: dict[str, Any], actor: str, action: str,
+                                version: str | None, detail: str | None = None) -> None:
+        """A fleet canary's record and its audit row, in one transaction."""
+        await self._tx([
+            ("INSERT OR REPLACE INTO fleet_canaries (name, state, updated_at) VALUES (?,?,?)",
+             (name, json.dumps(record, sort_keys=True), time.time())),
+            self._audit_row(actor, action, name, version, {"share": record.get("share"),
+                                                           "state": record.get("state")}, "ok", detail),
+        ])
+
+    async def fleet_canaries(self) -> dict[str, dict[str, Any]]:
+        return {n: json.loads(s) for n, s in await self._fetch("SELECT name, state FROM fleet_canaries")}
 
     async def audit_log(self, limit: int = 100, model: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT id, ts, actor, action, model, version, params, result, detail FROM audit"

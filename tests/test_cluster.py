@@ -306,6 +306,50 @@ async def test_control_calls_name_a_node_or_get_a_clear_400(fleet):
             assert r.status == 404
 
 
+async def test_a_canary_ramps_on_every_node_at_once_and_promotes_cluster_wide(fleet):
+    urls = list((await fleet.frontends()).values())
+    url = urls[0]
+    async with aiohttp.ClientSession() as s:
+        for v in ("1", "2"):
+            reg = {"name": "can", "version": v, "source": "zoo:tiny-mlp", "options": {"warmup": 0}}
+            async with s.post(url + "/api/models", json=reg, headers=AUTH) as r:
+                assert r.status == 201, await r.text()
+        async with s.post(url + "/api/models/can/load?version=1", json={}, headers=AUTH) as r:
+            assert r.status == 200, await r.text()
+        plan = {"version": "2", "steps": [50, 100], "interval_s": 0.3, "min_requests": 5}
+        async with s.post(url + "/api/models/can/canary", json=plan, headers=AUTH) as r:
+            assert r.status == 200, await r.text()
+            started = await r.json()
+        assert started["canary"]["share"] == 50 and started["weights"] == {"1": 50, "2": 50}
+        stop = asyncio.Event()
+
+        async def traffic() -> list[int]:
+            statuses = []
+            i = 0
+            while not stop.is_set():
+                st, _, _ = await infer(s, urls[i % len(urls)], "can")
+                statuses.append(st)
+                i += 1
+            return statuses
+
+        load = asyncio.ensure_future(traffic())
+        try:
+            routing = await wait_for(lambda: _canary_done(url, "can"), "the fleet canary promoted")
+        finally:
+            stop.set()
+            statuses = await load
+    assert routing["canary"]["state"] == "promoted" and routing["active"] == "2"
+    assert set(statuses) == {200}
+    assert (await _event(url, "canary_promoted")) is not None
+
+
+async def _canary_done(url, name):
+    async with aiohttp.ClientSession() as s, s.get(f"{url}/api/models/{name}/routing", headers=AUTH) as r:
+        routing = await r.json()
+    c = routing.get("canary") or {}
+    return routing if c.get("state") in ("promoted", "rolled_back", "aborted") else None
+
+
 async def test_the_attached_console_shows_every_node_and_what_it_holds(fleet):
     from modelconsole.console.app import ModelConsoleApp
     from modelconsole.console.client import RemoteClient

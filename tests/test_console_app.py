@@ -723,3 +723,20 @@ def test_requests_waiting_for_memory_show_in_the_queue_cell_and_count_as_traffic
     assert fmt.model_cells(waiting)["queue"] == ("0+2", 2)
     assert not fmt.traffic_flowing({"models": [idle]})
     assert fmt.traffic_flowing({"models": [waiting]})
+
+
+def test_replicas_and_fleet_nodes_are_spelled_out():
+    one = {"replicas": [{"replica": 0, "state": "READY", "device": "cuda:0", "served": 3}]}
+    assert fmt.replicas_line(one) is None  # one instance on one host: nothing to add
+    two = {"replicas": [{"replica": 0, "state": "READY", "device": "cuda:0", "served": 7},
+                        {"replica": 1, "state": "LOADING", "device": "cuda:1", "served": 0}]}
+    assert fmt.replicas_line(two) == "replicas 1/2 READY: #0 cuda:0 (7) · #1 cuda:1 LOADING (0)"
+    fleet = {"replicas": [{"replica": 0, "state": "READY", "device": "cpu", "served": 5, "node": "abcdef0123"}]}
+    assert fmt.replicas_line(fleet) == "replicas 1/1 READY: #0 cpu@abcdef01 (5)"
+    lines = fmt.node_lines([{"node": "abcdef0123", "health": "ok", "gpus": 2, "memory_used_bytes": 2**30,
+                             "memory_total_bytes": 8 * 2**30, "rps": 12.5, "holds": ["tiny:1"]},
+                            {"node": "99", "health": "lost", "gpus": 0, "rps": 0.0, "holds": []}])
+    assert lines[0].split()[:5] == ["node", "health", "gpus", "memory", "req/s"]
+    assert lines[1].startswith("abcdef01") and "ok" in lines[1] and "tiny:1" in lines[1]
+    assert "lost" in lines[2] and lines[2].rstrip().endswith("-")
+    assert fmt.node_lines([]) == []
