@@ -124,6 +124,11 @@ def _replica_for(inst: ModelInstance, req: Any) -> ModelInstance:
     return target
 
 
+def _retrieved(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 # A replica that could not be loaded (no distinct device with room) is tried again after this
 # many seconds, doubling each time up to the maximum.
 REPLICA_RETRY_S = 10.0
@@ -421,8 +426,8 @@ class Engine:
         """Load a model version (no-op if READY); raises LoadFailed with the reason."""
         inst = self._instance(name, version)
         await self._ensure_loaded(inst)
-        failed = [r.label for r, ok in zip(inst.replica_set[1:], await asyncio.gather(
-            *self._start_replicas(inst, inst.cfg.replicas, retry=True), return_exceptions=True)) if ok is not None]
+        await asyncio.gather(*self._start_replicas(inst, inst.cfg.replicas, retry=True), return_exceptions=True)
+        failed = [r.label for r in inst.replica_set[1:inst.cfg.replicas] if r.state != READY]
         await self._audit(actor, "load", inst, detail=f"replicas not loaded: {', '.join(failed)}" if failed else None)
         return inst.snapshot()
 
@@ -466,6 +471,7 @@ class Engine:
                 if not retry and self._replica_retry.get(rep.key, (0.0,))[0] > now:
                     continue
                 rep.load_task = asyncio.get_running_loop().create_task(self._run_replica_load(rep))
+                rep.load_task.add_done_callback(_retrieved)  # its failure is an event; nobody may await it
             if rep.load_task is not None and not rep.load_task.done():
                 tasks.append(rep.load_task)
         return tasks
