@@ -11,12 +11,14 @@ gRPC too, through the same link.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
 from modelconsole.server.app import Server, ServerSettings, http_url
 from modelconsole.server.frontend import build_frontend_app
 from modelconsole.server.proxy import ControlProxy
+from modelconsole.server.tokenfile import is_loopback
 
 from . import rayenv
 from .link import ClusterLink
@@ -48,6 +50,9 @@ class FrontEnd:
             return await controller.place.remote(name, version, exclude)
 
         settings = ServerSettings(**self.spec["settings"])
+        if not is_loopback(settings.host):
+            # --host names the head's address; every other node's front end binds its own
+            settings = dataclasses.replace(settings, host=ray.util.get_node_ip_address())
         self.link = ClusterLink(table, place)
         await self.link.start()
         app = build_frontend_app(self.link, ControlProxy(base_url=self.spec["control_url"]), settings)
