@@ -84,6 +84,7 @@ PALETTE: tuple[tuple[str, str, str], ...] = (
     ("sort", "Sort by the next column", "cycle the sort column (o)"),
     ("reverse_sort", "Reverse the sort order", "(O)"),
     ("cycle_theme", "Next theme", "cycle the console's themes (t)"),
+    ("cycle_node", "Target node", "attached to a fleet: load/unload/evict/pin act on one node, or all (n)"),
     ("demo_slower", "Demo traffic: halve the rate", "([)"),
     ("demo_faster", "Demo traffic: double the rate", "(])"),
     ("help", "Help: every key", "(?)"),
@@ -158,6 +159,8 @@ class ModelConsoleApp(App[None]):
         Binding("s", "swap", "Swap", id="swap"),
         Binding("a", "split", "A/B", id="split"),
         Binding("c", "canary", "Canary", id="canary"),
+        # attached to a fleet: which node l/u/e/p act on (all of them, or one; the status line says)
+        Binding("n", "cycle_node", "Node", id="node", show=False),
         Binding("slash", "filter", "Filter", id="filter", key_display="/"),
         Binding("escape", "clear_filter", "Clear filter", id="clear_filter", show=False),
         Binding("o", "sort", "Sort", id="sort", show=False),  # the footer is full: help and palette list it
@@ -206,6 +209,7 @@ class ModelConsoleApp(App[None]):
         self._sort_col = "name"
         self._sort_reverse = False
         self._filter_text = ""
+        self.target_node: str | None = None  # attached to a fleet: the node l/u/e/p act on (None: all)
         self._filter_re: re.Pattern[str] | None = None
         self._styles: dict[str, str] = {}
         self._restyle = True
@@ -257,6 +261,8 @@ class ModelConsoleApp(App[None]):
             return False
         if action in DEMO_ACTIONS and self.demo is None:
             return False
+        if action == "cycle_node" and not self._fleet_nodes():
+            return False  # one host: there is no node to pick
         if not main and action in MAIN_ONLY and self._main is not None and (
             not self.screen_stack or self.screen is not self._main
         ):
@@ -449,6 +455,10 @@ class ModelConsoleApp(App[None]):
                  f"sort {fmt.COLUMN_LABELS[self._sort_col]} {'↓' if self._sort_reverse else '↑'}"]
         if self._filter_text:
             parts.append(f"filter /{self._filter_text}/ ({len(self._cells)} of {len(models)})")
+        if snap.get("nodes"):
+            live = sum(1 for n in snap["nodes"] if n.get("health") == "ok")
+            target = f"node {self.target_node[:8]}" if self.target_node else "all nodes"
+            parts.append(f"fleet {live} nodes · actions on {target} (n)")
         for name in sorted(set(self.routing) | set(self._swapping)):
             routing = self.routing.get(name)
             line = fmt.swap_line(name, routing)
@@ -576,6 +586,24 @@ class ModelConsoleApp(App[None]):
 
     # ------------------------------------------------------------------ actions
 
+    def _fleet_nodes(self) -> list[str]:
+        snap = self.client.snapshot() or {}
+        return [n["node"] for n in snap.get("nodes") or () if n.get("health") == "ok"]
+
+    def _where(self) -> dict[str, str]:
+        """``node=`` for the control calls while one node is the target (``n``)."""
+        return {"node": self.target_node} if self.target_node else {}
+
+    def action_cycle_node(self) -> None:
+        """The whole fleet, then each live node in turn: what l, u, e and p act on."""
+        nodes = self._fleet_nodes()
+        order = [None, *nodes]
+        i = order.index(self.target_node) if self.target_node in order else 0
+        self.target_node = order[(i + 1) % len(order)]
+        where = f"node {self.target_node[:8]} only" if self.target_node else "the whole fleet"
+        self.notify(f"load, unload, evict and pin now act on {where}.", timeout=3)
+        self.refresh_soon()
+
     def action_load(self) -> None:
         m = self._need_selection()
         if m is None:
@@ -585,7 +613,7 @@ class ModelConsoleApp(App[None]):
             self.notify(f"{label} is already loaded.")
             return
         self._started(f"loading {label}…")
-        self._run(f"load {label}", partial(self.client.load, m["name"], m["version"]),
+        self._run(f"load {label}", partial(self.client.load, m["name"], m["version"], **self._where()),
                   lambda r: f"{label} is {r.get('state', 'READY')} on {fmt.device_label(r)}"
                   + (f" ({r['load_seconds']:.1f} s)" if r.get("load_seconds") else ""))
 
@@ -612,7 +640,7 @@ class ModelConsoleApp(App[None]):
 
         def go() -> None:
             self._started(f"unloading {label}…")
-            self._run(f"unload {label}", partial(self.client.unload, m["name"], m["version"]),
+            self._run(f"unload {label}", partial(self.client.unload, m["name"], m["version"], **self._where()),
                       lambda r: f"{label} is {r.get('state', 'UNLOADED')}")
 
         self._confirm(f"Unload {label}?",
@@ -628,7 +656,7 @@ class ModelConsoleApp(App[None]):
 
         def go() -> None:
             self._started(f"evicting {label}…")
-            self._run(f"evict {label}", partial(self.client.evict, m["name"], m["version"]),
+            self._run(f"evict {label}", partial(self.client.evict, m["name"], m["version"], **self._where()),
                       lambda r: f"{label} evicted ({r.get('state', '?')})")
 
         self._confirm(f"Evict {label}?",
@@ -643,7 +671,7 @@ class ModelConsoleApp(App[None]):
         pinned = not m.get("pinned")
         verb = "pin" if pinned else "unpin"
         self._started(f"{verb}ning {label}…")
-        self._run(f"{verb} {label}", partial(self.client.pin, m["name"], m["version"], pinned),
+        self._run(f"{verb} {label}", partial(self.client.pin, m["name"], m["version"], pinned, **self._where()),
                   lambda r: f"{label} {'pinned: never evicted' if r.get('pinned') else 'unpinned'}")
 
     def _priority(self, step: int) -> None:

@@ -97,16 +97,17 @@ class EngineClient(abc.ABC):
         """The latest full snapshot (the shape of ``GET /api/snapshot``); no I/O."""
 
     @abc.abstractmethod
-    async def load(self, name: str, version: str | None = None) -> dict[str, Any]: ...
+    async def load(self, name: str, version: str | None = None, node: str | None = None) -> dict[str, Any]: ...
 
     @abc.abstractmethod
-    async def unload(self, name: str, version: str | None = None) -> dict[str, Any]: ...
+    async def unload(self, name: str, version: str | None = None, node: str | None = None) -> dict[str, Any]: ...
 
     @abc.abstractmethod
-    async def evict(self, name: str, version: str | None = None) -> dict[str, Any]: ...
+    async def evict(self, name: str, version: str | None = None, node: str | None = None) -> dict[str, Any]: ...
 
     @abc.abstractmethod
-    async def pin(self, name: str, version: str | None = None, pinned: bool = True) -> dict[str, Any]: ...
+    async def pin(self, name: str, version: str | None = None, pinned: bool = True,
+                  node: str | None = None) -> dict[str, Any]: ...
 
     @abc.abstractmethod
     async def set_priority(self, name: str, version: str | None, priority: int) -> dict[str, Any]: ...
@@ -335,21 +336,24 @@ class RemoteClient(EngineClient):
                   else m for m in old["models"]]
         self._snapshot = dict(old, models=models)
 
-    def _model(self, name: str, action: str) -> str:
-        return f"/api/models/{quote(name, safe='')}/{action}"
+    def _model(self, name: str, action: str, node: str | None = None) -> str:
+        """The control URL; ``node``: on a fleet, act on that node only (``?node=``)."""
+        where = f"?node={quote(node, safe='')}" if node else ""
+        return f"/api/models/{quote(name, safe='')}/{action}{where}"
 
-    async def load(self, name: str, version: str | None = None) -> dict[str, Any]:
-        return await self._control("load", "POST", self._model(name, "load"), _version(version))
+    async def load(self, name: str, version: str | None = None, node: str | None = None) -> dict[str, Any]:
+        return await self._control("load", "POST", self._model(name, "load", node), _version(version))
 
-    async def unload(self, name: str, version: str | None = None) -> dict[str, Any]:
-        return await self._control("unload", "POST", self._model(name, "unload"), _version(version))
+    async def unload(self, name: str, version: str | None = None, node: str | None = None) -> dict[str, Any]:
+        return await self._control("unload", "POST", self._model(name, "unload", node), _version(version))
 
-    async def evict(self, name: str, version: str | None = None) -> dict[str, Any]:
-        return await self._control("evict", "POST", self._model(name, "evict"), _version(version))
+    async def evict(self, name: str, version: str | None = None, node: str | None = None) -> dict[str, Any]:
+        return await self._control("evict", "POST", self._model(name, "evict", node), _version(version))
 
-    async def pin(self, name: str, version: str | None = None, pinned: bool = True) -> dict[str, Any]:
+    async def pin(self, name: str, version: str | None = None, pinned: bool = True,
+                  node: str | None = None) -> dict[str, Any]:
         action = "pin" if pinned else "unpin"
-        return await self._control(action, "POST", self._model(name, action), _version(version))
+        return await self._control(action, "POST", self._model(name, action, node), _version(version))
 
     async def set_priority(self, name: str, version: str | None, priority: int) -> dict[str, Any]:
         return await self._control("set priority", "PUT", self._model(name, "priority"),

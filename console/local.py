@@ -74,16 +74,26 @@ class LocalClient(EngineClient):
         except ConfigError as e:
             raise ClientError(400, str(e)) from e
 
-    async def load(self, name: str, version: str | None = None) -> dict[str, Any]:
+    # ``node``: only a fleet has nodes (cluster/); the embedded engine is one host
+    def _one_host(self, node: str | None) -> None:
+        if node is not None:
+            raise ClientError(400, "node: only a fleet (--serve --cluster) has nodes")
+
+    async def load(self, name: str, version: str | None = None, node: str | None = None) -> dict[str, Any]:
+        self._one_host(node)
         return await self._call("load", self.engine.load, name, version, actor=ACTOR)
 
-    async def unload(self, name: str, version: str | None = None) -> dict[str, Any]:
+    async def unload(self, name: str, version: str | None = None, node: str | None = None) -> dict[str, Any]:
+        self._one_host(node)
         return await self._call("unload", self.engine.unload, name, version, actor=ACTOR)
 
-    async def evict(self, name: str, version: str | None = None) -> dict[str, Any]:
+    async def evict(self, name: str, version: str | None = None, node: str | None = None) -> dict[str, Any]:
+        self._one_host(node)
         return await self._call("evict", self.engine.evict, name, version, actor=ACTOR)
 
-    async def pin(self, name: str, version: str | None = None, pinned: bool = True) -> dict[str, Any]:
+    async def pin(self, name: str, version: str | None = None, pinned: bool = True,
+                  node: str | None = None) -> dict[str, Any]:
+        self._one_host(node)
         return await self._call("pin" if pinned else "unpin", self.engine.pin, name, version,
                                 pinned=pinned, actor=ACTOR)
 

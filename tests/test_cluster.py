@@ -367,6 +367,16 @@ async def test_the_attached_console_shows_every_node_and_what_it_holds(fleet):
 
             await wait_for(shown, "the nodes panel listing every node and its models")
             assert app.query_one("#nodes").display
+            # n: the next actions act on one node; l loads the selected version there only
+            await pilot.press("n")
+            target = app.target_node
+            assert target in urls and f"actions on node {target[:8]}" in app.query_one("#status").text
+            app.table.move_cursor(row=app.table.get_row_index("slow:1"), animate=False)
+            await pilot.pause()
+            assert app.selected_key() == "slow:1"
+            await pilot.press("l")
+            slow = await wait_for(lambda: _held(next(iter(urls.values())), "slow"), "slow loaded from the console")
+            assert slow["nodes"] == [target]
             await pilot.press("q")
     finally:
         await client.close()
