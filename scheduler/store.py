@@ -89,7 +89,7 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at REAL NOT NULL
     );
     """,
-    # 3 -> 4: a fleet's canaries, run by its controller (cluster/canary.py), apart from one
+    # 4 -> 5: a fleet's canaries, run by its controller (cluster/canary.py), apart from one
     # engine's own (which that engine resumes at start)
     """
     CREATE TABLE fleet_canaries (

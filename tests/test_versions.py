@@ -562,9 +562,10 @@ async def test_a_version_3_store_upgrades_in_place(tmp_path):
     con.commit()
     con.close()
     async with Store(path) as store:
-        assert await store.schema_version() == SCHEMA_VERSION == 4
+        assert await store.schema_version() == SCHEMA_VERSION == 5
         assert await store.routing() == {"m": "2"}
         assert await store.splits() == {} and await store.canaries() == {}
+        assert await store.fleet_canaries() == {}  # 4 -> 5: a fleet's canaries (cluster/canary.py)
 
 
 # ---------------------------------------------------------------- bad input changes nothing
