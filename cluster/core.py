@@ -30,6 +30,10 @@ from modelconsole.server import ipc
 log = logging.getLogger("modelconsole.cluster.core")
 
 
+# The engine methods the controller calls on a node (besides register and swap, handled apart).
+CONTROL_OPS = frozenset({"load", "unload", "evict", "pin", "set_priority", "set_split"})
+
+
 def node_config(spec: dict[str, Any]) -> Config:
     """The config an engine core runs with: the operator's file (the same path on every node),
     or the demo zoo; ``spec["simulate"]`` simulates devices (tests, CPU-only demos)."""
@@ -129,8 +133,9 @@ class EngineCore:
                     return {"result": await engine.swap(args["name"], args["version"], actor=args["actor"])}
                 engine.adopt_active(args["name"], args["version"])
                 return {"result": {"name": args["name"], "to": args["version"], "loaded": False}}
-            fn = getattr(engine, op)
-            return {"result": await fn(**args)}
+            if op not in CONTROL_OPS:  # the controller's own calls only: nothing else is reachable
+                raise EngineError(f"unknown control call {op!r}")
+            return {"result": await getattr(engine, op)(**args)}
         except EngineError as e:
             return error_wire(e)
 

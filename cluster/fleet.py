@@ -31,6 +31,7 @@ from typing import Any
 from modelconsole.scheduler.engine import Engine
 from modelconsole.scheduler.errors import Conflict, EngineError, InputError, ModelUnavailable, from_wire
 from modelconsole.scheduler.events import EventBus, Subscription
+from modelconsole.scheduler.memory import weights_estimate
 from modelconsole.scheduler.tensors import TensorSpec
 
 from . import placement
@@ -236,7 +237,7 @@ class Fleet:
 
     def place(self, name: str, version: str | None, exclude: list[str], count: int | None = None) -> list[str]:
         inst = self.registry.instance(name, version)
-        need = int(inst.cfg.estimate_mib * 2**20) if inst.cfg.estimate_mib else inst.learned_footprint
+        need = weights_estimate(inst)  # estimate_mib, else from the source's size (the registry never loads)
         return placement.place(inst.key, need, [n.view() for n in self.nodes.values()],
                                count or inst.cfg.replicas, exclude)
 
