@@ -78,9 +78,9 @@ class FleetCanaries:
         holders = [n for n in fleet.live() if base.key in n.report.get("holds", ())]
         if not holders:
             holders = [fleet.nodes[n] for n in fleet.place(name, v, [])]
-        answers = await fleet._on(holders, "load", {"name": name, "version": v, "actor": actor})
+        answers = await fleet.call_nodes(holders, "load", {"name": name, "version": v, "actor": actor})
         if all("error" in a for _, a in answers):
-            fleet._raise_first(answers)
+            fleet.raise_first(answers)
         now = time.time()
         c = Canary(version=v, baseline=base.version, steps=plan["steps"], interval_s=plan["interval_s"],
                    bounds=plan["bounds"], step=0, share=plan["steps"][0], state=RUNNING, started=now,

@@ -124,7 +124,7 @@ class Controller:
         if len(nodes) > 1:
             rest = [fleet.nodes[n] for n in nodes[1:]]
             asyncio.get_running_loop().create_task(
-                fleet._on(rest, "load", {"name": name, "version": inst.version, "actor": "placement"}))
+                fleet.call_nodes(rest, "load", {"name": name, "version": inst.version, "actor": "placement"}))
         return nodes
 
     async def shutdown(self) -> None:
@@ -188,7 +188,7 @@ class Controller:
             key = (node.node, name, version)
             if key not in self._pinning:
                 self._pinning.add(key)
-                task = asyncio.get_running_loop().create_task(fleet._on(
+                task = asyncio.get_running_loop().create_task(fleet.call_nodes(
                     [node], "pin", {"name": name, "version": version, "pinned": pinned, "actor": "controller"}))
                 task.add_done_callback(lambda _, key=key: self._pinning.discard(key))
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modelconsole.scheduler.engine import Engine
-from modelconsole.scheduler.errors import Conflict, EngineError, InputError, ModelUnavailable, from_wire
+from modelconsole.scheduler.errors import Conflict, InputError, ModelUnavailable, from_wire
 from modelconsole.scheduler.events import EventBus, Subscription
 from modelconsole.scheduler.memory import weights_estimate
 from modelconsole.scheduler.tensors import TensorSpec
@@ -258,7 +258,7 @@ class Fleet:
 
     # ------------------------------------------------------------ control calls
 
-    async def _on(self, nodes: list[Node], op: str, args: dict[str, Any]) -> list[tuple[Node, dict[str, Any]]]:
+    async def call_nodes(self, nodes: list[Node], op: str, args: dict[str, Any]) -> list[tuple[Node, dict[str, Any]]]:
         """One control call on each node's engine core, concurrently; each answer or error as data."""
         async def one(n: Node) -> dict[str, Any]:
             try:
@@ -280,18 +280,15 @@ class Fleet:
         return [n]
 
     @staticmethod
-    def _raise_first(answers: list[tuple[Node, dict[str, Any]]]) -> None:
+    def raise_first(answers: list[tuple[Node, dict[str, Any]]]) -> None:
         for n, a in answers:
             if "error" in a:
                 e = a["error"]
                 raise from_wire(e["kind"], e["status"], f"node {n.node}: {e['message']}", e.get("retry_after"))
 
-    def _listed(self, name: str, version: str) -> dict[str, Any]:
-        return next(m for m in self.snapshot_models(name) if m["version"] == version)
-
     async def register(self, raw: Any, actor: str = "api") -> dict[str, Any]:
         snap = await self.registry.register(raw, actor=actor)
-        await self._on(self.live(), "register", {"model": node_model(snap["config"]), "actor": actor})
+        await self.call_nodes(self.live(), "register", {"model": node_model(snap["config"]), "actor": actor})
         return snap
 
     async def load(self, name: str, version: str | None = None, actor: str = "api",
@@ -303,11 +300,11 @@ class Fleet:
             targets = self._nodes(node)
         if not targets:
             raise ModelUnavailable("no live node to load on", retry_after=1.0)
-        answers = await self._on(targets, "load", {"name": name, "version": inst.version, "actor": actor})
+        answers = await self.call_nodes(targets, "load", {"name": name, "version": inst.version, "actor": actor})
         ok = [n.node for n, a in answers if "error" not in a]
         await self._audit(actor, "load", inst, answers)
         if not ok:
-            self._raise_first(answers)
+            self.raise_first(answers)
         self.events.publish("placed", f"{inst.key} loaded on {', '.join(ok)}", model=name, version=inst.version,
                             data={"nodes": ok, "actor": actor})
         return self._merge(inst.snapshot(), [(n.node, a["result"]) for n, a in answers if "error" not in a])
@@ -320,9 +317,9 @@ class Fleet:
             nodes = [n for n in nodes if inst.key in n.report.get("holds", ())]
         if not nodes and op == "evict":
             raise Conflict(f"{inst.key} is not loaded on any node")
-        answers = await self._on(nodes, op, {"name": name, "version": inst.version, "actor": actor})
+        answers = await self.call_nodes(nodes, op, {"name": name, "version": inst.version, "actor": actor})
         await self._audit(actor, op, inst, answers)
-        self._raise_first(answers)
+        self.raise_first(answers)
         return self._merge(inst.snapshot(), [(n.node, a["result"]) for n, a in answers])
 
     async def unload(self, name: str, version: str | None = None, actor: str = "api",
@@ -341,7 +338,7 @@ class Fleet:
         await self.registry.store.set_pin(inst.name, inst.version, pinned, actor)
         inst.pinned = pinned
         nodes = [n for n in self._nodes(node) if node is not None or inst.key in n.report.get("holds", ())]
-        answers = await self._on(nodes, "pin", {"name": name, "version": inst.version, "pinned": pinned,
+        answers = await self.call_nodes(nodes, "pin", {"name": name, "version": inst.version, "pinned": pinned,
                                                 "actor": actor})
         self.events.publish("pinned" if pinned else "unpinned", f"{inst.key} {'pinned' if pinned else 'unpinned'}",
                             model=name, version=inst.version, data={"actor": actor})
@@ -349,7 +346,7 @@ class Fleet:
 
     async def set_priority(self, name: str, version: str | None, priority: Any, actor: str = "api") -> dict[str, Any]:
         snap = await self.registry.set_priority(name, version, priority, actor=actor)
-        await self._on(self.live(), "set_priority", {"name": name, "version": snap["version"],
+        await self.call_nodes(self.live(), "set_priority", {"name": name, "version": snap["version"],
                                                      "priority": priority, "actor": actor})
         return snap
 
@@ -367,7 +364,7 @@ class Fleet:
         await self.registry.store.update_routing(name, actor, "swap", new.version,
                                                  {"from": entry.version, "to": new.version}, active=new.version)
         self.registry.adopt_active(name, new.version)
-        answers = await self._on(self.live(), "swap", {"name": name, "version": new.version, "actor": actor})
+        answers = await self.call_nodes(self.live(), "swap", {"name": name, "version": new.version, "actor": actor})
         failed = [f"{n.node}: {a['error']['message']}" for n, a in answers if "error" in a]
         self.events.publish("swap_done", f"{name}: v{entry.version} -> v{new.version} on {len(answers)} node(s)"
                             + (f"; failed on {'; '.join(failed)}" if failed else ""), model=name,
@@ -379,7 +376,7 @@ class Fleet:
                         actor: str = "api") -> dict[str, Any]:
         routing = await self.registry.set_split(name, weights, shadow=shadow, metric_output=metric_output,
                                                 actor=actor)
-        await self._on(self.live(), "set_split", {"name": name, "weights": weights, "shadow": shadow,
+        await self.call_nodes(self.live(), "set_split", {"name": name, "weights": weights, "shadow": shadow,
                                                   "metric_output": metric_output, "actor": actor})
         return routing
 
@@ -427,5 +424,3 @@ class Fleet:
         self._closing = True
         await self.canaries.close()
 
-
-__all__ = ["EngineError", "Fleet", "FleetInstance", "Node"]
