@@ -31,7 +31,7 @@ log = logging.getLogger("modelconsole.cluster.core")
 
 
 # The engine methods the controller calls on a node (besides register and swap, handled apart).
-CONTROL_OPS = frozenset({"load", "unload", "evict", "pin", "set_priority", "set_split"})
+CONTROL_OPS = frozenset({"load", "unload", "evict", "pin", "set_priority", "set_split", "delete"})
 
 
 def node_config(spec: dict[str, Any]) -> Config:
@@ -66,11 +66,8 @@ class EngineCore:
     async def sync(self, state: dict[str, Any]) -> dict[str, Any]:
         """Start (once) with the controller's record: models, active versions, splits, pins."""
         if self.engine is None:
-            cfg = self.config
-            engine = Engine.from_config(cfg, store=None)
-            models = [model_from_dict(raw, "model", cfg.base_dir, cfg.model_roots, cfg.trust)
-                      for raw in state["models"]]
-            await engine.start(models)
+            engine = Engine.from_config(self.config, store=None)
+            await engine.start()  # the versions come from the controller's record (apply), none from a file
             self.engine = engine
         await self.apply(state)
         return self.report()

@@ -344,6 +344,23 @@ class Fleet:
                             model=name, version=inst.version, data={"actor": actor})
         return self._merge(inst.snapshot(), [(n.node, a["result"]) for n, a in answers if "error" not in a])
 
+    async def delete(self, name: str, version: str | None = None, actor: str = "api") -> dict[str, Any]:
+        """The registry's delete (its refusals), refused too while any node holds the version (or,
+        without one, any version of the name) or a fleet canary runs; then every node forgets it."""
+        self.registry.instance(name, version)  # 404 with the engine's message
+        what = f"model '{name}'" + (f" version {version}" if version is not None else "")
+        held = sorted({n.node[:8] for n in self.live() for m in n.report.get("snapshot", {}).get("models", [])
+                       if m["name"] == name and (version is None or m["version"] == version)
+                       and m["state"] != "UNLOADED"})
+        if held:
+            raise Conflict(f"{what}: loaded on node {', '.join(held)}; unload it first")
+        c = self.canaries.canaries.get(name)
+        if c is not None and c.live:
+            raise Conflict(f"{what}: a canary of version {c.version} is {c.state}")
+        result = await self.registry.delete(name, version, actor=actor)
+        await self.call_nodes(self.live(), "delete", {"name": name, "version": version, "actor": actor})
+        return result
+
     async def set_priority(self, name: str, version: str | None, priority: Any, actor: str = "api") -> dict[str, Any]:
         snap = await self.registry.set_priority(name, version, priority, actor=actor)
         await self.call_nodes(self.live(), "set_priority", {"name": name, "version": snap["version"],

@@ -49,14 +49,14 @@ from .widgets import HISTORY, DetailPane, GpuPanel, Line, ModelTable
 
 # actions that change the engine: hidden and refused in read-only mode
 MUTATING = frozenset({"load", "unload", "evict", "pin", "priority_up", "priority_down", "register",
-                      "swap", "split", "canary"})
+                      "swap", "split", "canary", "delete"})
 DEMO_ACTIONS = frozenset({"demo_slower", "demo_faster"})
 # actions that make sense only on the main screen (not from inside a dialog)
 MAIN_ONLY = MUTATING | DEMO_ACTIONS | frozenset({"filter", "sort", "reverse_sort", "help", "cycle_theme",
                                                  "request_quit", "clear_filter"})
 # engine events after which the table should show the new state at once, not at the next tick
 STATE_EVENTS = frozenset({"loading", "loaded", "load_failed", "unloading", "unloaded", "evicted", "pinned",
-                          "unpinned", "priority", "registered", "expired", "oom", "connection"})
+                          "unpinned", "priority", "registered", "expired", "oom", "connection", "deleted"})
 # events of versions routing (swap_started/loaded/switched/done, split, canary_*): refresh at once too
 ROUTING_EVENT_PREFIXES = ("swap", "split", "canary", "shadow", "routing", "version")
 # events that raise an alert: a notification that stays, and the log line highlighted
@@ -76,6 +76,7 @@ PALETTE: tuple[tuple[str, str, str], ...] = (
     ("priority_up", "Raise base priority", "one level more urgent, toward P1 (+)"),
     ("priority_down", "Lower base priority", "one level less urgent (-)"),
     ("register", "Register a model", "name, source, version and options (r)"),
+    ("delete", "Delete the selected version", "for good; the model too when it is its only version (X, del)"),
     ("swap", "Hot swap to another version", "load it beside the active one, switch, drain, unload the old (s)"),
     ("split", "A/B split between versions", "weights per version, shadow versions, a metric output (a)"),
     ("canary", "Canary a version (or abort one)", "rising steps within error and p95 bounds, or abort (c)"),
@@ -156,6 +157,7 @@ class ModelConsoleApp(App[None]):
         Binding("plus,equals_sign", "priority_up", "Prio+", id="priority_up", key_display="+"),
         Binding("minus", "priority_down", "Prio-", id="priority_down", key_display="-"),
         Binding("r", "register", "Register", id="register"),
+        Binding("X,delete", "delete", "Delete", id="delete", show=False),
         Binding("s", "swap", "Swap", id="swap"),
         Binding("a", "split", "A/B", id="split"),
         Binding("c", "canary", "Canary", id="canary"),
@@ -662,6 +664,25 @@ class ModelConsoleApp(App[None]):
         self._confirm(f"Evict {label}?",
                       f"Free {label}'s device memory now; its next request reloads it "
                       f"(from the host tier when there is one).\n{why}", "Evict", go)
+
+    def action_delete(self) -> None:
+        m = self._need_selection()
+        if m is None:
+            return
+        label = self._label(m)
+        versions = [x for x in (self.client.snapshot() or {}).get("models") or () if x.get("name") == m["name"]]
+        whole = len(versions) <= 1  # its only version: the model goes with it
+        what = f"model {m['name']} (its only version, v{m['version']})" if whole else label
+
+        def go() -> None:
+            self._started(f"deleting {what}…")
+            self._run(f"delete {what}", partial(self.client.delete, m["name"], None if whole else m["version"]),
+                      lambda r: f"deleted {r.get('name')} " + ", ".join(f"v{v}" for v in r.get("deleted", [])))
+
+        self._confirm(f"Delete {what}?",
+                      f"{what} is removed for good: its registration, pin and priority, here and after a "
+                      "restart (the audit log keeps the record). Refused while it is loaded, active with "
+                      "other versions, or in a split, swap or canary.", "Delete", go)
 
     def action_pin(self) -> None:
         m = self._need_selection()

@@ -113,6 +113,10 @@ class EngineClient(abc.ABC):
     async def set_priority(self, name: str, version: str | None, priority: int) -> dict[str, Any]: ...
 
     @abc.abstractmethod
+    async def delete(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """Remove a registered version (None: the model name and every version) for good."""
+
+    @abc.abstractmethod
     async def register(self, name: str, source: str, version: str | None = None,
                        options: dict[str, Any] | None = None) -> dict[str, Any]: ...
 
@@ -354,6 +358,11 @@ class RemoteClient(EngineClient):
                   node: str | None = None) -> dict[str, Any]:
         action = "pin" if pinned else "unpin"
         return await self._control(action, "POST", self._model(name, action, node), _version(version))
+
+    async def delete(self, name: str, version: str | None = None) -> dict[str, Any]:
+        path = f"/api/models/{quote(name, safe='')}" + (f"/versions/{quote(version, safe='')}" if version else "")
+        self._check_writable("delete")
+        return await self._request("DELETE", path)
 
     async def set_priority(self, name: str, version: str | None, priority: int) -> dict[str, Any]:
         return await self._control("set priority", "PUT", self._model(name, "priority"),

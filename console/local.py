@@ -97,6 +97,9 @@ class LocalClient(EngineClient):
         return await self._call("pin" if pinned else "unpin", self.engine.pin, name, version,
                                 pinned=pinned, actor=ACTOR)
 
+    async def delete(self, name: str, version: str | None = None) -> dict[str, Any]:
+        return await self._call("delete", self.engine.delete, name, version, actor=ACTOR)
+
     async def set_priority(self, name: str, version: str | None, priority: int) -> dict[str, Any]:
         return await self._call("set priority", self.engine.set_priority, name, version, priority, actor=ACTOR)
 

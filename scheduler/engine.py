@@ -674,6 +674,57 @@ class Engine:
             asyncio.get_running_loop().create_task(self._load_quietly(inst))
         return inst.snapshot()
 
+    @_audits_failures("delete")
+    async def delete(self, name: str, version: str | None = None, actor: str = "api") -> dict[str, Any]:
+        """Remove a registered version (``version``) or a whole model name for good: refused (409,
+        saying which) while it is loaded, the active version of a name with others, in a split,
+        a swap or a canary, or defined in the config file (it would come back at the next start).
+        Written to the store first (audited), then gone from the registry, the cache and the
+        host tier."""
+        async with self._control:
+            entry = self._models.get(name)
+            if entry is None:
+                raise ModelNotFound(f"unknown model '{name}'")
+            if version is not None:
+                self._instance(name, version)  # 404 naming the versions there are
+            doomed = [version] if version is not None else sorted(entry.versions, key=int)
+            what = f"model '{name}'" + (f" version {version}" if version is not None else "")
+            for v in doomed:
+                inst = entry.versions[v]
+                if entry.origin[v] == "config":
+                    raise Conflict(f"{what}: {inst.key} is defined in the config file; remove it there "
+                                   "(deleted here it would come back at the next start)")
+                loaded = [r for r in inst.replica_set if r.state != UNLOADED or _loading(r)]
+                if loaded:
+                    raise Conflict(f"{what}: {inst.key} is {loaded[0].state}; unload it first")
+            why = self.versions.holds(name, version)
+            if why is not None:
+                raise Conflict(f"{what}: {why}")
+            if version is not None and version == entry.active:
+                others = sorted((v for v in entry.versions if v != version), key=int)
+                hint = (f"swap to another version first ({', '.join(others)}), or delete the model" if others
+                        else "it is the only one: delete the model (DELETE /api/models/" + name + ")")
+                raise Conflict(f"{what}: it is the active version; {hint}")
+            if self.store is not None:
+                if version is None:
+                    await self.store.delete_name(name, actor)
+                else:
+                    await self.store.delete_model(name, version, actor)
+            for v in doomed:
+                inst = entry.versions.pop(v)
+                entry.origin.pop(v, None)
+                self.cache.invalidate((name, v))
+                for r in inst.replica_set:
+                    self.host_tier.discard(r.key)  # its weights are nobody's now
+            if not entry.versions:
+                del self._models[name]
+                self.versions.forget(name)
+            else:
+                self.versions.forget(name, version)
+        self.events.publish("deleted", f"{what} deleted", model=name, version=version,
+                            data={"actor": actor, "versions": doomed})
+        return {"name": name, "deleted": doomed}
+
     @_audits_failures("evict")
     async def evict(self, name: str, version: str | None = None, actor: str = "api") -> dict[str, Any]:
         """Free a version's device memory now, as an eviction would: its weights go to the

@@ -67,6 +67,12 @@ class HostTier:
             dropped.append(old)
         return dropped
 
+    def discard(self, key: str) -> None:
+        """Drop key's entry, if any (its model was deleted)."""
+        item = self._entries.pop(key, None)
+        if item is not None:
+            self.bytes -= item[1]
+
     def take(self, key: str) -> LoadedModel | None:
         """Remove and return key's entry (it goes back to a device)."""
         item = self._entries.pop(key, None)

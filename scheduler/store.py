@@ -246,14 +246,32 @@ class Store:
             )
         await self._tx(statements)
 
-    async def delete_model(self, name: str, version: str, actor: str) -> None:
-        await self._tx(
-            [
-                ("DELETE FROM models WHERE name=? AND version=?", (name, version)),
-                ("DELETE FROM routing WHERE name=? AND active_version=?", (name, version)),
-                self._audit_row(actor, "unregister", name, version, {}, "ok", None),
-            ]
-        )
+    async def delete_model(self, name: str, version: str, actor: str, new_active: str | None = None) -> None:
+        """A version gone for good: its row, pin, priority (and its name's routing row when it was
+        the active one; ``new_active`` takes its place), with the audit row, in one transaction."""
+        statements = [
+            ("DELETE FROM models WHERE name=? AND version=?", (name, version)),
+            ("DELETE FROM routing WHERE name=? AND active_version=?", (name, version)),
+            ("DELETE FROM pins WHERE name=? AND version=?", (name, version)),
+            ("DELETE FROM priorities WHERE name=? AND version=?", (name, version)),
+            self._audit_row(actor, "delete", name, version, {}, "ok", None),
+        ]
+        if new_active is not None:
+            statements.insert(2, (_UPSERT_ACTIVE, (name, new_active, time.time())))
+        await self._tx(statements)
+
+    async def delete_name(self, name: str, actor: str) -> None:
+        """A model name and every version of it, with its split and canary records."""
+        await self._tx([
+            ("DELETE FROM models WHERE name=?", (name,)),
+            ("DELETE FROM routing WHERE name=?", (name,)),
+            ("DELETE FROM pins WHERE name=?", (name,)),
+            ("DELETE FROM priorities WHERE name=?", (name,)),
+            ("DELETE FROM splits WHERE name=?", (name,)),
+            ("DELETE FROM canaries WHERE name=?", (name,)),
+            ("DELETE FROM fleet_canaries WHERE name=?", (name,)),
+            self._audit_row(actor, "delete", name, None, {}, "ok", None),
+        ])
 
     async def set_pin(self, name: str, version: str, pinned: bool, actor: str) -> None:
         sql = ("INSERT OR REPLACE INTO pins (name, version, pinned_at) VALUES (?,?,?)", (name, version, time.time())) \

@@ -316,6 +316,39 @@ class Versions:
             raise Conflict(f"model '{name}': a canary of version {c.version} is {c.state} (step {c.step + 1} of "
                            f"{len(c.steps)}, {c.share}% of traffic); stop it before you {doing}")
 
+    def holds(self, name: str, version: str | None = None) -> str | None:
+        """Why the name's routing needs ``version`` (None: any of its versions) — a swap under
+        way, a live canary, a split, a shadow — or None: what a delete must hear first."""
+        route = self._routes.get(name)
+        if route is None:
+            return None
+        sw = route.swap
+        if sw is not None and (version is None or version in (sw["from"], sw["to"])):
+            return f"a swap from version {sw['from']} to {sw['to']} is in progress"
+        c = route.canary
+        if c is not None and c.live and (version is None or version in (c.version, c.baseline)):
+            return f"a canary of version {c.version} over version {c.baseline} is {c.state}"
+        if version is None:
+            if route.weights or route.shadow:
+                return "it has a split (clear it with PUT …/split {\"weights\": {}})"
+            return None
+        if route.weights.get(version, 0) > 0:
+            return f"it takes {route.weights[version]:g} of the split's weight (change the split first)"
+        if version in route.shadow:
+            return "it is a shadow arm of the split (change the split first)"
+        return None
+
+    def forget(self, name: str, version: str | None = None) -> None:
+        """A deleted version (None: the whole name) leaves the routing's records."""
+        route = self._routes.get(name)
+        if route is None:
+            return
+        if version is None:
+            del self._routes[name]
+            self.routed.pop(name, None)
+            return
+        route.arms.pop(version, None)
+
     def routing(self, name: str) -> dict[str, Any]:
         """How a model name routes requests without a version, and each arm's metrics."""
         entry = self._entry(name)

@@ -41,6 +41,8 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/api/models", list_models)
     r.add_post("/api/models", register)
     r.add_get("/api/models/{name}", get_model)
+    r.add_delete("/api/models/{name}", delete_model)
+    r.add_delete("/api/models/{name}/versions/{version}", delete_version)
     for action in ("load", "unload", "evict", "pin", "unpin"):
         r.add_post(f"/api/models/{{name}}/{action}", _control(action))
     r.add_put("/api/models/{name}/priority", set_priority)
@@ -237,6 +239,19 @@ def _control(action: str) -> Any:
 
     handler.__name__ = f"control_{action}"
     return handler
+
+
+async def delete_model(request: web.Request) -> web.Response:
+    """The model name and every version of it, for good (409 while one is loaded, routed, or from
+    the config file; the message says which)."""
+    result = await request.app[ENGINE].delete(request.match_info["name"], None, actor=_actor(request))
+    return json_response(result)
+
+
+async def delete_version(request: web.Request) -> web.Response:
+    version = _as_version(request.match_info["version"], "version")
+    result = await request.app[ENGINE].delete(request.match_info["name"], version, actor=_actor(request))
+    return json_response(result)
 
 
 async def set_priority(request: web.Request) -> web.Response:

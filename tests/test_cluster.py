@@ -295,6 +295,30 @@ async def _pinned_on(node, name):
     return any(m["name"] == name and m["pinned"] for m in report["snapshot"]["models"])
 
 
+async def test_a_model_is_deleted_from_the_fleet_only_once_no_node_holds_it(fleet):
+    import ray
+
+    urls = await fleet.frontends()
+    url = next(iter(urls.values()))
+    async with aiohttp.ClientSession() as s:
+        reg = {"name": "gone", "source": "zoo:tiny-mlp", "options": {"warmup": 0}}
+        async with s.post(url + "/api/models", json=reg, headers=AUTH) as r:
+            assert r.status == 201, await r.text()
+        async with s.post(url + "/api/models/gone/load", json={}, headers=AUTH) as r:
+            assert r.status == 200, await r.text()
+        async with s.delete(url + "/api/models/gone", headers=AUTH) as r:
+            assert r.status == 409 and "loaded on node" in (await r.json())["error"]
+        async with s.post(url + "/api/models/gone/unload", json={}, headers=AUTH) as r:
+            assert r.status == 200, await r.text()
+        async with s.delete(url + "/api/models/gone", headers=AUTH) as r:
+            assert r.status == 200 and await r.json() == {"name": "gone", "deleted": ["1"]}
+        async with s.get(url + "/api/models/gone", headers=AUTH) as r:
+            assert r.status == 404
+    for node in urls:
+        report = await ray.get_actor(rayenv.core_name(node), namespace=rayenv.NAMESPACE).report.remote()
+        assert all(m["name"] != "gone" for m in report["snapshot"]["models"])
+
+
 async def test_control_calls_name_a_node_or_get_a_clear_400(fleet):
     urls = await fleet.frontends()
     url = next(iter(urls.values()))

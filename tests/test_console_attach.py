@@ -202,6 +202,40 @@ async def test_attached_console_drives_a_real_server_and_survives_its_restart(se
     finally:
         await client.close()
 
+    # -- a version registered at run time is deleted from the console (X, confirmed), for good
+    def register_extra() -> None:
+        req = urllib.request.Request(f"{server.url}/api/models", method="POST", data=json.dumps(
+            {"name": "extra", "source": "zoo:tiny-mlp", "options": {"warmup": 0}}).encode(),
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {server.token}"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert r.status == 201
+
+    await ask(register_extra)
+    client = RemoteClient(server.url, server.token)
+    await client.start()
+    try:
+        app = ModelConsoleApp(client, refresh_s=0.25)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: "extra:1" in rows(app), what="the registered model")
+            app.table.move_cursor(row=app.table.get_row_index("extra:1"), animate=False)
+            await pilot.pause()
+            await pilot.press("X")
+            assert isinstance(app.screen, ConfirmScreen)
+            await pilot.press("tab", "enter")
+            await until(pilot, lambda: "extra:1" not in rows(app), what="the row gone")
+            def gone() -> bool:
+                try:
+                    http_json(f"{server.url}/api/models/extra", token=server.token)
+                except urllib.error.HTTPError as e:
+                    return e.code == 404
+                return False
+
+            assert await ask(gone)
+            await pilot.press("q")
+            await pilot.pause()
+    finally:
+        await client.close()
+
     # -- the server dies under a running console, and a new one on the same port is found
     client = RemoteClient(server.url, server.token)
     await client.start()

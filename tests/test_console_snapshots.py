@@ -87,6 +87,10 @@ class FrozenClient(EngineClient):
     async def pin(self, name: str, version: str | None = None, pinned: bool = True) -> dict[str, Any]:
         return self._answer("pin", name, version)
 
+    async def delete(self, name: str, version: str | None = None) -> dict[str, Any]:
+        self._check_writable("delete")
+        return {"name": name, "deleted": [version or "1"]}
+
     async def set_priority(self, name: str, version: str | None, priority: int) -> dict[str, Any]:
         return self._answer("set priority", name, version)
 
