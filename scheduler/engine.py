@@ -272,6 +272,10 @@ class Engine:
                 except EngineError as e:
                     self.events.publish("restore_failed", f"{label} could not be restored: {e.message}",
                                         model=cfg.name, version=cfg.version, level="error")
+            for (name, version), ts in (await self.store.registered_times()).items():
+                entry = self._models.get(name)
+                if entry is not None and version in entry.versions and entry.origin[version] == "store":
+                    entry.versions[version].registered_at = ts
             for name, version in (await self.store.routing()).items():
                 entry = self._models.get(name)
                 if entry is not None and version in entry.versions:

@@ -142,6 +142,9 @@ class ModelInstance:
         self.footprint_bytes = 0
         self.load_seconds: float | None = None
         self.loaded_at: float | None = None
+        # when it was registered (the store's time for a restored version; a config file's
+        # versions: when this process registered them)
+        self.registered_at = time.time()
         self.warmup_runs = 0  # real forward passes run before READY (not counted in stats)
         self.version_key = f"{cfg.name}:{cfg.version}"
         self.key = self.version_key + (f"#{replica}" if replica else "")
@@ -795,6 +798,7 @@ class ModelInstance:
             "footprint_bytes": self.footprint_bytes if self.state in (READY, WARMING, UNLOADING) else 0,
             "load_seconds": self.load_seconds,
             "loaded_at": self.loaded_at,
+            "registered_at": self.registered_at,
             "device_index": self.device_index,
             "load_source": self.load_source,
             "urgency": shared_mod.model_urgency(self, now) if self.queue.size else 0.0,

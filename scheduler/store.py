@@ -295,6 +295,10 @@ class Store:
         rows = await self._fetch("SELECT config FROM models ORDER BY registered_at, name, version")
         return [json.loads(row[0]) for row in rows]
 
+    async def registered_times(self) -> dict[tuple[str, str], float]:
+        """(name, version) -> when it was registered."""
+        return {(n, v): t for n, v, t in await self._fetch("SELECT name, version, registered_at FROM models")}
+
     async def routing(self) -> dict[str, str]:
         return {name: version for name, version in await self._fetch("SELECT name, active_version FROM routing")}
 

@@ -52,6 +52,7 @@ def add_routes(app: web.Application) -> None:
     r.add_delete("/api/models/{name}/canary", stop_canary)
     r.add_get("/api/models/{name}/routing", get_routing)
     r.add_get("/v1/models", v1_models)
+    r.add_get("/v1/models/{name}", v1_model)
 
 
 # --------------------------------------------------------------------------- observation
@@ -453,12 +454,25 @@ def v1_list(snaps: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append({
             "id": name,
             "object": "model",
+            # OpenAI's fields: when the name's first version was registered (Unix seconds), and who serves it
+            "created": int(min((s.get("registered_at") or 0.0) for s in versions)),
+            "owned_by": "modelconsole",
             "active_version": active["version"],
             "state": active["state"],
             "health": active["health"],
             "versions": entries,
         })
     return out
+
+
+async def v1_model(request: web.Request) -> web.Response:
+    """One model as ``/v1/models`` lists it (OpenAI's ``GET /v1/models/{id}``)."""
+    name = request.match_info["name"]
+    models = v1_list(request.app[ENGINE].snapshot_models(name))
+    if not models:
+        request.app[ENGINE].instance(name)  # 404 with the engine's message
+        raise HttpError(404, f"unknown model '{name}'")
+    return json_response(models[0])
 
 
 async def v1_models(request: web.Request) -> web.Response:

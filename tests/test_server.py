@@ -270,6 +270,21 @@ async def test_v1_models_filters_pagination_and_etag(srv):
         assert status == 400 and needle in json.loads(body)["error"]
 
 
+async def test_v1_models_in_openais_shape_and_one_model_by_id(srv):
+    import time
+
+    status, _, body = await request("GET", srv.url + "/v1/models?q=tiny")
+    listed = next(m for m in json.loads(body)["data"] if m["id"] == "tiny")
+    assert listed["owned_by"] == "modelconsole"
+    assert 0 < listed["created"] <= time.time()
+    status, _, body = await request("GET", srv.url + "/v1/models/tiny")
+    assert status == 200
+    one = json.loads(body)
+    assert one["id"] == "tiny" and one["object"] == "model" and one["created"] == listed["created"]
+    status, _, body = await request("GET", srv.url + "/v1/models/nope")
+    assert status == 404 and json.loads(body)["error"] == "unknown model 'nope'"
+
+
 # --------------------------------------------------------------------------- control API
 
 
