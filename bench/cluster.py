@@ -122,7 +122,6 @@ async def drive(urls: list[str], concurrency: int, seconds: float, on_half=None)
 
     body = row_body()
     records: list[tuple[float, float, int]] = []
-    errors = ERRORS
     stop_at = time.monotonic() + seconds
     half = time.monotonic() + seconds / 2
     fired = asyncio.Event()
@@ -137,7 +136,7 @@ async def drive(urls: list[str], concurrency: int, seconds: float, on_half=None)
                     status = r.status
             except (TimeoutError, aiohttp.ClientError, OSError) as e:
                 status = 0
-                errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
+                ERRORS[type(e).__name__] = ERRORS.get(type(e).__name__, 0) + 1
             records.append((t0, time.monotonic(), status))
             if on_half is not None and not fired.is_set() and time.monotonic() >= half:
                 fired.set()

@@ -176,7 +176,7 @@ class Controller:
             if node.health == "ok" and nid not in alive:
                 self._lost(node, "the node left the cluster")
         ok = [n for n in fleet.nodes.values() if n.health == "ok"]
-        reports = await asyncio.gather(*(asyncio.wait_for(_await(n.core.report.remote()), REPORT_TIMEOUT_S)
+        reports = await asyncio.gather(*(asyncio.wait_for(n.core.report.remote(), REPORT_TIMEOUT_S)
                                          for n in ok), return_exceptions=True)
         for node, report in zip(ok, reports):
             if isinstance(report, BaseException):
@@ -247,7 +247,3 @@ def _gpus(info: dict[str, Any]) -> int:
 
 def _sim_gpus(info: dict[str, Any]) -> int:
     return int(info.get("Resources", {}).get("sim_gpu", 0))
-
-
-async def _await(ref: Any) -> Any:
-    return await ref

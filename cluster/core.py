@@ -17,6 +17,7 @@ the last report and what the placement function needs.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -37,8 +38,6 @@ CONTROL_OPS = frozenset({"load", "unload", "evict", "pin", "set_priority", "set_
 def node_config(spec: dict[str, Any]) -> Config:
     """The config an engine core runs with: the operator's file (the same path on every node),
     or the demo zoo; ``spec["simulate"]`` simulates devices (tests, CPU-only demos)."""
-    import dataclasses
-
     cfg = load_config(spec["config"]) if spec.get("config") else with_demo_devices(demo_config())
     if spec.get("simulate"):
         cfg = dataclasses.replace(cfg, gpu=dataclasses.replace(cfg.gpu, simulate=spec["simulate"]))

@@ -165,7 +165,7 @@ class Fleet:
         snaps = [s for _, s in held]
         best = min(snaps, key=lambda s: STATE_ORDER.index(s["state"]) if s["state"] in STATE_ORDER else 99)
         busiest = max(snaps, key=lambda s: s["stats"]["success"])
-        for key in ("state", "reason", "platform", "device", "weight_bytes", "load_seconds", "loaded_at",
+        for key in ("state", "reason", "platform", "weight_bytes", "load_seconds", "loaded_at",
                     "load_source", "cuda_graphs", "eviction", "device_index", "inputs", "outputs"):
             m[key] = best[key]
         for key in ("footprint_bytes", "queue", "in_flight", "waiting_for_room", "request_rate"):
@@ -189,15 +189,14 @@ class Fleet:
 
     def snapshot(self) -> dict[str, Any]:
         devices = []
-        for n in self.live():
-            for d in n.report.get("snapshot", {}).get("devices", []):
-                devices.append(dict(d, node=n.node, node_index=d["index"], index=len(devices)))
         cache: Counter[str] = Counter()
-        for n in self.live():
-            cache.update(n.report.get("snapshot", {}).get("cache", {}))
         host = {"entries": [], "bytes": 0, "max_bytes": 0, "hits": 0, "drops": 0}
         for n in self.live():
-            t = n.report.get("snapshot", {}).get("host_tier", {})
+            snap = n.report.get("snapshot", {})
+            for d in snap.get("devices", []):
+                devices.append(dict(d, node=n.node, node_index=d["index"], index=len(devices)))
+            cache.update(snap.get("cache", {}))
+            t = snap.get("host_tier", {})
             host["entries"] += [f"{e}@{n.node}" for e in t.get("entries", [])]
             for k in ("bytes", "max_bytes", "hits", "drops"):
                 host[k] += t.get(k, 0)

@@ -81,12 +81,16 @@ class ClusterLink:
     def ready(self) -> bool:
         return bool(self.table["cores"])
 
+    def _registered(self, name: str, version: str | None) -> bool:
+        model = self.table["models"].get(name)
+        return model is not None and (version is None or version in model["versions"])
+
     async def check(self, name: str, version: str | None) -> None:
         """ModelNotFound, with the engine's own message, for a name or version not registered."""
+        if self._registered(name, version):
+            return
+        await self.refresh()  # registered since the last refresh?
         model = self.table["models"].get(name)
-        if model is None or (version is not None and version not in model["versions"]):
-            await self.refresh()  # registered since the last refresh?
-            model = self.table["models"].get(name)
         if model is None:
             raise ModelNotFound(f"unknown model '{name}'")
         if version is not None and version not in model["versions"]:
@@ -94,7 +98,8 @@ class ClusterLink:
             raise ModelNotFound(f"model '{name}' has no version '{version}' (versions: {known})")
 
     async def infer(self, call: InferCall) -> InferAnswer:
-        await self.check(call.model, call.version)
+        if not self._registered(call.model, call.version):  # HTTP checked before the body; gRPC did not
+            await self.check(call.model, call.version)
         tried: list[str] = []
         for _ in range(2):
             node = await self._choose(call, tried)

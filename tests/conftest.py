@@ -5,8 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from modelconsole.gpu.devices import SimulatedBackend
+from modelconsole.scheduler.config import GpuConfig
 from modelconsole.scheduler.engine import Engine
 from modelconsole.scheduler.store import Store
+
+MiB = 2**20
 
 
 @pytest.fixture
@@ -20,6 +24,28 @@ async def engine(store_path, tmp_path):
     await eng.start()
     yield eng
     await eng.close()
+
+
+@pytest.fixture
+async def make_engine(tmp_path):
+    """Engines on simulated devices (``capacities_mib``), closed after the test."""
+    engines = []
+
+    async def make(capacities_mib=(256,), store=False, tick_s=3600.0, free_delay_s=0.0, backend_kw=None, **gpu):
+        gpu.setdefault("reserve_mib", 0)
+        gpu.setdefault("min_residency_s", 0)
+        backend = SimulatedBackend([c * MiB for c in capacities_mib], free_delay_s=free_delay_s,
+                                   **(backend_kw or {}))
+        eng = Engine(Store(tmp_path / "state.db") if store else None, gpu=GpuConfig(**gpu), backend=backend,
+                     base_dir=str(tmp_path), tick_s=tick_s)
+        await eng.start()
+        engines.append(eng)
+        return eng, backend
+
+    yield make
+    for eng in engines:
+        if not eng._closing:
+            await eng.close()
 
 
 class Guarded(torch.nn.Module):

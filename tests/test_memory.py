@@ -9,12 +9,9 @@ import time
 import pytest
 import torch
 
-from modelconsole.gpu.devices import SimulatedBackend, own_pid_from
-from modelconsole.scheduler.config import GpuConfig
-from modelconsole.scheduler.engine import Engine
+from modelconsole.gpu.devices import own_pid_from
 from modelconsole.scheduler.instance import LoadFailed
 from modelconsole.scheduler.memory import InsufficientMemory
-from modelconsole.scheduler.store import Store
 
 MiB = 2**20
 
@@ -23,27 +20,6 @@ def sized(name, mib=32, **kw):
     cfg = {"name": name, "source": "zoo:sized", "args": {"mib": mib}, "warmup": 0, "device": "auto"}
     cfg.update(kw)
     return cfg
-
-
-@pytest.fixture
-async def make_engine(tmp_path):
-    engines = []
-
-    async def make(capacities_mib=(256,), store=False, tick_s=3600.0, free_delay_s=0.0, backend_kw=None, **gpu):
-        gpu.setdefault("reserve_mib", 0)
-        gpu.setdefault("min_residency_s", 0)
-        backend = SimulatedBackend([c * MiB for c in capacities_mib], free_delay_s=free_delay_s,
-                                   **(backend_kw or {}))
-        eng = Engine(Store(tmp_path / "state.db") if store else None, gpu=GpuConfig(**gpu), backend=backend,
-                     base_dir=str(tmp_path), tick_s=tick_s)
-        await eng.start()
-        engines.append(eng)
-        return eng, backend
-
-    yield make
-    for eng in engines:
-        if not eng._closing:
-            await eng.close()
 
 
 def one(x=1.0):

@@ -7,42 +7,12 @@ import asyncio
 
 import pytest
 import torch
+from test_memory import MiB, one, sized
 
-from modelconsole.gpu.devices import SimulatedBackend
 from modelconsole.scheduler import replicas
-from modelconsole.scheduler.config import ConfigError, GpuConfig, model_from_dict
+from modelconsole.scheduler.config import ConfigError, model_from_dict
 from modelconsole.scheduler.engine import Engine
 from modelconsole.server.v2 import triton_config
-
-MiB = 2**20
-
-
-def sized(name, mib=32, **kw):
-    cfg = {"name": name, "source": "zoo:sized", "args": {"mib": mib}, "warmup": 0, "device": "auto"}
-    cfg.update(kw)
-    return cfg
-
-
-def one(x=1.0):
-    return {"input": torch.full((1, 16), x)}
-
-
-@pytest.fixture
-async def make_engine(tmp_path):
-    engines = []
-
-    async def make(capacities_mib=(256, 256, 256), tick_s=3600.0):
-        backend = SimulatedBackend([c * MiB for c in capacities_mib])
-        eng = Engine(None, gpu=GpuConfig(reserve_mib=0, min_residency_s=0), backend=backend,
-                     base_dir=str(tmp_path), tick_s=tick_s)
-        await eng.start()
-        engines.append(eng)
-        return eng, backend
-
-    yield make
-    for eng in engines:
-        if not eng._closing:
-            await eng.close()
 
 
 async def next_event(sub, kind):
@@ -98,7 +68,7 @@ def test_bad_replica_settings_name_the_field(raw, message):
 
 
 async def test_replicas_land_on_distinct_devices_and_share_the_traffic(make_engine):
-    eng, backend = await make_engine()
+    eng, backend = await make_engine((256, 256, 256))
     await eng.register(sized("r", 32, replicas=2, max_batch_size=4))
     snap = await eng.load("r")
     reps = snap["replicas"]
@@ -116,7 +86,7 @@ async def test_replicas_land_on_distinct_devices_and_share_the_traffic(make_engi
 
 
 async def test_a_replica_without_a_distinct_device_is_not_loaded_and_says_why(make_engine):
-    eng, _ = await make_engine(capacities_mib=(256, 256))
+    eng, _ = await make_engine((256, 256))
     await eng.register(sized("r", 32, replicas=3))
     with eng.subscribe() as sub:
         snap = await eng.load("r")
@@ -128,7 +98,7 @@ async def test_a_replica_without_a_distinct_device_is_not_loaded_and_says_why(ma
 
 
 async def test_evicting_one_replica_evicts_the_version(make_engine):
-    eng, _ = await make_engine(capacities_mib=(256, 256))
+    eng, _ = await make_engine((256, 256))
     await eng.register(sized("r", 96, replicas=2))
     await eng.load("r")
     await eng.register(sized("big", 200, device="cuda:1"))
@@ -143,7 +113,7 @@ async def test_evicting_one_replica_evicts_the_version(make_engine):
 
 
 async def test_unload_and_pin_act_on_every_replica(make_engine):
-    eng, _ = await make_engine()
+    eng, _ = await make_engine((256, 256, 256))
     await eng.register(sized("r", 32, replicas=3))
     await eng.load("r")
     await eng.pin("r")
@@ -169,7 +139,7 @@ async def test_cpu_replicas_are_worker_threads_that_all_serve(tmp_path):
 
 
 async def test_max_replicas_scales_up_on_queue_wait_and_down_when_idle(make_engine):
-    eng, _ = await make_engine(tick_s=0.05)
+    eng, _ = await make_engine((256, 256, 256), tick_s=0.05)
     # every request waits max_queue_delay_ms (40 ms) in the queue: 40% of its 100 ms target
     await eng.register(sized("s", 16, max_replicas=2, keep_alive=0.2, max_batch_size=64,
                              max_queue_delay_ms=40, latency_target_ms=100))
