@@ -38,7 +38,7 @@ from . import placement
 from .canary import FleetCanaries
 
 ADDITIVE = ("success", "fail", "inference_count", "execution_count", "queue_ms_total", "compute_ms_total",
-            "request_ms_total", "cache_hits", "cache_misses")
+            "request_ms_total", "cache_hits", "cache_misses", "throughput_rps", "error_rps")
 STATE_ORDER = ("READY", "WARMING", "LOADING", "UNLOADING", "FAILED", "UNLOADED")
 
 
@@ -184,7 +184,9 @@ class Fleet:
         m["stats"] = stats
         m["replicas"] = [dict(r, node=node) for node, s in held for r in s["replicas"]]
         m["nodes"] = sorted({node for node, s in held if s["state"] == "READY"})
-        m["device"] = f"{best['device']}@{held[snaps.index(best)][0]}"
+        node = held[snaps.index(best)][0]
+        m["device"] = f"{best['device']}@{node}"
+        m["device_label"] = f"{best['device_label']}@{node[:8]}"
         return m
 
     def snapshot(self) -> dict[str, Any]:

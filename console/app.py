@@ -24,17 +24,20 @@ from functools import partial
 from typing import Any, ClassVar
 
 from rich.text import Text
-from textual import on
+from textual import events, on
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.containers import Horizontal
 from textual.coordinate import Coordinate
+from textual.suggester import Suggester
 from textual.widgets import DataTable, Footer, Input, RichLog
+from textual.widgets.data_table import ColumnKey
 
 from modelconsole.themes import DEFAULT_THEME, THEMES, stylesheet
 
 from . import __version__
+from . import commands as cmds
 from . import format as fmt
 from .client import ClientError, EngineClient
 from .screens import (
@@ -45,15 +48,18 @@ from .screens import (
     SplitScreen,
     VersionPickerScreen,
 )
+from .views import DescribeScreen, LogScreen
 from .widgets import HISTORY, DetailPane, GpuPanel, Line, ModelTable
 
 # actions that change the engine: hidden and refused in read-only mode
 MUTATING = frozenset({"load", "unload", "evict", "pin", "priority_up", "priority_down", "register",
                       "swap", "split", "canary", "delete"})
+COMPACT_BELOW_ROWS = 34  # a terminal shorter than this gets one line per GPU and a shorter bottom pane
 DEMO_ACTIONS = frozenset({"demo_slower", "demo_faster"})
 # actions that make sense only on the main screen (not from inside a dialog)
 MAIN_ONLY = MUTATING | DEMO_ACTIONS | frozenset({"filter", "sort", "reverse_sort", "help", "cycle_theme",
-                                                 "request_quit", "clear_filter"})
+                                                 "request_quit", "clear_filter", "sort_next", "sort_prev",
+                                                 "describe", "logs", "mark", "command_line", "toggle_pane"})
 # engine events after which the table should show the new state at once, not at the next tick
 STATE_EVENTS = frozenset({"loading", "loaded", "load_failed", "unloading", "unloaded", "evicted", "pinned",
                           "unpinned", "priority", "registered", "expired", "oom", "connection", "deleted"})
@@ -80,10 +86,17 @@ PALETTE: tuple[tuple[str, str, str], ...] = (
     ("swap", "Hot swap to another version", "load it beside the active one, switch, drain, unload the old (s)"),
     ("split", "A/B split between versions", "weights per version, shadow versions, a metric output (a)"),
     ("canary", "Canary a version (or abort one)", "rising steps within error and p95 bounds, or abort (c)"),
+    ("describe", "Describe the selected version", "config, tensors, memory, routing, keep value, audit (d, enter)"),
+    ("logs", "Logs of the selected model", "its events only, wrapped; y copies the last error (L)"),
+    ("mark", "Mark / unmark the selected row", "u and p then act on every marked row (space)"),
+    ("command_line", "Command line", ":unload NAME, :swap NAME 2, :split NAME 1=80 2=20, :model NAME (:)"),
     ("filter", "Filter models", "a regular expression over name, version, state, device (/)"),
-    ("clear_filter", "Clear the filter", "show every model (esc)"),
-    ("sort", "Sort by the next column", "cycle the sort column (o)"),
+    ("clear_filter", "Clear the filter (and the marks)", "show every model (esc)"),
+    ("sort_next", "Sort by the next column", "numbers largest first; a header click sorts too (.)"),
+    ("sort_prev", "Sort by the previous column", "(,)"),
+    ("sort", "Sort by the next column", "(o)"),
     ("reverse_sort", "Reverse the sort order", "(O)"),
+    ("toggle_pane", "Show / hide the detail pane", "more rows for the table (i)"),
     ("cycle_theme", "Next theme", "cycle the console's themes (t)"),
     ("cycle_node", "Target node", "attached to a fleet: load/unload/evict/pin act on one node, or all (n)"),
     ("demo_slower", "Demo traffic: halve the rate", "([)"),
@@ -91,6 +104,46 @@ PALETTE: tuple[tuple[str, str, str], ...] = (
     ("help", "Help: every key", "(?)"),
     ("request_quit", "Quit", "attached: the server keeps running (q)"),
 )
+
+
+class CommandSuggester(Suggester):
+    """The ``:`` line's inline completion: the first command line its last word can become."""
+
+    def __init__(self, app: ModelConsoleApp) -> None:
+        super().__init__(use_cache=False, case_sensitive=True)
+        self.console = app
+
+    async def get_suggestion(self, value: str) -> str | None:
+        found = self.console.completions(value)
+        return found[0] if found else None
+
+
+class CommandInput(Input):
+    """The ``:`` line: Tab completes (to the one candidate, or to what all candidates share,
+    listing them), instead of moving the focus."""
+
+    BINDINGS = [Binding("tab", "complete", "Complete", show=False, priority=True)]
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(select_on_focus=False, **kw)
+
+    def action_complete(self) -> None:
+        app = self.app
+        assert isinstance(app, ModelConsoleApp)
+        found = app.completions(self.value)
+        if not found:
+            return
+        if len(found) == 1:
+            self.value = found[0] + ("" if found[0].endswith("=") else " ")
+        else:
+            common = found[0]
+            for f in found[1:]:
+                while not f.startswith(common):
+                    common = common[:-1]
+            if len(common) > len(self.value):
+                self.value = common
+            app.notify("  ".join(f.rsplit(" ", 1)[-1] for f in found[:20]), title="completions", timeout=4)
+        self.cursor_position = len(self.value)
 
 
 class SortText(Text):
@@ -113,7 +166,8 @@ class ActionCommands(Provider):
         for action, title, help_text in PALETTE:
             if app.allowed(action, main=True):
                 out.append((title, help_text, partial(app.run_action, action)))
-        for key, label, _ in fmt.COLUMNS:
+        for key in fmt.COLUMN_KEYS:
+            label = fmt.COLUMN_LABELS[key]
             out.append((f"Sort by {label}", f"sort the models table by its '{label}' column",
                         partial(app.sort_by, key)))
         return out
@@ -150,6 +204,11 @@ class ModelConsoleApp(App[None]):
     ENABLE_COMMAND_PALETTE = True
 
     BINDINGS = [
+        # help and quit first: the footer shows them even when it cannot show everything
+        Binding("question_mark,f1", "help", "Help", id="help", key_display="?"),
+        Binding("q", "request_quit", "Quit", id="quit"),
+        Binding("d", "describe", "Describe", id="describe"),
+        Binding("L", "logs", "Logs", id="logs", show=False),
         Binding("l", "load", "Load", id="load"),
         Binding("u", "unload", "Unload", id="unload"),
         Binding("e", "evict", "Evict", id="evict"),
@@ -165,16 +224,18 @@ class ModelConsoleApp(App[None]):
         Binding("n", "cycle_node", "Node", id="node", show=False),
         Binding("slash", "filter", "Filter", id="filter", key_display="/"),
         Binding("escape", "clear_filter", "Clear filter", id="clear_filter", show=False),
+        Binding("full_stop", "sort_next", "Sort →", id="sort_next", key_display=".", show=False),
+        Binding("comma", "sort_prev", "Sort ←", id="sort_prev", key_display=",", show=False),
         Binding("o", "sort", "Sort", id="sort", show=False),  # the footer is full: help and palette list it
         Binding("O", "reverse_sort", "Reverse sort", id="reverse_sort", show=False),
-        # both keys under one id (naming ``command_palette`` here stops Textual adding its own
-        # ctrl+p); the footer shows the first that works: ":", or "^p" while the filter box types
-        Binding("colon,ctrl+p", "command_palette", "Palette", id="palette"),
+        Binding("space", "mark", "Mark", id="mark", show=False),
+        Binding("colon", "command_line", "Command", id="command", key_display=":"),
+        # naming ``command_palette`` here stops Textual adding its own ctrl+p
+        Binding("ctrl+p", "command_palette", "Palette", id="palette", show=False),
+        Binding("i", "toggle_pane", "Pane", id="pane", show=False),
         Binding("t", "cycle_theme", "Theme", id="theme"),
         Binding("left_square_bracket", "demo_slower", "Demo-", id="demo_slower", key_display="["),
         Binding("right_square_bracket", "demo_faster", "Demo+", id="demo_faster", key_display="]"),
-        Binding("question_mark,f1", "help", "Help", id="help", key_display="?"),
-        Binding("q", "request_quit", "Quit", id="quit"),
     ]
 
     def __init__(self, client: EngineClient, *, embedded: bool = False, read_only: bool = False,
@@ -204,6 +265,8 @@ class ModelConsoleApp(App[None]):
         self._rate_hist: dict[str, deque[float]] = {}
         self._fail_seen: dict[str, tuple[int, float]] = {}
         self._model_events: dict[str, deque[dict[str, Any]]] = {}
+        self._name_events: dict[str, deque[dict[str, Any]]] = {}  # a model's events, every version (logs)
+        self.marked: set[str] = set()  # row keys marked with space: u and p act on them all
         self.event_lines: deque[str] = deque(maxlen=1000)  # the event log, as plain text
         self._max_seq = 0
         self._seeded = False
@@ -213,17 +276,21 @@ class ModelConsoleApp(App[None]):
         self._filter_text = ""
         self.target_node: str | None = None  # attached to a fleet: the node l/u/e/p act on (None: all)
         self._filter_re: re.Pattern[str] | None = None
+        self._filter_error: str | None = None
         self._styles: dict[str, str] = {}
         self._restyle = True
         self._soon = False
         self._connected = True
         self._asking_quit = False  # the quit confirmation is on screen
         self._main: Any = None
+        self._timer: Any = None
 
     # ------------------------------------------------------------------ layout
 
     def compose(self) -> ComposeResult:
-        yield Line(id="status")
+        with Horizontal(id="header"):
+            yield Line(id="status")
+            yield Line("? help · q quit", id="keys")
         yield Line(id="banner")
         yield GpuPanel(id="gpus")
         yield Line(id="nodes")  # the fleet's nodes (--serve --cluster); hidden on one host
@@ -234,6 +301,9 @@ class ModelConsoleApp(App[None]):
             yield RichLog(id="events", max_lines=1000, wrap=False, markup=False, auto_scroll=True)
         yield Input(placeholder="filter: a regular expression over name:version, state, device "
                                 "(enter keeps it, esc clears)", id="filter")
+        yield CommandInput(placeholder=":command (tab completes; e.g. unload tiny-mlp · swap tiny-mlp 2 · "
+                                "split tiny-mlp 1=80 2=20 · model tiny) — esc cancels",
+                    id="command", suggester=CommandSuggester(self))
         yield Footer(compact=True, show_command_palette=False)  # ": Palette" is in the list already
 
     def on_mount(self) -> None:
@@ -247,13 +317,37 @@ class ModelConsoleApp(App[None]):
         self.status_line = self.query_one("#status", Line)
         self.banner = self.query_one("#banner", Line)
         self.filter_box = self.query_one("#filter", Input)
+        self.command_box = self.query_one("#command", Input)
+        self.bottom = self.query_one("#bottom")
         for key, label, width in fmt.COLUMNS:
             self.table.add_column(label, key=key, width=width)
+        self.table.fixed_columns = fmt.FROZEN  # pin and name stay put when the table scrolls sideways
+        self._label_sorted()
+        self._fit(self.size.width, self.size.height)
         self.table.focus()
         self.theme_changed_signal.subscribe(self, self._on_theme_changed)
         self.refresh_view(force=True)  # seeds the log with the snapshot's recent events first...
         self.run_worker(self._consume_events(), name="events", group="events", exit_on_error=False)  # ...then follows
-        self.set_interval(self.refresh_s, self.refresh_view, name="refresh")
+        self._timer = self.set_interval(self.refresh_s, self.refresh_view, name="refresh")
+
+    def set_refresh(self, seconds: float) -> None:
+        """The refresh period (``--interval``, ``:interval``): 0.25 s at the fastest, as nvitop."""
+        self.refresh_s = min(60.0, max(0.25, float(seconds)))
+        if self._timer is not None:
+            self._timer.stop()
+        self._timer = self.set_interval(self.refresh_s, self.refresh_view, name="refresh")
+
+    def on_resize(self, event: events.Resize) -> None:
+        if self._main is not None:  # mounted
+            self._fit(event.size.width, event.size.height)
+
+    def _fit(self, width: int, height: int) -> None:
+        """A short terminal (80x24) is a first-class size: one line per GPU and a shorter bottom
+        pane, so the table keeps at least 8 rows."""
+        compact = 0 < height < COMPACT_BELOW_ROWS
+        if self._main is not None:
+            self._main.set_class(compact, "-compact")
+        self.gpus.set_compact(compact)
 
     # ------------------------------------------------------------------ permissions
 
@@ -272,9 +366,24 @@ class ModelConsoleApp(App[None]):
         return True
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action == "clear_filter" and not self._filter_text and not self._filter_visible():
+        if action == "clear_filter" and not self._filter_text and not self._filter_visible() and not self.marked \
+                and not self._command_visible():
             return False
         return self.allowed(action)
+
+    def on_key(self, event: events.Key) -> None:
+        """Read-only: a key that would change the engine says why it does nothing, rather than
+        nothing at all (its binding is hidden and refused)."""
+        if not self.read_only or self.screen is not self._main or self.focused is not self.table:
+            return
+        for b in self.BINDINGS:
+            assert isinstance(b, Binding)
+            keys = (self._keymap.get(b.id, b.key) if b.id else b.key).split(",")
+            if b.action in MUTATING and event.key in [k.strip() for k in keys]:
+                self.notify(f"read-only: {event.key} ({b.description.lower()}) changes the engine, and this "
+                            "console was started with --read-only.", severity="warning", timeout=4)
+                event.stop()
+                return
 
     # ------------------------------------------------------------------ refresh
 
@@ -358,7 +467,8 @@ class ModelConsoleApp(App[None]):
         }
 
     def _cell(self, col: str, text: str, sort_value: Any, name_key: Any, version_key: Any) -> SortText:
-        style = self._style(col, text) if col in ("state", "health") else ""
+        style = self._style(col, text) if col in ("state", "health") else \
+            "bold reverse" if col == "name" and text.startswith("✓") else ""
         cell = SortText(text, style=style, no_wrap=True, overflow="ellipsis")
         cell.sort_key = (sort_value, name_key, version_key)
         return cell
@@ -391,7 +501,7 @@ class ModelConsoleApp(App[None]):
                 lat = self._lat_hist[key] = deque(maxlen=HISTORY)
                 self._rate_hist[key] = deque(maxlen=HISTORY)
             lat.append(((stats.get("latency_ms") or {}).get("p95")) or 0.0)
-            self._rate_hist[key].append(m.get("request_rate") or 0.0)
+            self._rate_hist[key].append(fmt.throughput(m))
             fails = stats.get("fail") or 0
             seen = self._fail_seen.get(key)
             if seen is None:
@@ -403,6 +513,8 @@ class ModelConsoleApp(App[None]):
                 continue
             shown.add(key)
             cells = fmt.model_cells(m, recent, self.routing.get(m.get("name")))
+            if key in self.marked:
+                cells["name"] = ("✓" + cells["name"][0], cells["name"][1])
             nk, vk = cells["name"][1], cells["version"][1]
             old = self._cells.get(key)
             if old is None:
@@ -420,6 +532,7 @@ class ModelConsoleApp(App[None]):
         for key in [k for k in self._cells if k not in shown]:
             table.remove_row(key)
             del self._cells[key]
+        self.marked &= set(current)  # a deleted version is no longer marked
         for gone in [k for k in self._lat_hist if k not in current]:
             self._lat_hist.pop(gone, None)
             self._rate_hist.pop(gone, None)
@@ -431,6 +544,7 @@ class ModelConsoleApp(App[None]):
     def _sort(self) -> None:
         selected = self.selected_key()
         self.table.sort(self._sort_col, key=lambda cell: cell.sort_key, reverse=self._sort_reverse)
+        self._label_sorted()
         if selected is not None and selected in self._cells:
             row = self.table.get_row_index(selected)
             if row != self.table.cursor_row:
@@ -450,13 +564,17 @@ class ModelConsoleApp(App[None]):
     def _update_status(self, snap: dict[str, Any]) -> None:
         models = snap.get("models") or []
         ready = sum(1 for m in models if m.get("state") == "READY")
-        total_rate = sum(m.get("request_rate") or 0.0 for m in models)
+        total_rate = sum(fmt.throughput(m) for m in models)
+        total_err = sum((m.get("stats") or {}).get("error_rps") or 0.0 for m in models)
         where = f"attached to {self.client.url}" if self.client.url else "embedded" if self.embedded else "in-process"
         parts = [f"modelconsole {__version__}", where, f"{len(models)} models ({ready} ready)",
-                 f"{fmt.rate(total_rate)} req/s",
+                 f"{fmt.rate(total_rate)} req/s" + (f" ({fmt.rate(total_err)} err/s)" if total_err else ""),
                  f"sort {fmt.COLUMN_LABELS[self._sort_col]} {'↓' if self._sort_reverse else '↑'}"]
         if self._filter_text:
-            parts.append(f"filter /{self._filter_text}/ ({len(self._cells)} of {len(models)})")
+            bad = f" — not a regex ({self._filter_error}), matched as text" if self._filter_error else ""
+            parts.append(f"filter /{self._filter_text}/ ({len(self._cells)} of {len(models)}){bad}")
+        if self.marked:
+            parts.append(f"{len(self.marked)} marked (u, p act on them; esc clears)")
         if snap.get("nodes"):
             live = sum(1 for n in snap["nodes"] if n.get("health") == "ok")
             target = f"node {self.target_node[:8]}" if self.target_node else "all nodes"
@@ -505,6 +623,7 @@ class ModelConsoleApp(App[None]):
         if name:
             key = f"{name}:{ev['version']}" if ev.get("version") is not None else name
             self._model_events.setdefault(key, deque(maxlen=20)).append(ev)
+            self._name_events.setdefault(name, deque(maxlen=1000)).append(ev)
         if self._seeded and (kind in STATE_EVENTS or str(kind or "").startswith(ROUTING_EVENT_PREFIXES)):
             self.refresh_soon()
 
@@ -554,32 +673,37 @@ class ModelConsoleApp(App[None]):
 
     # ------------------------------------------------------------------ running actions
 
-    def _run(self, label: str, call: Any, done: Any = None) -> None:
-        """Run a client call as a worker; its outcome goes to a notification and the log."""
+    def _run(self, label: str, call: Any, done: Any = None, model: str | None = None) -> None:
+        """Run a client call as a worker; its outcome goes to a notification.  The event log gets
+        one line per action: the engine's own event when it succeeds (loaded, unloaded, pinned...),
+        or one ``✗`` line when it was refused or failed without an error event of the engine's
+        (a failed load has its ``load_failed`` event already).  ``model``: the name it acts on."""
+        since = self._max_seq
 
         async def job() -> None:
             try:
                 result = await call()
             except ClientError as e:
-                self._failed(label, e.message)
+                self._failed(label, e.message, model, since)
                 return
             except Exception as e:  # noqa: BLE001 - whatever it was, the operator reads it
-                self._failed(label, f"{type(e).__name__}: {e}")
+                self._failed(label, f"{type(e).__name__}: {e}", model, since)
                 return
             message = done(result) if done is not None else f"{label}: done"
-            self._log(f"✓ {message}", "info")
             self.notify(message, title="done")
             self.refresh_soon()
 
         self.run_worker(job(), name=label, group="actions", exit_on_error=False)
 
-    def _failed(self, label: str, message: str) -> None:
-        self._log(f"✗ {label} failed: {message}", "error")
+    def _failed(self, label: str, message: str, model: str | None = None, since: int = 0) -> None:
+        logged = model is not None and any(
+            (ev.get("seq") or 0) > since and ev.get("level") == "error" for ev in self._name_events.get(model, ()))
+        if not logged:
+            self._log(f"✗ {label} failed: {message}", "error")
         self.notify(message, title=f"{label} failed", severity="error", timeout=8)
         self.refresh_soon()
 
     def _started(self, message: str) -> None:
-        self._log(f"→ {message}")
         self.notify(message, timeout=3)
 
     @staticmethod
@@ -617,7 +741,7 @@ class ModelConsoleApp(App[None]):
         self._started(f"loading {label}…")
         self._run(f"load {label}", partial(self.client.load, m["name"], m["version"], **self._where()),
                   lambda r: f"{label} is {r.get('state', 'READY')} on {fmt.device_label(r)}"
-                  + (f" ({r['load_seconds']:.1f} s)" if r.get("load_seconds") else ""))
+                  + (f" ({r['load_seconds']:.1f} s)" if r.get("load_seconds") else ""), model=m["name"])
 
     def _confirm(self, title: str, message: str, confirm_label: str, then: Any, after: Any = None) -> None:
         def answered(ok: bool | None) -> None:
@@ -631,7 +755,32 @@ class ModelConsoleApp(App[None]):
 
         self.push_screen(ConfirmScreen(title, message, confirm_label), answered)
 
+    def _bulk(self, verb: str, call: Any, confirm: bool) -> bool:
+        """``verb`` every marked version (space): one confirmation that says how many, and how
+        many of them the filter hides; one worker per version.  False when nothing is marked."""
+        found, hidden = self._marked_models()
+        if not found:
+            return False
+        labels = ", ".join(self._label(m) for m in found)
+        hide = f" ({hidden} of them hidden by the filter)" if hidden else ""
+
+        def go() -> None:
+            for m in found:
+                self._run(f"{verb} {self._label(m)}", partial(call, m), model=m["name"])
+            self.marked.clear()
+            self.refresh_view(force=True)
+
+        if confirm:
+            self._confirm(f"{verb.capitalize()} {len(found)} marked versions?", f"{labels}{hide}.",
+                          verb.capitalize(), go)
+        else:
+            self._started(f"{verb} {len(found)} marked versions{hide}")
+            go()
+        return True
+
     def action_unload(self) -> None:
+        if self._bulk("unload", lambda m: self.client.unload(m["name"], m["version"], **self._where()), True):
+            return
         m = self._need_selection()
         if m is None:
             return
@@ -685,6 +834,11 @@ class ModelConsoleApp(App[None]):
                       "other versions, or in a split, swap or canary.", "Delete", go)
 
     def action_pin(self) -> None:
+        found, _ = self._marked_models()
+        pin_all = not all(m.get("pinned") for m in found)  # all pinned already: unpin them
+        if self._bulk("pin" if pin_all else "unpin",
+                      lambda m: self.client.pin(m["name"], m["version"], pin_all, **self._where()), False):
+            return
         m = self._need_selection()
         if m is None:
             return
@@ -814,7 +968,7 @@ class ModelConsoleApp(App[None]):
             return (f"{name} swapped v{r.get('from', active)} → v{r.get('to', version)}"
                     + (f" in {secs:.1f} s" if isinstance(secs, (int, float)) else ""))
 
-        self._run(f"swap {name}", call, done)
+        self._run(f"swap {name}", call, done, model=name)
         self.refresh_soon()
 
     def action_split(self) -> None:
@@ -843,7 +997,8 @@ class ModelConsoleApp(App[None]):
             self._run(f"split {name}",
                       partial(self.client.set_split, name, form["weights"], form["shadow"] or None,
                               form["metric_output"]),
-                      lambda r: f"{name} routes {fmt.arms_label(r) or 'everything to v' + str(r.get('active'))}")
+                      lambda r: f"{name} routes {fmt.arms_label(r) or 'everything to v' + str(r.get('active'))}",
+                      model=name)
 
         self.push_screen(SplitScreen(name, versions, weights, [str(v) for v in routing.get("shadow") or ()],
                                      routing.get("metric_output")), answered)
@@ -886,11 +1041,15 @@ class ModelConsoleApp(App[None]):
                 c = r.get("canary") or {}
                 return f"canary on {name} started: v{version} at {fmt._num(c.get('share') or steps[0])}%"
 
-            self._run(f"canary {name}", partial(self.client.start_canary, name, version, **form), done)
+            self._run(f"canary {name}", partial(self.client.start_canary, name, version, **form), done, model=name)
 
         self.push_screen(CanaryScreen(name, active, candidates), answered)
 
     # -- filter, sort, theme, demo, help, quit
+
+    def _command_visible(self) -> bool:
+        box = getattr(self, "command_box", None)
+        return box is not None and box.has_class("-active")
 
     def _filter_visible(self) -> bool:
         box = getattr(self, "filter_box", None)
@@ -910,8 +1069,15 @@ class ModelConsoleApp(App[None]):
         else:
             try:
                 self._filter_re = re.compile(text, re.IGNORECASE)
-            except re.error:
+                self._filter_error = None
+            except re.error as e:
                 self._filter_re = re.compile(re.escape(text), re.IGNORECASE)
+                if self._filter_error != str(e):
+                    self.notify(f"filter: /{text}/ is not a regular expression ({e}); matching it as plain text.",
+                                severity="warning", timeout=4)
+                self._filter_error = str(e)
+        if not text:
+            self._filter_error = None
         self.refresh_view(force=True)
 
     @on(Input.Changed, "#filter")
@@ -926,6 +1092,14 @@ class ModelConsoleApp(App[None]):
         self.refresh_bindings()
 
     def action_clear_filter(self) -> None:
+        if self._command_visible():
+            self._close_command_line()
+            return
+        if not self._filter_text and not self._filter_visible() and self.marked:
+            self.marked.clear()  # no filter to clear: esc clears the marks
+            self.notify("marks cleared.", timeout=2)
+            self.refresh_view(force=True)
+            return
         box = self.filter_box
         box.remove_class("-active")
         if box.value:
@@ -935,8 +1109,12 @@ class ModelConsoleApp(App[None]):
         self.refresh_bindings()
 
     def sort_by(self, col: str, reverse: bool | None = None) -> None:
+        """Sort by ``col``; ``reverse`` None: a newly picked column starts in its natural order
+        (numbers largest first), the same column keeps its order."""
         if col not in fmt.COLUMN_LABELS:
             raise ValueError(f"no column '{col}'")
+        if reverse is None and col != self._sort_col:
+            reverse = col in fmt.DESCENDING_FIRST
         self._sort_col = col
         if reverse is not None:
             self._sort_reverse = reverse
@@ -956,6 +1134,228 @@ class ModelConsoleApp(App[None]):
 
     def action_reverse_sort(self) -> None:
         self.sort_by(self._sort_col, not self._sort_reverse)
+
+    def _sort_step(self, step: int) -> None:
+        keys = fmt.COLUMN_KEYS
+        self.sort_by(keys[(keys.index(self._sort_col) + step) % len(keys)])
+
+    def action_sort_next(self) -> None:
+        self._sort_step(+1)
+
+    def action_sort_prev(self) -> None:
+        self._sort_step(-1)
+
+    @on(DataTable.HeaderSelected, "#models")
+    def _header_clicked(self, event: DataTable.HeaderSelected) -> None:
+        """A click on a column's header sorts by it; a second click reverses the order."""
+        col = str(event.column_key.value)
+        if col == self._sort_col:
+            self.sort_by(col, not self._sort_reverse)
+        else:
+            self.sort_by(col)
+
+    def _label_sorted(self) -> None:
+        """An arrow in the sorted column's header, none in the others'."""
+        table = self.table
+        for key, label, _ in fmt.COLUMNS:
+            column = table.columns.get(ColumnKey(key))
+            if column is None:
+                continue
+            text = label.strip() + ("↓" if self._sort_reverse else "↑") if key == self._sort_col else label
+            if column.label.plain != text:
+                column.label = Text(text)
+                table.refresh()
+
+    # -- describe, logs, marks, the command line, the detail pane
+
+    def _picture(self, key: str) -> Any:
+        def picture() -> tuple[dict[str, Any] | None, dict[str, Any] | None, list[dict[str, Any]]]:
+            m = self.models.get(key)
+            name = key.partition(":")[0]
+            events = list(self._name_events.get(name, ()))
+            return m, self.routing.get(name), events
+        return picture
+
+    def describe(self, key: str) -> None:
+        name, _, version = key.partition(":")
+        self.push_screen(DescribeScreen(key, self._picture(key), partial(self._audit_of, name, version),
+                                        self.refresh_s))
+
+    async def _audit_of(self, name: str, version: str | None) -> list[dict[str, Any]]:
+        rows = await self.client.audit(200, name)
+        return [r for r in rows if version is None or r.get("version") in (None, version)]
+
+    def action_describe(self) -> None:
+        key = self.selected_key()
+        if key is None:
+            self.notify("No model selected.", severity="warning")
+            return
+        self.describe(key)
+
+    @on(DataTable.RowSelected, "#models")
+    def _row_selected(self, event: DataTable.RowSelected) -> None:
+        """Enter on a row describes it (k9s)."""
+        if event.row_key.value is not None:
+            self.describe(str(event.row_key.value))
+
+    def logs(self, name: str) -> None:
+        key = next((k for k in self.models if k.partition(":")[0] == name), f"{name}:")
+        self.push_screen(LogScreen(name, self._picture(key), partial(self._audit_of, name, None), self.refresh_s))
+
+    def action_logs(self) -> None:
+        m = self._need_selection()
+        if m is not None:
+            self.logs(m["name"])
+
+    def action_mark(self) -> None:
+        key = self.selected_key()
+        if key is None:
+            return
+        self.marked ^= {key}
+        self.refresh_view(force=True)
+        if self.table.cursor_row < self.table.row_count - 1:
+            self.table.move_cursor(row=self.table.cursor_row + 1, animate=False)
+
+    def _marked_models(self) -> tuple[list[dict[str, Any]], int]:
+        """The marked versions, and how many of them the filter hides."""
+        found = [self.models[k] for k in sorted(self.marked) if k in self.models]
+        return found, sum(1 for k in self.marked if k in self.models and k not in self._cells)
+
+    def action_toggle_pane(self) -> None:
+        hidden = not self.bottom.has_class("-hidden")
+        self.bottom.set_class(hidden, "-hidden")
+        self.notify("detail pane hidden (i shows it)" if hidden else "detail pane shown", timeout=2)
+
+    def action_command_line(self) -> None:
+        box = self.command_box
+        box.add_class("-active")
+        box.value = ":"
+        box.focus()
+        box.cursor_position = 1
+
+    def _close_command_line(self) -> None:
+        self.command_box.remove_class("-active")
+        self.command_box.value = ""
+        self.table.focus()
+
+    def completions(self, text: str) -> list[str]:
+        return cmds.complete(text, self.versions_by_name(), [label.strip() for _, label, _ in fmt.COLUMNS
+                                                             if label.strip()])
+
+    def versions_by_name(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for m in self.models.values():
+            out.setdefault(str(m["name"]), []).append(str(m["version"]))
+        return {n: sorted(v, key=fmt._version_sort) for n, v in out.items()}
+
+    @on(Input.Submitted, "#command")
+    def _command_submitted(self, event: Input.Submitted) -> None:
+        text = event.value
+        self._close_command_line()
+        if text.strip(" :"):
+            self.run_command(text)
+
+    def run_command(self, text: str) -> bool:
+        """Run a ``:`` command line; a mistake is a notification saying what was expected."""
+        try:
+            c = cmds.parse(text, self.versions_by_name())
+        except ValueError as e:
+            self.notify(str(e), title="command", severity="error", timeout=6)
+            return False
+        if c.action in MUTATING | {"unpin"} and self.read_only:
+            self.notify(f"read-only: :{c.action} changes the engine, and this console was started with --read-only.",
+                        severity="warning", timeout=4)
+            return False
+        if c.name is not None and c.action not in ("logs", "split"):
+            if not self._select(c.name, c.version):
+                return False
+        act = c.action
+        if act == "model":
+            return self._jump(c.args[0])
+        if act in ("load", "unload", "evict", "delete", "canary"):
+            getattr(self, f"action_{act}")()
+        elif act in ("pin", "unpin"):
+            m = self.selected()
+            if m is not None and bool(m.get("pinned")) != (act == "pin"):
+                self.action_pin()
+            elif m is not None:
+                self.notify(f"{self._label(m)} is already {'pinned' if act == 'pin' else 'unpinned'}.", timeout=3)
+        elif act == "swap":
+            active = self._active_version(str(c.name))
+            if c.version == active:
+                self.notify(f"{c.name} v{c.version} is already active.", severity="warning")
+            elif not self._swap_busy(str(c.name)):
+                self._swap(str(c.name), active, str(c.version))
+        elif act == "split":
+            name = str(c.name)
+            if self._swap_busy(name):
+                return False
+            active = self._active_version(name)
+            weights = {} if set(c.weights) == {active} else c.weights
+            self._run(f"split {name}", partial(self.client.set_split, name, weights, None, None),
+                      lambda r: f"{name} routes {fmt.arms_label(r) or 'everything to v' + str(r.get('active'))}",
+                      model=name)
+        elif act == "describe":
+            key = self.selected_key()
+            if key is not None:
+                self.describe(key)
+        elif act == "logs":
+            self.logs(str(c.name) if c.name else (self.selected() or {}).get("name", ""))
+        elif act == "sort":
+            return self._sort_command(c.args)
+        elif act == "filter":
+            self.set_filter(c.args[0] if c.args else "")
+        elif act == "interval":
+            self.set_refresh(float(c.args[0]))
+            self.notify(f"refreshing every {fmt._num(self.refresh_s)} s", timeout=2)
+        elif act == "theme":
+            if c.args and c.args[0] not in self.available_themes:
+                self.notify(f"no theme '{c.args[0]}' (themes: {', '.join(sorted(self.available_themes))})",
+                            severity="error")
+                return False
+            if c.args:
+                self.theme = c.args[0]
+            else:
+                self.action_cycle_theme()
+        elif act == "help":
+            self.action_help()
+        elif act == "quit":
+            self.action_request_quit()
+        return True
+
+    def _sort_command(self, args: tuple[str, ...]) -> bool:
+        want = args[0].lower()
+        col = next((k for k, label, _ in fmt.COLUMNS if want in (k.lower(), label.strip().lower())), None)
+        if col is None:
+            col = next((k for k, label, _ in fmt.COLUMNS if label.strip().lower().startswith(want)), None)
+        if col is None:
+            self.notify(f":sort: no column '{args[0]}' (columns: "
+                        f"{', '.join(fmt.COLUMN_LABELS[k] for k in fmt.COLUMN_KEYS)})", severity="error")
+            return False
+        self.sort_by(col, None if len(args) < 2 else args[1].lower() == "desc")
+        return True
+
+    def _select(self, name: str, version: str | None) -> bool:
+        """Move the cursor to ``name``'s ``version`` (its active one when None); say so when the
+        filter hides it."""
+        version = version or self._active_version(name)
+        key = f"{name}:{version}"
+        if key not in self._cells:
+            self.notify(f"{name} v{version} is hidden by the filter /{self._filter_text}/: esc clears it.",
+                        severity="warning")
+            return False
+        self.table.move_cursor(row=self.table.get_row_index(key), animate=False)
+        return True
+
+    def _jump(self, pattern: str) -> bool:
+        p = pattern.lower()
+        for row in range(self.table.row_count):
+            key = self.table.coordinate_to_cell_key(Coordinate(row, 0)).row_key.value
+            if key is not None and p in str(key).lower():
+                self.table.move_cursor(row=row, animate=False)
+                return True
+        self.notify(f":model: nothing shown matches '{pattern}'", severity="warning")
+        return False
 
     def action_cycle_theme(self) -> None:
         names = [n for n in THEME_CYCLE if n in self.available_themes]

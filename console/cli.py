@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--theme", help="console theme (t cycles them): modelconsole-dark, modelconsole-light, "
                    "or any Textual theme")
     p.add_argument("--read-only", action="store_true", help="console: hide every action that changes state")
+    p.add_argument("--interval", type=_interval, default=1.0, metavar="SECONDS",
+                   help="console: the refresh period, 0.25 to 60 s (default 1; :interval changes it live)")
     p.add_argument("--keymap", metavar="ID=KEYS,...",
                    help="console: remap keys by binding id (see ? for the ids), e.g. load=L,unload=U or "
                    "quit=ctrl+q; or set MODELCONSOLE_KEYMAP")
@@ -285,6 +287,17 @@ def parse_keymap(text: str | None) -> dict[str, str] | str:
     return out
 
 
+def _interval(text: str) -> float:
+    """``--interval``: seconds between refreshes, as nvitop bounds it (never faster than 0.25 s)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds (e.g. 2 or 0.5), got '{text}'") from None
+    if not 0.25 <= seconds <= 60:
+        raise argparse.ArgumentTypeError(f"expected 0.25 to 60 seconds, got {text}")
+    return seconds
+
+
 def attach(args: argparse.Namespace) -> int:
     """The console on a running server: no engine, no torch."""
     from .run import run_attached
@@ -296,7 +309,7 @@ def attach(args: argparse.Namespace) -> int:
         print(f"modelconsole: {keymap}", file=sys.stderr)
         return 2
     return asyncio.run(run_attached(url.rstrip("/"), token, theme=args.theme, read_only=args.read_only,
-                                    keymap=keymap))
+                                    keymap=keymap, refresh_s=args.interval))
 
 
 def embedded(args: argparse.Namespace) -> int:
@@ -327,7 +340,8 @@ def embedded(args: argparse.Namespace) -> int:
         return 2
     path = store_path(args, config)
     return _run_loop(run_embedded(config, settings[0], path, demo=args.demo, theme=args.theme,
-                                  read_only=args.read_only, keymap=keymap, grpc_port=grpc))
+                                  read_only=args.read_only, keymap=keymap, grpc_port=grpc,
+                                  refresh_s=args.interval))
 
 
 def _console_log(args: argparse.Namespace, level: str) -> None:

@@ -17,23 +17,36 @@ GiB = 1024**3
 
 BARS = "▁▂▃▄▅▆▇█"
 
-# the models table: (column key, label, width)
+# the models table: (column key, label, width), ranked: what an operator acts on first (name,
+# state, health, req/s, err%, p95) fits an 80-column terminal; the rest scrolls sideways, behind
+# the pin glyph and the name, which stay frozen (``FROZEN``)
 COLUMNS: tuple[tuple[str, str, int], ...] = (
-    ("name", "model", 14),
-    ("version", "ver", 9),
+    ("pin", " ", 1),
+    ("name", "model", 16),
+    ("version", "ver", 4),
     ("state", "state", 9),
+    ("health", "health", 7),
+    ("rate", "req/s", 6),
+    ("errors", "err%", 5),
+    ("p95", "p95ms", 6),
+    ("route", "route", 10),
     ("device", "device", 7),
     ("memory", "memory", 9),
-    ("queue", "queue", 5),
-    ("in_flight", "infl", 4),
-    ("rate", "req/s", 7),
-    ("latency", "p50/p95 ms", 10),
-    ("cache", "cache", 5),
-    ("priority", "urg/base", 9),
-    ("health", "health", 8),
+    ("queue", "queue", 6),
+    ("in_flight", "infl", 5),
+    ("p50", "p50ms", 6),
+    ("cache", "cache", 6),
+    ("priority", "urg/P", 7),
 )
+FROZEN = 2  # pin and name
 COLUMN_KEYS = tuple(c[0] for c in COLUMNS)
 COLUMN_LABELS = {c[0]: c[1] for c in COLUMNS}
+COLUMN_LABELS["pin"] = "pin"
+# columns whose natural first sort is largest first (numbers an operator hunts for: the busiest,
+# the slowest, the biggest); the rest sort A→Z / best state first
+DESCENDING_FIRST = frozenset({"rate", "errors", "p95", "p50", "memory", "queue", "in_flight", "cache", "priority",
+                              "pin"})
+PIN_GLYPH = "◆"
 
 STATE_ORDER = {"READY": 0, "WARMING": 1, "LOADING": 2, "UNLOADING": 3, "FAILED": 4, "UNLOADED": 5}
 HEALTH_ORDER = {"failed": 0, "errors": 1, "slow": 2, "ok": 3, "idle": 4, "—": 5}
@@ -99,6 +112,18 @@ def cache_hit_pct(stats: dict[str, Any]) -> float | None:
     return None if hits + misses == 0 else 100.0 * hits / (hits + misses)
 
 
+def throughput(m: dict[str, Any]) -> float:
+    """Answers per second over the last 10 s (the snapshot's ``stats.throughput_rps``)."""
+    return float((m.get("stats") or {}).get("throughput_rps") or 0.0)
+
+
+def error_pct(m: dict[str, Any]) -> float | None:
+    """Failed answers as a percentage of all answers over the last 10 s; None without answers."""
+    stats = m.get("stats") or {}
+    answered = stats.get("throughput_rps") or 0.0
+    return None if answered <= 0 else 100.0 * (stats.get("error_rps") or 0.0) / answered
+
+
 def health(m: dict[str, Any], recent_failures: bool) -> str:
     """failed (load failed), errors (requests failed lately), slow (p95 over the target), ok, idle."""
     state = m.get("state")
@@ -111,19 +136,53 @@ def health(m: dict[str, Any], recent_failures: bool) -> str:
     if state == "READY" and target and lat.get("p95") is not None and lat["p95"] > target:
         return "slow"
     if state == "READY":
-        return "ok" if m.get("request_rate") or m.get("in_flight") or m.get("queue") else "idle"
+        return "ok" if throughput(m) or m.get("in_flight") or m.get("queue") else "idle"
     return "—"
 
 
 def device_label(m: dict[str, Any]) -> str:
-    """A budgeted GPU by its index (a simulated one's torch device reads "cpu"), else the device string."""
-    return f"gpu{m['device_index']}" if m.get("device_index") is not None else str(m.get("device") or "—")
+    """Where a version runs, as the engine spells it (``gpu0``, ``cpu``, ``—``), the same in the
+    table, the detail pane and the events; older servers' snapshots lack it: derived the same way."""
+    if m.get("device_label"):
+        return str(m["device_label"])
+    if m.get("device_index") is not None:
+        return f"gpu{m['device_index']}"
+    return str(m.get("device")) if m.get("state") in ("READY", "WARMING", "UNLOADING") and m.get("device") else "—"
+
+
+def route_text(m: dict[str, Any], routing: dict[str, Any] | None) -> tuple[str, float]:
+    """This version's part in its name's routing: ``80%`` of a split, ``1→2 25%`` on both arms of a
+    running canary, ``shadow``, ``→2 …`` / ``swap in`` while a swap runs, else blank.  The sort
+    value is its share of traffic (0..100)."""
+    if not routing:
+        return "", 100.0 if m.get("active") else 0.0
+    version = str(m.get("version"))
+    active = str(routing.get("active"))
+    swap = routing.get("swap")
+    if swap:
+        if version == active:
+            return f"→{swap.get('to', '?')} …", 100.0
+        if version == str(swap.get("to")):
+            return "swap in", 0.0
+    canary = routing.get("canary")
+    if canary and canary_running(routing):
+        base, cand = str(canary.get("baseline") or active), str(canary.get("version"))
+        share = float(canary.get("share") or 0)
+        if version in (base, cand):
+            return f"{base}→{cand} {_num(share)}%", share if version == cand else 100.0 - share
+    if version in {str(v) for v in routing.get("shadow") or ()}:
+        return "shadow", 0.0
+    weights = shares(routing)
+    if len(weights) > 1 or (weights and set(weights) != {active}):
+        w = weights.get(version, 0.0)
+        return (f"{_num(round(w, 1))}%" if w else "0%"), w
+    return "", 100.0 if m.get("active") else 0.0
 
 
 def model_cells(m: dict[str, Any], recent_failures: bool = False,
                 routing: dict[str, Any] | None = None) -> dict[str, tuple[str, Any]]:
     """One row of the models table: column key -> (text, sort value).  ``routing``: the name's
-    routing; the active version's "ver" cell then shows the arms (``1:90 2:10``, ``1→2 25%``)."""
+    routing, for the route column."""
     stats = m.get("stats") or {}
     lat = stats.get("latency_ms") or {}
     cfg = m.get("config") or {}
@@ -136,20 +195,26 @@ def model_cells(m: dict[str, Any], recent_failures: bool = False,
     h = health(m, recent_failures)
     name = m.get("name") or "?"
     device = device_label(m)
+    rps = throughput(m)
+    err = error_pct(m)
     return {
-        "name": (name + (" [pin]" if m.get("pinned") else ""), name.lower()),
-        "version": (version_text(m, routing), _version_sort(version)),
+        "pin": (PIN_GLYPH if m.get("pinned") else " ", 1 if m.get("pinned") else 0),
+        "name": (name, name.lower()),
+        "version": (version_text(m), _version_sort(version)),
         "state": (state, STATE_ORDER.get(state, 9)),
+        "health": (h, HEALTH_ORDER.get(h, 9)),
+        "rate": (rate(rps), rps),
+        "errors": ("—" if err is None else f"{err:.1f}" if 0 < err < 10 else f"{err:.0f}",
+                   -1.0 if err is None else err),
+        "p95": (ms(lat.get("p95")), lat.get("p95") if lat.get("p95") is not None else -1.0),
+        "route": route_text(m, routing),
         "device": (device, device),
         "memory": (size(fp) if fp else "—", fp),
         "queue": queue_text(m),
         "in_flight": (str(m.get("in_flight") or 0), m.get("in_flight") or 0),
-        "rate": (rate(m.get("request_rate")), m.get("request_rate") or 0.0),
-        "latency": (f"{ms(lat.get('p50'))}/{ms(lat.get('p95'))}",
-                    lat.get("p95") if lat.get("p95") is not None else -1.0),
+        "p50": (ms(lat.get("p50")), lat.get("p50") if lat.get("p50") is not None else -1.0),
         "cache": (pct(hit), hit if hit is not None else -1.0),
-        "priority": (f"{urgency:.1f}/P{base if base is not None else '?'}", (-(urgency or 0.0), base or 0)),
-        "health": (h, HEALTH_ORDER.get(h, 9)),
+        "priority": (f"{urgency:.1f}/P{base if base is not None else '?'}", (urgency or 0.0, -(base or 0))),
     }
 
 
@@ -160,18 +225,16 @@ def queue_text(m: dict[str, Any]) -> tuple[str, int]:
 
 
 def version_text(m: dict[str, Any], routing: dict[str, Any] | None = None) -> str:
-    """``1*`` for the active version; on the active row of a name under routing, its arms."""
+    """The version, always (``1*`` for the active one); its routing has its own column."""
     version = str(m.get("version"))
-    if m.get("active"):
-        return arms_label(routing) or version + "*"
-    return version
+    return version + "*" if m.get("active") else version
 
 
 def traffic_flowing(snapshot: dict[str, Any] | None) -> bool:
     """Any model with requests arriving, queued or running."""
     if not snapshot:
         return False
-    return any((m.get("request_rate") or 0) > 0 or (m.get("queue") or 0) > 0 or (m.get("in_flight") or 0) > 0
+    return any(throughput(m) > 0 or (m.get("queue") or 0) > 0 or (m.get("in_flight") or 0) > 0
                or (m.get("waiting_for_room") or 0) > 0 for m in snapshot.get("models") or ())
 
 

@@ -24,9 +24,13 @@ log = logging.getLogger("modelconsole.console")
 
 async def run_embedded(config: Any, settings: Any, store_path: str, *, demo: bool, theme: str | None,
                        read_only: bool, keymap: dict[str, str] | None = None,
-                       run_app: Callable[[Any], Awaitable[Any]] | None = None, grpc_port: int | None = None) -> int:
+                       run_app: Callable[[Any], Awaitable[Any]] | None = None, grpc_port: int | None = None,
+                       refresh_s: float = 1.0, out: Any = None) -> int:
     """``run_app``: how the app runs once everything is up (default ``app.run_async()``, in the
-    terminal); tests pass one that drives it headless under Pilot, the rest of the path unchanged."""
+    terminal); tests pass one that drives it headless under Pilot, the rest of the path unchanged.
+    ``out``: where the lines after the console closes go (default stderr): quitting drains the
+    engine for up to 10 s, and the terminal says so instead of sitting blank."""
+    out = out if out is not None else sys.stderr
     from modelconsole.scheduler.config import DEMO_MODELS
     from modelconsole.server.app import Server
     from modelconsole.server.serve import start_engine
@@ -63,7 +67,7 @@ async def run_embedded(config: Any, settings: Any, store_path: str, *, demo: boo
         await client.start()
         try:
             app = ModelConsoleApp(client, embedded=True, read_only=read_only, theme=theme, demo=traffic,
-                                  keymap=keymap or None)
+                                  keymap=keymap or None, refresh_s=refresh_s)
         except ValueError as e:  # an unknown theme: say which exist
             await client.close()
             print(f"modelconsole: {e}", file=sys.stderr)
@@ -73,16 +77,20 @@ async def run_embedded(config: Any, settings: Any, store_path: str, *, demo: boo
         finally:
             await client.close()
     finally:
+        busy = sum(m["queue"] + m["in_flight"] for m in engine.snapshot_models())
+        print(f"modelconsole: stopping — draining {busy} queued or running requests (up to 10 s), then "
+              "unloading the models…", file=out, flush=True)
         if traffic is not None:
             await traffic.stop()
         if server is not None:
             await server.stop()
         await engine.close(drain_timeout=10.0)
+        print("modelconsole: stopped.", file=out, flush=True)
     return 0
 
 
 async def run_attached(url: str, token: str | None, *, theme: str | None, read_only: bool,
-                       keymap: dict[str, str] | None = None) -> int:
+                       keymap: dict[str, str] | None = None, refresh_s: float = 1.0) -> int:
     from .app import ModelConsoleApp
     from .client import ClientError, RemoteClient
 
@@ -95,7 +103,7 @@ async def run_attached(url: str, token: str | None, *, theme: str | None, read_o
     try:
         try:
             app = ModelConsoleApp(client, embedded=False, read_only=read_only, theme=theme,
-                                  keymap=keymap or None)
+                                  keymap=keymap or None, refresh_s=refresh_s)
         except ValueError as e:  # an unknown theme: say which exist
             print(f"modelconsole: {e}", file=sys.stderr)
             return 2

@@ -10,7 +10,8 @@ from collections import deque
 from typing import Any
 
 from rich.text import Text
-from textual.containers import VerticalScroll
+from textual.binding import Binding
+from textual.containers import Horizontal, VerticalScroll
 from textual.widget import Widget
 from textual.widgets import DataTable
 from textual.widgets.data_table import CellDoesNotExist, ColumnKey, RowKey
@@ -84,60 +85,106 @@ class Graph(Widget):
         return t
 
 
+def gpu_facts(d: dict[str, Any]) -> list[str]:
+    """Utilisation, temperature, power (when the device reports them) and kernel slots."""
+    facts = [f"util {fmt.pct(d.get('utilization_pct'))}"]
+    if d.get("temperature_c") is not None:
+        facts.append(f"{d['temperature_c']:.0f}°C")
+    if d.get("power_w") is not None:
+        facts.append(f"{d['power_w']:.0f} W")
+    slots = d.get("slots") or {}
+    if slots:
+        facts.append(f"slots {slots.get('running', 0)}/{slots.get('slots', 0)}")
+    return facts
+
+
+def memory_legend(d: dict[str, Any]) -> str:
+    """``used 1.2 GiB · budget 70.0 GiB · total 140 GiB`` (MiB for small amounts), as nvitop
+    labels its bar; the bar's ``│`` marks the budget."""
+    budget = (d.get("budget") or {}).get("usable_bytes")
+
+    def short(n: float | None) -> str:
+        return f"{n / fmt.GiB:.1f} GiB" if n is not None and n >= fmt.GiB else fmt.size(n)
+
+    return f"used {short(d.get('used_bytes') or 0)} · budget {short(budget)} · total {short(d.get('total_bytes') or 0)}"
+
+
+def process_line(d: dict[str, Any]) -> str:
+    """Each process's memory on the device, the engine's own first (``this``), largest first."""
+    own = (d.get("budget") or {}).get("own_pid")
+    procs = sorted(d.get("processes") or (), key=lambda p: (p.get("pid") != own, -(p.get("used_bytes") or 0)))
+    if not procs:
+        return "processes: none reported"
+    parts = []
+    for p in procs[:4]:
+        who = "this engine" if p.get("pid") == own else (p.get("name") or f"pid {p.get('pid')}")
+        if p.get("pid") == 0:
+            who = "others (simulated)"
+        parts.append(f"{who} {fmt.size(p.get('used_bytes') or 0)}")
+    more = f" · +{len(procs) - 4} more" if len(procs) > 4 else ""
+    return "processes: " + " · ".join(parts) + more
+
+
 class DeviceCard(Widget):
-    """One GPU: name, memory used/budget/total as a bar, utilisation, temperature, power, and
-    history graphs of memory and utilisation on a fixed 0–100 % axis."""
+    """One GPU, as nvitop shows it: name, utilisation, temperature and power; memory as a bar
+    with a used/budget/total legend; each process's memory; utilisation and memory history on
+    a fixed 0–100 % axis.  ``compact``: all of it on one line (a short terminal)."""
 
     def __init__(self, index: int, **kw: Any) -> None:
         super().__init__(**kw)
         self.index = index
         self.mem_hist: deque[float] = deque(maxlen=HISTORY)
         self.util_hist: deque[float] = deque(maxlen=HISTORY)
+        self.last: dict[str, Any] | None = None
 
     def compose(self):
         # kept as attributes: an update never queries the DOM (and survives teardown)
         self.title_line = Line(id="title", classes="card-title")
         self.membar = Line(id="membar")
-        self.memgraph = Graph("mem", id="memgraph")
+        self.procs = Line(id="procs", classes="card-procs")
         self.utilgraph = Graph("util", id="utilgraph")
-        yield from (self.title_line, self.membar, self.memgraph, self.utilgraph)
+        self.memgraph = Graph("mem", id="memgraph")
+        yield from (self.title_line, self.membar, self.procs)
+        with Horizontal(classes="card-graphs"):
+            yield self.utilgraph
+            yield self.memgraph
 
-    def update_reading(self, d: dict[str, Any]) -> None:
+    def update_reading(self, d: dict[str, Any], record: bool = True) -> None:
+        self.last = d
         total = d.get("total_bytes") or 0
         used = d.get("used_bytes") or 0
         budget = (d.get("budget") or {}).get("usable_bytes")
-        util = d.get("utilization_pct")
-        temp = d.get("temperature_c")
-        power = d.get("power_w")
-        self.mem_hist.append(100.0 * used / total if total else 0.0)
-        self.util_hist.append(float(util or 0.0))
-        facts = [f"util {fmt.pct(util)}"]
-        if temp is not None:
-            facts.append(f"{temp:.0f}°C")
-        if power is not None:
-            facts.append(f"{power:.0f} W")
-        slots = d.get("slots") or {}
-        if slots:
-            facts.append(f"slots {slots.get('running', 0)}/{slots.get('slots', 0)}")
+        if record:
+            self.mem_hist.append(100.0 * used / total if total else 0.0)
+            self.util_hist.append(float(d.get("utilization_pct") or 0.0))
+        compact = self.has_class("-compact")
+        frac = used / total if total else 0.0
+        mark = budget / total if total and budget else None
         title = Text(no_wrap=True, overflow="ellipsis")
         title.append(f"GPU{d.get('index')} ", style="bold")
         title.append(f"{d.get('name', '?')}  ")
-        title.append(" · ".join(facts), style="dim")
+        title.append(" · ".join(gpu_facts(d)), style="dim")
+        if compact:  # the facts first: the legend may run past the edge of a narrow terminal
+            title.append("  ")
+            title.append(fmt.bar(frac, 12, mark), style="bold" if frac < 0.9 else "bold red")
+            title.append(f" {memory_legend(d)}")
+            self.title_line.set(title)
+            return
         self.title_line.set(title)
-        width = max(8, self.size.width - 26) if self.size.width else 20
-        frac = used / total if total else 0.0
-        mark = budget / total if total and budget else None
+        legend = memory_legend(d)
+        width = max(8, self.size.width - len(legend) - 2) if self.size.width else 20
         membar = Text(no_wrap=True, overflow="ellipsis")
         membar.append(fmt.bar(frac, width, mark), style="bold" if frac < 0.9 else "bold red")
-        membar.append(f" {fmt.gib(used)}/{fmt.gib(budget)}/{fmt.gib(total)} GiB")
+        membar.append(f" {legend}")
         self.membar.set(membar)
-        self.memgraph.set_values(self.mem_hist)
+        self.procs.set(Text(process_line(d), style="dim", no_wrap=True, overflow="ellipsis"))
         self.utilgraph.set_values(self.util_hist)
+        self.memgraph.set_values(self.mem_hist)
 
 
 class GpuPanel(Widget):
     """A card per device in a grid (as many columns as fit at ``CARD_WIDTH``), a card added
-    the first time a device shows up."""
+    the first time a device shows up; ``compact`` (a short terminal): one line per device."""
 
     CARD_WIDTH = 44
     CARD_HEIGHT = 4
@@ -146,13 +193,33 @@ class GpuPanel(Widget):
         super().__init__(**kw)
         self.cards: dict[int, DeviceCard] = {}
         self._empty: Line | None = None
+        self.compact = False
 
     def on_mount(self) -> None:
         self._empty = Line("no GPU devices: models run on the CPU", classes="empty")
         self.mount(self._empty)
+        self._regrid()
+
+    def set_compact(self, compact: bool) -> None:
+        if compact == self.compact:
+            return
+        self.compact = compact
+        for card in self.cards.values():
+            card.set_class(compact, "-compact")
+            if card.last is not None and card.children:
+                card.update_reading(card.last, record=False)
+        self._regrid()
 
     def _regrid(self) -> None:
         n = max(1, len(self.cards))
+        if not self.cards:
+            self.styles.grid_size_columns = 1
+            self.styles.height = 1
+            return
+        if self.compact:
+            self.styles.grid_size_columns = 1
+            self.styles.height = min(n, 4)
+            return
         width = self.size.width or self.app.size.width
         cols = max(1, min(n, width // self.CARD_WIDTH))
         rows = -(-n // cols)
@@ -166,7 +233,7 @@ class GpuPanel(Widget):
                 self._empty.remove()
                 self._empty = None
             for d in new:
-                card = DeviceCard(d["index"], classes="card")
+                card = DeviceCard(d["index"], classes="card -compact" if self.compact else "card")
                 self.cards[d["index"]] = card
                 self.mount(card)
                 # the card composes when mounted: feed it after that
@@ -180,8 +247,8 @@ class GpuPanel(Widget):
 
 class DetailPane(VerticalScroll):
     """The selected model: identity, its name's routing (swap progress, canary, per-arm metrics
-    side by side), latency and throughput graphs, batch sizes, queue, eviction value and why,
-    and its recent events."""
+    side by side), latency and throughput graphs, batch sizes, queue, eviction value and why
+    (with the policy's slow request-rate EWMA), and its recent events."""
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)
@@ -254,7 +321,7 @@ class DetailPane(VerticalScroll):
             + (f" · loaded in {m['load_seconds']:.2f} s" if m.get("load_seconds") else ""),
             (f"queue {m.get('queue', 0)}"
              + (f" · {m['waiting_for_room']} waiting for memory" if m.get("waiting_for_room") else "")
-             + f" · in flight {m.get('in_flight', 0)} · {fmt.rate(m.get('request_rate'))} req/s"
+             + f" · in flight {m.get('in_flight', 0)} · {fmt.rate(fmt.throughput(m))} req/s"
              f" · urgency {m.get('urgency') or 0:.2f}"
              f" · P{cfg.get('priority', '?')} of {cfg.get('priority_levels', '?')}"),
             (f"latency p50 {fmt.ms(lat_ms.get('p50'))} · p95 {fmt.ms(lat_ms.get('p95'))} · "
@@ -298,6 +365,11 @@ class ModelTable(DataTable):
     surprise from the base class, go the ordinary way.
     """
 
+    BINDINGS = [
+        Binding("home,g", "cursor_top", "First row", show=False),
+        Binding("end,G", "cursor_bottom", "Last row", show=False),
+    ]
+
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
         self._kept: dict[tuple[Any, Any], tuple[Any, tuple[Any, ...], Any]] = {}
@@ -320,6 +392,14 @@ class ModelTable(DataTable):
         lines = super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
         self._kept[(row_key, column_key)] = (value, sig, lines)
         return lines
+
+    def action_cursor_top(self) -> None:
+        if self.row_count:
+            self.move_cursor(row=0, animate=False)
+
+    def action_cursor_bottom(self) -> None:
+        if self.row_count:
+            self.move_cursor(row=self.row_count - 1, animate=False)
 
     def update_cells(self, changes: list[tuple[str, str, Any]]) -> None:
         """``update_cell`` for many cells with one repaint request, not one per cell (each

@@ -76,6 +76,7 @@ class DeviceBudget:
             "available_bytes": self.available(reading),
             "reserve_bytes": self.reserve_bytes,
             "other_processes_bytes": reading.other_processes_bytes(self.own_pid),
+            "own_pid": self.own_pid,
             "reservations": dict(self.reservations),
         }
 

@@ -372,13 +372,15 @@ class Engine:
     @_audits_failures("register")
     async def register(self, raw: Mapping[str, Any] | ModelConfig, actor: str = "api") -> dict[str, Any]:
         """Register a model or a new version (not loaded).  Written to the store first."""
-        if isinstance(raw, ModelConfig):
-            cfg = raw
-        else:
-            raw = dict(raw)
-            raw.setdefault("device", self.default_device)
-            cfg = model_from_dict(raw, "model", self.base_dir, self.model_roots, self.trust)
         async with self._control:
+            if isinstance(raw, ModelConfig):
+                cfg = raw
+            else:
+                raw = dict(raw)
+                raw.setdefault("device", self.default_device)
+                if raw.get("version") is None and isinstance(raw.get("name"), str):
+                    raw["version"] = self._next_version(raw["name"])
+                cfg = model_from_dict(raw, "model", self.base_dir, self.model_roots, self.trust)
             entry = self._models.get(cfg.name)
             if entry is not None and cfg.version in entry.versions:
                 raise Conflict(f"model '{cfg.name}' version {cfg.version} is already registered")
@@ -390,6 +392,12 @@ class Engine:
         self.events.publish("registered", f"{cfg.name} v{cfg.version} registered from {cfg.source}",
                             model=cfg.name, version=cfg.version, data={"actor": actor})
         return inst.snapshot()
+
+    def _next_version(self, name: str) -> str:
+        """A registration that names no version gets the next number after the name's highest."""
+        entry = self._models.get(name)
+        numbers = [int(v) for v in (entry.versions if entry is not None else ()) if str(v).isdigit()]
+        return str(max(numbers, default=0) + 1)
 
     async def _add(self, cfg: ModelConfig, origin: str) -> None:
         async with self._control:
@@ -540,10 +548,10 @@ class Engine:
                 if not _is_oom(e):
                     raise
                 if retried:
-                    inst.state, inst.reason = FAILED, f"out of memory on device {index} after one retry"
-                    raise LoadFailed(f"model {inst.key} ran out of memory on device {index} twice; "
+                    inst.state, inst.reason = FAILED, f"out of memory on gpu{index} after one retry"
+                    raise LoadFailed(f"model {inst.key} ran out of memory on gpu{index} twice; "
                                      f"it needs more than {need / 2**30:.2f} GiB") from e
-                self.events.publish("oom", f"out of memory loading {inst.key} on device {index}; "
+                self.events.publish("oom", f"out of memory loading {inst.key} on gpu{index}; "
                                     f"making room for {1.5 * need / 2**30:.2f} GiB and retrying once",
                                     model=inst.name, version=inst.version, level="warning")
                 need, retried = int(need * 1.5), True
@@ -599,7 +607,8 @@ class Engine:
     async def _evict_locked(self, inst: ModelInstance, reason: str) -> None:
         """Evict a version: all its replicas go (replicas.py), whichever one the plan named."""
         primary = inst.replica_set[0]
-        self.events.publish("evicted", f"evicted {primary.key} {reason}", model=inst.name, version=inst.version,
+        where = f" from {primary.device_label}" if primary.device_label != "—" else ""
+        self.events.publish("evicted", f"evicted {primary.key}{where} {reason}", model=inst.name, version=inst.version,
                             level="warning", data={"reason": reason})
         await self._unload_locked(primary)
 

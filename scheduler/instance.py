@@ -257,7 +257,7 @@ class ModelInstance:
         self._set_state(READY)
         self.events.publish(
             "loaded",
-            f"{self.label} ready on {self.device} in {self.load_seconds:.2f}s from {self.load_source} "
+            f"{self.label} ready on {self.device_label} in {self.load_seconds:.2f}s from {self.load_source} "
             f"({self.footprint_bytes / 2**20:.1f} MiB)",
             model=self.name, version=self.version,
             data={"load_seconds": self.load_seconds, "footprint_bytes": self.footprint_bytes,
@@ -743,10 +743,23 @@ class ModelInstance:
     def queued(self) -> int:
         return self.queue.size
 
+    @property
+    def device_label(self) -> str:
+        """Where it runs, one spelling for the snapshot, the events and the console: ``gpu0`` for a
+        budgeted device (real or simulated: a simulated one's torch device reads ``cpu``), else the
+        torch device it was loaded on, else ``—`` (nothing loaded; the config's ``device`` says where
+        it would go)."""
+        if self.device_index is not None:
+            return f"gpu{self.device_index}"
+        if self.device is not None and self.state in (READY, WARMING, UNLOADING, LOADING):
+            return str(self.device)
+        return "—"
+
     def replica_view(self) -> dict[str, Any]:
         """This replica in its version's snapshot (``replicas``)."""
         return {"replica": self.replica, "state": self.state, "reason": self.reason,
                 "device": str(self.device) if self.device is not None else self.cfg.device,
+                "device_label": self.device_label,
                 "device_index": self.device_index, "queue": self.queue.size, "in_flight": self.in_flight,
                 "served": self.served,
                 "footprint_bytes": self.footprint_bytes if self.state in (READY, WARMING, UNLOADING) else 0}
@@ -762,6 +775,7 @@ class ModelInstance:
         total = self.requests_total()
         self.rate.add_event(now, total - self._rate_seen)
         self._rate_seen = total
+        self.stats.sample_rates(now)
         p95 = self.stats.latency_ms()["p95"]
         self.p95_s = p95 / 1000.0 if p95 is not None else None
 
@@ -794,6 +808,7 @@ class ModelInstance:
             "trusted": self.trusted,
             "platform": self.platform,
             "device": str(self.device) if self.device is not None else self.cfg.device,
+            "device_label": self.device_label,
             "weight_bytes": self.weight_bytes,
             "footprint_bytes": self.footprint_bytes if self.state in (READY, WARMING, UNLOADING) else 0,
             "load_seconds": self.load_seconds,

@@ -7,12 +7,42 @@ percentiles are only computed when a snapshot asks for them.
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
 import numpy as np
 
 WINDOW = 2048  # latencies kept for percentiles (the most recent ones)
+RATE_WINDOW_S = 10.0  # throughput_rps / error_rps: answers per second over about this long
+SAMPLE_EVERY_S = 0.5  # the counters are sampled at most this often (each tick and each snapshot)
+
+
+class AnswerRates:
+    """Answered and failed requests per second over the last ``RATE_WINDOW_S``, from counter
+    samples: what an operator reads as "req/s" (the eviction policy's slow EWMA is another thing).
+
+    Samples are (time, answered, failed) taken off the hot path; a rate is the counters' growth
+    since the newest sample at least ``window`` old (or the oldest one, early on) divided by the
+    time between.  ``now`` is a monotonic time, passed in so a test can drive the clock."""
+
+    def __init__(self, window: float = RATE_WINDOW_S) -> None:
+        self.window = window
+        self._samples: deque[tuple[float, int, int]] = deque(maxlen=int(4 * window / SAMPLE_EVERY_S) + 2)
+
+    def sample(self, now: float, answered: int, failed: int) -> None:
+        if not self._samples or now - self._samples[-1][0] >= SAMPLE_EVERY_S:
+            self._samples.append((now, answered, failed))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self.window:
+            self._samples.popleft()  # the second sample is old enough to be the base: drop the first
+
+    def rates(self, now: float, answered: int, failed: int) -> tuple[float, float]:
+        """(answered per second, failed per second) ending at ``now``; zeros before any span."""
+        self.sample(now, answered, failed)
+        t0, a0, f0 = self._samples[0]
+        span = now - t0
+        if span < SAMPLE_EVERY_S:
+            return 0.0, 0.0
+        return max(0, answered - a0) / span, max(0, failed - f0) / span
 
 
 class ModelStats:
@@ -31,6 +61,12 @@ class ModelStats:
         self._lat_n = 0
         self._pcts: tuple[int, dict[str, float | None]] = (0, {"p50": None, "p95": None, "p99": None})
         self.request_ns = 0  # summed end-to-end time of the successful requests (Triton's "success" duration)
+        self.answers = AnswerRates()
+
+    def sample_rates(self, now: float | None = None) -> tuple[float, float]:
+        """(throughput_rps, error_rps) now: answers (success and failure) and failures per second."""
+        failed = sum(self.failures.values())
+        return self.answers.rates(time.monotonic() if now is None else now, self.success + failed, failed)
 
     def record_latency(self, seconds: float) -> None:
         self.request_ns += int(seconds * 1e9)
@@ -60,7 +96,10 @@ class ModelStats:
         return dict(pcts)
 
     def to_dict(self) -> dict[str, Any]:
+        throughput, errors = self.sample_rates()
         return {
+            "throughput_rps": throughput,
+            "error_rps": errors,
             "success": self.success,
             "fail": sum(self.failures.values()),
             "failures": dict(self.failures),

@@ -431,6 +431,8 @@ def _version_entry(snap: dict[str, Any]) -> dict[str, Any]:
         "health": health(snap),
         "metrics": {
             "request_rate": round(snap["request_rate"], 3),
+            "throughput_rps": round(st["throughput_rps"], 3),
+            "error_rps": round(st["error_rps"], 3),
             "queue": snap["queue"],
             "waiting_for_room": snap["waiting_for_room"],
             "in_flight": snap["in_flight"],

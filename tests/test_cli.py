@@ -122,6 +122,10 @@ def test_console_flags_refuse_bad_values_with_a_clear_message(tmp_path):
     p = subprocess.run([sys.executable, "-m", "modelconsole.console", "--attach", "http://127.0.0.1:9"],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "cannot attach to http://127.0.0.1:9" in p.stderr
+    for bad, message in (("0.1", "expected 0.25 to 60 seconds, got 0.1"), ("soon", "expected seconds")):
+        p = subprocess.run([sys.executable, "-m", "modelconsole.console", "--attach", "http://127.0.0.1:9",
+                            "--interval", bad], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2 and f"--interval: {message}" in p.stderr, p.stderr
     with ServerThread(tmp_path, models=[{"name": "tiny", "source": "zoo:tiny-mlp"}]) as srv:
         p = subprocess.run([sys.executable, "-m", "modelconsole.console", "--attach", srv.url, "--theme", "nope"],
                            capture_output=True, text=True, timeout=60)

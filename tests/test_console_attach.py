@@ -304,7 +304,7 @@ async def main(url, token):
             await until(pilot, lambda: cell("tiny:1", "state") == "READY", "tiny READY")
             await pilot.press("question_mark")
             assert isinstance(app.screen, HelpScreen)
-            await pilot.press("escape", "colon")
+            await pilot.press("escape", "ctrl+p")
             await until(pilot, lambda: isinstance(app.screen, CommandPalette), "the palette")
             await pilot.press("escape", "u")
             assert isinstance(app.screen, ConfirmScreen)

@@ -115,7 +115,7 @@ async def test_remote_errors_carry_the_servers_status_and_message(remote):
         await remote.set_priority("tiny", None, 99)
     assert e.value.status == 400 and e.value.message.startswith("priority: expected an integer from 1")
     with pytest.raises(ClientError) as e:
-        await remote.register("tiny", "zoo:tiny-mlp")
+        await remote.register("tiny", "zoo:tiny-mlp", "1")
     assert e.value.status == 409 and "already registered" in e.value.message
     with pytest.raises(ClientError) as e:
         await remote.register("x", "zoo:tiny-mlp", options={"name": "y"})

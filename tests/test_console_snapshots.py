@@ -240,7 +240,7 @@ def test_command_palette(snap_compare):
 
     async def before(pilot):
         await steady(pilot)
-        await pilot.press("colon")
+        await pilot.press("ctrl+p")
         # the palette gathers its commands in a worker: wait until it has listed them all
         await until(pilot, lambda: isinstance(pilot.app.screen, CommandPalette)
                     and pilot.app.screen.has_class("-ready"), what="the palette's commands")
@@ -293,6 +293,72 @@ def test_disconnected(snap_compare):
     app = console()
     ok = snap_compare(app, terminal_size=SIZE, run_before=before)
     assert app.shown.has_class("-disconnected")
+    assert ok
+
+
+def screen_text(app: ModelConsoleApp) -> str:
+    return "\n".join("".join(seg.text for seg in strip) for strip in app.screen._compositor.render_strips())
+
+
+def visible_rows(app: ModelConsoleApp) -> int:
+    """Model rows the table shows without scrolling."""
+    table = app.table
+    return min(table.row_count, table.scrollable_content_region.height - table.header_height)
+
+
+@pytest.mark.parametrize("size", [(80, 24), (160, 48)])
+def test_main_screen_sizes(snap_compare, size):
+    """80x24 is a first-class size: every model row (7 here, at least 8 when there are more),
+    health and p95 on screen, ? in the header; 160x48 shows more columns, not fewer rows."""
+    seen: dict[str, Any] = {}
+
+    async def before(pilot):
+        await steady(pilot)
+        app = pilot.app
+        seen.update(rows=visible_rows(app), text=screen_text(app), room=app.table.scrollable_content_region.height)
+
+    app = console()
+    ok = snap_compare(app, terminal_size=size, run_before=before)
+    text = seen["text"]
+    header = text.splitlines()[0]
+    assert "? help" in header and "q quit" in header
+    assert seen["rows"] == 7  # every model
+    assert seen["room"] - 1 >= 8  # and room for 8 rows (the header row aside)
+    for column in ("model", "state", "health", "req/s", "err%", "p95ms"):
+        assert column in text, column
+    assert "GPU0" in text and "GPU1" in text
+    assert ok
+
+
+def test_describe_view(snap_compare):
+    async def before(pilot):
+        await steady(pilot)
+        select(pilot.app, "tiny:1")
+        await pilot.pause()
+
+    app = console()
+    ok = snap_compare(app, press=["d"], terminal_size=SIZE, run_before=before)
+    assert type(app.shown).__name__ == "DescribeScreen" and app.shown.key == "tiny:1"
+    assert ok
+
+
+def test_log_view_80x24(snap_compare):
+    async def before(pilot):
+        await steady(pilot)
+        select(pilot.app, "broken:1")
+        await pilot.pause()
+
+    app = console()
+    ok = snap_compare(app, press=["L"], terminal_size=(80, 24), run_before=before)
+    assert type(app.shown).__name__ == "LogScreen"
+    assert any("broken v1 failed to load" in line for line in app.shown.lines)
+    assert ok
+
+
+def test_command_line(snap_compare):
+    app = console()
+    ok = snap_compare(app, press=["colon", *"swap ti"], terminal_size=SIZE, run_before=steady)
+    assert app.command_box.value == ":swap ti"
     assert ok
 
 
@@ -365,6 +431,7 @@ def normalise(snap: dict[str, Any]) -> dict[str, Any]:
         d.update(ts=NOW, utilization_pct=util)  # simulated devices read 0 %: show some
         for p in d["processes"]:
             p["pid"] = 4242
+        d["budget"]["own_pid"] = 4242
     # per loaded model: (load seconds, request rate, idle s, (p50, p95, p99) ms); encoder misses its 100 ms target
     fixed = {"tiny": (0.42, 2.4, 0.4, (0.85, 1.9, 3.4)), "cnn": (0.61, 0.8, 1.2, (4.2, 11.5, 18.0)),
              "encoder": (2.35, 0.25, 4.0, (38.0, 142.0, 188.0)), "sized": (1.18, 0.0, 610.0, (0.31, 0.52, 0.6))}
@@ -383,6 +450,8 @@ def normalise(snap: dict[str, Any]) -> dict[str, Any]:
         ev["ts"] = round(t, 3)
         t += 1.0 if ev["kind"] != "loading" else 0.0
     for m in snap["models"]:
+        m["stats"].update(throughput_rps=0.0, error_rps=0.0)
+        m["registered_at"] = T0
         if m["state"] == "FAILED":
             continue
         if m["name"] not in fixed or not m["active"]:
@@ -393,7 +462,7 @@ def normalise(snap: dict[str, Any]) -> dict[str, Any]:
         n = stats["execution_count"]
         stats.update(last_inference=NOW - idle_s, latency_ms={"p50": p50, "p95": p95, "p99": p99},
                      compute_ms_total=round(n * p50 * 0.8, 3), queue_ms_total=round(n * p50 * 0.1, 3),
-                     request_ms_total=round(n * p50, 3))
+                     request_ms_total=round(n * p50, 3), throughput_rps=rate, error_rps=0.0)
         m.update(load_seconds=load_s, loaded_at=loaded_at[m["name"]], request_rate=rate, urgency=0.0)
         ev = m["eviction"]
         m["eviction"] = explain(Residency(key=ev["key"], bytes=ev["bytes"], request_rate=rate, reload_seconds=load_s,

@@ -146,7 +146,7 @@ async def test_swap_key_picks_a_version_confirms_and_swaps(client, engine):
         await until(pilot, lambda: cell(app, "tiny:2", "version") == "2*" and cell(app, "tiny:1", "version") == "1",
                     what="the table shows v2 active")
         await until(pilot, lambda: noted(app, "tiny swapped v1 → v2"), what="the swap's answer")
-        assert logged(app, "swapping tiny v1 → v2")
+        assert noted(app, "swapping tiny v1 → v2") and not logged(app, "swapping tiny v1 → v2")
         # the engine's progress events, in the log in order
         for text in ("swap v1 -> v2 started", "v2 loaded and warm", "requests now go to v2", "swap v1 -> v2 done"):
             await until(pilot, lambda text=text: logged(app, text), what=f"log: {text}")
@@ -183,7 +183,8 @@ async def test_swap_progress_shows_live(client, engine):
             await pilot.press("s", "enter", "y")
             await until(pilot, lambda: "swap tiny 1→2: loading" in app.status_line.text, what="status line")
             await until(pilot, lambda: "swap tiny 1→2: loading" in app.detail.routing.text, what="detail line")
-            assert cell(app, "tiny:1", "version") == "1→2 …"
+            assert cell(app, "tiny:1", "version") == "1*" and cell(app, "tiny:1", "route") == "→2 …"
+            assert cell(app, "tiny:2", "route") == "swap in"
             await pilot.press("s")  # a second swap while one runs: refused before any call
             assert noted(app, "a swap of tiny is under way", "warning")
             await pilot.press("a")
@@ -232,7 +233,9 @@ async def test_split_key_edits_weights_and_shows_arms_side_by_side(client, engin
         await click(pilot, "#split-ok")
         await until(pilot, lambda: engine.routing("tiny")["weights"] == {"1": 50, "2": 50}, what="split applied")
         assert engine.routing("tiny")["metric_output"] == "logits"
-        await until(pilot, lambda: cell(app, "tiny:1", "version") == "1:50 2:50", what="ver column shows the arms")
+        await until(pilot, lambda: cell(app, "tiny:1", "route") == "50%" and cell(app, "tiny:2", "route") == "50%",
+                    what="the route column shows the arms")
+        assert cell(app, "tiny:1", "version") == "1*"  # ver is always the version
         await until(pilot, lambda: noted(app, "tiny routes 1:50 2:50"), what="answer")
         assert logged(app, "tiny: split v1=50, v2=50")
         traffic = Traffic(engine)
@@ -322,7 +325,8 @@ async def test_canary_key_starts_one_shows_its_share_and_it_promotes(client, eng
         assert c["steps"] == [50, 100] and c["interval_s"] == 0.2 and c["bounds"] == {
             "max_error_rate": 0.05, "max_p95_ratio": 50.0, "min_requests": 5}
         # no traffic yet: it waits at its first step, and the console shows it live
-        await until(pilot, lambda: cell(app, "tiny:1", "version") == "1→2 50%", what="ver column shows the canary")
+        await until(pilot, lambda: cell(app, "tiny:1", "route") == "1→2 50%" == cell(app, "tiny:2", "route"),
+                    what="the route column shows the canary")
         await until(pilot, lambda: "canary tiny →2 50%" in app.status_line.text, what="status line")
         await until(pilot, lambda: "canary tiny 1→2 step 1/2 50% running" in app.detail.routing.text, what="detail")
         assert "bounds errors ≤5%, p95 ≤50× baseline" in app.detail.routing.text
@@ -353,11 +357,12 @@ async def test_canary_abort_from_the_console(client, engine):
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
         await engine.start_canary("tiny", "2", steps=(25, 100), interval_s=60.0)
-        await until(pilot, lambda: cell(app, "tiny:1", "version") == "1→2 25%", what="canary shown")
+        await until(pilot, lambda: cell(app, "tiny:1", "route") == "1→2 25%", what="canary shown")
         select(app, "tiny:1")
         await pilot.press("c", "y")
         await until(pilot, lambda: engine.routing("tiny")["canary"]["state"] == "aborted", what="aborted")
-        await until(pilot, lambda: cell(app, "tiny:1", "version") == "1*", what="share back to 0")
+        await until(pilot, lambda: cell(app, "tiny:1", "route") == "" and cell(app, "tiny:1", "version") == "1*",
+                    what="share back to 0")
         await until(pilot, lambda: noted(app, "canary on tiny aborted"), what="answer")
         assert not app.alerts  # an abort is the operator's own doing: no alert
 
@@ -422,7 +427,8 @@ async def test_a_canary_that_rolls_back_raises_an_alert(client, engine, tmp_path
         # the log line is highlighted (not only red text)
         strips = [s for s in app.log_widget.lines if "rolled back" in s.text]
         assert strips and any(seg.style is not None and seg.style.bgcolor is not None for seg in strips[-1])
-        await until(pilot, lambda: cell(app, "tiny:1", "version") == "1*", what="share back to 0")
+        await until(pilot, lambda: cell(app, "tiny:1", "route") == "" and cell(app, "tiny:1", "version") == "1*",
+                    what="share back to 0")
         await until(pilot, lambda: "rolled_back" in app.detail.routing.text, what="the detail says so")
         assert "error rate" in app.detail.routing.text
 
