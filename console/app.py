@@ -222,14 +222,17 @@ class ModelConsoleApp(App[None]):
         Binding("c", "canary", "Canary", id="canary"),
         # attached to a fleet: which node l/u/e/p act on (all of them, or one; the status line says)
         Binding("n", "cycle_node", "Node", id="node", show=False),
-        Binding("slash", "filter", "Filter", id="filter", key_display="/"),
+        # priority: a "/tiny" or ":unload tiny" that arrives in one read (SSH, a paste) opens the
+        # box before the rest is handed out, so the rest is typed into it (check_action lets the
+        # key through to an input that has the focus)
+        Binding("slash", "filter", "Filter", id="filter", key_display="/", priority=True),
         Binding("escape", "clear_filter", "Clear filter", id="clear_filter", show=False),
         Binding("full_stop", "sort_next", "Sort →", id="sort_next", key_display=".", show=False),
         Binding("comma", "sort_prev", "Sort ←", id="sort_prev", key_display=",", show=False),
         Binding("o", "sort", "Sort", id="sort", show=False),  # the footer is full: help and palette list it
         Binding("O", "reverse_sort", "Reverse sort", id="reverse_sort", show=False),
         Binding("space", "mark", "Mark", id="mark", show=False),
-        Binding("colon", "command_line", "Command", id="command", key_display=":"),
+        Binding("colon", "command_line", "Command", id="command", key_display=":", priority=True),
         # naming ``command_palette`` here stops Textual adding its own ctrl+p
         Binding("ctrl+p", "command_palette", "Palette", id="palette", show=False),
         Binding("i", "toggle_pane", "Pane", id="pane", show=False),
@@ -366,6 +369,8 @@ class ModelConsoleApp(App[None]):
         return True
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in ("filter", "command_line") and isinstance(self.focused, Input):
+            return False  # typed into the box that has the focus
         if action == "clear_filter" and not self._filter_text and not self._filter_visible() and not self.marked \
                 and not self._command_visible():
             return False
@@ -1059,7 +1064,7 @@ class ModelConsoleApp(App[None]):
         box = self.filter_box
         box.add_class("-active")
         box.value = self._filter_text
-        box.focus()
+        self.screen.set_focus(box)  # at once (focus() waits a turn): the next keys of a paste go here
         self.refresh_bindings()
 
     def set_filter(self, text: str) -> None:
@@ -1230,7 +1235,7 @@ class ModelConsoleApp(App[None]):
         box = self.command_box
         box.add_class("-active")
         box.value = ":"
-        box.focus()
+        self.screen.set_focus(box)  # at once (focus() waits a turn): the next keys of a paste go here
         box.cursor_position = 1
 
     def _close_command_line(self) -> None:

@@ -54,11 +54,21 @@ class ConfirmScreen(ModalScreen[bool]):
         self.dismiss(True)
 
 
+# Tab and shift+tab as priority bindings: checked as each key arrives, before the key goes on to
+# the focused field.  Keys that arrive in one read (over SSH, or a paste: ``abc<Tab>def``) are
+# handed out one by one in order, so ``def`` lands in the next field; as ordinary bindings, Tab
+# would move the focus only after every key of the read had been queued to the first field.
+FIELD_KEYS = [
+    Binding("tab", "app.focus_next", "Next field", show=False, priority=True),
+    Binding("shift+tab", "app.focus_previous", "Previous field", show=False, priority=True),
+]
+
+
 class RegisterScreen(ModalScreen["dict[str, Any] | None"]):
     """Register a model (or a new version): name, source, version, options (JSON or key=value).
     Answers ``{"name", "source", "version", "options"}`` or None when cancelled."""
 
-    BINDINGS = [Binding("escape", "cancel", "Cancel", show=False)]
+    BINDINGS = [Binding("escape", "cancel", "Cancel", show=False), *FIELD_KEYS]
 
     def compose(self) -> ComposeResult:
         with Vertical(id="register", classes="dialog"):
@@ -169,7 +179,7 @@ class VersionPickerScreen(ModalScreen["str | None"]):
 class _Form(ModalScreen["dict[str, Any] | None"]):
     """A dialog of inputs with one inline error line (``#form-error``); Enter in any input submits."""
 
-    BINDINGS = [Binding("escape", "cancel", "Cancel", show=False)]
+    BINDINGS = [Binding("escape", "cancel", "Cancel", show=False), *FIELD_KEYS]
     OK_ID = "form-ok"
 
     def _value(self, wid: str) -> str:

@@ -116,8 +116,9 @@ def test_demo_console_in_tmux_loads_unloads_and_quits(tmp_path):
 
         screen = wait_for(tmux, lambda s: all(row_state(s, n) for n in ("encoder", "small-cnn", MODEL))
                           and "l Load" in s, "the models table and the footer", timeout=90, log=log)
-        header = next(line for line in screen.splitlines() if line.split()[:3] == ["model", "ver", "state"])
-        assert "device" in header and "health" in header
+        header = next(line for line in screen.splitlines() if line.split()[:3] == ["model↑", "ver", "state"])
+        assert "device" in header and "health" in header and "p95ms" in header
+        assert "? help · q quit" in screen.splitlines()[0]
 
         # the embedded HTTP server answers clients while the console runs in the terminal
         url = f"http://127.0.0.1:{port}"
@@ -169,6 +170,8 @@ def test_demo_console_in_tmux_loads_unloads_and_quits(tmp_path):
             tmux.keys("y")
         screen = wait_for(tmux, lambda s: "MC_EXIT=" in s, "the console to exit", timeout=60, log=log)
         assert "MC_EXIT=0" in screen, screen
+        # the terminal said what it was doing while the engine drained
+        assert "modelconsole: stopping — draining" in screen and "modelconsole: stopped." in screen, screen
         assert http(url + "/v2/health/ready", timeout=5)[0] is None  # its server went with it
     finally:
         tmux.close()

@@ -354,7 +354,7 @@ CASES: list[tuple[str, str, str, dict[str, Any], int]] = [
     ("get", "/api/audit", "/api/audit", {}, 200),
     ("get", "/api/audit", "/api/audit?model=oa_ctl&limit=3", {}, 200),
     ("get", "/api/audit", "/api/audit?limit=0", {}, 400),
-    ("post", "/api/models", "/api/models", {"json": {"name": "tiny", "source": "zoo:tiny-mlp"}}, 409),
+    ("post", "/api/models", "/api/models", {"json": {"name": "tiny", "version": "1", "source": "zoo:tiny-mlp"}}, 409),
     ("post", "/api/models", "/api/models", {"json": {"name": "x", "source": "zoo:tiny-mlp", "colour": 1}}, 400),
     ("get", "/api/models/{name}", "/api/models/nope", {}, 404),
     ("get", "/v2/models/{name}", "/v2/models/nope", {}, 404),

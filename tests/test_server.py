@@ -323,7 +323,7 @@ async def test_register_load_pin_priority_evict_unload_and_audit(srv):
     ("POST", "/api/models", {"name": "x", "source": "zoo:tiny-mlp", "options": {"max_batch_size": "big"}},
      400, "max_batch_size"),
     ("POST", "/api/models", {"name": "x", "source": "zoo:tiny-mlp", "options": []}, 400, "options"),
-    ("POST", "/api/models", {"name": "tiny", "source": "zoo:tiny-mlp"}, 409, "already registered"),
+    ("POST", "/api/models", {"name": "tiny", "version": "1", "source": "zoo:tiny-mlp"}, 409, "already registered"),
     ("POST", "/api/models/nope/load", None, 404, "unknown model"),
     ("POST", "/api/models/tiny/load", {"version": "9"}, 404, "no version '9'"),
     ("POST", "/api/models/tiny/load", {"version": [1]}, 400, "version"),
