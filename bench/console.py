@@ -40,9 +40,12 @@ What is measured, exactly:
   presses land on a refresh.  Textual's idle heuristics (``pilot.pause``)
   are not used: they would also wait on the engine's threads' CPU.
 
+* ``refresh_cpu_ms_80x24``: ``refresh_cpu_ms`` again with the console at 80x24
+  (an SSH session's default size), where the table shows fewer rows.
+
 Prints a table, then as its LAST line one JSON object:
-``{"refresh_cpu_ms": <median>, "key_to_paint_ms": <median>}`` (targets:
-<= 40 and <= 100).
+``{"refresh_cpu_ms": <median>, "key_to_paint_ms": <median>, "refresh_cpu_ms_80x24": <median>}``
+(targets at 120x40 with 100 models: <= 20 and <= 50).
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ from modelconsole.scheduler.store import Store
 from modelconsole.scheduler.tensors import TensorSpec, random_tensor
 
 SIZE = (120, 40)
+SMALL = (80, 24)  # an SSH session's default terminal: a first-class size
 
 
 def quantile(xs: list[float], q: float) -> float:
@@ -267,6 +271,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         traffic.start()
         res |= await measure_refresh(client, traffic, args)
+        small = await measure_refresh(client, traffic, args, SMALL)
+        res["refresh_cpu_ms_80x24"] = small["refresh_cpu_ms"]
+        res["rows_80x24"] = small["visible_rows"]
         res |= await measure_keys(client, args)
         res["traffic"] = {"sent": traffic.sent, "ok": traffic.ok, "failed": traffic.failed}
     finally:
@@ -277,7 +284,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
-async def measure_refresh(client: LocalClient, traffic: Traffic, args: argparse.Namespace) -> dict[str, Any]:
+async def measure_refresh(client: LocalClient, traffic: Traffic, args: argparse.Namespace,
+                          size: tuple[int, int] = SIZE) -> dict[str, Any]:
     app = ModelConsoleApp(client, refresh_s=3600.0)  # only the bench's refreshes run
     frames = Frames(app)
     sync_ms: list[float] = []
@@ -285,7 +293,7 @@ async def measure_refresh(client: LocalClient, traffic: Traffic, args: argparse.
     wall_ms: list[float] = []
     frames_per: list[int] = []
     changed_rows: list[int] = []
-    async with app.run_test(size=SIZE) as pilot:
+    async with app.run_test(size=size) as pilot:
         await pilot.pause(0.5)
         app.table.move_cursor(row=0, animate=False)
         warmup = 3
@@ -315,9 +323,10 @@ async def measure_refresh(client: LocalClient, traffic: Traffic, args: argparse.
             changed_rows.append(sum(1 for k, v in app._cells.items() if before.get(k) != v))
         traffic.resume()
         rows = app.table.row_count
+        visible = min(rows, app.table.scrollable_content_region.height - app.table.header_height)
     return {"refresh_sync_ms": sync_ms, "refresh_cpu_ms": cycle_ms, "refresh_wall_ms": wall_ms,
             "frames_per_refresh": frames_per, "changed_rows": changed_rows, "rows": rows,
-            "encode_ms": frames.encode_ms}
+            "encode_ms": frames.encode_ms, "visible_rows": visible}
 
 
 async def measure_keys(client: LocalClient, args: argparse.Namespace) -> dict[str, Any]:
@@ -386,13 +395,15 @@ def main() -> int:
     print(row("  frame encoding (escape codes), CPU", res["encode_ms"]))
     print(row("  rows changed per cycle", [float(x) for x in res["changed_rows"]], "rows"))
     print(row("  frames per cycle", [float(x) for x in res["frames_per_refresh"]], "frames"))
+    print(row(f"refresh cycle at 80x24 ({res['rows_80x24']} rows shown), CPU", res["refresh_cpu_ms_80x24"]))
     print(row("key (down/up) -> detail pane painted, wall", res["key_to_paint_ms"]))
     if res["key_misses"]:
         print(f"  {res['key_misses']} key presses were not seen painted within 5 s (not counted)")
-    print(f"targets: refresh cycle <= 40 ms CPU, key to paint <= 100 ms; total {time.perf_counter() - t0:.0f} s")
+    print(f"targets: refresh cycle <= 20 ms CPU, key to paint <= 50 ms; total {time.perf_counter() - t0:.0f} s")
     out = {"refresh_cpu_ms": round(statistics.median(res["refresh_cpu_ms"]), 2),
            "key_to_paint_ms": round(statistics.median(res["key_to_paint_ms"]), 2)
-           if res["key_to_paint_ms"] else None}
+           if res["key_to_paint_ms"] else None,
+           "refresh_cpu_ms_80x24": round(statistics.median(res["refresh_cpu_ms_80x24"]), 2)}
     print(json.dumps(out))
     return 0
 

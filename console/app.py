@@ -49,7 +49,7 @@ from .screens import (
     VersionPickerScreen,
 )
 from .views import DescribeScreen, LogScreen
-from .widgets import HISTORY, DetailPane, GpuPanel, Line, ModelTable
+from .widgets import HISTORY, DetailPane, GpuPanel, Line, ModelTable, SortText
 
 # actions that change the engine: hidden and refused in read-only mode
 MUTATING = frozenset({"load", "unload", "evict", "pin", "priority_up", "priority_down", "register",
@@ -144,12 +144,6 @@ class CommandInput(Input):
                 self.value = common
             app.notify("  ".join(f.rsplit(" ", 1)[-1] for f in found[:20]), title="completions", timeout=4)
         self.cursor_position = len(self.value)
-
-
-class SortText(Text):
-    """A table cell that carries the value its column sorts by."""
-
-    sort_key: Any = None
 
 
 class ActionCommands(Provider):

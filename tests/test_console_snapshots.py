@@ -362,6 +362,36 @@ def test_command_line(snap_compare):
     assert ok
 
 
+async def test_cells_built_directly_equal_richs_rendering():
+    """ModelTable draws a plain one-line cell as segments it builds itself (the refresh's hot
+    path): segment for segment what DataTable's Rich pipeline makes, for every cell of the frozen
+    table, on and off the cursor, hovered or not, over plain and styled rows."""
+    from rich.style import Style
+    from textual.widgets import DataTable
+
+    app = console()
+    async with app.run_test(size=SIZE) as pilot:
+        await steady(pilot)
+        t = app.table
+        direct = 0
+        for cursor_row in (0, 3):
+            t.move_cursor(row=cursor_row, animate=False)
+            await pilot.pause()
+            for r in range(t.row_count):
+                rk = t._row_locations.get_key(r)
+                for c, column in enumerate(t.ordered_columns):
+                    value = t._data[rk][column.key]
+                    width = column.get_render_width(t)
+                    for cursor in (False, True):
+                        for base in (t.rich_style, t.rich_style + Style(bgcolor="red", italic=True)):
+                            got = t._render_text_cell(value, rk, r, c, base, width, cursor, cursor)
+                            if got is None:
+                                continue
+                            direct += 1
+                            assert got == DataTable._render_cell(t, r, c, base, width, cursor, cursor), (r, c)
+        assert direct > 0.8 * 2 * 4 * t.row_count * len(t.columns)  # most cells take the direct way
+
+
 # --------------------------------------------------------------------------- recording the data
 
 
