@@ -135,7 +135,12 @@ class ModelInstance:
         self.events = events
         self.state = UNLOADED
         self.reason: str | None = None
-        self.inputs, self.outputs = sources.declared_specs(cfg)
+        try:
+            self.inputs, self.outputs = sources.declared_specs(cfg)
+        except sources.SourceError:
+            # registration checked it (Engine._check_source); a file changed since (a restart)
+            # is the first load's to report
+            self.inputs, self.outputs = cfg.inputs, cfg.outputs
         self.platform: str | None = sources.PLATFORMS.get(cfg.source_kind)  # the load confirms it
         self.device: torch.device | None = None
         self.weight_bytes = 0

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import trust, zoo
+from . import archive, trust, zoo
 from .config import ModelConfig
 from .tensors import TensorSpec, torch_dtype, v2_datatype
 from .zoo import SourceError
@@ -146,7 +146,23 @@ def declared_specs(cfg: ModelConfig) -> tuple[tuple[TensorSpec, ...] | None, tup
         except SourceError as e:
             raise SourceError(f"{cfg.source}: {e}") from None
         return cfg.inputs or inputs, cfg.outputs or outputs
+    if cfg.source_kind == "export":
+        # the archive's graph JSON, read without unpickling (archive.py); a config's own names win
+        derived_in, derived_out = archive.export_archive_specs(resolve_path(cfg))
+        _check_counts(cfg, derived_in, derived_out)
+        return cfg.inputs or derived_in, cfg.outputs or derived_out
     return cfg.inputs, cfg.outputs
+
+
+def _check_counts(cfg: ModelConfig, derived_in: tuple[TensorSpec, ...], derived_out: tuple[TensorSpec, ...]) -> None:
+    if cfg.inputs is not None and len(cfg.inputs) != len(derived_in):
+        raise SourceError(
+            f"{cfg.source}: config declares {len(cfg.inputs)} inputs but the program takes {len(derived_in)}"
+        )
+    if cfg.outputs is not None and len(cfg.outputs) != len(derived_out):
+        raise SourceError(
+            f"{cfg.source}: config declares {len(cfg.outputs)} outputs but the program returns {len(derived_out)}"
+        )
 
 
 def _require_specs(cfg: ModelConfig) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
@@ -371,14 +387,7 @@ def _load_export(cfg: ModelConfig, device: torch.device) -> LoadedModel:
     except Exception as e:
         raise SourceError(f"{cfg.source}: not a loadable torch.export program: {type(e).__name__}: {e}") from None
     derived_in, derived_out = export_specs(ep, cfg)
-    if cfg.inputs is not None and len(cfg.inputs) != len(derived_in):
-        raise SourceError(
-            f"{cfg.source}: config declares {len(cfg.inputs)} inputs but the program takes {len(derived_in)}"
-        )
-    if cfg.outputs is not None and len(cfg.outputs) != len(derived_out):
-        raise SourceError(
-            f"{cfg.source}: config declares {len(cfg.outputs)} outputs but the program returns {len(derived_out)}"
-        )
+    _check_counts(cfg, derived_in, derived_out)
     inputs, outputs = cfg.inputs or derived_in, cfg.outputs or derived_out
     if cfg.max_batch_size > 0:
         for s in inputs + outputs:

@@ -150,7 +150,7 @@ async def test_unknown_model_version_and_output(engine):
 async def test_registration_errors_change_nothing(engine):
     await engine.register(TINY)
     with pytest.raises(Conflict, match="already registered"):
-        await engine.register(TINY)
+        await engine.register(dict(TINY, version="1"))
     with pytest.raises(InputError, match="outside the model roots"):
         await engine.register({"name": "esc", "source": "torchscript:../../etc/passwd",
                                "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
@@ -164,6 +164,8 @@ async def test_registration_errors_change_nothing(engine):
     stored = await engine.store.models()
     assert [(m["name"], m["version"]) for m in stored] == [("tiny", "1")]
     assert [m["name"] for m in engine.snapshot()["models"]] == ["tiny"]
+    # a registration that names no version takes the next number (the console's form relies on it)
+    assert (await engine.register(TINY))["version"] == "2"
 
 
 async def test_model_error_fails_only_that_batch(engine, guarded_model):
@@ -238,10 +240,20 @@ async def test_requests_during_a_load_wait_for_it(engine):
 
 
 async def test_failed_export_model_without_declared_inputs_answers_unavailable(tmp_path):
-    (tmp_path / "broken.pt2").write_bytes(b"not a program")
+    program = tmp_path / "broken.pt2"
+    program.write_bytes(b"not a program")
     roots = (str(tmp_path),)  # export programs load from trusted roots only (test_trust.py)
     async with Engine(None, base_dir=str(tmp_path), trust=Trust(roots, roots), default_device="cpu") as engine:
-        await engine.register({"name": "ex", "source": "export:broken.pt2", "device": "cpu"})
+        # registration reads the archive's graph (no unpickling): not an archive is refused at once
+        with pytest.raises(InputError, match="broken.pt2: not a torch.export archive"):
+            await engine.register({"name": "ex", "source": "export:broken.pt2", "device": "cpu"})
+        # a good program registers with its tensors known; replaced by junk before its first load...
+        net = torch.nn.Linear(4, 2)
+        torch.export.save(torch.export.export(net, (torch.randn(2, 4),),
+                                              dynamic_shapes=({0: torch.export.Dim("batch")},)), program)
+        snap = await engine.register({"name": "ex", "source": "export:broken.pt2", "device": "cpu"})
+        assert snap["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 4]}]
+        program.write_bytes(b"not a program")
         with pytest.raises(LoadFailed):
             await engine.infer("ex", {"x": torch.zeros(1, 4)})  # the lazy load fails: that is the answer
         with pytest.raises(ModelUnavailable, match="FAILED"):

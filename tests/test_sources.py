@@ -250,8 +250,10 @@ def export_two_inputs(path: Path, dynamic: bool = True) -> TwoInputs:
 def test_export_round_trip_derives_specs(tmp_path):
     net = export_two_inputs(tmp_path / "two.pt2")
     cfg = make_cfg(tmp_path, source="export:two.pt2")
-    assert declared_specs(cfg) == (None, None)
+    # known before a load, from the archive's graph JSON (nothing unpickled): what the load derives
+    before = declared_specs(cfg)
     loaded = load_model(cfg, CPU)
+    assert before == (loaded.inputs, loaded.outputs)
     assert loaded.platform == "pytorch_export"
     assert loaded.inputs == (
         TensorSpec("features", "FP32", (-1, 8)),
@@ -263,6 +265,45 @@ def test_export_round_trip_derives_specs(tmp_path):
         x = (torch.randn(batch, 8), torch.randint(0, 10, (batch, 6)))
         with torch.inference_mode():
             torch.testing.assert_close(loaded.module(*x), net(*x))
+
+
+class _Marker:
+    """Unpickling this touches a file: the proof that something was unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_export_specs_at_registration_unpickle_nothing(tmp_path):
+    """The archive's pickled parts are never read at registration: only its graph JSON.  A
+    pickle planted in the archive's pickled member stays inert."""
+    import pickle
+    import zipfile
+
+    export_two_inputs(tmp_path / "two.pt2")
+    marker = tmp_path / "pwned"
+    evil = pickle.dumps(_Marker(str(marker)))
+    with zipfile.ZipFile(tmp_path / "two.pt2") as src, zipfile.ZipFile(tmp_path / "evil.pt2", "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            # the pickled members (sample inputs): torch.export.load unpickles this one, and the
+            # marker appears (checked by hand on torch 2.13); declared_specs must not
+            dst.writestr(info, evil if info.filename.endswith((".pt", ".pkl")) else data)
+    inputs, outputs = declared_specs(make_cfg(tmp_path, source="export:evil.pt2"))
+    assert [s.name for s in inputs] == ["features", "ids"] and outputs[0].name == "output0"
+    assert not marker.exists()
+    # and what is not an archive, or not an export archive, is refused naming the file
+    (tmp_path / "junk.pt2").write_bytes(b"not a zip")
+    with pytest.raises(SourceError, match="junk.pt2: not a torch.export archive"):
+        declared_specs(make_cfg(tmp_path, source="export:junk.pt2"))
+    with zipfile.ZipFile(tmp_path / "other.pt2", "w") as z:
+        z.writestr("archive/data.pkl", evil)
+    with pytest.raises(SourceError, match=r"other.pt2: not a torch.export archive \(no models/\*.json"):
+        declared_specs(make_cfg(tmp_path, source="export:other.pt2"))
+    assert not marker.exists()
 
 
 def test_export_declared_specs_win_but_must_match_count(tmp_path):

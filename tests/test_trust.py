@@ -215,6 +215,14 @@ def test_an_export_program_loads_from_a_trusted_root_and_says_so(tmp_path, root)
     models = [{"name": "double", "source": "export:models/double.pt2", "warmup": 0}]
     extra = {"model_roots": [{"path": "models", "trusted": True}]}
     with ServerThread(tmp_path, models=models, extra=extra) as srv:
+        # its tensors are known before its first load (read from the archive's graph, nothing
+        # unpickled): what perf_analyzer reads first is complete
+        status, meta = call(srv.server.url + "/v2/models/double", "GET")
+        assert status == 200 and meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
+        assert meta["outputs"] == [{"name": "output0", "datatype": "FP32", "shape": [-1, 4]}]
+        status, config = call(srv.server.url + "/v2/models/double/config", "GET")
+        assert status == 200 and [i["name"] for i in config["input"]] == ["x"], config
+        assert srv.engine.instance("double").state == "UNLOADED"
         status, body = call(srv.server.url + "/v2/models/double/infer", body={
             "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]})
         assert status == 200, body
