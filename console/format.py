@@ -374,10 +374,13 @@ def arms_label(routing: dict[str, Any] | None) -> str | None:
 
 
 def shares(routing: dict[str, Any]) -> dict[str, float]:
-    """Each arm's share of traffic in percent, from its weights."""
+    """Each arm's share of traffic in percent, from its weights; no weights (no split, or a
+    canary just promoted): the active version takes it all."""
     weights = {str(v): float(w) for v, w in (routing.get("weights") or {}).items() if w}
     total = sum(weights.values())
-    return {v: 100.0 * w / total for v, w in weights.items()} if total > 0 else {}
+    if total > 0:
+        return {v: 100.0 * w / total for v, w in weights.items()}
+    return {str(routing["active"]): 100.0} if routing.get("active") is not None else {}
 
 
 def _dur(s: float | None) -> str:

@@ -349,6 +349,11 @@ async def test_canary_key_starts_one_shows_its_share_and_it_promotes(client, eng
         await until(pilot, lambda: noted(app, "canary of version 2 promoted"), what="promotion notified")
         assert "canary tiny" not in app.status_line.text
         assert not app.alerts
+        # the arms table is right after the promotion: v2 takes everything, v1 nothing
+        select(app, "tiny:2")
+        await until(pilot, lambda: "2*     100%" in app.detail.routing.text and "1        0%" in app.detail.routing.text,
+                    what="the arms after the promotion")
+        assert cell(app, "tiny:2", "route") == "" and cell(app, "tiny:1", "route") == ""
 
 
 async def test_canary_abort_from_the_console(client, engine):
