@@ -11,9 +11,17 @@ Measures, side by side:
   (the file is read once first so both read it from the page cache), and the
   engine's cold load of the same file through a factory.
 
+- an ``hf:`` folder the size of BERT-base (``BertForMaskedLM``, 110 M
+  parameters, random weights written here with ``save_pretrained``): the
+  engine's cold load against transformers' own ``from_pretrained`` of the
+  same folder followed by ``.to("cuda")`` (its ``device_map`` needs the
+  accelerate package), and the engine's host-tier reload against a pinned
+  copy of the same size (``--no-hf`` skips this part; it needs transformers).
+
 Last line: one JSON object with host_tier_reload_gbps, pinned_copy_gbps,
 reload_vs_pinned (target >= 0.70), cold_load_s, load_file_s,
-cold_vs_load_file (target <= 1.2).
+cold_vs_load_file (target <= 1.2), hf_cold_vs_from_pretrained (target
+<= 1.0) and hf_reload_vs_pinned (target >= 0.8).
 """
 
 from __future__ import annotations
@@ -114,9 +122,65 @@ async def engine_loads(root: Path, gib: float, repeats: int = 3) -> tuple[float,
     return statistics.median(cold), statistics.median(warm), nbytes
 
 
+def make_hf_folder(folder: Path) -> None:
+    """A BERT-base-sized BertForMaskedLM with random weights, written with save_pretrained."""
+    import transformers
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):  # random init on the GPU: seconds faster than on the CPU
+        model = transformers.BertForMaskedLM(transformers.BertConfig())
+    model.save_pretrained(folder)
+    del model
+    torch.cuda.empty_cache()
+    for f in folder.iterdir():
+        f.read_bytes()  # into the page cache for every reader
+
+
+def from_pretrained_seconds(folder: Path, repeats: int = 3) -> float:
+    import transformers
+
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        model = transformers.BertForMaskedLM.from_pretrained(str(folder)).to("cuda").eval()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        del model
+        torch.cuda.empty_cache()
+    return statistics.median(times)
+
+
+async def engine_hf_loads(root: Path, repeats: int = 3) -> tuple[float, float, int]:
+    from modelconsole.scheduler.config import GpuConfig
+    from modelconsole.scheduler.engine import Engine
+
+    engine = Engine(None, base_dir=str(root), gpu=GpuConfig(host_tier_gib=4))
+    await engine.start()
+    await engine.register({"name": "bert", "source": "hf:bert", "warmup": 0, "device": "cuda:0"})
+    inst = engine.instance("bert")
+    cold, warm = [], []
+    for _ in range(repeats):
+        engine.host_tier.take("bert:1")
+        t = time.perf_counter()
+        await engine.load("bert")
+        cold.append(time.perf_counter() - t)
+        assert inst.load_source.startswith("hf:"), inst.load_source
+        await engine.unload("bert")
+        t = time.perf_counter()
+        await engine.load("bert")
+        warm.append(time.perf_counter() - t)
+        assert inst.load_source == "host tier", inst.load_source
+        await engine.unload("bert")
+    nbytes = inst.weight_bytes
+    await engine.close()
+    return statistics.median(cold), statistics.median(warm), nbytes
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gib", type=float, default=2.0, help="model size (default 2 GiB)")
+    ap.add_argument("--no-hf", action="store_true", help="skip the hf: folder part (it needs transformers)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/reload.py needs a CUDA GPU")
@@ -139,6 +203,14 @@ def main() -> None:
         copy_gbps = pinned_copy_gbps(nbytes)
         lf = load_file_seconds(root / "big.safetensors")
         cold, warm, weight_bytes = asyncio.run(engine_loads(root, args.gib))
+        hf = None
+        if not args.no_hf:
+            make_hf_folder(root / "bert")
+            hf_bytes = sum(f.stat().st_size for f in (root / "bert").glob("*.safetensors"))
+            hf_copy = pinned_copy_gbps(hf_bytes)
+            fp = from_pretrained_seconds(root / "bert")
+            hf_cold, hf_warm, hf_weights = asyncio.run(engine_hf_loads(root))
+            hf = (fp, hf_cold, hf_warm, hf_weights, hf_copy)
     reload_gbps = weight_bytes / warm / 1e9
     rows = [
         ("model weights", f"{weight_bytes / 2**30:.2f} GiB", ""),
@@ -149,17 +221,31 @@ def main() -> None:
         ("engine cold load (factory + file)", f"{cold * 1000:.0f} ms",
          f"{cold / lf:.2f}x load_file (target <= 1.2)"),
     ]
-    print(f"device: {torch.cuda.get_device_name(0)} | torch {torch.__version__}")
-    for name, value, note in rows:
-        print(f"{name:<36} {value:>26}  {note}")
-    print(json.dumps({
+    out = {
         "host_tier_reload_gbps": round(reload_gbps, 2),
         "pinned_copy_gbps": round(copy_gbps, 2),
         "reload_vs_pinned": round(reload_gbps / copy_gbps, 3),
         "cold_load_s": round(cold, 3),
         "load_file_s": round(lf, 3),
         "cold_vs_load_file": round(cold / lf, 3),
-    }))
+    }
+    if hf is not None:
+        fp, hf_cold, hf_warm, hf_weights, hf_copy = hf
+        hf_gbps = hf_weights / hf_warm / 1e9
+        rows += [
+            ("hf: BERT-base folder weights", f"{hf_weights / 2**20:.0f} MiB", "BertForMaskedLM, random"),
+            ("transformers from_pretrained+.to(cuda)", f"{fp * 1000:.0f} ms", "reference"),
+            ("engine cold load of hf:bert", f"{hf_cold * 1000:.0f} ms",
+             f"{hf_cold / fp:.2f}x from_pretrained (target <= 1.0)"),
+            ("engine reload of hf:bert from the tier", f"{hf_warm * 1000:.0f} ms = {hf_gbps:.1f} GB/s",
+             f"{hf_gbps / hf_copy:.2f} of a pinned copy of {hf_copy:.1f} GB/s (target >= 0.8)"),
+        ]
+        out["hf_cold_vs_from_pretrained"] = round(hf_cold / fp, 3)
+        out["hf_reload_vs_pinned"] = round(hf_gbps / hf_copy, 3)
+    print(f"device: {torch.cuda.get_device_name(0)} | torch {torch.__version__}")
+    for name, value, note in rows:
+        print(f"{name:<38} {value:>26}  {note}")
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

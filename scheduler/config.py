@@ -23,7 +23,7 @@ from .tensors import DATATYPES, TensorSpec, parse_shape
 from .trust import Trust
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-SOURCE_KINDS = ("zoo", "torchscript", "export", "safetensors")
+SOURCE_KINDS = ("zoo", "torchscript", "export", "safetensors", "state_dict", "hf")
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 DTYPES = ("FP32", "FP16", "BF16")
 
@@ -274,7 +274,8 @@ def _device(path: str, v: Any) -> str:
 
 def _source(path: str, v: Any) -> str:
     if not isinstance(v, str) or ":" not in v or v.split(":", 1)[0] not in SOURCE_KINDS or not v.split(":", 1)[1]:
-        raise _fail(path, "a source like zoo:NAME, torchscript:PATH, export:PATH or safetensors:PATH", v)
+        raise _fail(path, "a source like zoo:NAME, torchscript:PATH, export:PATH, safetensors:PATH, "
+                    "state_dict:PATH or hf:FOLDER", v)
     if any(ord(c) < 32 or ord(c) == 127 for c in v):
         raise ConfigError(f"{path}: expected a path without control characters (NUL, newline...), "
                           f"got {v!r}")
@@ -427,12 +428,12 @@ def model_from_dict(
             raise ConfigError(f"{path}.{key}: missing (every model needs a name and a source)")
     values = {key: check(f"{path}.{key}", raw[key]) for key, check in _MODEL_KEYS.items() if key in raw}
     kind = values["source"].split(":", 1)[0]
-    if kind == "safetensors" and "factory" not in values:
-        raise ConfigError(f"{path}.factory: missing (a safetensors source needs factory = \"module:callable\")")
-    if kind != "safetensors" and "factory" in values:
-        raise ConfigError(f"{path}.factory: only used with safetensors sources, not {kind}")
-    if "dtype" in values and kind not in ("zoo", "safetensors"):
-        raise ConfigError(f"{path}.dtype: only zoo and safetensors models can be cast, not {kind}")
+    if kind in ("safetensors", "state_dict") and "factory" not in values:
+        raise ConfigError(f"{path}.factory: missing (a {kind} source needs factory = \"module:callable\")")
+    if kind not in ("safetensors", "state_dict") and "factory" in values:
+        raise ConfigError(f"{path}.factory: only used with safetensors and state_dict sources, not {kind}")
+    if "dtype" in values and kind not in ("zoo", "safetensors", "state_dict"):
+        raise ConfigError(f"{path}.dtype: only zoo, safetensors and state_dict models can be cast, not {kind}")
     trust = trust or Trust()
     cfg = ModelConfig(base_dir=base_dir, model_roots=model_roots or trust.model_roots or (base_dir,),
                       trusted_roots=trust.trusted_roots, factories=trust.factories, **values)

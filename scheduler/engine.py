@@ -98,6 +98,15 @@ def _idle_s(inst: ModelInstance, now: float) -> float:
     return now - max(inst.last_used, inst.loaded_mono)
 
 
+async def _derive_specs_off_loop(cfg: ModelConfig) -> None:
+    """An hf: folder's tensors come from running its architecture on the meta device (hf.py),
+    a second or so for a large model: done on a thread, where its cache keeps the answer for the
+    checks that follow on the loop.  Errors are theirs to report."""
+    if cfg.source_kind == "hf" and (cfg.inputs is None or cfg.outputs is None):
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(sources.declared_specs, cfg)
+
+
 def _expired(inst: ModelInstance, now: float) -> bool:
     """A version (its primary) READY, not pinned, every replica idle and past its keep_alive."""
     ka = inst.cfg.keep_alive
@@ -384,6 +393,7 @@ class Engine:
             entry = self._models.get(cfg.name)
             if entry is not None and cfg.version in entry.versions:
                 raise Conflict(f"model '{cfg.name}' version {cfg.version} is already registered")
+            await _derive_specs_off_loop(cfg)
             self._check_source(cfg)
             first = entry is None or entry.active is None
             if self.store is not None:
@@ -401,6 +411,7 @@ class Engine:
 
     async def _add(self, cfg: ModelConfig, origin: str) -> None:
         async with self._control:
+            await _derive_specs_off_loop(cfg)
             self._check_source(cfg)
             self._register(cfg, origin)
 
@@ -416,7 +427,7 @@ class Engine:
             inputs, outputs = sources.declared_specs(cfg)
         except sources.SourceError as e:
             raise InputError(f"model '{cfg.name}' version {cfg.version}: {e}") from None
-        if cfg.source_kind in ("torchscript", "safetensors") and (inputs is None or outputs is None):
+        if cfg.source_kind in ("torchscript", "safetensors", "state_dict") and (inputs is None or outputs is None):
             raise InputError(
                 f"model '{cfg.name}': a {cfg.source_kind} source needs inputs and outputs declared "
                 '(e.g. inputs = [{ name = "x", datatype = "FP32", shape = [-1, 16] }])'

@@ -1,8 +1,10 @@
 """Loading a model version from its configured source, safely.
 
 Sources are ``zoo:NAME`` (built-in demo models), ``torchscript:PATH``,
-``export:PATH`` (a ``torch.export`` .pt2 program) and ``safetensors:PATH``
-(weights, plus a ``factory = "module:callable"`` that builds the module).
+``export:PATH`` (a ``torch.export`` .pt2 program), ``safetensors:PATH`` and
+``state_dict:PATH`` (weights, plus a ``factory = "module:callable"`` that
+builds the module; a state dict saved with ``torch.save`` is read with
+``weights_only=True``), and ``hf:FOLDER`` (a Hugging Face model folder, hf.py).
 
 Nothing is unpickled from an untrusted file (design invariant 8): a pickle
 can run arbitrary code, and a model file is exactly what an operator
@@ -45,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import archive, trust, zoo
+from . import archive, hf, trust, zoo
 from .config import ModelConfig
 from .tensors import TensorSpec, torch_dtype, v2_datatype
 from .zoo import SourceError
@@ -57,7 +59,10 @@ PLATFORMS = {
     "torchscript": "pytorch_torchscript",
     "export": "pytorch_export",
     "safetensors": "pytorch_safetensors",
+    "state_dict": "pytorch_state_dict",
+    "hf": "pytorch_transformers",
 }
+FACTORY_KINDS = ("safetensors", "state_dict")  # weights files that need a factory to build the module
 
 
 @dataclass
@@ -75,7 +80,7 @@ class LoadedModel:
 
 
 def resolve_path(cfg: ModelConfig) -> Path:
-    """The source file, resolved against base_dir with symlinks followed.
+    """The source file (an ``hf:`` folder), resolved against base_dir with symlinks followed.
 
     The roots check comes before the existence check, so a probe outside the
     roots learns nothing about which files exist there.
@@ -83,15 +88,23 @@ def resolve_path(cfg: ModelConfig) -> Path:
     ref = Path(cfg.source_ref).expanduser()
     base = Path(cfg.base_dir)
     path = (ref if ref.is_absolute() else base / ref).resolve()
-    roots = [Path(r).resolve() for r in (cfg.model_roots or (cfg.base_dir,))]
-    if not any(path.is_relative_to(root) for root in roots):
-        shown = ", ".join(str(r) for r in roots)
-        raise SourceError(f"{cfg.source}: source path {path} resolves outside the model roots ({shown})")
+    inside_roots(cfg, path)
     if not path.exists():
-        raise SourceError(f"{cfg.source}: no such file: {path}")
-    if not path.is_file():
+        raise SourceError(f"{cfg.source}: no such {'folder' if cfg.source_kind == 'hf' else 'file'}: {path}")
+    if cfg.source_kind == "hf":
+        if not path.is_dir():
+            raise SourceError(f"{cfg.source}: not a folder: {path} (an hf: source is a Hugging Face model folder)")
+    elif not path.is_file():
         raise SourceError(f"{cfg.source}: not a file: {path}")
     return path
+
+
+def inside_roots(cfg: ModelConfig, path: Path) -> None:
+    """A SourceError unless ``path`` (resolved) lies inside a model root."""
+    roots = [Path(r).resolve() for r in (cfg.model_roots or (cfg.base_dir,))]
+    if not any(path.resolve().is_relative_to(root) for root in roots):
+        shown = ", ".join(str(r) for r in roots)
+        raise SourceError(f"{cfg.source}: source path {path.resolve()} resolves outside the model roots ({shown})")
 
 
 def check_trust(cfg: ModelConfig) -> None:
@@ -127,7 +140,7 @@ def is_trusted(cfg: ModelConfig) -> bool:
 
 def _check_args_used(cfg: ModelConfig) -> None:
     """args only reach zoo models and factories; elsewhere they would silently do nothing."""
-    if cfg.args and cfg.source_kind in ("torchscript", "export"):
+    if cfg.args and cfg.source_kind in ("torchscript", "export", "hf"):
         raise SourceError(
             f"{cfg.source}: args are only used by zoo models and safetensors factories, not {cfg.source_kind}"
         )
@@ -146,6 +159,12 @@ def declared_specs(cfg: ModelConfig) -> tuple[tuple[TensorSpec, ...] | None, tup
         except SourceError as e:
             raise SourceError(f"{cfg.source}: {e}") from None
         return cfg.inputs or inputs, cfg.outputs or outputs
+    if cfg.source_kind == "hf" and (cfg.inputs is None or cfg.outputs is None):
+        # from the architecture on the meta device: no weights read (hf.py)
+        folder = resolve_path(cfg)
+        hf.weight_files(folder, cfg.source)  # no weights at all: refused at registration, naming the file
+        derived_in, derived_out = hf.derive_specs(folder, cfg.source)
+        return cfg.inputs or derived_in, cfg.outputs or derived_out
     if cfg.source_kind == "export":
         # the archive's graph JSON, read without unpickling (archive.py); a config's own names win
         derived_in, derived_out = archive.export_archive_specs(resolve_path(cfg))
@@ -416,13 +435,41 @@ def _load_export(cfg: ModelConfig, device: torch.device) -> LoadedModel:
 def _load_safetensors(cfg: ModelConfig, device: torch.device) -> LoadedModel:
     from safetensors.torch import load_file
 
-    inputs, outputs = _require_specs(cfg)
     path = resolve_path(cfg)
+
+    def read() -> dict[str, torch.Tensor]:
+        try:
+            return load_file(str(path), device=str(device))
+        except Exception as e:
+            raise SourceError(f"{cfg.source}: not a readable safetensors file: {type(e).__name__}: {e}") from None
+
+    return _load_into_factory(cfg, device, read)
+
+
+def _load_state_dict(cfg: ModelConfig, device: torch.device) -> LoadedModel:
+    """A ``torch.save`` state dict, read with ``weights_only=True`` (tensors only: any other pickled
+    object is refused, never built), into the factory's module as safetensors are."""
+    path = resolve_path(cfg)
+    return _load_into_factory(cfg, device, lambda: hf.load_weights_only(path, device, cfg.source))
+
+
+def _load_hf(cfg: ModelConfig, device: torch.device) -> LoadedModel:
+    folder = resolve_path(cfg)
+    inputs, outputs = declared_specs(cfg)
+    assert inputs is not None and outputs is not None
+    _kind, files = hf.weight_files(folder, cfg.source)
+    for f in files:  # a shard may be a symlink (the hub's cache makes them): it must stay inside the roots
+        inside_roots(cfg, f)
+    module = hf.load(folder, cfg.source, device, inputs, outputs)
+    module = _finish(module, device)
+    return LoadedModel(module, inputs, outputs, weight_bytes(module), PLATFORMS["hf"])
+
+
+def _load_into_factory(cfg: ModelConfig, device: torch.device, read: Any) -> LoadedModel:
+    """The factory's module built on the meta device, with the tensors ``read()`` answers adopted."""
+    inputs, outputs = _require_specs(cfg)
     module = _build_from_factory(cfg, meta=True)
-    try:
-        state = load_file(str(path), device=str(device))
-    except Exception as e:
-        raise SourceError(f"{cfg.source}: not a readable safetensors file: {type(e).__name__}: {e}") from None
+    state = read()
     problems = _fit_problems(module, state)
     if problems:
         raise SourceError(f"{cfg.source}: weights do not fit the factory's module: {'; '.join(problems)}")
@@ -443,7 +490,7 @@ def _load_safetensors(cfg: ModelConfig, device: torch.device) -> LoadedModel:
         module.load_state_dict(state, strict=True, assign=True)
     del state, want
     module = _finish(_cast(module, cfg, outputs), device)
-    return LoadedModel(module, inputs, outputs, weight_bytes(module), PLATFORMS["safetensors"])
+    return LoadedModel(module, inputs, outputs, weight_bytes(module), PLATFORMS[cfg.source_kind])
 
 
 _LOADERS = {
@@ -451,6 +498,8 @@ _LOADERS = {
     "torchscript": _load_torchscript,
     "export": _load_export,
     "safetensors": _load_safetensors,
+    "state_dict": _load_state_dict,
+    "hf": _load_hf,
 }
 
 

@@ -36,13 +36,16 @@ class AnswerRates:
             self._samples.popleft()  # the second sample is old enough to be the base: drop the first
 
     def rates(self, now: float, answered: int, failed: int) -> tuple[float, float]:
-        """(answered per second, failed per second) ending at ``now``; zeros before any span."""
+        """(answered per second, failed per second) as of the newest sample (taken now when the
+        last is ``SAMPLE_EVERY_S`` old): the figure holds still between samples, so two reads a
+        moment apart agree (an ETag over /v1/models stays put); zeros before any span."""
         self.sample(now, answered, failed)
         t0, a0, f0 = self._samples[0]
-        span = now - t0
+        t1, a1, f1 = self._samples[-1]
+        span = t1 - t0
         if span < SAMPLE_EVERY_S:
             return 0.0, 0.0
-        return max(0, answered - a0) / span, max(0, failed - f0) / span
+        return max(0, a1 - a0) / span, max(0, f1 - f0) / span
 
 
 class ModelStats:
