@@ -387,7 +387,7 @@ class Engine:
             else:
                 raw = dict(raw)
                 raw.setdefault("device", self.default_device)
-                if raw.get("version") is None and isinstance(raw.get("name"), str):
+                if "version" not in raw and isinstance(raw.get("name"), str):  # null stays an error
                     raw["version"] = self._next_version(raw["name"])
                 cfg = model_from_dict(raw, "model", self.base_dir, self.model_roots, self.trust)
             entry = self._models.get(cfg.name)

@@ -241,9 +241,10 @@ class ModelInstance:
                 self._graphs = await worker.call(lambda: GraphRunner(
                     self._module, self.inputs, lambda r: _as_outputs(r, names), device, self.cfg.max_batch_size),
                     inference=True)
-            if device.type == "cuda":
+            if device.type == "cuda" and (self.warmup_runs or self._graphs is not None):
                 # what the model really holds once it has run: weights, plus the
-                # workspaces and cached blocks its forward passes keep
+                # workspaces and cached blocks its forward passes keep (nothing ran: the
+                # load's own reading stands, and a reload saves a round trip to the worker)
                 after = await worker.call(lambda: torch.cuda.memory_allocated(device))
                 self.footprint_bytes = max(footprint, after - self._cuda_base)
         except Exception as e:  # noqa: BLE001 - a failed load is reported, never raised raw
@@ -271,7 +272,7 @@ class ModelInstance:
         )
 
     def _load_on_thread(
-        self, device: torch.device, kept: sources.LoadedModel | None = None
+        self, device: torch.device, kept: hosttier.Kept | None = None
     ) -> tuple[sources.LoadedModel, int]:
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         self._cuda_base = before
@@ -330,7 +331,7 @@ class ModelInstance:
         device = worker.device
         loaded = sources.LoadedModel(self._module, self.inputs, self.outputs, self.weight_bytes,
                                      self.platform or "") if keep and self._module is not None else None
-        kept: list[sources.LoadedModel] = []
+        kept: list[hosttier.Kept] = []
 
         def free() -> None:
             cuda = device.type == "cuda"
