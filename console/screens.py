@@ -76,7 +76,8 @@ class RegisterScreen(ModalScreen["dict[str, Any] | None"]):
             yield Label("name")
             yield Input(placeholder="e.g. resnet", id="reg-name")
             yield Label("source")
-            yield Input(placeholder="zoo:tiny-mlp · hf:folder · torchscript:m.pt · export:m.pt2 · state_dict:w.pt", id="reg-source")
+            yield Input(placeholder="zoo:tiny-mlp · hf:folder · torchscript:m.pt · export:m.pt2 · state_dict:w.pt",
+                        id="reg-source")
             yield Label("version (optional: the next number)")
             yield Input(placeholder="", id="reg-version")
             yield Label("options (JSON object, or key=value ...)")
