@@ -23,7 +23,8 @@ from .tensors import DATATYPES, TensorSpec, parse_shape
 from .trust import Trust
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-SOURCE_KINDS = ("zoo", "torchscript", "export", "safetensors", "state_dict", "hf")
+SOURCE_KINDS = ("zoo", "torchscript", "export", "safetensors", "state_dict", "hf", "remote")
+REMOTE_KEYS = ("model", "remote_version", "token", "token_env", "timeout_s")
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 DTYPES = ("FP32", "FP16", "BF16")
 
@@ -65,6 +66,13 @@ class ModelConfig:
     cuda_graphs: bool = False  # on a GPU: replay captured graphs per batch-size bucket (graphs.py)
     replicas: int = 1  # instances of this version kept loaded, each on its own device (replicas.py)
     max_replicas: int | None = None  # scale up to this many under load (None: exactly ``replicas``)
+    # remote:URL sources (remote.py): the remote's model name and version, its token (given, or
+    # the environment variable holding it; never shown), the per-call timeout
+    model: str | None = None
+    remote_version: str | None = None
+    token: str | None = field(default=None, repr=False)
+    token_env: str | None = None
+    timeout_s: float = 30.0
     # Where relative source paths and factory modules are looked up, and the
     # directories a source path must stay inside.
     base_dir: str = "."
@@ -91,8 +99,9 @@ class ModelConfig:
         """The most replicas this version may have: ``max_replicas``, else ``replicas``."""
         return self.max_replicas if self.max_replicas is not None else self.replicas
 
-    def to_dict(self) -> dict[str, Any]:
-        """The options as registered (JSON-able), for the store and the API."""
+    def to_dict(self, secrets: bool = False) -> dict[str, Any]:
+        """The options as registered (JSON-able), for the API; ``secrets``: with a remote's token,
+        for the store only (a snapshot, /v1/models, the audit log and the console never show it)."""
         d: dict[str, Any] = {
             "name": self.name,
             "version": self.version,
@@ -116,6 +125,13 @@ class ModelConfig:
             d["replicas"] = self.replicas
         if self.max_replicas is not None:
             d["max_replicas"] = self.max_replicas
+        if self.source_kind == "remote":
+            for key in ("model", "remote_version", "token_env"):
+                if getattr(self, key) is not None:
+                    d[key] = getattr(self, key)
+            d["timeout_s"] = self.timeout_s
+            if self.token is not None:
+                d["token"] = self.token if secrets else "***"
         if self.estimate_mib is not None:
             d["estimate_mib"] = self.estimate_mib
         if self.rate_limit:
@@ -272,10 +288,32 @@ def _device(path: str, v: Any) -> str:
     return v
 
 
+def _secret(path: str, v: Any) -> str:
+    if not isinstance(v, str) or not v or any(ord(c) < 33 or ord(c) == 127 for c in v):
+        raise ConfigError(f"{path}: expected a token without spaces or control characters")
+    return v
+
+
+def _env_name(path: str, v: Any) -> str:
+    if not isinstance(v, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", v):
+        raise _fail(path, "an environment variable's name (e.g. REMOTE_TOKEN)", v)
+    return v
+
+
+def _remote_url(path: str, url: str) -> None:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment \
+            or parts.path not in ("", "/") or parts.username or parts.password:
+        raise ConfigError(f"{path}: a remote: source is remote:http(s)://HOST[:PORT] (no path, query or "
+                          f"credentials; the token goes in token or token_env), got {url!r}")
+
+
 def _source(path: str, v: Any) -> str:
     if not isinstance(v, str) or ":" not in v or v.split(":", 1)[0] not in SOURCE_KINDS or not v.split(":", 1)[1]:
         raise _fail(path, "a source like zoo:NAME, torchscript:PATH, export:PATH, safetensors:PATH, "
-                    "state_dict:PATH or hf:FOLDER", v)
+                    "state_dict:PATH, hf:FOLDER or remote:http(s)://HOST:PORT", v)
     if any(ord(c) < 32 or ord(c) == 127 for c in v):
         raise ConfigError(f"{path}: expected a path without control characters (NUL, newline...), "
                           f"got {v!r}")
@@ -406,6 +444,11 @@ _MODEL_KEYS: dict[str, Callable[[str, Any], Any]] = {
     "timeout_ms": _number(0, "a positive number of milliseconds", strict=True),
     "replicas": _int(1, f"an integer from 1 to {MAX_REPLICAS} (instances kept loaded)", MAX_REPLICAS),
     "max_replicas": _int(1, f"an integer from 1 to {MAX_REPLICAS} (the most instances under load)", MAX_REPLICAS),
+    "model": _name,
+    "remote_version": _version,
+    "token": _secret,
+    "token_env": _env_name,
+    "timeout_s": _number(0, "a positive number of seconds", strict=True),
 }
 MODEL_KEYS = tuple(_MODEL_KEYS)
 
@@ -432,6 +475,17 @@ def model_from_dict(
         raise ConfigError(f"{path}.factory: missing (a {kind} source needs factory = \"module:callable\")")
     if kind not in ("safetensors", "state_dict") and "factory" in values:
         raise ConfigError(f"{path}.factory: only used with safetensors and state_dict sources, not {kind}")
+    if kind == "remote":
+        _remote_url(f"{path}.source", values["source"].split(":", 1)[1])
+        if values.get("device", "cpu") not in ("cpu", "auto"):
+            raise ConfigError(f"{path}.device: a remote model runs on its server; leave device out (or cpu)")
+        values["device"] = "cpu"  # no GPU memory budget here
+        if "token" in values and "token_env" in values:
+            raise ConfigError(f"{path}.token: give token or token_env, not both")
+    else:
+        extra = [k for k in REMOTE_KEYS if k in values]
+        if extra:
+            raise ConfigError(f"{path}.{extra[0]}: only used with remote: sources, not {kind}")
     if "dtype" in values and kind not in ("zoo", "safetensors", "state_dict"):
         raise ConfigError(f"{path}.dtype: only zoo, safetensors and state_dict models can be cast, not {kind}")
     trust = trust or Trust()

@@ -397,7 +397,7 @@ class Engine:
             self._check_source(cfg)
             first = entry is None or entry.active is None
             if self.store is not None:
-                await self.store.save_model(cfg.to_dict(), actor, cfg.version if first else None)
+                await self.store.save_model(cfg.to_dict(secrets=True), actor, cfg.version if first else None)
             inst = self._register(cfg, "store")
         self.events.publish("registered", f"{cfg.name} v{cfg.version} registered from {cfg.source}",
                             model=cfg.name, version=cfg.version, data={"actor": actor})
@@ -422,7 +422,7 @@ class Engine:
         except sources.SourceError as e:
             raise Forbidden(f"model '{cfg.name}' version {cfg.version}: {e}") from None
         try:
-            if cfg.source_kind != "zoo":
+            if cfg.source_kind not in ("zoo", "remote"):
                 sources.resolve_path(cfg)
             inputs, outputs = sources.declared_specs(cfg)
         except sources.SourceError as e:

@@ -76,9 +76,17 @@ class Conflict(EngineError):
     kind = "conflict"
 
 
+class RemoteError(EngineError):
+    """A ``remote:`` model's server could not be reached, failed, or answered with other tensors
+    than registered; the message names the remote."""
+
+    status = 502
+    kind = "remote_error"
+
+
 _BY_KIND: dict[str, type[EngineError]] = {
     c.kind: c for c in (EngineError, InputError, Forbidden, ModelNotFound, ModelUnavailable, QueueFull,
-                        RateLimited, DeadlineExceeded, ModelFailed, Conflict)
+                        RateLimited, DeadlineExceeded, ModelFailed, Conflict, RemoteError)
 }
 
 

@@ -705,8 +705,11 @@ class ModelInstance:
         message = error.message if isinstance(error, EngineError) else f"{type(error).__name__}: {error}"
         self.events.publish("model_error", f"{self.name} v{self.version}: batch of {len(batch)} failed: {message}",
                             model=self.name, version=self.version, level="error")
+        # the engine's own kinds pass as they are (a remote: model's 502 or 504, its open circuit's 503)
+        failure = error if isinstance(error, EngineError) else \
+            ModelFailed(f"model {self.name} version {self.version} failed: {message}")
         for req in batch:
-            self._answer_error(req, ModelFailed(f"model {self.name} version {self.version} failed: {message}"))
+            self._answer_error(req, failure)
 
     def _watch_deadline(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
         """Arm the in-flight watch for ``at`` unless it already fires sooner.  One timer per model,
@@ -755,6 +758,10 @@ class ModelInstance:
         budgeted device (real or simulated: a simulated one's torch device reads ``cpu``), else the
         torch device it was loaded on, else ``—`` (nothing loaded; the config's ``device`` says where
         it would go)."""
+        if self.cfg.source_kind == "remote":
+            from urllib.parse import urlsplit
+
+            return "→" + urlsplit(self.cfg.source_ref).netloc  # it runs there, on no device of ours
         if self.device_index is not None:
             return f"gpu{self.device_index}"
         if self.device is not None and self.state in (READY, WARMING, UNLOADING, LOADING):

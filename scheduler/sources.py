@@ -61,6 +61,7 @@ PLATFORMS = {
     "safetensors": "pytorch_safetensors",
     "state_dict": "pytorch_state_dict",
     "hf": "pytorch_transformers",
+    "remote": "remote_v2",
 }
 FACTORY_KINDS = ("safetensors", "state_dict")  # weights files that need a factory to build the module
 
@@ -465,6 +466,37 @@ def _load_hf(cfg: ModelConfig, device: torch.device) -> LoadedModel:
     return LoadedModel(module, inputs, outputs, weight_bytes(module), PLATFORMS["hf"])
 
 
+def remote_target(cfg: ModelConfig) -> Any:
+    """Where a remote: model's calls go, with its token (from token_env at load time)."""
+    from . import remote
+
+    token = cfg.token
+    if cfg.token_env is not None:
+        token = os.environ.get(cfg.token_env)
+        if not token:
+            raise SourceError(f"{cfg.source}: token_env {cfg.token_env} is not set in the server's environment")
+    return remote.Target(cfg.source_ref.rstrip("/"), cfg.model or cfg.name, cfg.remote_version, token, cfg.timeout_s)
+
+
+def _load_remote(cfg: ModelConfig, device: torch.device) -> LoadedModel:
+    from . import remote
+    from .errors import RemoteError
+
+    target = remote_target(cfg)
+    try:
+        derived_in, derived_out = remote.fetch_specs(target, cfg.source)
+    except RemoteError as e:
+        raise SourceError(e.message) from None
+    _check_counts(cfg, derived_in, derived_out)
+    for mine, theirs in zip((cfg.inputs or ()) + (cfg.outputs or ()), derived_in + derived_out):
+        if (mine.name, mine.datatype) != (theirs.name, theirs.datatype) or len(mine.shape) != len(theirs.shape):
+            raise SourceError(f"{cfg.source}: registered {mine.name} {mine.datatype} {list(mine.shape)}, but "
+                              f"{target.host} serves {theirs.name} {theirs.datatype} {list(theirs.shape)}")
+    inputs, outputs = cfg.inputs or derived_in, cfg.outputs or derived_out
+    module = remote.RemoteModule(target, inputs, outputs, f"{cfg.name} v{cfg.version} ({cfg.source})")
+    return LoadedModel(module, inputs, outputs, 0, PLATFORMS["remote"])
+
+
 def _load_into_factory(cfg: ModelConfig, device: torch.device, read: Any) -> LoadedModel:
     """The factory's module built on the meta device, with the tensors ``read()`` answers adopted."""
     inputs, outputs = _require_specs(cfg)
@@ -500,6 +532,7 @@ _LOADERS = {
     "safetensors": _load_safetensors,
     "state_dict": _load_state_dict,
     "hf": _load_hf,
+    "remote": _load_remote,
 }
 
 

@@ -235,7 +235,8 @@ class Store:
                 "INSERT INTO models (name, version, config, registered_at) VALUES (?,?,?,?)",
                 (config["name"], config["version"], json.dumps(config, sort_keys=True), now),
             ),
-            self._audit_row(actor, "register", config["name"], config["version"], config, "ok", None),
+            self._audit_row(actor, "register", config["name"], config["version"],
+                            {k: ("***" if k == "token" else v) for k, v in config.items()}, "ok", None),
         ]
         if active_version is not None:
             statements.append(

@@ -127,9 +127,10 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 
 
 def engine_error_response(e: EngineError) -> web.Response:
-    headers = None
+    # the kind too, so a client (modelconsole.client, a remote: model) raises the same error class
+    headers = {"X-Modelconsole-Error-Kind": e.kind}
     if e.retry_after is not None:
-        headers = {"Retry-After": str(max(1, int(e.retry_after + 0.999)))}
+        headers["Retry-After"] = str(max(1, int(e.retry_after + 0.999)))
     return error_response(e.status, e.message, headers)
 
 

@@ -1,0 +1,117 @@
+"""KServe V2 over HTTP with binary tensors, as a client speaks it: numpy in, numpy out, no torch.
+
+Used by the ``remote:`` source (a model whose forward is another server) and
+by ``modelconsole.client.Model`` (which must import without torch), so it
+needs nothing but numpy and the error kinds.  A request is a JSON header
+naming each input with ``binary_data_size``, then the raw bytes in order;
+``Inference-Header-Content-Length`` says where the JSON ends.  Answers are
+asked for in binary and read back the same way.  An error answer becomes the
+engine's own error kind: by the ``X-Modelconsole-Error-Kind`` header a
+modelconsole server sends, else by its status.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .errors import EngineError, from_wire
+
+HEADER = "Inference-Header-Content-Length"
+KIND_HEADER = "X-Modelconsole-Error-Kind"
+CONTENT_TYPE = "application/octet-stream"
+
+NUMPY_TO_V2 = {
+    np.dtype(np.bool_): "BOOL", np.dtype(np.uint8): "UINT8", np.dtype(np.uint16): "UINT16",
+    np.dtype(np.uint32): "UINT32", np.dtype(np.uint64): "UINT64", np.dtype(np.int8): "INT8",
+    np.dtype(np.int16): "INT16", np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64",
+    np.dtype(np.float16): "FP16", np.dtype(np.float32): "FP32", np.dtype(np.float64): "FP64",
+}
+V2_TO_NUMPY = {v: k for k, v in NUMPY_TO_V2.items()}
+# the kind a status means when the server does not say (another V2 server)
+KIND_BY_STATUS = {400: "invalid_input", 403: "forbidden", 404: "not_found", 409: "conflict", 429: "rate_limited",
+                  503: "unavailable", 504: "deadline"}
+
+
+class WireError(ValueError):
+    """An answer that is not the V2 protocol (or not the tensors asked for)."""
+
+
+def as_array(value: Any) -> np.ndarray:
+    """numpy as is; a torch tensor (or anything with ``.numpy()``) on the CPU, without importing torch."""
+    if isinstance(value, np.ndarray):
+        return value
+    if hasattr(value, "detach") and hasattr(value, "cpu"):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def encode_request(inputs: Mapping[str, Any], outputs: Sequence[str] | None = None,
+                   request_id: str | None = None) -> tuple[bytes, int]:
+    """(body, JSON header length) of a V2 infer request with every tensor in binary."""
+    arrays = [(name, np.ascontiguousarray(as_array(v))) for name, v in inputs.items()]
+    header: dict[str, Any] = {"inputs": []}
+    for name, a in arrays:
+        datatype = NUMPY_TO_V2.get(a.dtype)
+        if datatype is None:
+            raise ValueError(f"input '{name}': dtype {a.dtype} has no V2 datatype")
+        header["inputs"].append({"name": name, "datatype": datatype, "shape": list(a.shape),
+                                 "parameters": {"binary_data_size": a.nbytes}})
+    if outputs is not None:
+        header["outputs"] = [{"name": n, "parameters": {"binary_data": True}} for n in outputs]
+    else:
+        header["parameters"] = {"binary_data_output": True}
+    if request_id is not None:
+        header["id"] = request_id
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return b"".join([head, *(a.tobytes() for _, a in arrays)]), len(head)
+
+
+def decode_response(body: bytes, header_length: int | None) -> dict[str, np.ndarray]:
+    """The outputs of a V2 infer answer (binary, JSON ``data``, or both), by name."""
+    head_end = header_length if header_length is not None else len(body)
+    try:
+        doc = json.loads(body[:head_end])
+    except ValueError as e:
+        raise WireError(f"the answer is not V2 JSON: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("outputs"), list):
+        raise WireError("the answer has no outputs list")
+    out: dict[str, np.ndarray] = {}
+    offset = head_end
+    for o in doc["outputs"]:
+        try:
+            name, datatype, shape = o["name"], o["datatype"], [int(d) for d in o["shape"]]
+        except (KeyError, TypeError, ValueError):
+            raise WireError(f"an output without name, datatype and shape: {str(o)[:200]}") from None
+        dtype = V2_TO_NUMPY.get(datatype)
+        if dtype is None:
+            raise WireError(f"output '{name}': datatype {datatype} is not served here")
+        size = (o.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            raw = body[offset:offset + int(size)]
+            offset += int(size)
+            if len(raw) != int(size):
+                raise WireError(f"output '{name}': the answer ends before its {size} bytes")
+            array = np.frombuffer(raw, dtype=dtype)
+        else:
+            array = np.asarray(o.get("data"), dtype=dtype)
+        try:
+            out[name] = array.reshape(shape)
+        except ValueError:
+            raise WireError(f"output '{name}': {array.size} values do not make shape {shape}") from None
+    return out
+
+
+def error_from_answer(status: int, body: bytes, headers: Mapping[str, str], where: str = "") -> EngineError:
+    """The engine error an error answer stands for: same kind, status and message."""
+    try:
+        message = str(json.loads(body).get("error") or body[:300].decode(errors="replace"))
+    except (ValueError, AttributeError):
+        message = body[:300].decode(errors="replace") or f"HTTP {status}"
+    kind = headers.get(KIND_HEADER) or KIND_BY_STATUS.get(status, "internal")
+    retry = headers.get("Retry-After")
+    retry_after = float(retry) if retry and retry.replace(".", "", 1).isdigit() else None
+    return from_wire(kind, status, f"{where}{message}", retry_after)
