@@ -146,6 +146,16 @@ REPLICA_RETRY_MAX_S = 300.0
 _heap_frozen = False
 
 
+# the engines this process runs, oldest first, with their event loops: modelconsole.client's Model
+# without a url calls the newest (the one Engine.from_config started, or one it started itself)
+_RUNNING: list[tuple[Engine, asyncio.AbstractEventLoop]] = []
+
+
+def running() -> tuple[Engine, asyncio.AbstractEventLoop] | None:
+    """The newest engine of this process still running, and its loop; None when there is none."""
+    return _RUNNING[-1] if _RUNNING else None
+
+
 def _freeze_heap() -> None:
     """Take what the process holds at its first engine start out of the garbage collector's walks.
 
@@ -319,6 +329,7 @@ class Engine:
             self.events.publish("gpu_readings_degraded", warning, level="error")
         _freeze_heap()  # before any model loads: an unload's gc.collect walks what came after
         self._started = True
+        _RUNNING.append((self, asyncio.get_running_loop()))
         loop = asyncio.get_running_loop()
         self._janitor = loop.create_task(self._janitor_loop())
         for inst in self._primaries():
@@ -331,6 +342,7 @@ class Engine:
     async def close(self, drain_timeout: float = 30.0) -> None:
         """Refuse new requests, finish queued and in-flight ones (bounded), free every model."""
         self._closing = True
+        _RUNNING[:] = [(e, lp) for e, lp in _RUNNING if e is not self]
         if self._janitor is not None:
             self._janitor.cancel()
         # Canary controllers stop where they are (their state stays stored: they resume at the next start).
