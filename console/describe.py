@@ -62,6 +62,16 @@ def sections(m: dict[str, Any], routing: dict[str, Any] | None, audit: list[dict
     measured = fmt.size(m.get("footprint_bytes")) if m.get("footprint_bytes") else "— (not resident)"
     tier = "in the host tier (reloads as a copy)" if m.get("in_host_tier") else "not in the host tier"
     out.append(("memory", [f"estimate {est}", f"measured {measured}", tier]))
+    remote = m.get("remote")
+    if remote:
+        out.append(("remote", [
+            f"{remote.get('url')} · model {remote.get('model')}"
+            + (f" v{remote['remote_version']}" if remote.get("remote_version") else ""),
+            f"circuit {remote.get('circuit') or '—'} · {remote.get('failures_in_a_row', 0)} failures in a row",
+            "last call " + (f"{fmt.ms(remote['last_call_ms'])} ms round trip (network and remote compute; "
+                            "the remote does not report its share)" if remote.get("last_call_ms") is not None
+                            else "—"),
+        ]))
     out.append(("tensors", [f"in  {_tensor(t)}" for t in m.get("inputs") or ()]
                 + [f"out {_tensor(t)}" for t in m.get("outputs") or ()]
                 or ["— (known after its first load)"]))

@@ -846,7 +846,20 @@ class ModelInstance:
             "config": self.cfg.to_dict(),
             "stats": self.stats.to_dict(),
             "replicas": [r.replica_view() for r in self.replica_set],
+            "remote": self._remote_view(),
         }
+
+    def _remote_view(self) -> dict[str, Any] | None:
+        """A remote: model's target and health (never its token); None for every other source."""
+        if self.cfg.source_kind != "remote":
+            return None
+        module = self._module
+        circuit = getattr(module, "circuit", None)
+        return {"url": self.cfg.source_ref, "model": self.cfg.model or self.name,
+                "remote_version": self.cfg.remote_version,
+                "circuit": circuit.state if circuit is not None else None,
+                "failures_in_a_row": circuit.failures if circuit is not None else 0,
+                "last_call_ms": getattr(module, "last_network_ms", None)}
 
 
 def _concat_objects(parts: list[Any]) -> Any:

@@ -19,6 +19,7 @@ imports no HTTP stack), one batch at a time.
 
 from __future__ import annotations
 
+import http.client
 import threading
 import time
 import urllib.error
@@ -147,6 +148,39 @@ class RemoteModule(nn.Module):
         self.where = where
         self.circuit = circuit or Circuit()
         self.last_network_ms: float | None = None
+        self._conn: http.client.HTTPConnection | None = None  # kept alive: one batch at a time (worker)
+
+    def _post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes, dict[str, str]]:
+        """POST over the kept-alive connection (opened again once if the server closed it)."""
+        t = self.target
+        if t.token:
+            headers = dict(headers, Authorization=f"Bearer {t.token}")
+        parts = urllib.parse.urlsplit(path)
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        for attempt in (0, 1):
+            if self._conn is None:
+                split = urllib.parse.urlsplit(t.url)
+                cls = http.client.HTTPSConnection if split.scheme == "https" else http.client.HTTPConnection
+                self._conn = cls(split.hostname, split.port, timeout=t.timeout_s)
+            try:
+                self._conn.request("POST", target, body=body, headers=headers)
+                r = self._conn.getresponse()
+                data = r.read(MAX_ANSWER_BYTES)
+                if r.will_close:
+                    self._conn.close()
+                    self._conn = None
+                return r.status, data, dict(r.getheaders())
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+                    http.client.CannotSendRequest):
+                self._conn.close()
+                self._conn = None
+                if attempt:
+                    raise
+            except OSError:
+                self._conn.close()
+                self._conn = None
+                raise
+        raise AssertionError("unreachable")
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         t = self.target
@@ -158,8 +192,8 @@ class RemoteModule(nn.Module):
                                          [s.name for s in self.output_specs])
         started = time.perf_counter()
         try:
-            status, answer, headers = call(t, "POST", t.path("/infer"), body,
-                                           {"Content-Type": wire.CONTENT_TYPE, wire.HEADER: str(head)})
+            status, answer, headers = self._post(t.path("/infer"), body,
+                                                 {"Content-Type": wire.CONTENT_TYPE, wire.HEADER: str(head)})
         except TimeoutError:
             self.circuit.failure(time.monotonic())
             raise DeadlineExceeded(f"{self.where}: the remote {t.host} did not answer within {t.timeout_s:g} s") \
