@@ -727,7 +727,9 @@ class ModelConsoleApp(App[None]):
         self.target_node = order[(i + 1) % len(order)]
         where = f"node {self.target_node[:8]} only" if self.target_node else "the whole fleet"
         self.notify(f"load, unload, evict and pin now act on {where}.", timeout=3)
-        self.refresh_soon()
+        snap = self.client.snapshot()
+        if snap:
+            self._update_status(snap)  # the status line says so at once, not at the next refresh
 
     def action_load(self) -> None:
         m = self._need_selection()
