@@ -310,6 +310,9 @@ def load(folder: Path, source: str, device: torch.device, inputs: tuple[TensorSp
         state = reading.result()
     want = model.state_dict()
     problems = []
+    # older checkpoints hold non-persistent buffers (BERT's position_ids): the model makes its own
+    for k in [k for k in state if k not in want and k in dict(model.named_buffers())]:
+        del state[k]
     unexpected = [k for k in state if k not in want]
     if unexpected:
         problems.append("unexpected " + ", ".join(unexpected[:8]) + (" …" if len(unexpected) > 8 else ""))

@@ -168,6 +168,21 @@ async def test_a_broken_folder_is_refused_at_registration_naming_what_was_expect
         assert engine.snapshot_models() == []
 
 
+def test_an_older_checkpoint_with_non_persistent_buffers_loads(tmp_path):
+    """transformers < 4.31 saved BERT's position_ids; the model makes its own, so it is ignored."""
+    from safetensors.torch import load_file, save_file
+
+    ref = bert(tmp_path / "model")
+    path = tmp_path / "model" / "model.safetensors"
+    state = load_file(str(path))
+    state["bert.embeddings.position_ids"] = torch.arange(64).unsqueeze(0)
+    save_file(state, str(path), metadata={"format": "pt"})
+    loaded = load_model(cfg_for(tmp_path, source="hf:model"), CPU)
+    x = text_inputs(1, 6)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.module(*x.values())[0], ref(**x).logits)
+
+
 def test_weights_that_do_not_fit_the_architecture_say_which_shape_by_shape(tmp_path):
     bert(tmp_path / "model")
     config = json.loads((tmp_path / "model" / "config.json").read_text())
