@@ -19,6 +19,18 @@ def _tensor(t: dict[str, Any]) -> str:
     return f"{t.get('name', '?')} {t.get('datatype') or t.get('dtype') or '?'} {t.get('shape', '?')}"
 
 
+def _remote_latency(remote: dict[str, Any]) -> str:
+    """The last call split into network (and the proxy's encoding) and the remote's own work,
+    when the remote says how long its engine took (a modelconsole does)."""
+    total, own = remote.get("last_call_ms"), remote.get("last_remote_ms")
+    if total is None:
+        return "last call —"
+    if own is None:
+        return f"last call {fmt.ms(total)} ms round trip (the remote does not report its share)"
+    return (f"last call {fmt.ms(total)} ms = network {fmt.ms(max(0.0, total - own))} ms "
+            f"+ remote {fmt.ms(own)} ms")
+
+
 def last_error(m: dict[str, Any], events: list[dict[str, Any]], audit: list[dict[str, Any]]) -> str | None:
     """The most recent error a version had: a failed load's reason, an error event, or a refused
     control call (whichever is newest), as one line an operator can paste into a ticket."""
@@ -68,9 +80,7 @@ def sections(m: dict[str, Any], routing: dict[str, Any] | None, audit: list[dict
             f"{remote.get('url')} · model {remote.get('model')}"
             + (f" v{remote['remote_version']}" if remote.get("remote_version") else ""),
             f"circuit {remote.get('circuit') or '—'} · {remote.get('failures_in_a_row', 0)} failures in a row",
-            "last call " + (f"{fmt.ms(remote['last_call_ms'])} ms round trip (network and remote compute; "
-                            "the remote does not report its share)" if remote.get("last_call_ms") is not None
-                            else "—"),
+            _remote_latency(remote),
         ]))
     out.append(("tensors", [f"in  {_tensor(t)}" for t in m.get("inputs") or ()]
                 + [f"out {_tensor(t)}" for t in m.get("outputs") or ()]

@@ -76,7 +76,7 @@ class RegisterScreen(ModalScreen["dict[str, Any] | None"]):
             yield Label("name")
             yield Input(placeholder="e.g. resnet", id="reg-name")
             yield Label("source")
-            yield Input(placeholder="zoo:tiny-mlp · hf:folder · torchscript:m.pt · export:m.pt2 · state_dict:w.pt",
+            yield Input(placeholder="zoo:tiny-mlp · hf:folder · state_dict:w.pt · remote:http://host:8000",
                         id="reg-source")
             yield Label("version (optional: the next number)")
             yield Input(placeholder="", id="reg-version")

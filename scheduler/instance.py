@@ -859,7 +859,8 @@ class ModelInstance:
                 "remote_version": self.cfg.remote_version,
                 "circuit": circuit.state if circuit is not None else None,
                 "failures_in_a_row": circuit.failures if circuit is not None else 0,
-                "last_call_ms": getattr(module, "last_network_ms", None)}
+                "last_call_ms": getattr(module, "last_call_ms", None),
+                "last_remote_ms": getattr(module, "last_remote_ms", None)}
 
 
 def _concat_objects(parts: list[Any]) -> Any:

@@ -147,7 +147,8 @@ class RemoteModule(nn.Module):
         self.output_specs = outputs
         self.where = where
         self.circuit = circuit or Circuit()
-        self.last_network_ms: float | None = None
+        self.last_call_ms: float | None = None  # the last call's round trip
+        self.last_remote_ms: float | None = None  # of which the remote's engine, when it reports it
         self._conn: http.client.HTTPConnection | None = None  # kept alive: one batch at a time (worker)
 
     def _post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes, dict[str, str]]:
@@ -205,7 +206,8 @@ class RemoteModule(nn.Module):
                 raise DeadlineExceeded(f"{self.where}: the remote {t.host} did not answer within "
                                        f"{t.timeout_s:g} s") from None
             raise RemoteError(f"{self.where}: cannot reach the remote {t.host}: {reason}") from None
-        self.last_network_ms = (time.perf_counter() - started) * 1e3
+        self.last_call_ms = (time.perf_counter() - started) * 1e3
+        self.last_remote_ms = _float(headers.get(wire.ENGINE_MS_HEADER))  # a modelconsole says its share
         if status != 200:
             error = wire.error_from_answer(status, answer, headers)
             if status >= 500:
@@ -233,6 +235,13 @@ class RemoteModule(nn.Module):
                                   f"{spec.datatype} {list(spec.shape)}")
             result.append(torch.from_numpy(np.array(a)))
         return tuple(result)
+
+
+def _float(v: Any) -> float | None:
+    try:
+        return float(v) if v is not None else None
+    except ValueError:
+        return None
 
 
 def _int(v: Any) -> int | None:

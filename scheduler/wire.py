@@ -22,6 +22,7 @@ from .errors import EngineError, from_wire
 
 HEADER = "Inference-Header-Content-Length"
 KIND_HEADER = "X-Modelconsole-Error-Kind"
+ENGINE_MS_HEADER = "X-Modelconsole-Engine-Ms"  # a modelconsole server's own time on an answer
 CONTENT_TYPE = "application/octet-stream"
 
 NUMPY_TO_V2 = {

@@ -33,6 +33,7 @@ Handlers only translate.  Every error is an ``EngineError`` (or an
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from aiohttp import web
@@ -57,6 +58,7 @@ REPO_STATES = {"READY": "READY", "LOADING": "LOADING", "WARMING": "LOADING", "UN
                "UNLOADED": "UNAVAILABLE", "FAILED": "UNAVAILABLE"}
 
 _HEADER_LENGTH = "Inference-Header-Content-Length"
+_ENGINE_MS = "X-Modelconsole-Engine-Ms"
 _ROUTING_HEADER = "X-Routing-Key"
 
 
@@ -221,13 +223,17 @@ async def infer(request: web.Request) -> web.Response:
     call.timeout_ms = req.timeout_ms
     call.outputs = [o.name for o in req.outputs] if req.outputs else None
     call.routing_key = _routing_key(request, req)
+    started = time.perf_counter()
     answer = await link.infer(call)
+    # the engine's share of this answer (queue, batch, forward), so a proxy in front of this server
+    # (a remote: model) can tell its network time from this server's work
+    spent = {_ENGINE_MS: f"{(time.perf_counter() - started) * 1e3:.3f}"}
     payload, json_length = codec.encode_response(answer.model, answer.version, answer.outputs, req)
     if json_length is None:
-        resp = web.Response(body=payload, content_type="application/json")
+        resp = web.Response(body=payload, content_type="application/json", headers=spent)
     else:
         resp = web.Response(body=payload, content_type="application/octet-stream",
-                            headers={_HEADER_LENGTH: str(json_length)})
+                            headers={_HEADER_LENGTH: str(json_length), **spent})
     if len(payload) >= 1024 and "Accept-Encoding" in request.headers:
         resp.enable_compression()  # gzip or deflate, whichever the client accepts
     return resp

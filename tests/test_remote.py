@@ -43,11 +43,12 @@ async def test_a_remote_model_answers_what_the_remote_computes(tmp_path):
             assert m["device_label"] == "→" + far.hostport and m["footprint_bytes"] == 0
             assert m["device_index"] is None  # no GPU budget of ours
             assert m["remote"]["url"] == far.url and m["remote"]["circuit"] == "closed"
-            assert m["remote"]["last_call_ms"] is not None
+            assert m["remote"]["last_call_ms"] >= m["remote"]["last_remote_ms"] > 0  # the remote says its share
             from modelconsole.console import describe
 
             text = describe.text(m, None, [], [])
             assert f"── remote\n  {far.url} · model tiny" in text and "s3cret" not in text
+            assert " ms = network " in text and " ms + remote " in text
             # the token is never shown: snapshot, register answer, audit log
             assert snap["config"]["token"] == "***" and m["config"]["token"] == "***"
             audit = await near.audit_log(10, "tiny")
