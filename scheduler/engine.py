@@ -57,6 +57,7 @@ from .shared import SharedDevice, model_urgency
 from .store import Store
 from .trust import Trust
 from .versions import Versions
+from .worker import stop_spares
 
 log = logging.getLogger("modelconsole.engine")
 
@@ -357,6 +358,7 @@ class Engine:
                 return_exceptions=True,
             )
         await self.versions.wait_shadows()  # their requests were answered by the drain above
+        stop_spares(asyncio.get_running_loop())  # the freed models' spare CUDA workers (worker.py)
         self.backend.close()
         if self.store is not None:
             await self.store.close()

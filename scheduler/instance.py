@@ -38,7 +38,7 @@ from .ratelimit import RateLimit
 from .shared import SharedDevice
 from .stats import ModelStats
 from .tensors import output_mean, random_tensor, validate_inputs
-from .worker import ModelWorker, Pending
+from .worker import ModelWorker, Pending, give_back, take_worker
 
 log = logging.getLogger("modelconsole.instance")
 _DEADLINE = operator.attrgetter("deadline")
@@ -221,7 +221,7 @@ class ModelInstance:
             if device is None:
                 device = resolve_device(self.cfg.device)
             threads = policy.torch_threads(self.torch_threads_setting)
-            worker = ModelWorker(f"{self.name}:{self.version}", device, loop, threads=threads)
+            worker = take_worker(f"{self.name}:{self.version}", device, loop, threads=threads)
             kept = self.host_tier.take(self.key) if self.host_tier is not None else None
             self.load_source = "host tier" if kept is not None else self.cfg.source
             loaded, footprint = await worker.call(lambda: self._load_on_thread(device, kept))
@@ -359,7 +359,7 @@ class ModelInstance:
         try:
             await worker.call(free)
         finally:
-            worker.stop()
+            give_back(worker)  # a CUDA worker waits as its device's spare for the next load
         if kept:
             for dropped in self.host_tier.put(self.key, kept[0]):
                 self.events.publish("host_tier_dropped", f"{dropped} dropped from the host-memory tier (full)",

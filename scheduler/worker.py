@@ -140,6 +140,47 @@ class ModelWorker:
             return False  # the loop is closed: nobody is waiting any more
 
 
+# A freed model's CUDA worker is kept as its device's spare for the next load there: the thread,
+# its CUDA stream and its settings are up already.  A reload from the host tier is a ~10 ms copy,
+# and starting a thread with its stream was 0.5-0.7 ms of it (docs/benchmarks.md, issue 16).
+# One spare per (device, torch threads, event loop); CPU workers just stop.
+_SPARES: dict[tuple[str, int, int], ModelWorker] = {}
+_SPARES_LOCK = threading.Lock()
+
+
+def take_worker(name: str, device: torch.device, loop: asyncio.AbstractEventLoop, threads: int = 0) -> ModelWorker:
+    """A worker for a model being loaded: its device's spare when there is one, else a new one."""
+    if device.type == "cuda":
+        with _SPARES_LOCK:
+            spare = _SPARES.pop((str(device), threads, id(loop)), None)
+        if spare is not None:
+            if spare._loop is loop and spare._thread.is_alive():
+                spare._thread.name = f"model:{name}"
+                return spare
+            spare.stop()
+    return ModelWorker(name, device, loop, threads)
+
+
+def give_back(worker: ModelWorker) -> None:
+    """A freed model's worker (its jobs done): kept as its device's spare, else stopped."""
+    if worker.device.type == "cuda" and worker._thread.is_alive() and not worker._loop.is_closed():
+        key = (str(worker.device), worker.threads, id(worker._loop))
+        with _SPARES_LOCK:
+            if key not in _SPARES:
+                _SPARES[key] = worker
+                return
+    worker.stop()
+
+
+def stop_spares(loop: asyncio.AbstractEventLoop) -> None:
+    """The spares of an engine's loop, stopped (the engine closes)."""
+    with _SPARES_LOCK:
+        keys = [k for k in _SPARES if k[2] == id(loop)]
+        spares = [_SPARES.pop(k) for k in keys]
+    for w in spares:
+        w.stop()
+
+
 class Pending:
     """A job whose device work is queued; finish() waits for it and returns the job's result."""
 

@@ -54,3 +54,29 @@ async def test_bf16_encoder_on_cuda():
         assert emb.shape == (3, 128) and emb.dtype == torch.float32 and torch.isfinite(emb).all()
     finally:
         await engine.close()
+
+
+async def test_a_reload_takes_the_freed_models_worker_and_a_packed_host_copy():
+    """An unloaded CUDA model's worker thread waits as its device's spare, and the next load there
+    takes it (no thread and stream to start); the host tier brings the weights back packed, the
+    answers the same."""
+    from modelconsole.scheduler import worker
+    from modelconsole.scheduler.config import GpuConfig
+
+    engine = Engine(None, default_device="cuda", gpu=GpuConfig(host_tier_gib=1))
+    await engine.start()
+    try:
+        await engine.register({"name": "tiny", "source": "zoo:tiny-mlp", "device": "cuda:0", "warmup": 0})
+        x = torch.randn(3, 64)
+        before = (await engine.infer("tiny", {"input": x})).outputs["logits"].clone()
+        inst = engine.instance("tiny")
+        first = inst._worker._thread
+        await engine.unload("tiny")
+        assert not first.is_alive() or first in [w._thread for w in worker._SPARES.values()]
+        await engine.load("tiny")
+        assert inst.load_source == "host tier" and inst._worker._thread is first and first.name == "model:tiny:1"
+        after = (await engine.infer("tiny", {"input": x})).outputs["logits"]
+        assert torch.equal(before, after)
+    finally:
+        await engine.close()
+    assert not any(k[2] == id(asyncio.get_running_loop()) for k in worker._SPARES)  # close stopped them
