@@ -7,8 +7,11 @@ on the app's loop, so the screen keeps updating while a model loads.
 
 Refreshing is cheap on purpose: the models table is diffed by row key
 (``name:version``) and only changed cells are rewritten, inside one
-``batch_update()``; the GPU and detail widgets repaint only when their text
-changed; nothing is refreshed while a dialog is open.
+``batch_update()``, repainting only their rows; the GPU and detail widgets
+repaint only when their text changed; nothing is refreshed while a dialog or
+a describe/logs view is open.  Below 34 rows the layout goes compact (80x24
+is a first-class size); ``:`` runs commands (``commands.py``) through the
+same actions the keys reach.
 
 The caller owns the client: it calls ``client.start()`` before ``run()`` and
 ``client.close()`` after.
