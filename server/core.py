@@ -41,7 +41,8 @@ class CoreServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_warning = 0.0
         self.dropped_messages = 0  # malformed messages (a test reads it)
-        self.calls = 0
+        self.calls = 0  # infer calls (the tests read these)
+        self.checks = 0
         self.messages = 0
 
     async def start(self) -> None:
@@ -59,7 +60,10 @@ class CoreServer:
             if isinstance(call, EngineError):
                 self._answer(peer, i, call)
                 continue
-            self.calls += 1
+            if call.check_only:
+                self.checks += 1  # a front end's first sight of a model (link.check), not a request
+            else:
+                self.calls += 1
             if call.raw is None and not call.check_only:
                 try:  # the common request: a future callback, no task (Engine.submit)
                     if self.engine.submit(call.model, ipc.call_inputs(call), functools.partial(self._done, peer, i),

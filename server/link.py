@@ -74,9 +74,9 @@ class CoreLink:
     async def check(self, name: str, version: str | None) -> None:
         """ModelNotFound (the engine's own message) for a model or version the core does not have.
 
-        Models are never removed, so a name and version the core once knew stay known: only
-        the first request for each costs a round trip; an unknown one asks every time (it
-        may have been registered since)."""
+        A name and version the core once knew stay known here: only the first request for each
+        costs a round trip (a model deleted since is answered 404 by the core's infer instead);
+        an unknown one asks every time (it may have been registered since)."""
         if (name, version) in self._known:
             return
         await self.infer(InferCall(name, version, None, check_only=True))
