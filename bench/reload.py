@@ -94,30 +94,35 @@ def load_file_seconds(path: Path, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-async def engine_loads(root: Path, gib: float, repeats: int = 3) -> tuple[float, float, int]:
+async def engine_loads(root: Path, model: dict, host_tier_gib: float, collect: bool = False,
+                       repeats: int = 3) -> tuple[float, float, int]:
+    """(median cold load s, median host-tier reload s, weight bytes) of ``model`` (a registration)
+    on cuda:0; ``collect``: a full garbage collection before each timed load, so that what the
+    previous round left is not counted in it."""
     from modelconsole.scheduler.config import GpuConfig
     from modelconsole.scheduler.engine import Engine
 
-    engine = Engine(None, base_dir=str(root), gpu=GpuConfig(host_tier_gib=gib * 2 + 1))
+    engine = Engine(None, base_dir=str(root), gpu=GpuConfig(host_tier_gib=host_tier_gib))
     await engine.start()
-    await engine.register({"name": "big", "source": "safetensors:big.safetensors", "factory": "bigmodel:build",
-                           "args": {"gib": gib}, "warmup": 0, "device": "cuda:0",
-                           "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 16]}],
-                           "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 16]}]})
-    inst = engine.instance("big")
+    await engine.register({"warmup": 0, "device": "cuda:0", **model})
+    inst = engine.instance(model["name"])
     cold, warm = [], []
     for _ in range(repeats):
-        engine.host_tier.take("big:1")  # drop it from the tier: a cold load reads the file
+        engine.host_tier.take(inst.key)  # drop it from the tier: a cold load reads the source
+        if collect:
+            gc.collect()
         t = time.perf_counter()
-        await engine.load("big")
+        await engine.load(inst.name)
         cold.append(time.perf_counter() - t)
-        assert inst.load_source.startswith("safetensors"), inst.load_source
-        await engine.unload("big")  # -> host tier
+        assert inst.load_source == model["source"], inst.load_source
+        await engine.unload(inst.name)  # -> host tier
+        if collect:
+            gc.collect()
         t = time.perf_counter()
-        await engine.load("big")
+        await engine.load(inst.name)
         warm.append(time.perf_counter() - t)
         assert inst.load_source == "host tier", inst.load_source
-        await engine.unload("big")
+        await engine.unload(inst.name)
     nbytes = inst.weight_bytes
     await engine.close()
     return statistics.median(cold), statistics.median(warm), nbytes
@@ -153,34 +158,6 @@ def from_pretrained_seconds(folder: Path, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-async def engine_hf_loads(root: Path, repeats: int = 3) -> tuple[float, float, int]:
-    from modelconsole.scheduler.config import GpuConfig
-    from modelconsole.scheduler.engine import Engine
-
-    engine = Engine(None, base_dir=str(root), gpu=GpuConfig(host_tier_gib=4))
-    await engine.start()
-    await engine.register({"name": "bert", "source": "hf:bert", "warmup": 0, "device": "cuda:0"})
-    inst = engine.instance("bert")
-    cold, warm = [], []
-    for _ in range(repeats):
-        engine.host_tier.take("bert:1")
-        gc.collect()  # what the previous round left (the dropped tier entry) is not this load's cost
-        t = time.perf_counter()
-        await engine.load("bert")
-        cold.append(time.perf_counter() - t)
-        assert inst.load_source.startswith("hf:"), inst.load_source
-        await engine.unload("bert")
-        gc.collect()
-        t = time.perf_counter()
-        await engine.load("bert")
-        warm.append(time.perf_counter() - t)
-        assert inst.load_source == "host tier", inst.load_source
-        await engine.unload("bert")
-    nbytes = inst.weight_bytes
-    await engine.close()
-    return statistics.median(cold), statistics.median(warm), nbytes
-
-
 def hf_part(root_dir: str) -> tuple[float, float, float, int, float]:
     """The hf: figures, in a fresh process: (from_pretrained s, cold s, reload s, weight bytes,
     pinned copy GB/s of the same size)."""
@@ -196,7 +173,8 @@ def hf_part(root_dir: str) -> tuple[float, float, float, int, float]:
     hf_bytes = sum(f.stat().st_size for f in (root / "bert").glob("*.safetensors"))
     hf_copy = pinned_copy_gbps(hf_bytes)
     fp = from_pretrained_seconds(root / "bert")
-    hf_cold, hf_warm, hf_weights = asyncio.run(engine_hf_loads(root))
+    hf_cold, hf_warm, hf_weights = asyncio.run(engine_loads(root, {"name": "bert", "source": "hf:bert"}, 4,
+                                                            collect=True))
     return fp, hf_cold, hf_warm, hf_weights, hf_copy
 
 
@@ -225,7 +203,11 @@ def main() -> None:
         torch.cuda.init()
         copy_gbps = pinned_copy_gbps(nbytes)
         lf = load_file_seconds(root / "big.safetensors")
-        cold, warm, weight_bytes = asyncio.run(engine_loads(root, args.gib))
+        big = {"name": "big", "source": "safetensors:big.safetensors", "factory": "bigmodel:build",
+               "args": {"gib": args.gib},
+               "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 16]}],
+               "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 16]}]}
+        cold, warm, weight_bytes = asyncio.run(engine_loads(root, big, args.gib * 2 + 1))
         hf = None
         if not args.no_hf:
             # in a process of its own, as a server is: nothing left over from the 2 GiB runs above

@@ -136,10 +136,8 @@ class Model:
     # ------------------------------------------------------------------ over the wire
 
     def _infer_url(self) -> str:
-        path = f"{self.url}/v2/models/{urllib.parse.quote(self.name, safe='')}"
-        if self.version is not None:
-            path += f"/versions/{urllib.parse.quote(self.version, safe='')}"
-        return path + "/infer"
+        assert self.url is not None
+        return wire.model_url(self.url, self.name, self.version, "/infer")
 
     def _headers(self, header_length: int) -> dict[str, str]:
         h = {"Content-Type": wire.CONTENT_TYPE, wire.HEADER: str(header_length)}

@@ -1133,8 +1133,7 @@ class ModelConsoleApp(App[None]):
         return self._sort_col
 
     def action_sort(self) -> None:
-        keys = fmt.COLUMN_KEYS
-        self.sort_by(keys[(keys.index(self._sort_col) + 1) % len(keys)])
+        self._sort_step(+1)
 
     def action_reverse_sort(self) -> None:
         self.sort_by(self._sort_col, not self._sort_reverse)

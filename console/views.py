@@ -121,7 +121,7 @@ class LogScreen(_ModelView):
         yield Footer(compact=True, show_command_palette=False)
 
     def on_mount(self) -> None:
-        self._shown = 0
+        self._last: dict[str, Any] | None = None  # the newest event shown (the app keeps a bounded window)
         self.lines: list[str] = []
         super().on_mount()
 
@@ -130,11 +130,14 @@ class LogScreen(_ModelView):
         self.query_one("#view-title", Line).set(
             f" logs {self.key} · {len(events)} events · y copies the last error · g/G top/bottom · esc back")
         log = self.query_one("#model-log", RichLog)
-        for ev in events[self._shown:]:
+        # what came after the newest event shown: a count would stall once the window is full
+        start = next((i + 1 for i in range(len(events) - 1, -1, -1) if events[i] is self._last), 0)
+        for ev in events[start:]:
             line = f"{fmt.clock(ev.get('ts'))} {ev.get('message') or ev.get('kind')}"
             self.lines.append(line)
             log.write(Text(line, style={"error": "bold red", "warning": "yellow"}.get(ev.get("level") or "", "")))
-        self._shown = len(events)
+        if events:
+            self._last = events[-1]
 
     def action_top(self) -> None:
         self.query_one("#model-log", RichLog).scroll_home(animate=False)

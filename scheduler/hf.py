@@ -311,7 +311,8 @@ def load(folder: Path, source: str, device: torch.device, inputs: tuple[TensorSp
     want = model.state_dict()
     problems = []
     # older checkpoints hold non-persistent buffers (BERT's position_ids): the model makes its own
-    for k in [k for k in state if k not in want and k in dict(model.named_buffers())]:
+    buffers = dict(model.named_buffers())
+    for k in [k for k in state if k not in want and k in buffers]:
         del state[k]
     unexpected = [k for k in state if k not in want]
     if unexpected:

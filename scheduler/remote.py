@@ -92,10 +92,7 @@ class Target:
         return urllib.parse.urlsplit(self.url).netloc
 
     def path(self, suffix: str) -> str:
-        base = f"{self.url}/v2/models/{urllib.parse.quote(self.model, safe='')}"
-        if self.version is not None:
-            base += f"/versions/{urllib.parse.quote(self.version, safe='')}"
-        return base + suffix
+        return wire.model_url(self.url, self.model, self.version, suffix)
 
 
 def call(target: Target, method: str, path: str, body: bytes | None = None,
@@ -201,11 +198,7 @@ class RemoteModule(nn.Module):
                 from None
         except OSError as e:
             self.circuit.failure(time.monotonic())
-            reason = getattr(e, "reason", e)
-            if isinstance(reason, TimeoutError) or "timed out" in str(reason):
-                raise DeadlineExceeded(f"{self.where}: the remote {t.host} did not answer within "
-                                       f"{t.timeout_s:g} s") from None
-            raise RemoteError(f"{self.where}: cannot reach the remote {t.host}: {reason}") from None
+            raise RemoteError(f"{self.where}: cannot reach the remote {t.host}: {e}") from None
         self.last_call_ms = (time.perf_counter() - started) * 1e3
         self.last_remote_ms = _float(headers.get(wire.ENGINE_MS_HEADER))  # a modelconsole says its share
         if status != 200:

@@ -41,6 +41,16 @@ class WireError(ValueError):
     """An answer that is not the V2 protocol (or not the tensors asked for)."""
 
 
+def model_url(base: str, model: str, version: str | None = None, suffix: str = "") -> str:
+    """``base/v2/models/{model}[/versions/{version}]{suffix}``, the names quoted."""
+    from urllib.parse import quote
+
+    url = f"{base}/v2/models/{quote(model, safe='')}"
+    if version is not None:
+        url += f"/versions/{quote(version, safe='')}"
+    return url + suffix
+
+
 def as_array(value: Any) -> np.ndarray:
     """numpy as is; a torch tensor (or anything with ``.numpy()``) on the CPU, without importing torch."""
     if isinstance(value, np.ndarray):

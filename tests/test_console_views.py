@@ -42,6 +42,15 @@ async def client(tmp_path):
     await eng.close()
 
 
+KEY_NAMES = {"\t": "tab", ":": "colon", " ": "space", "-": "minus", "=": "equals_sign", "\r": "enter"}
+
+
+def paste(app, text: str) -> None:
+    """Every key of ``text`` handed to the app at once, as one read from a terminal brings them."""
+    for ch in text:
+        app.post_message(events.Key(KEY_NAMES.get(ch, ch), ch))
+
+
 def visible_rows(app) -> int:
     table = app.table
     return min(table.row_count, table.scrollable_content_region.height - table.header_height)
@@ -170,9 +179,7 @@ async def test_the_command_line_runs_actions_with_arguments_and_completes(client
             assert said in app.notes[-1][0], (bad, app.notes[-1])
         assert eng.routing("tiny")["active"] == "2"
         # a command line typed in one read (a paste over SSH) lands in the box whole
-        for ch in ":model cnn\r":
-            key = {":": "colon", " ": "space", "\r": "enter"}.get(ch, ch)
-            app.post_message(events.Key(key, ch))
+        paste(app, ":model cnn\r")
         await until(pilot, lambda: app.selected_key() == "cnn:1", what="the pasted command ran")
 
 
@@ -216,9 +223,7 @@ async def test_register_form_blank_version_and_keys_in_one_read(client):
         await pilot.press("r")
         assert isinstance(app.screen, RegisterScreen)
         # as over SSH or a paste: every key in one read, Tab between the fields
-        for ch in "tiny\tzoo:tiny-mlp\t\twarmup=0\r":
-            key = {"\t": "tab", ":": "colon", "-": "minus", "=": "equals_sign", "\r": "enter"}.get(ch, ch)
-            app.post_message(events.Key(key, ch))
+        paste(app, "tiny\tzoo:tiny-mlp\t\twarmup=0\r")
         # the blank version is the next number, as the form says
         await until(pilot, lambda: "tiny:3" in app.models, what="tiny v3 registered")
         assert eng.instance("tiny", "3").cfg.warmup == 0
