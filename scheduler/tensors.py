@@ -153,14 +153,28 @@ def to_tensor(spec: TensorSpec, value: Any, max_batch_size: int) -> Any:
     if spec.datatype == "BYTES":
         return value if isinstance(value, np.ndarray) else np.asarray(value, dtype=object)
     if isinstance(value, np.ndarray):
-        if not value.flags.c_contiguous:
-            value = np.ascontiguousarray(value)
-        if not value.flags.writeable:
-            value = value.copy()
-        return torch.from_numpy(value)
+        if value.flags.c_contiguous and value.flags.writeable and value.ctypes.data % ALIGNMENT == 0:
+            return torch.from_numpy(value)
+        return aligned_copy(value)
     if value.device.type != "cpu":
         value = value.cpu()
+    if not value.is_contiguous() or value.data_ptr() % ALIGNMENT:
+        return value.clone(memory_format=torch.contiguous_format)
     return value
+
+
+ALIGNMENT = 64
+"""Where every input tensor's first byte lies (a multiple of this many bytes).  On some CPUs
+(AVX-512 among them) torch's kernels round differently when a buffer starts 4 or 8 bytes off a
+cache line, so the same input could give other bits depending on where a decoder happened to put
+its bytes.  torch's own allocator aligns to 64; numpy's and a request body's do not."""
+
+
+def aligned_copy(value: np.ndarray) -> torch.Tensor:
+    """``value`` copied into a fresh torch tensor (64-byte aligned by torch's allocator)."""
+    out = torch.empty(value.shape, dtype=torch.from_numpy(np.empty(0, value.dtype)).dtype)
+    out.numpy()[...] = value
+    return out
 
 
 def validate_inputs(

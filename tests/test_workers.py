@@ -163,6 +163,8 @@ async def test_the_result_cache_is_keyed_by_the_front_ends_hash(pair, monkeypatc
             async with s.post(srv.url + "/v2/models/cached/infer", json=body) as r:
                 assert r.status == 200
                 answers.append(await r.json())
+    # exact: the same input in the same batch gives the same bits on every path, a cache hit and
+    # another server included (tests/test_bit_identity.py shows it for every path under load)
     assert answers[0] == answers[1] == answers[2]
     assert two.engine.instance("cached").stats.cache_hits == hits_before + 1
     assert len(calls) == 1  # only the single process hashed on its loop
