@@ -19,7 +19,7 @@ Prints a table, then as its LAST line one JSON object with exactly the keys
 ``peak_rss_over_baseline_mib`` (the server's peak RSS during the run minus
 its RSS after warm-up), ``control_5xx`` (5xx answers to the control calls)
 and ``lost_on_sigterm`` (requests written on a kept-alive connection and
-never answered).  Targets (issue 12): ratio <= 3, <= 200 MiB, 0, 0.
+never answered).  Targets: ratio <= 3, <= 200 MiB, 0, 0.
 """
 
 from __future__ import annotations

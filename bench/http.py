@@ -37,7 +37,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# This file is named http.py (the issue names it): its folder goes to the END of the import
+# This file is named http.py (the docs name it): its folder goes to the END of the import
 # path, so the standard library's http package (urllib, asyncio's helpers) is the one imported
 # and bench/serveproc.py can still be.
 _HERE = Path(__file__).resolve().parent

@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="console: remap keys by binding id (see ? for the ids), e.g. load=L,unload=U or "
                    "quit=ctrl+q; or set MODELCONSOLE_KEYMAP")
     p.add_argument("--log-file", metavar="PATH",
-                   help="console modes: where logs go (default: modelconsole.log next to the store)")
+                   help="console modes: where logs go (default: modelconsole.log in the folder of "
+                   "--store when one is given, else the state directory; printed at start)")
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR "
                    "(default: INFO with --serve, else WARNING)")
     return p
@@ -359,6 +360,9 @@ def _console_log(args: argparse.Namespace, level: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=getattr(logging, level.upper(), logging.WARNING), format=LOG_FORMAT,
                         filename=str(path))
+    # the screen is about to belong to the console: say once, where it stays in the scrollback,
+    # where its log lines go
+    print(f"modelconsole: logs go to {path}", file=sys.stderr, flush=True)
 
 
 _NEWLINES = re.compile(r"[ \t]*[\r\n]+\s*")

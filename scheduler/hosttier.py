@@ -2,7 +2,7 @@
 
 A reload from here is a host -> device copy (~50 GB/s from pinned memory on
 an H200) instead of a file read and a rebuild (~2 GB/s from safetensors):
-shared/reference/gpu-limits.md measured the gap at ~25x.  The tier is
+docs/design.md (facts the design leans on) gives the gap, about 25x.  The tier is
 bounded in bytes (``[gpu] host_tier_gib``) and LRU within the bound; beyond
 it the oldest entries are dropped and their next load reads the source.
 

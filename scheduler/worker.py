@@ -142,7 +142,7 @@ class ModelWorker:
 
 # A freed model's CUDA worker is kept as its device's spare for the next load there: the thread,
 # its CUDA stream and its settings are up already.  A reload from the host tier is a ~10 ms copy,
-# and starting a thread with its stream was 0.5-0.7 ms of it (docs/benchmarks.md, issue 16).
+# and starting a thread with its stream was 0.5-0.7 ms of it (docs/benchmarks.md, the hf: reload figures).
 # One spare per (device, torch threads, event loop); CPU workers just stop.
 _SPARES: dict[tuple[str, int, int], ModelWorker] = {}
 _SPARES_LOCK = threading.Lock()

@@ -3,7 +3,7 @@
 Pure functions, no web framework: the server hands over the body bytes and
 the ``Inference-Header-Content-Length`` header, and writes back what
 ``encode_response`` returns.  The wire format is the one ``tritonclient.http``
-speaks (see ../shared/reference/v2-protocol.md):
+speaks (docs/api.md and docs/design.md):
 
 * a JSON object, optionally followed by a binary tail whose length the header
   gives; inputs with ``parameters.binary_data_size`` take their bytes from

@@ -62,3 +62,23 @@ def test_bench_script_starts_as_documented(script):
                          text=True, cwd=ROOT, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "usage:" in run.stdout
+
+
+USER_DOCS = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "examples").glob("*.toml")]
+SOURCES = [p for pkg in (*PACKAGES, "client", "bench") for p in (ROOT / pkg).rglob("*.py")]
+
+
+def test_the_readme_opens_with_its_title_and_the_two_commands():
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "# modelconsole"
+    block = lines[lines.index("```") + 1:]
+    block = block[:block.index("```")]
+    assert block == ["pip install -e . && modelconsole --demo", "pip install -e '.[test]' && python -m pytest -q"]
+
+
+@pytest.mark.parametrize("pattern", [r"\b[Ii]ssues? \d", r"\bthis issue\b", r"\.\./shared/|shared/reference|DESIGN\.md"])
+def test_user_documents_and_code_say_what_exists_not_when_it_came(pattern):
+    """Users read what the product does: no internal issue numbers, no files outside the repository."""
+    found = [f"{p.relative_to(ROOT)}:{n}: {line.strip()}" for p in USER_DOCS + SOURCES
+             for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if re.search(pattern, line)]
+    assert not found, "\n".join(found[:20])
