@@ -8,8 +8,8 @@ on the app's loop, so the screen keeps updating while a model loads.
 Refreshing is cheap on purpose: the models table is diffed by row key
 (``name:version``) and only changed cells are rewritten, inside one
 ``batch_update()``, repainting only their rows; the GPU and detail widgets
-repaint only when their text changed; nothing is refreshed while a dialog or
-a describe/logs view is open.  Below 34 rows the layout goes compact (80x24
+repaint only when their text changed; while a dialog or a describe/logs view
+is open only the picture those read and the header are kept current.  Below 34 rows the layout goes compact (80x24
 is a first-class size); ``:`` runs commands (``commands.py``) through the
 same actions the keys reach.
 
@@ -91,13 +91,13 @@ PALETTE: tuple[tuple[str, str, str], ...] = (
     ("canary", "Canary a version (or abort one)", "rising steps within error and p95 bounds, or abort (c)"),
     ("describe", "Describe the selected version", "config, tensors, memory, routing, keep value, audit (d, enter)"),
     ("logs", "Logs of the selected model", "its events only, wrapped; y copies the last error (L)"),
-    ("mark", "Mark / unmark the selected row", "u and p then act on every marked row (space)"),
+    ("mark", "Mark / unmark the selected row", "u, e and p then act on every marked row (space)"),
     ("command_line", "Command line", ":unload NAME, :swap NAME 2, :split NAME 1=80 2=20, :model NAME (:)"),
     ("filter", "Filter models", "a regular expression over name, version, state, device (/)"),
     ("clear_filter", "Clear the filter (and the marks)", "show every model (esc)"),
-    ("sort_next", "Sort by the next column", "numbers largest first; a header click sorts too (.)"),
-    ("sort_prev", "Sort by the previous column", "(,)"),
-    ("sort", "Sort by the next column", "(o)"),
+    ("sort_next", "Sort by the column to the right", "numbers largest first; a header click sorts too (.)"),
+    ("sort_prev", "Sort by the column to the left", "(,)"),
+    ("sort", "Cycle the sort column (as . does)", "(o)"),
     ("reverse_sort", "Reverse the sort order", "(O)"),
     ("toggle_pane", "Show / hide the detail pane", "more rows for the table (i)"),
     ("cycle_theme", "Next theme", "cycle the console's themes (t)"),
@@ -284,6 +284,10 @@ class ModelConsoleApp(App[None]):
         self._asking_quit = False  # the quit confirmation is on screen
         self._main: Any = None
         self._timer: Any = None
+        self._evictable: bool | None = None  # whether e acts on the selected row (the footer greys it)
+        self._server_error: str | None = None  # the embedded HTTP server could not start: why
+        self._flash_timer: Any = None
+        self.flash_text = ""  # what the flash line says now
 
     # ------------------------------------------------------------------ layout
 
@@ -298,13 +302,51 @@ class ModelConsoleApp(App[None]):
         yield table
         with Horizontal(id="bottom"):
             yield DetailPane(id="detail")
-            yield RichLog(id="events", max_lines=1000, wrap=False, markup=False, auto_scroll=True)
+            # wrapped: an event is read whole, never cut mid-sentence at the pane's edge
+            yield RichLog(id="events", max_lines=1000, wrap=True, markup=False, auto_scroll=True, min_width=20)
         yield Input(placeholder="filter: a regular expression over name:version, state, device "
                                 "(enter keeps it, esc clears)", id="filter")
         yield CommandInput(placeholder=":command (tab completes; e.g. unload tiny-mlp · swap tiny-mlp 2 · "
                                 "split tiny-mlp 1=80 2=20 · model tiny) — esc cancels",
                     id="command", suggester=CommandSuggester(self))
+        yield Line(id="flash")  # notifications: one line under the table, never a toast over it
         yield Footer(compact=True, show_command_palette=False)  # ": Palette" is in the list already
+
+    def notify(self, message: str, *, title: str = "", severity: str = "information",
+               timeout: float | None = None, markup: bool = True) -> None:
+        """On the main screen (and under its dialogs) a notification is the flash line: one line
+        above the footer, replaced by the next, gone after ``timeout``; toasts would cover the
+        table at 80x24.  Full-screen views (describe, logs) keep Textual's toasts."""
+        from textual.screen import ModalScreen
+
+        flash = self._flash_line() if self.screen_stack else None
+        if flash is None or not (self.screen is self._main or isinstance(self.screen, ModalScreen)):
+            super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)  # type: ignore[arg-type]
+            return
+        text = " · ".join(part.strip() for part in str(message).splitlines() if part.strip())
+        if title:
+            text = f"{title}: {text}"
+        style = {"error": "bold red", "warning": "yellow"}.get(severity, "")
+        flash.set(Text(f" {text}", style=style, no_wrap=True, overflow="ellipsis"))
+        self.flash_text = text
+        if self._flash_timer is not None:
+            self._flash_timer.stop()
+        seconds = timeout if timeout is not None else (8.0 if severity == "error" else 4.0)
+        self._flash_timer = self.set_timer(seconds, self._clear_flash)
+
+    def _flash_line(self) -> Line | None:
+        if self._main is None:
+            return None
+        try:
+            return self._main.query_one("#flash", Line)
+        except Exception:  # noqa: BLE001 - not composed yet, or the app is closing
+            return None
+
+    def _clear_flash(self) -> None:
+        flash = self._flash_line()
+        if flash is not None:
+            flash.set("")
+        self.flash_text = ""
 
     def on_mount(self) -> None:
         self._main = self.screen
@@ -371,21 +413,53 @@ class ModelConsoleApp(App[None]):
         if action == "clear_filter" and not self._filter_text and not self._filter_visible() and not self.marked \
                 and not self._command_visible():
             return False
+        if action == "evict" and self.allowed(action) and self._main is not None and not self.marked \
+                and self.evict_refusal(self.selected()):
+            return None  # shown greyed: it would fail on this row (pressing it says why)
         return self.allowed(action)
 
+    def why_not(self, action: str) -> str | None:
+        """Why a key of the main screen does nothing here, in words; None when it acts."""
+        if action in MUTATING and self.read_only:
+            return "changes the engine, and this console was started with --read-only."
+        if action in DEMO_ACTIONS and self.demo is None:
+            return ("sets the demo's traffic, and "
+                    + ("an attached console has none: the server's clients send the traffic."
+                       if self.client.url else "this console runs no demo (start it with --demo)."))
+        if action == "cycle_node" and not self._fleet_nodes():
+            return "picks the node that actions act on in a fleet (--serve --cluster); this is one host."
+        m = self.selected()
+        if action == "evict" and not self.marked and m is not None and self.evict_refusal(m):
+            return f"does nothing: {self._label(m)} {self.evict_refusal(m)}."
+        return None
+
     def on_key(self, event: events.Key) -> None:
-        """Read-only: a key that would change the engine says why it does nothing, rather than
+        """A key that does nothing here says why (read-only, no demo, one host), rather than
         nothing at all (its binding is hidden and refused)."""
-        if not self.read_only or self.screen is not self._main or self.focused is not self.table:
+        if self.screen is not self._main or self.focused is not self.table:
             return
         for b in self.BINDINGS:
             assert isinstance(b, Binding)
             keys = (self._keymap.get(b.id, b.key) if b.id else b.key).split(",")
-            if b.action in MUTATING and event.key in [k.strip() for k in keys]:
-                self.notify(f"read-only: {event.key} ({b.description.lower()}) changes the engine, and this "
-                            "console was started with --read-only.", severity="warning", timeout=4)
+            if event.key not in [k.strip() for k in keys]:
+                continue
+            reason = self.why_not(b.action)
+            if reason is not None:
+                prefix = "read-only: " if b.action in MUTATING and self.read_only else ""
+                self.notify(f"{prefix}{event.key} ({b.description.lower()}) {reason}", severity="warning", timeout=4)
                 event.stop()
-                return
+            return
+
+    @staticmethod
+    def evict_refusal(m: dict[str, Any] | None) -> str | None:
+        """Why evicting ``m`` would fail (the engine refuses pinned and unloaded versions)."""
+        if m is None:
+            return None
+        if m.get("pinned"):
+            return "is pinned: unpin it (p) before evicting it"
+        if m.get("state") in ("UNLOADED", "FAILED", None):
+            return "is not loaded: there is nothing to evict"
+        return None
 
     # ------------------------------------------------------------------ refresh
 
@@ -393,8 +467,7 @@ class ModelConsoleApp(App[None]):
         """Read the client's latest snapshot and update what changed."""
         if not self.screen_stack:
             return  # the app is closing (a timer outlived the screens): nothing to paint
-        if not force and self._main is not None and self.screen is not self._main:
-            return  # a dialog is open: leave the picture alone
+        behind = not force and self._main is not None and self.screen is not self._main
         connected = bool(self.client.connected)
         if connected != self._connected:
             self._set_connected(connected)
@@ -412,8 +485,19 @@ class ModelConsoleApp(App[None]):
                 self.add_event(ev)
         if not connected and self._snapshot_ts is not None:
             return  # keep the last picture (greyed) until the link is back
+        server_error = (snap.get("server") or {}).get("error")
+        if server_error and connected and server_error != self._server_error:
+            self._server_error = server_error  # e.g. the port is in use: on screen, not only in a log file
+            self.banner.set(f" ⚠ {server_error} — the console works; clients cannot reach this engine")
+            (self._main or self.screen).add_class("-server-error")
         self._snapshot_ts = snap.get("ts") or time.time()
         self.routing = snap.get("routing") or {}
+        if behind:
+            # a dialog or a describe/logs view is on top: keep the picture those read (and the
+            # header, which a dialog leaves in view) current, but leave the hidden table alone
+            self.models = {fmt.row_key(m): m for m in snap.get("models") or ()}
+            self._update_status(snap)
+            return
         with self.batch_update():
             self._update_models(snap.get("models") or [])
             self.gpus.update_devices(snap.get("devices") or [])
@@ -448,7 +532,7 @@ class ModelConsoleApp(App[None]):
             self.banner.set(
                 f" ⚠ connection lost to {where} — reconnecting…  (the picture below is from {since})")
         else:
-            self.banner.set("")
+            self.banner.set(f" ⚠ {self._server_error}" if self._server_error else "")
 
     def _style(self, kind: str, value: str) -> str:
         return self._styles.get(f"{kind}:{value}", "")
@@ -555,6 +639,11 @@ class ModelConsoleApp(App[None]):
     def _update_detail(self) -> None:
         key = self.selected_key()
         m = self.models.get(key) if key else None
+        evictable = self.evict_refusal(m) is None
+        if evictable != self._evictable:
+            self._evictable = evictable
+            if self.screen_stack:
+                self.refresh_bindings()  # the footer greys e where evicting would fail
         if m is None:
             self.detail.show(None, deque(), deque(), [])
             return
@@ -568,15 +657,28 @@ class ModelConsoleApp(App[None]):
         ready = sum(1 for m in models if m.get("state") == "READY")
         total_rate = sum(fmt.throughput(m) for m in models)
         total_err = sum((m.get("stats") or {}).get("error_rps") or 0.0 for m in models)
-        where = f"attached to {self.client.url}" if self.client.url else "embedded" if self.embedded else "in-process"
-        parts = [f"modelconsole {__version__}", where, f"{len(models)} models ({ready} ready)",
+        server = snap.get("server") or {}
+        if self.client.url:
+            where = f"attached to {self.client.url}"
+        elif self.embedded:
+            where = f"embedded · {server['url']}" if server.get("url") else "embedded (no HTTP server)"
+        else:
+            where = "in-process"
+        # what the operator set (filter, sort) right after the counts: a narrow terminal cuts the
+        # end of the line, and these must stay in view (k9s keeps its filter in the breadcrumb)
+        parts = [f"{len(models)} models ({ready} ready)",
                  f"{fmt.rate(total_rate)} req/s" + (f" ({fmt.rate(total_err)} err/s)" if total_err else ""),
-                 f"sort {fmt.COLUMN_LABELS[self._sort_col]} {'↓' if self._sort_reverse else '↑'}"]
+                 f"sort {fmt.COLUMN_LABELS[self._sort_col].strip()}{'↓' if self._sort_reverse else '↑'}"]
         if self._filter_text:
-            bad = f" — not a regex ({self._filter_error}), matched as text" if self._filter_error else ""
-            parts.append(f"filter /{self._filter_text}/ ({len(self._cells)} of {len(models)}){bad}")
+            bad = " (not a regex: as text)" if self._filter_error else ""
+            parts.append(f"filter /{self._filter_text}/ {len(self._cells)} of {len(models)}{bad}")
+        width = self.size.width
+        if width >= 100 or self._server_error or not self.client.connected:
+            parts.insert(0, where)
+        if width >= 140:
+            parts.insert(0, f"modelconsole {__version__}")
         if self.marked:
-            parts.append(f"{len(self.marked)} marked (u, p act on them; esc clears)")
+            parts.append(f"{len(self.marked)} marked (u, e, p act on them; esc clears)")
         if snap.get("nodes"):
             live = sum(1 for n in snap["nodes"] if n.get("health") == "ok")
             target = f"node {self.target_node[:8]}" if self.target_node else "all nodes"
@@ -645,7 +747,7 @@ class ModelConsoleApp(App[None]):
         line = f"{fmt.clock(ts)} {message}"
         self.event_lines.append(line)
         style = ALERT_STYLE if alert else LEVEL_STYLE.get(level, "")
-        self.log_widget.write(Text(line, style=style, no_wrap=True))
+        self.log_widget.write(Text(line, style=style))
 
     # ------------------------------------------------------------------ selection
 
@@ -773,6 +875,7 @@ class ModelConsoleApp(App[None]):
                 self._run(f"{verb} {self._label(m)}", partial(call, m), model=m["name"])
             self.marked.clear()
             self.refresh_view(force=True)
+            self.refresh_bindings()
 
         if confirm:
             self._confirm(f"{verb.capitalize()} {len(found)} marked versions?", f"{labels}{hide}.",
@@ -803,10 +906,26 @@ class ModelConsoleApp(App[None]):
                       "Unload", go)
 
     def action_evict(self) -> None:
+        found, _ = self._marked_models()
+        if found:
+            refused = [(self._label(m), why) for m in found if (why := self.evict_refusal(m))]
+            if refused:
+                self.notify("; ".join(f"{label} {why}" for label, why in refused[:4])
+                            + (" …" if len(refused) > 4 else "") + " — left out.", severity="warning", timeout=6)
+            keep = {fmt.row_key(m) for m in found if not self.evict_refusal(m)}
+            if not keep:
+                return
+            self.marked &= keep
+            self._bulk("evict", lambda m: self.client.evict(m["name"], m["version"], **self._where()), True)
+            return
         m = self._need_selection()
         if m is None:
             return
         label = self._label(m)
+        refusal = self.evict_refusal(m)
+        if refusal:
+            self.notify(f"{label} {refusal}.", severity="warning", timeout=4)
+            return
         why = "\n".join(fmt.eviction_lines(m.get("eviction"), m))
 
         def go() -> None:
@@ -883,17 +1002,20 @@ class ModelConsoleApp(App[None]):
         self._priority(+1)
 
     def action_register(self) -> None:
-        def answered(form: dict[str, Any] | None) -> None:
-            if not form:
-                return
-            what = f"{form['name']} from {form['source']}"
-            self._started(f"registering {what}…")
-            self._run(f"register {form['name']}",
-                      partial(self.client.register, form["name"], form["source"], form["version"], form["options"]),
-                      lambda r: f"{r.get('name', form['name'])} v{r.get('version', '?')} registered "
-                      f"({r.get('state', 'UNLOADED')}); l loads it")
+        """The register form stays open until the registration succeeds: a refusal shows under
+        the field it names, with everything typed still there."""
 
-        self.push_screen(RegisterScreen(), answered)
+        async def register(form: dict[str, Any]) -> dict[str, Any]:
+            return await self.client.register(form["name"], form["source"], form["version"], form["options"])
+
+        def answered(result: dict[str, Any] | None) -> None:
+            if not result:
+                return
+            self.notify(f"{result.get('name', '?')} v{result.get('version', '?')} registered "
+                        f"({result.get('state', 'UNLOADED')}); l loads it", title="done")
+            self.refresh_soon()
+
+        self.push_screen(RegisterScreen(register), answered)
 
     # -- versions: swap, split, canary
 
@@ -1397,6 +1519,9 @@ class ModelConsoleApp(App[None]):
             shown = ", ".join(self.get_key_display(Binding(k.strip(), b.action)) for k in keys.split(","))
             desc = next((title for a, title, _ in PALETTE if a == b.action), b.description)
             rows.append((shown, desc, b.id or "", self.allowed(b.action, main=True)))
+        # the table's own keys (ModelTable's bindings)
+        rows += [("↑, ↓, pgup, pgdn", "Select a model", "", True), ("g, home", "First row", "", True),
+                 ("G, end", "Last row", "", True), ("enter", "Describe the selected version (as d)", "", True)]
         return rows
 
     def action_help(self) -> None:
@@ -1407,7 +1532,7 @@ class ModelConsoleApp(App[None]):
             "Base priority: P1 is the most urgent; + moves toward P1.",
             ("Versions act on the selected model's name: s swaps its active version, a edits its A/B "
              "weights, c starts a canary (or aborts the running one)."),
-            "Remap keys by binding id (App.set_keymap / ModelConsoleApp(keymap=...)).",
+            "Remap keys by binding id: --keymap load=L,unload=U (or MODELCONSOLE_KEYMAP).",
         ]
         if self.read_only:
             notes.insert(0, "READ-ONLY: the actions that change the engine are hidden and refused.")
@@ -1420,7 +1545,7 @@ class ModelConsoleApp(App[None]):
             if self._asking_quit:
                 return  # the question is on screen already: one is enough
             models = (self.client.snapshot() or {}).get("models") or []
-            rate = sum(m.get("request_rate") or 0.0 for m in models)
+            rate = sum(fmt.throughput(m) for m in models)  # the header's figure: answers/s over 10 s
             busy = sum((m.get("queue") or 0) + (m.get("in_flight") or 0) for m in models)
             self._asking_quit = True
             self._confirm("Quit while serving?",

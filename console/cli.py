@@ -174,15 +174,33 @@ def attach_token(args: argparse.Namespace, url: str) -> str | None:
 
     from modelconsole.server.tokenfile import is_loopback, read_token
 
+    return attach_token_and_hint(args, url)[0]
+
+
+def attach_token_and_hint(args: argparse.Namespace, url: str) -> tuple[str | None, str]:
+    """The token for ``url`` and, for a refusal, where it was looked for and how to give one."""
+    from pathlib import Path
+    from urllib.parse import urlsplit
+
+    from modelconsole.server.tokenfile import is_loopback, read_token, token_path
+
+    how = "give one with --token T or MODELCONSOLE_TOKEN=T"
     token = args.token or os.environ.get("MODELCONSOLE_TOKEN")
-    if token or args.no_token:
-        return token
+    if token:
+        return token, "the token given (--token or MODELCONSOLE_TOKEN) was refused: check it"
+    if args.no_token:
+        return None, f"--no-token sent none; {how}"
     parts = urlsplit(url)
     if not parts.hostname or not is_loopback(parts.hostname):
-        return None
+        return None, f"no token given, and a remote server's token file is not read; {how}"
     port = parts.port or (443 if parts.scheme == "https" else 80)
     where = Path(args.store).resolve().parent if args.store and args.store != ":memory:" else default_store_dir()
-    return read_token(where, port)
+    path = token_path(where, port)
+    token = read_token(where, port)
+    if token is None:
+        return None, (f"no token given, and no token file at {path} (a local server writes it beside its "
+                      f"store: pass that server's --store PATH), or {how}")
+    return token, f"the token in {path} was refused (another server's?): {how}"
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -304,13 +322,13 @@ def attach(args: argparse.Namespace) -> int:
     from .run import run_attached
 
     url = args.attach if "://" in args.attach else f"http://{args.attach}"
-    token = attach_token(args, url)
+    token, hint = attach_token_and_hint(args, url)
     keymap = parse_keymap(args.keymap or os.environ.get("MODELCONSOLE_KEYMAP"))
     if isinstance(keymap, str):
         print(f"modelconsole: {keymap}", file=sys.stderr)
         return 2
     return asyncio.run(run_attached(url.rstrip("/"), token, theme=args.theme, read_only=args.read_only,
-                                    keymap=keymap, refresh_s=args.interval))
+                                    keymap=keymap, refresh_s=args.interval, token_hint=hint))
 
 
 def embedded(args: argparse.Namespace) -> int:

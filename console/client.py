@@ -210,6 +210,7 @@ class RemoteClient(EngineClient):
         self._task: asyncio.Task | None = None
         self._snapshot: dict[str, Any] | None = None
         self._last_seq = 0
+        self._stopping = False  # the server said (SSE "stopping") that it is shutting down
 
     # ------------------------------------------------------------ life
 
@@ -272,8 +273,12 @@ class RemoteClient(EngineClient):
                 reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             if self.connected:
                 self.connected = False
-                self._emit(_event("connection", f"lost {self.url} ({reason}); reconnecting", "warning",
-                                  url=self.url, reason=reason))
+                if self._stopping:  # the server said so before it went: not a lost link
+                    message = f"{self.url} is shutting down; the console waits for it to start again"
+                else:
+                    message = f"lost {self.url} ({reason}); reconnecting"
+                self._emit(_event("connection", message, "warning", url=self.url, reason=reason,
+                                  stopping=self._stopping))
                 delay = self.BACKOFF[0]
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.BACKOFF[1])
@@ -288,10 +293,14 @@ class RemoteClient(EngineClient):
             if not self.connected:
                 self.connected = True
                 note = " (the server restarted)" if restarted else ""
-                self._emit(_event("connection", f"reconnected to {self.url}{note}", url=self.url,
-                                  restarted=restarted))
+                if restarted or not self._stopping:  # a stopping server's last front end is no news
+                    self._emit(_event("connection", f"reconnected to {self.url}{note}", url=self.url,
+                                      restarted=restarted))
+                self._stopping = False
             async for kind, data, eid in _sse(r.content):
-                if kind == "snapshot":
+                if kind == "stopping":
+                    self._stopping = True
+                elif kind == "snapshot":
                     self._snapshot = json.loads(data)
                 elif kind == "event":
                     event = json.loads(data)

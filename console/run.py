@@ -90,7 +90,10 @@ async def run_embedded(config: Any, settings: Any, store_path: str, *, demo: boo
 
 
 async def run_attached(url: str, token: str | None, *, theme: str | None, read_only: bool,
-                       keymap: dict[str, str] | None = None, refresh_s: float = 1.0) -> int:
+                       keymap: dict[str, str] | None = None, refresh_s: float = 1.0,
+                       token_hint: str | None = None) -> int:
+    """``token_hint``: where the token was looked for and how to give one, said when the server
+    refuses it."""
     from .app import ModelConsoleApp
     from .client import ClientError, RemoteClient
 
@@ -98,7 +101,8 @@ async def run_attached(url: str, token: str | None, *, theme: str | None, read_o
     try:
         await client.start()
     except ClientError as e:
-        print(f"modelconsole: cannot attach to {url}: {e.message}", file=sys.stderr)
+        hint = f"\nmodelconsole: {token_hint}" if token_hint and e.status in (401, 403) else ""
+        print(f"modelconsole: cannot attach to {url}: {e.message}{hint}", file=sys.stderr)
         return 1
     try:
         try:

@@ -3,6 +3,7 @@ dialogs (swap's version picker, the split's weights editor, the canary form), an
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from rich.text import Text
@@ -64,24 +65,40 @@ FIELD_KEYS = [
 ]
 
 
+
+
 class RegisterScreen(ModalScreen["dict[str, Any] | None"]):
     """Register a model (or a new version): name, source, version, options (JSON or key=value).
-    Answers ``{"name", "source", "version", "options"}`` or None when cancelled."""
+
+    One line per field, so the whole form and its buttons fit 80x24.  With ``register`` (an async
+    call taking ``{"name", "source", "version", "options"}``) the form stays open while the call
+    runs and after it fails: the error shows under the field it names (the server's messages
+    start with the field), and nothing typed is lost.  It answers the call's result once it
+    succeeds, or None when cancelled.  Without ``register`` it answers the form itself."""
 
     BINDINGS = [Binding("escape", "cancel", "Cancel", show=False), *FIELD_KEYS]
+    FIELDS = (("name", "reg-name"), ("source", "reg-source"), ("version", "reg-version"),
+              ("options", "reg-options"))
+
+    def __init__(self, register: Any = None, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.register_call = register
+        self.busy = False
 
     def compose(self) -> ComposeResult:
+        placeholders = {
+            "reg-name": "e.g. resnet",
+            "reg-source": "zoo:tiny-mlp · hf:DIR · state_dict:w.pt · remote:http://host:8000",
+            "reg-version": "blank: the next number",
+            "reg-options": 'device=cpu max_batch_size=16  or  {"warmup": 2}',
+        }
         with Vertical(id="register", classes="dialog"):
             yield Label("Register a model", id="dialog-title")
-            yield Label("name")
-            yield Input(placeholder="e.g. resnet", id="reg-name")
-            yield Label("source")
-            yield Input(placeholder="zoo:tiny-mlp · hf:folder · state_dict:w.pt · remote:http://host:8000",
-                        id="reg-source")
-            yield Label("version (optional: the next number)")
-            yield Input(placeholder="", id="reg-version")
-            yield Label("options (JSON object, or key=value ...)")
-            yield Input(placeholder='device=cpu max_batch_size=16  or  {"warmup": 2}', id="reg-options")
+            for field, wid in self.FIELDS:
+                with Horizontal(classes="field"):
+                    yield Label(field, classes="field-label")
+                    yield Input(placeholder=placeholders[wid], compact=True, id=wid)
+                yield Static("", id=f"{wid}-error", classes="field-error")
             yield Static("", id="reg-error")
             with Horizontal(classes="buttons"):
                 yield Button("Cancel", id="cancel")
@@ -93,26 +110,78 @@ class RegisterScreen(ModalScreen["dict[str, Any] | None"]):
     def _value(self, wid: str) -> str:
         return self.query_one(f"#{wid}", Input).value.strip()
 
-    def _error(self, message: str) -> None:
-        self.query_one("#reg-error", Static).update(Text(message, style="bold red"))
+    def _clear_errors(self) -> None:
+        for _, wid in self.FIELDS:
+            box = self.query_one(f"#{wid}-error", Static)
+            box.update("")
+            box.remove_class("-shown")
+        self.query_one("#reg-error", Static).update("")
+
+    def show_error(self, message: str) -> None:
+        """``message`` under the field it names (``source: ...``, ``options.device: ...``), else
+        below the form; the field it names gets the focus."""
+        self._clear_errors()
+        wid = self.field_of(message)
+        if wid is None:
+            self.query_one("#reg-error", Static).update(Text(message, style="bold red"))
+            return
+        box = self.query_one(f"#{wid}-error", Static)
+        box.update(Text(message, style="bold red"))
+        box.add_class("-shown")
+        self.query_one(f"#{wid}", Input).focus()
+
+    _error = show_error
+
+    SOURCE_KINDS = ("zoo", "torchscript", "export", "safetensors", "state_dict", "hf", "remote")
+
+    @classmethod
+    def field_of(cls, message: str) -> str | None:
+        """The input a refusal is about: the engine's messages name the field first, after
+        ``model 'NAME' version V: `` (a source's own errors start with the source)."""
+        text = re.sub(r"^model '[^']*'(?: version \S+)?: ", "", message)
+        head = text.split(":", 1)[0].strip().split(".", 1)[0].lower()
+        wid = dict(cls.FIELDS).get(head)
+        if wid is not None:
+            return wid
+        if head in cls.SOURCE_KINDS or head in ("source", "factory", "path"):
+            return "reg-source"
+        if re.fullmatch(r"[a-z_]+", head):
+            return "reg-options"  # any other key named first is one of the options
+        return None
 
     def submit(self) -> None:
+        if self.busy:
+            return
         name, source, version = self._value("reg-name"), self._value("reg-source"), self._value("reg-version")
         if not name:
-            self._error("name: required")
-            self.query_one("#reg-name", Input).focus()
+            self.show_error("name: required")
             return
         if not source:
-            self._error("source: required (e.g. zoo:tiny-mlp)")
-            self.query_one("#reg-source", Input).focus()
+            self.show_error("source: required (e.g. zoo:tiny-mlp)")
             return
         try:
             options = fmt.parse_options(self._value("reg-options"))
         except ValueError as e:
-            self._error(str(e))
-            self.query_one("#reg-options", Input).focus()
+            self.show_error(f"options: {e}" if not str(e).startswith("options") else str(e))
             return
-        self.dismiss({"name": name, "source": source, "version": version or None, "options": options})
+        form = {"name": name, "source": source, "version": version or None, "options": options}
+        if self.register_call is None:
+            self.dismiss(form)
+            return
+        self._clear_errors()
+        self.query_one("#reg-error", Static).update(Text(f"registering {name} from {source}…", style="italic"))
+        self.busy = True
+        self.run_worker(self._register(form), group="register", exit_on_error=False)
+
+    async def _register(self, form: dict[str, Any]) -> None:
+        try:
+            result = await self.register_call(form)
+        except Exception as e:  # noqa: BLE001 - a ClientError names the field; anything else says what it was
+            self.busy = False
+            self.show_error(getattr(e, "message", None) or f"{type(e).__name__}: {e}")
+            return
+        self.busy = False
+        self.dismiss(result if result is not None else form)
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         event.stop()
@@ -385,9 +454,12 @@ class HelpScreen(ModalScreen[None]):
                 t.append(n + "\n", style="dim")
         with Vertical(id="help", classes="dialog"):
             yield Label("Keys", id="dialog-title")
-            with VerticalScroll():
+            with VerticalScroll(id="help-scroll"):
                 yield Static(t, id="help-text")
-            yield Label("esc closes", classes="hint")
+            yield Label("↑/↓/pgup/pgdn/home/end scroll · esc closes", classes="hint")
+
+    def on_mount(self) -> None:
+        self.query_one("#help-scroll", VerticalScroll).focus()  # the arrows scroll it at once (80x24)
 
     def action_close(self) -> None:
         self.dismiss(None)

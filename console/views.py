@@ -90,6 +90,11 @@ class DescribeScreen(_ModelView):
 
     def update_view(self) -> None:
         m, routing, events = self.picture()
+        newest = events[-1] if events else None
+        if newest is not getattr(self, "_audit_after", newest):
+            # something happened to the model (an action, a load): its audit rows may have grown
+            self.run_worker(self._read_audit(), group="view-audit", exit_on_error=False)
+        self._audit_after = newest
         title = self.query_one("#view-title", Line)
         body = self.query_one("#describe-body", Static)
         if m is None:

@@ -101,15 +101,21 @@ def gpu_facts(d: dict[str, Any]) -> list[str]:
     return facts
 
 
-def memory_legend(d: dict[str, Any]) -> str:
+def memory_legend(d: dict[str, Any], short: bool = False) -> str:
     """``used 1.2 GiB · budget 70.0 GiB · total 140 GiB`` (MiB for small amounts), as nvitop
-    labels its bar; the bar's ``│`` marks the budget."""
+    labels its bar; the bar's ``│`` marks the budget.  ``short``: ``1.2G used · 70.0G budget · 140.0G total``
+    for one line at 80 columns."""
     budget = (d.get("budget") or {}).get("usable_bytes")
 
-    def short(n: float | None) -> str:
+    def size(n: float | None) -> str:
+        if short and n is not None:
+            return f"{n / fmt.GiB:.1f}G" if n >= fmt.GiB else f"{n / fmt.MiB:.0f}M"
         return f"{n / fmt.GiB:.1f} GiB" if n is not None and n >= fmt.GiB else fmt.size(n)
 
-    return f"used {short(d.get('used_bytes') or 0)} · budget {short(budget)} · total {short(d.get('total_bytes') or 0)}"
+    used, total = size(d.get("used_bytes") or 0), size(d.get("total_bytes") or 0)
+    if short:
+        return f"{used} used · {size(budget)} budget · {total} total"
+    return f"used {used} · budget {size(budget)} · total {total}"
 
 
 def process_line(d: dict[str, Any]) -> str:
@@ -167,11 +173,14 @@ class DeviceCard(Widget):
         title.append(f"GPU{d.get('index')} ", style="bold")
         title.append(f"{d.get('name', '?')}  ")
         title.append(" · ".join(gpu_facts(d)), style="dim")
-        if compact:  # the facts first: the legend may run past the edge of a narrow terminal
-            title.append("  ")
-            title.append(fmt.bar(frac, 12, mark), style="bold" if frac < 0.9 else "bold red")
-            title.append(f" {memory_legend(d)}")
-            self.title_line.set(title)
+        if compact:  # memory first (used, budget, total), then the facts, the name last: 80 columns cut the end
+            line = Text(no_wrap=True, overflow="ellipsis")
+            line.append(f"GPU{d.get('index')} ", style="bold")
+            line.append(fmt.bar(frac, 10, mark), style="bold" if frac < 0.9 else "bold red")
+            line.append(f" {memory_legend(d, short=True)} ")
+            line.append(" · ".join(gpu_facts(d)), style="dim")
+            line.append(f" · {d.get('name', '?')}", style="dim")
+            self.title_line.set(line)
             return
         self.title_line.set(title)
         legend = memory_legend(d)

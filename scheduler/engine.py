@@ -250,6 +250,7 @@ class Engine:
         self.tick_s = tick_s
         self._janitor: asyncio.Task | None = None
         self._models: dict[str, ModelEntry] = {}
+        self._config_from_file = True  # start(from_file=False): the "config" models are the built-in zoo
         self._control = asyncio.Lock()
         self.versions = Versions(self)  # routing of version-less requests; swap, split, canary
         self._closing = False
@@ -267,8 +268,11 @@ class Engine:
                    torch_threads=config.server.torch_threads,
                    cache_bytes=config.cache.max_bytes, gpu=config.gpu)
 
-    async def start(self, models: Iterable[ModelConfig] = ()) -> None:
-        """Register the config's models, then restore what the store holds."""
+    async def start(self, models: Iterable[ModelConfig] = (), *, from_file: bool = True) -> None:
+        """Register the config's models, then restore what the store holds.  ``from_file``
+        False: ``models`` are the built-in demo zoo served with no config file (what a refusal
+        to delete one of them says)."""
+        self._config_from_file = from_file
         if self.store is not None and self.store._db is None:
             await self.store.open()
         for cfg in models:
@@ -283,8 +287,9 @@ class Engine:
                     continue
                 entry = self._models.get(cfg.name)
                 if entry is not None and cfg.version in entry.versions:
+                    where = "the config file" if from_file else "the built-in demo zoo"
                     self.events.publish("restore_skipped",
-                                        f"{label} is also in the config file; the config file's definition wins",
+                                        f"{label} is also in {where}; the definition there wins",
                                         model=cfg.name, version=cfg.version, level="warning")
                     continue
                 try:
@@ -729,6 +734,10 @@ class Engine:
             what = f"model '{name}'" + (f" version {version}" if version is not None else "")
             for v in doomed:
                 inst = entry.versions[v]
+                if entry.origin[v] == "config" and not self._config_from_file:
+                    raise Conflict(f"{what}: {inst.key} is one of the built-in demo models, served because "
+                                   "the server started without --config (deleted here it would come back at "
+                                   "the next start); to serve other models, start with --config FILE")
                 if entry.origin[v] == "config":
                     raise Conflict(f"{what}: {inst.key} is defined in the config file; remove it there "
                                    "(deleted here it would come back at the next start)")

@@ -104,6 +104,8 @@ async def events(request: web.Request) -> web.StreamResponse:
             raise HttpError(400, f"{field}: expected an event sequence number (an integer >= 0), got {value!r}")
     raw = given[0][1] if given else None
     last_seq = int(raw) if raw is not None else 0
+    if closing.is_set():  # a console reconnecting to a server that is stopping: not "reconnected"
+        raise HttpError(503, "the server is shutting down", {"Retry-After": "2"})
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                        "X-Accel-Buffering": "no"})
     await resp.prepare(request)
@@ -124,14 +126,22 @@ async def events(request: web.Request) -> web.StreamResponse:
         await resp.write(_sse("snapshot", full_snapshot(app)))
         next_snapshot = loop.time() + interval
         dropped = 0
+        stopping = asyncio.ensure_future(closing.wait())
         try:
             while not closing.is_set():
-                try:
-                    ev = await asyncio.wait_for(sub.get(), max(0.0, next_snapshot - loop.time()))
-                except TimeoutError:
+                got = asyncio.ensure_future(sub.get())
+                await asyncio.wait((got, stopping), timeout=max(0.0, next_snapshot - loop.time()),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if not got.done():
+                    got.cancel()
+                    if closing.is_set():
+                        # the last word: a console says "shutting down", not "lost; reconnecting"
+                        await resp.write(_sse("stopping", {"reason": "the server is shutting down"}))
+                        break
                     await resp.write(_sse("snapshot", full_snapshot(app)))
                     next_snapshot = loop.time() + interval
                     continue
+                ev = got.result()
                 if sub.dropped != dropped:
                     await resp.write(_sse("dropped", {"count": sub.dropped - dropped}))
                     dropped = sub.dropped
@@ -140,6 +150,8 @@ async def events(request: web.Request) -> web.StreamResponse:
                     last_seq = ev.seq
         except (ConnectionResetError, asyncio.CancelledError):
             pass  # the client went away, or the server is stopping
+        finally:
+            stopping.cancel()
     return resp
 
 

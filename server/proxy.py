@@ -17,6 +17,7 @@ reached answers 503.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -93,9 +94,11 @@ class ControlProxy:
 
     async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse,
                      headers: dict[str, str]) -> web.StreamResponse:
+        closing = request.app[CLOSING]
+        if closing.is_set():  # this front end is stopping: a console must not "reconnect" to it
+            raise HttpError(503, "the server is shutting down", {"Retry-After": "2"})
         resp = web.StreamResponse(status=upstream.status, headers=headers)
         await resp.prepare(request)
-        closing = request.app[CLOSING]
         self._streams.add(upstream)
         try:
             while not closing.is_set():
@@ -107,6 +110,9 @@ class ControlProxy:
             pass
         finally:
             self._streams.discard(upstream)
+        if closing.is_set():
+            with contextlib.suppress(ConnectionResetError, aiohttp.ClientError):
+                await resp.write(b'event: stopping\ndata: {"reason":"the server is shutting down"}\n\n')
         return resp
 
     def end_streams(self) -> None:

@@ -39,7 +39,7 @@ async def start_engine(config: Any, store_path: str) -> Any:
     from modelconsole.scheduler.store import Store
 
     engine = Engine.from_config(config, Store(store_path))
-    await engine.start(config.models)
+    await engine.start(config.models, from_file=config.path is not None)
     return engine
 
 

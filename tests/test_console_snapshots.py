@@ -272,7 +272,7 @@ def test_help_screen(snap_compare):
 def test_filter_active(snap_compare):
     app = console()
     ok = snap_compare(app, press=["slash", "t", "i", "n", "y"], terminal_size=SIZE, run_before=steady)
-    assert "filter /tiny/ (3 of 7)" in app.status
+    assert "filter /tiny/ 3 of 7" in app.status
     assert ok
 
 
