@@ -445,7 +445,7 @@ async def test_event_stream_frames_match_the_spec(spec, registry, srv):
     op = spec["paths"]["/api/events"]["get"]
     media = op["responses"]["200"]["content"]["text/event-stream"]
     documented = media["x-sse-events"]
-    assert set(documented) == {"event", "snapshot", "dropped"}
+    assert set(documented) == {"event", "snapshot", "dropped", "stopping"}
     frames: list[dict[str, str]] = []
     async with aiohttp.ClientSession() as s, s.get(srv.url + "/api/events", headers={"Last-Event-ID": "0"}) as r:
         assert r.status == 200
@@ -472,6 +472,7 @@ async def test_event_stream_frames_match_the_spec(spec, registry, srv):
         else:
             assert "id" not in f
     check(registry, {"count": 3}, schema("SseDropped"))
+    check(registry, {"reason": "the server is shutting down"}, schema("SseStopping"))
     bad, _, body = await request(srv, "GET", "/api/events", headers={"Last-Event-ID": "x"})
     assert bad == 400
     check_answer(spec, registry, "/api/events", "get", bad, {"Content-Type": "application/json"}, body)
