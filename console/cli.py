@@ -148,7 +148,8 @@ def server_settings(args: argparse.Namespace, config) -> tuple[object, str] | st
                           body_timeout_s=config.server.body_timeout_s,
                           head_timeout_s=config.server.head_timeout_s,
                           keepalive_timeout_s=config.server.keepalive_timeout_s,
-                          access_log=args.access_log, token_dir=token_dir, ipc=config.server.ipc), host
+                          access_log=args.access_log, token_dir=token_dir, ipc=config.server.ipc,
+                          allowed_hosts=config.server.allowed_hosts), host
 
 
 def store_path(args: argparse.Namespace, config) -> str:

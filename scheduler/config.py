@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .tensors import DATATYPES, TensorSpec, parse_shape
-from .trust import Trust
+from .trust import DEFAULT_TOKEN_ENV_PREFIX, Trust
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 SOURCE_KINDS = ("zoo", "torchscript", "export", "safetensors", "state_dict", "hf", "remote")
@@ -81,6 +81,10 @@ class ModelConfig:
     # roots marked trusted = true, and [security] factories.
     trusted_roots: tuple[str, ...] = ()
     factories: tuple[str, ...] = ()
+    # [security] token_env_prefix / token_env / remote_hosts: what a remote: model may read and reach
+    token_env_prefix: str = DEFAULT_TOKEN_ENV_PREFIX
+    token_envs: tuple[str, ...] = ()
+    remote_hosts: tuple[str, ...] = ()
 
     @property
     def source_kind(self) -> str:
@@ -92,7 +96,8 @@ class ModelConfig:
 
     @property
     def trust(self) -> Trust:
-        return Trust(self.model_roots or (self.base_dir,), self.trusted_roots, self.factories)
+        return Trust(self.model_roots or (self.base_dir,), self.trusted_roots, self.factories,
+                     self.token_env_prefix, self.token_envs, self.remote_hosts)
 
     @property
     def replica_limit(self) -> int:
@@ -164,6 +169,7 @@ class ServerConfig:
     workers: int | None = None  # front-end processes with --serve (None: policy.frontend_workers; 0: one process)
     grpc_port: int | None = 8001  # KServe V2 over gRPC with --serve (None: off; the console only with --grpc-port)
     ipc: str = "unix"  # how front-end processes reach the engine core: "unix" (a Unix socket) or "zmq"
+    allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides IP literals, localhost and host ("*": any)
 
 
 @dataclass(frozen=True)
@@ -211,10 +217,15 @@ class Config:
     factories: tuple[str, ...] = ()  # [security] factories
     base_dir: str = "."  # the config file's directory: relative paths and factory modules start here
     cluster: ClusterConfig = ClusterConfig()
+    # [security] token_env_prefix / token_env / remote_hosts (trust.py)
+    token_env_prefix: str = DEFAULT_TOKEN_ENV_PREFIX
+    token_envs: tuple[str, ...] = ()
+    remote_hosts: tuple[str, ...] = ()
 
     @property
     def trust(self) -> Trust:
-        return Trust(self.model_roots, self.trusted_roots, self.factories)
+        return Trust(self.model_roots, self.trusted_roots, self.factories, self.token_env_prefix, self.token_envs,
+                     self.remote_hosts)
 
 
 # ---------------------------------------------------------------- checkers
@@ -490,7 +501,9 @@ def model_from_dict(
         raise ConfigError(f"{path}.dtype: only zoo, safetensors and state_dict models can be cast, not {kind}")
     trust = trust or Trust()
     cfg = ModelConfig(base_dir=base_dir, model_roots=model_roots or trust.model_roots or (base_dir,),
-                      trusted_roots=trust.trusted_roots, factories=trust.factories, **values)
+                      trusted_roots=trust.trusted_roots, factories=trust.factories,
+                      token_env_prefix=trust.token_env_prefix, token_envs=trust.token_envs,
+                      remote_hosts=trust.remote_hosts, **values)
     if cfg.priority > cfg.priority_levels:
         raise ConfigError(
             f"{path}.priority: expected a level from 1 to priority_levels ({cfg.priority_levels}), got {cfg.priority}"
@@ -540,6 +553,14 @@ def grpc_port(path: str, v: Any) -> int | None:
     return v
 
 
+def _host_list(path: str, v: Any) -> tuple[str, ...]:
+    """Host names (``models.example.com``), or ``"*"`` for any."""
+    if not isinstance(v, list) or not all(
+            isinstance(h, str) and (h == "*" or re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})?", h)) for h in v):
+        raise _fail(path, 'a list of host names (e.g. ["models.example.com"]) or ["*"]', v)
+    return tuple(h.lower() for h in v)
+
+
 def parse_config(raw: dict[str, Any], base_dir: str, path: str | None = None) -> Config:
     """Check a parsed TOML document; ConfigError messages carry key paths (no file)."""
     top = {"model_roots", "server", "store", "gpu", "cache", "models", "security", "cluster"}
@@ -548,8 +569,11 @@ def parse_config(raw: dict[str, Any], base_dir: str, path: str | None = None) ->
             raise ConfigError(f"{key}: unknown key (expected one of: {', '.join(sorted(top))})")
     base = Path(base_dir).resolve()
     roots, trusted = _model_roots(raw.get("model_roots", ["."]), base)
-    security = _section(raw, "security", {"factories": _factory_list})
-    trust = Trust(roots, trusted, tuple(security.get("factories", ())))
+    security = _section(raw, "security", {"factories": _factory_list, "token_env_prefix": _env_prefix,
+                                          "token_env": _env_list, "remote_hosts": _remote_host_list})
+    trust = Trust(roots, trusted, tuple(security.get("factories", ())),
+                  security.get("token_env_prefix", DEFAULT_TOKEN_ENV_PREFIX), security.get("token_env", ()),
+                  security.get("remote_hosts", ()))
     server = ServerConfig(**_section(raw, "server", {
         "host": _str, "port": _port, "token": _str, "infer_requires_token": _bool,
         "max_body_mib": _number(0, "a positive number of MiB", strict=True),
@@ -561,6 +585,7 @@ def parse_config(raw: dict[str, Any], base_dir: str, path: str | None = None) ->
         "workers": _int(0, "a non-negative integer (0: one process)"),
         "grpc_port": grpc_port,
         "ipc": _ipc,
+        "allowed_hosts": _host_list,
     }))
     store = StoreConfig(**_section(raw, "store", {"path": _str}))
     if store.path is not None and store.path != ":memory:":
@@ -593,7 +618,7 @@ def parse_config(raw: dict[str, Any], base_dir: str, path: str | None = None) ->
         seen.add((cfg.name, cfg.version))
         models.append(cfg)
     return Config(path, server, store, gpu, cache, tuple(models), roots, trusted, trust.factories, str(base),
-                  cluster)
+                  cluster, trust.token_env_prefix, trust.token_envs, trust.remote_hosts)
 
 
 def _model_roots(v: Any, base: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -623,6 +648,39 @@ def _model_roots(v: Any, base: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
         if is_trusted:
             trusted.append(resolved)
     return tuple(roots), tuple(trusted)
+
+
+def _env_prefix(path: str, v: Any) -> str:
+    """[security] token_env_prefix: the start of the variables remote models may read ("": none by prefix)."""
+    if not isinstance(v, str) or (v and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", v)):
+        raise _fail(path, 'the start of environment variable names, e.g. "MODELCONSOLE_REMOTE_" ("" for none)', v)
+    return v
+
+
+def _env_list(path: str, v: Any) -> tuple[str, ...]:
+    """[security] token_env: variables remote models may read, by name."""
+    if not isinstance(v, list):
+        raise _fail(path, 'a list of environment variable names, e.g. ["PARTNER_TOKEN"]', v)
+    return tuple(_env_name(f"{path}[{i}]", item) for i, item in enumerate(v))
+
+
+def _remote_host_list(path: str, v: Any) -> tuple[str, ...]:
+    """[security] remote_hosts: names, addresses or CIDR blocks a remote model may reach anyway."""
+    import ipaddress
+
+    if not isinstance(v, list):
+        raise _fail(path, 'a list of host names, addresses or CIDR blocks, e.g. ["10.0.0.0/8"]', v)
+    for i, item in enumerate(v):
+        ok = isinstance(item, str) and bool(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})?", item))
+        if isinstance(item, str) and not ok:
+            try:
+                ipaddress.ip_network(item, strict=False)
+                ok = True
+            except ValueError:
+                ok = False
+        if not ok:
+            raise _fail(f"{path}[{i}]", "a host name, an address or a CIDR block", item)
+    return tuple(v)
 
 
 def _factory_list(path: str, v: Any) -> tuple[str, ...]:

@@ -112,6 +112,10 @@ def check_trust(cfg: ModelConfig) -> None:
     """The trust rules (trust.py) for cfg, before anything is read or imported; SourceError
     names the rule that refused it."""
     try:
+        if cfg.source_kind == "remote":
+            if cfg.token_env is not None:
+                trust.check_token_env(cfg.token_env, cfg.trust)
+            trust.check_remote_host(_remote_host(cfg), cfg.trust)
         if cfg.factory is not None:
             trust.check_factory(cfg.factory, str(Path(cfg.base_dir).resolve()), cfg.trust)
         if cfg.source_kind == "export":
@@ -466,10 +470,37 @@ def _load_hf(cfg: ModelConfig, device: torch.device) -> LoadedModel:
     return LoadedModel(module, inputs, outputs, weight_bytes(module), PLATFORMS["hf"])
 
 
+def _remote_host(cfg: ModelConfig) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(cfg.source_ref).hostname or ""
+
+
+def _check_remote_addresses(cfg: ModelConfig) -> None:
+    """At load: what the remote's name resolves to now must pass the same rules as the name (a name
+    registered as harmless may since point at a metadata address)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(cfg.source_ref)
+    host = parts.hostname or ""
+    try:
+        found = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80),
+                                   proto=socket.IPPROTO_TCP)
+    except OSError:
+        return  # unreachable: the call itself fails and says so
+    try:
+        trust.check_remote_host(host, cfg.trust, tuple(sorted({str(a[4][0]) for a in found})))
+    except trust.TrustError as e:
+        raise SourceError(f"{cfg.source}: {e}") from None
+
+
 def remote_target(cfg: ModelConfig) -> Any:
     """Where a remote: model's calls go, with its token (from token_env at load time)."""
     from . import remote
 
+    check_trust(cfg)  # the config in force now: a token_env or host since refused does not go out
+    _check_remote_addresses(cfg)
     token = cfg.token
     if cfg.token_env is not None:
         token = os.environ.get(cfg.token_env)

@@ -20,6 +20,14 @@ be defined in it (``mymodel:os.system`` reaches ``os`` through an import).
 ``torch.export.load`` unpickles parts of a ``.pt2`` archive (it calls
 ``torch.load with weights_only=False``), so ``export:`` sources load only from a
 model root the operator marked ``trusted = true``.
+
+A ``remote:`` model sends a bearer token to the URL a registration names, so a
+control call must not choose which secret leaves the host nor where it goes:
+``token_env`` may name only variables the config allows (``[security]
+token_env_prefix``, default ``MODELCONSOLE_REMOTE_``, or ``[security]
+token_env``), and the URL's host may not be (or resolve to) a link-local,
+multicast, unspecified or reserved address, nor a cloud metadata name, unless
+``[security] remote_hosts`` lists it (a name, an address or a CIDR block).
 """
 
 from __future__ import annotations
@@ -37,6 +45,12 @@ class TrustError(ValueError):
     """A source or factory that the trust rules refuse; the message names the rule."""
 
 
+DEFAULT_TOKEN_ENV_PREFIX = "MODELCONSOLE_REMOTE_"
+# names that reach a cloud instance's metadata service (credentials) from inside it
+METADATA_NAMES = frozenset({"metadata", "metadata.google.internal", "metadata.goog", "instance-data",
+                            "instance-data.ec2.internal", "metadata.azure.com"})
+
+
 @dataclass(frozen=True)
 class Trust:
     """What the operator's config allows, beside the model roots."""
@@ -44,6 +58,76 @@ class Trust:
     model_roots: tuple[str, ...] = ()
     trusted_roots: tuple[str, ...] = ()  # roots marked trusted = true (export programs may load)
     factories: tuple[str, ...] = ()  # [security] factories: "module:callable" or "module"
+    token_env_prefix: str = DEFAULT_TOKEN_ENV_PREFIX  # [security] token_env_prefix ("" allows none by prefix)
+    token_envs: tuple[str, ...] = ()  # [security] token_env: variables a remote model may read, by name
+    remote_hosts: tuple[str, ...] = ()  # [security] remote_hosts: names, addresses or CIDR blocks allowed anyway
+
+
+def check_token_env(name: str, trust: Trust) -> None:
+    """A TrustError unless the config lets remote models read the variable ``name``."""
+    if name in trust.token_envs or (trust.token_env_prefix and name.startswith(trust.token_env_prefix)):
+        return
+    prefix = repr(trust.token_env_prefix) if trust.token_env_prefix else "none"
+    raise TrustError(f"token_env {name}: a remote model may read only the environment variables the config "
+                     f"allows: names starting with [security] token_env_prefix ({prefix}) or listed in "
+                     "[security] token_env")
+
+
+def _refused_address(address: str) -> str | None:
+    """Why requests may not go to ``address`` by default, or None."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return None
+    mapped = getattr(ip, "ipv4_mapped", None)
+    ip = mapped or ip
+    if ip.is_link_local:
+        return "a link-local address (where cloud metadata services answer)"
+    if ip.is_multicast:
+        return "a multicast address"
+    if ip.is_unspecified:
+        return "the unspecified address"
+    if ip.is_reserved:
+        return "a reserved address"
+    return None
+
+
+def _listed(host: str, addresses: tuple[str, ...], allow: tuple[str, ...]) -> bool:
+    import ipaddress
+
+    if host.lower() in {a.lower() for a in allow}:
+        return True
+    nets = []
+    for a in allow:
+        try:
+            nets.append(ipaddress.ip_network(a, strict=False))
+        except ValueError:
+            continue
+    for address in (host, *addresses):
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            continue
+        if any(ip.version == n.version and ip in n for n in nets):
+            return True
+    return False
+
+
+def check_remote_host(host: str, trust: Trust, addresses: tuple[str, ...] = ()) -> None:
+    """A TrustError when a remote model's calls (and its token) would go to ``host`` — or to one of
+    the ``addresses`` it resolved to — in a range refused by default, unless remote_hosts lists it."""
+    if _listed(host, addresses, trust.remote_hosts):
+        return
+    if host.lower().rstrip(".") in METADATA_NAMES:
+        why = "a cloud metadata service's name"
+    else:
+        why = next((f"{a}, {r}" if a != host else r for a in (host, *addresses)
+                    if (r := _refused_address(a)) is not None), None)
+    if why is not None:
+        raise TrustError(f"remote host {host} is {why}: a remote model's calls and token do not go there "
+                         "unless [security] remote_hosts lists it")
 
 
 def split_factory(factory: str) -> tuple[str, str]:

@@ -50,7 +50,7 @@ from modelconsole.scheduler.errors import EngineError
 from . import body as body_mod
 from . import tokenfile
 from .body import BodyError
-from .connections import ConnectionGuard
+from .connections import ConnectionGuard, quiet_parse_errors
 from .link import LocalLink
 
 log = logging.getLogger("modelconsole.server")
@@ -104,6 +104,9 @@ class ServerSettings:
     unix_path: str | None = None  # listen on this Unix socket instead of host:port (the engine core's control app)
     ipc: str = "unix"  # --workers: how front ends reach the engine core (transport.py): "unix" or "zmq"
     frontends_metrics_dir: str | None = None  # the engine core's app: /metrics sums the front ends' counters here
+    # Host names requests may carry besides IP literals, localhost and ``host`` ([server] allowed_hosts);
+    # "*" allows any.  A web page that rebinds its own name to 127.0.0.1 sends its name: refused.
+    allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Without a token the guard has nothing to compare, so the flag would silently check nothing.
@@ -161,6 +164,48 @@ def _check_token(request: web.Request, token: str) -> web.Response | None:
     return None
 
 
+def host_names(settings: ServerSettings) -> frozenset[str] | None:
+    """The names a request's Host may carry (beside any IP literal); None: any name."""
+    names = {h.strip().lower().rstrip(".") for h in settings.allowed_hosts}
+    if "*" in names:
+        return None
+    names |= {"localhost", settings.host.lower().strip("[]")}
+    return frozenset(names)
+
+
+def host_name(header: str) -> str:
+    """``Host: name:port`` -> name (lowercase, no trailing dot); an IPv6 literal without brackets."""
+    h = header.strip().lower()
+    if h.startswith("["):
+        return h[1:h.find("]")] if "]" in h else h[1:]
+    if h.count(":") == 1:
+        h = h.split(":", 1)[0]
+    return h.rstrip(".")
+
+
+def _is_ip(name: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _foreign_host(request: web.Request, names: frozenset[str] | None) -> web.Response | None:
+    """403 for a request whose Host names neither this server nor an IP address: DNS rebinding (a web
+    page whose own name now resolves to 127.0.0.1 reaches a loopback server with its name in Host)."""
+    header = request.headers.get("Host")
+    if names is None or header is None:
+        return None
+    name = host_name(header)
+    if name in names or _is_ip(name):
+        return None
+    return error_response(403, "request refused: its Host header is not a name of this server (a guard against "
+                               "DNS rebinding); to serve under that name, add it to [server] allowed_hosts")
+
+
 def _cross_site(request: web.Request) -> web.Response | None:
     """403 for a request a web page sent: a foreign ``Origin`` or ``Sec-Fetch-Site: cross-site``.
 
@@ -173,8 +218,8 @@ def _cross_site(request: web.Request) -> web.Response | None:
     if origin is not None:
         own = {f"http://{request.host}", f"https://{request.host}"}
         if origin not in own:
-            return error_response(403, f"cross-site request refused: Origin {origin!r} is not this server "
-                                       f"(http://{request.host}); modelconsole's API is not for web pages")
+            return error_response(403, "cross-site request refused: the Origin header names another site "
+                                       "than this server; modelconsole's API is not for web pages")
     if request.headers.get("Sec-Fetch-Site") == "cross-site":
         return error_response(403, "cross-site request refused (Sec-Fetch-Site: cross-site)")
     return None
@@ -196,6 +241,8 @@ def _not_json(request: web.Request) -> web.Response | None:
     if request.method not in _BODY_METHODS or not request.path.startswith("/api/"):
         return None
     if request.match_info.http_exception is not None:
+        return None
+    if request.match_info.route.name == "forward-to-core":  # proxy.FORWARD_ROUTE: the core judges it
         return None
     if request.content_type == "application/json":
         return None
@@ -252,9 +299,14 @@ def _make_guard(settings: ServerSettings) -> Any:
     token = settings.token
     infer_too = settings.infer_requires_token
 
+    names = host_names(settings)
+
     def refusal(request: web.Request) -> web.Response | None:
-        """What every request must pass before its handler runs: origin, token, coding, JSON."""
-        refused = _cross_site(request)
+        """What every request must pass before its handler runs: host, origin, token, coding, JSON."""
+        refused = None
+        if not isinstance(request.transport and request.transport.get_extra_info("sockname"), str):
+            refused = _foreign_host(request, names)  # a TCP client (a front end's own hop is a Unix socket)
+        refused = refused or _cross_site(request)
         if refused is None and token is not None and _needs_token(request.path, infer_too):
             refused = _check_token(request, token)
         return refused or _check_encoding(request) or _not_json(request)
@@ -416,7 +468,7 @@ class Server:
         assert server is not None
 
         def protocol() -> asyncio.Protocol:
-            return ConnectionGuard(server(), s.head_timeout_s, loop)
+            return ConnectionGuard(quiet_parse_errors(server()), s.head_timeout_s, loop)
 
         if s.unix_path is not None:
             self._listener = await loop.create_unix_server(protocol, s.unix_path, backlog=1024)

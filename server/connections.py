@@ -21,7 +21,10 @@ connection the server accepts:
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
+
+_log = logging.getLogger("modelconsole.server")
 
 LINGER_S = 2.0  # how long a refused body's bytes are read and dropped before the socket closes
 LINGER_BYTES = 64 << 20  # and at most this many
@@ -133,3 +136,53 @@ class ConnectionGuard(asyncio.Protocol):
         t = self._transport
         if t is not None and not t.is_closing():
             t.close()
+
+
+def _parse_error_text(exc: BaseException | None) -> str:
+    """What a malformed request is told: the kind of mistake, never the bytes it sent (an
+    oversized header's text would otherwise come back, Authorization included)."""
+    from aiohttp import http_exceptions as hx
+
+    if isinstance(exc, hx.LineTooLong):
+        return "malformed HTTP request: the request line or a header is too long (at most 8190 bytes each)"
+    if isinstance(exc, hx.BadHttpMethod):
+        return "malformed HTTP request: not an HTTP method"
+    if isinstance(exc, hx.InvalidURLError):
+        return "malformed HTTP request: the request target is not a valid URL"
+    if isinstance(exc, hx.InvalidHeader):
+        return "malformed HTTP request: a header is invalid"
+    if isinstance(exc, hx.TransferEncodingError | hx.ContentLengthError):
+        return "malformed HTTP request: the body's length or transfer encoding is invalid"
+    return "malformed HTTP request"
+
+
+_QUIET: dict[type, type] = {}
+
+
+def _quiet_class(base: type) -> type:
+    """``base`` (aiohttp's RequestHandler) with ``handle_error`` answering parse errors quietly.  It
+    adds no slots, so a live handler can take it as its class."""
+    cls = _QUIET.get(base)
+    if cls is None:
+        from aiohttp import web
+
+        def handle_error(self: Any, request: Any, status: int = 500, exc: BaseException | None = None,
+                         message: str | None = None) -> Any:
+            if status >= 500 or exc is None:
+                return base.handle_error(self, request, status, exc, message)
+            text = _parse_error_text(exc)
+            _log.info("refused a malformed request from %s: %s", request.remote, text)
+            resp = web.json_response({"error": text}, status=status)
+            resp.force_close()
+            return resp
+
+        cls = _QUIET[base] = type("QuietRequestHandler", (base,), {"__slots__": (), "handle_error": handle_error})
+    return cls
+
+
+def quiet_parse_errors(handler: Any) -> Any:
+    """``handler`` (aiohttp's per-connection RequestHandler) answering a request its parser refused
+    with ``{"error": ...}`` that names the kind of mistake and echoes nothing, logged on one line
+    without the request's bytes.  Other errors (500s) keep aiohttp's own handling."""
+    handler.__class__ = _quiet_class(type(handler))
+    return handler

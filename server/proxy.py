@@ -126,10 +126,15 @@ class ControlProxy:
             await self._session.close()
 
 
+FORWARD_ROUTE = "forward-to-core"
+
+
 async def forward(request: web.Request) -> web.StreamResponse:
     return await request.app[PROXY].forward(request)
 
 
 def add_routes(app: web.Application, proxy: ControlProxy) -> None:
     app[PROXY] = proxy
-    app.router.add_route("*", "/{tail:.*}", forward)
+    # named so the guard leaves method and content-type judgements to the engine core, which knows
+    # the real routes (a front end would otherwise answer 415 where one process answers 405)
+    app.router.add_route("*", "/{tail:.*}", forward, name=FORWARD_ROUTE)

@@ -139,6 +139,54 @@ async def test_bad_remote_settings_are_refused_at_registration(tmp_path):
         await near.register({"name": "r", "source": "remote:http://127.0.0.1:9", "warmup": 0})
         with pytest.raises(LoadFailed, match="cannot reach 127.0.0.1:9"):
             await near.load("r")
-        await near.register({"name": "e", "source": "remote:http://127.0.0.1:9", "token_env": "MC_NO_SUCH_VAR"})
-        with pytest.raises(LoadFailed, match="token_env MC_NO_SUCH_VAR is not set"):
+        await near.register({"name": "e", "source": "remote:http://127.0.0.1:9",
+                             "token_env": "MODELCONSOLE_REMOTE_NO_SUCH_VAR"})
+        with pytest.raises(LoadFailed, match="token_env MODELCONSOLE_REMOTE_NO_SUCH_VAR is not set"):
             await near.load("e")
+
+
+async def test_a_registration_cannot_choose_which_secret_leaves_nor_where_it_goes(tmp_path, monkeypatch):
+    """token_env reads only what the config allows; metadata and link-local hosts are refused unless
+    [security] remote_hosts lists them; the rules hold again at load (a changed config, a name that
+    now resolves elsewhere).  Each refusal is the API's 403 naming the rule, and nothing is stored."""
+    from modelconsole.scheduler.config import parse_config
+    from modelconsole.scheduler.errors import Forbidden
+
+    monkeypatch.setenv("PATH_LIKE_SECRET", "s3cr3t")
+    async with Engine(None, base_dir=str(tmp_path), default_device="cpu") as near:
+        refused = [
+            ({"token_env": "PATH"}, "token_env PATH: a remote model may read only"),
+            ({"token_env": "PATH_LIKE_SECRET"}, r"token_env_prefix \('MODELCONSOLE_REMOTE_'\)"),
+            ({"source": "remote:http://169.254.169.254"}, "169.254.169.254 is a link-local address"),
+            ({"source": "remote:http://[fe80::1]:8000"}, "link-local"),
+            ({"source": "remote:http://metadata.google.internal"}, "cloud metadata service"),
+            ({"source": "remote:http://0.0.0.0:8000"}, "unspecified"),
+            ({"source": "remote:http://224.0.0.1:8000"}, "multicast"),
+        ]
+        for extra, message in refused:
+            with pytest.raises(Forbidden, match=message) as e:
+                await near.register({"name": "r", "source": "remote:http://127.0.0.1:9", **extra})
+            assert e.value.status == 403 and "[security]" in e.value.message
+        assert "r" not in near.model_names()
+    # the config may allow them, by name, prefix or range
+    raw = {"security": {"token_env": ["PATH_LIKE_SECRET"], "token_env_prefix": "PARTNER_",
+                        "remote_hosts": ["169.254.0.0/16", "metadata.google.internal"]}}
+    trust = parse_config(raw, str(tmp_path)).trust
+    async with Engine(None, base_dir=str(tmp_path), default_device="cpu", trust=trust) as near:
+        for i, extra in enumerate(({"token_env": "PATH_LIKE_SECRET"}, {"token_env": "PARTNER_A"},
+                                   {"source": "remote:http://169.254.10.1:9"},
+                                   {"source": "remote:http://metadata.google.internal"})):
+            await near.register({"name": f"ok{i}", "source": "remote:http://127.0.0.1:9", "warmup": 0, **extra})
+        with pytest.raises(Forbidden, match="token_env MODELCONSOLE_REMOTE_X"):  # the prefix replaced
+            await near.register({"name": "x", "source": "remote:http://127.0.0.1:9",
+                                 "token_env": "MODELCONSOLE_REMOTE_X"})
+    # a name that resolves to a refused address is refused at load, before any call (or token) goes out
+    import socket
+
+    real = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: real("169.254.169.254", *a, **k)
+                        if host == "innocent.example" else real(host, *a, **k))
+    async with Engine(None, base_dir=str(tmp_path), default_device="cpu") as near:
+        await near.register({"name": "dns", "source": "remote:http://innocent.example:8000", "warmup": 0})
+        with pytest.raises(LoadFailed, match="innocent.example is 169.254.169.254, a link-local address"):
+            await near.load("dns")

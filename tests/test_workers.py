@@ -72,6 +72,14 @@ BAD_REQUESTS = [
     ("GET", "/v2/models/tiny", {"Origin": "http://evil.example"}, None, "cross-site"),
     ("GET", "/v2/models/nope/config", {}, None, "unknown model"),
     ("DELETE", "/v2/models/tiny", {}, None, ""),
+    # a wrong method is a 405 with Allow wherever the route lives (a front end forwards control calls)
+    ("PATCH", "/api/models/tiny/load", {**AUTH, "Content-Type": "text/plain"}, b"{}", "Method Not Allowed"),
+    ("POST", "/api/snapshot", {**AUTH, "Content-Type": "text/plain"}, b"{}", "Method Not Allowed"),
+    ("PUT", "/api/audit", AUTH, b"{}", "Method Not Allowed"),
+    # DNS rebinding: a name that is not this server's, on every route
+    ("GET", "/v1/models", {"Host": "rebound.example"}, None, "DNS rebinding"),
+    ("POST", "/v2/models/tiny/infer", {"Host": "rebound.example:8000"}, b"{}", "DNS rebinding"),
+    ("GET", "/metrics", {"Host": "rebound.example"}, None, "DNS rebinding"),
 ]
 
 
@@ -91,6 +99,22 @@ async def test_a_front_end_refuses_exactly_as_one_process_does(pair):
             # the same status and message (a message naming the server's own address names its port)
             assert (a[0], a[1].replace(str(one.server.port), "PORT")) == \
                 (b[0], b[1].replace(str(two.server.port), "PORT")), (method, path, headers)
+
+
+async def test_the_same_allow_header_and_no_echo_of_an_oversized_header(pair):
+    """405 carries Allow on both paths; a header over aiohttp's line limit is a 400 that names the
+    mistake without echoing the header (Authorization included), on both paths."""
+    secret = "Bearer " + "SECRET" * 3000
+    async with aiohttp.ClientSession() as s:
+        allows = []
+        for srv in pair:
+            async with s.patch(srv.url + "/api/models/tiny/load", headers={**AUTH, "Content-Type": "text/plain"},
+                               data=b"{}") as r:
+                allows.append((r.status, r.headers.get("Allow")))
+            async with s.get(srv.url + "/v2/health/live", headers={"Authorization": secret}) as r:
+                text = await r.text()
+                assert r.status == 400 and "too long" in text and "SECRET" not in text, text
+        assert allows[0] == allows[1] == (405, "POST")
 
 
 async def test_failures_are_counted_by_kind_as_in_one_process(pair):
