@@ -1,6 +1,7 @@
 """KServe V2 / Open Inference Protocol, as Triton extends it and ``tritonclient[http]`` speaks it.
 
-Facts the handlers rely on are in ``docs/api.md`` and ``docs/design.md``.  What this server implements, and says so in ``GET /v2``:
+Facts the handlers rely on are in ``docs/api.md`` and ``docs/design.md``.  What this server
+implements, and says so in ``GET /v2``:
 
 * core: health live/ready, server and model metadata, model ready, infer
   (JSON and the binary tensor extension, every V2 datatype plus BF16,
