@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -48,7 +47,7 @@ from modelconsole.scheduler.config import ConfigError
 from modelconsole.scheduler.errors import EngineError
 
 from . import body as body_mod
-from . import tokenfile
+from . import rundir, tokenfile
 from .body import BodyError
 from .connections import ConnectionGuard, quiet_parse_errors
 from .link import LocalLink
@@ -499,7 +498,7 @@ class Server:
         from .grpc_v2 import GrpcFrontEnd
         from .proxy import ControlProxy
 
-        self._grpc_dir = tempfile.mkdtemp(prefix="modelconsole-")
+        self._grpc_dir = rundir.make_run_dir()
         path = os.path.join(self._grpc_dir, "control.sock")
         self._unix = await asyncio.get_running_loop().create_unix_server(protocol, path)
         grpc = GrpcFrontEnd(self.app[LINK], ControlProxy(path), self.settings, self.grpc_port_setting,

@@ -31,11 +31,10 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
-from . import tokenfile
+from . import rundir, tokenfile
 from .app import Server, ServerSettings, http_url
 from .core import CoreServer
 
@@ -183,7 +182,7 @@ class WorkerServer:
 
     async def start(self) -> None:
         s = self.settings
-        self._dir = tempfile.mkdtemp(prefix="modelconsole-")  # 0700: only this user reaches the core
+        self._dir = rundir.make_run_dir()  # 0700: only this user reaches the core
         try:
             address = f"ipc://{self._dir}/engine" if s.ipc == "zmq" else f"unix://{self._dir}/engine.sock"
             self.core = CoreServer(self.engine, address)

@@ -358,21 +358,36 @@ def test_sigterm_drain_answers_every_request_in_flight(tmp_path):
         assert asyncio.run(main()) == [200] * n
 
 
-def test_front_ends_stop_when_the_engine_core_dies(tmp_path):
-    log = tmp_path / "serve.log"
+def _serve(tmp_path, log, env):
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "modelconsole.console", "--serve", "--port", "0",
+        return subprocess.Popen([sys.executable, "-m", "modelconsole.console", "--serve", "--port", "0",
                                  "--workers", "2", "--grpc-port", "off", "--store", str(tmp_path / "s.db")],
-                                stdout=out, stderr=subprocess.STDOUT)
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def _front_end_pids(proc, log) -> list[int]:
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        for line in log.read_text().splitlines():
+            if "front-end processes (pids" in line:
+                return [int(p) for p in line.split("(pids ")[1].split(")")[0].split()]
+        time.sleep(0.1)
+
+
+def test_front_ends_stop_when_the_engine_core_dies_and_the_next_start_cleans_up(tmp_path):
+    """SIGKILL to the engine core: its front ends stop by themselves, its private run folder (under
+    the state directory, not the system's temp) stays behind, and the next start removes it."""
+    state = tmp_path / "state"
+    env = {**os.environ, "MODELCONSOLE_STATE_DIR": str(state)}
+    log = tmp_path / "serve.log"
+    proc = _serve(tmp_path, log, env)
+    second = None
     try:
-        pids = None
-        deadline = time.monotonic() + 120
-        while pids is None:
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            for line in log.read_text().splitlines():
-                if "front-end processes (pids" in line:
-                    pids = [int(p) for p in line.split("(pids ")[1].split(")")[0].split()]
-            time.sleep(0.1)
+        pids = _front_end_pids(proc, log)
+        left = [d for d in (state / "run").iterdir() if d.name.startswith(f"{proc.pid}-")]
+        assert len(left) == 1 and (left[0] / "control.sock").exists()
+        assert oct(left[0].stat().st_mode & 0o777) == "0o700"
         fds = [os.pidfd_open(p) for p in pids]
         proc.kill()
         proc.wait(30)
@@ -381,6 +396,14 @@ def test_front_ends_stop_when_the_engine_core_dies(tmp_path):
             assert ready, f"a front end outlived its engine core:\n{log.read_text()}"
             os.close(fd)
         assert "the engine core is gone" in log.read_text()
+        assert left[0].exists()  # nothing could clean up after a SIGKILL...
+        log2 = tmp_path / "serve2.log"
+        second = _serve(tmp_path, log2, env)
+        _front_end_pids(second, log2)
+        assert not left[0].exists()  # ...the next start did
+        assert "removed 1 run folder" in log2.read_text()
+        assert [d.name.split("-")[0] for d in (state / "run").iterdir()] == [str(second.pid)]
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        for p in (proc, second):
+            if p is not None and p.poll() is None:
+                p.kill()
