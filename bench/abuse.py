@@ -127,7 +127,7 @@ class Clients:
 
 
 def bomber(port: int, bomb: bytes, stop: threading.Event, counts: dict[str, int]) -> None:
-    head = (f"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = (f"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"Content-Encoding: gzip\r\nContent-Length: {len(bomb)}\r\n\r\n").encode()
     while not stop.is_set():
         try:
@@ -168,7 +168,7 @@ def half_open(port: int, n: int, stop: threading.Event, counts: dict[str, int]) 
             if s is None:
                 try:
                     s = socket.create_connection(("127.0.0.1", port), timeout=5)
-                    s.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Le")
+                    s.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le")
                     s.setblocking(False)  # the checks above must not wait
                     socks[i] = s
                     counts["half_open_opened"] += 1

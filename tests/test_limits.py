@@ -64,7 +64,7 @@ def test_a_gzip_bomb_is_refused_and_its_connection_closed(srv):
     bomb = gzip_of_zeros(256 << 20)  # 256 MiB of zeros in ~256 KiB
     assert len(bomb) < 1 << 20
     sock = _connect(srv)
-    head = (f"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = (f"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"Content-Encoding: gzip\r\nContent-Length: {len(bomb)}\r\n\r\n").encode()
     sender = threading.Thread(target=lambda: _send_quietly(sock, head + bomb), daemon=True)
     sender.start()
@@ -82,7 +82,7 @@ def test_a_gzip_bomb_is_refused_and_its_connection_closed(srv):
 
 def test_a_plain_body_over_the_limit_is_refused_before_it_is_read(srv):
     sock = _connect(srv)
-    sock.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (64 << 20))
+    sock.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % (64 << 20))
     raw = _read_all(sock)  # no body sent at all: the declared length alone is refused
     sock.close()
     assert _status(raw) == 413 and b"too large" in raw
@@ -108,7 +108,7 @@ def _send_quietly(sock: socket.socket, data: bytes) -> None:
 
 def test_half_a_body_gets_408_and_the_connection_closes(srv):
     sock = _connect(srv)
-    sock.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  b"Content-Length: 1000\r\n\r\n{\"inputs\": [")
     raw = _read_all(sock)  # the server answers by itself once body_timeout_s has passed
     sock.close()
@@ -118,7 +118,7 @@ def test_half_a_body_gets_408_and_the_connection_closes(srv):
 
 def test_half_a_head_is_closed(srv):
     sock = _connect(srv)
-    sock.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\n")
+    sock.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n")
     assert _read_all(sock) == b""  # closed by the server (head_timeout_s), nothing answered
     sock.close()
 
