@@ -356,17 +356,38 @@ class Engine:
         # Loads under way finish first (they take the control lock themselves).
         loads = [inst.load_task for inst in self._instances()
                  if inst.load_task is not None and not inst.load_task.done()]
+        if loads:
+            log.info("closing: %d load(s) under way finish first", len(loads))
         await asyncio.gather(*loads, return_exceptions=True)
-        async with self._control:
-            await asyncio.gather(
-                *(self._unload_locked(inst, drain_timeout, keep=False) for inst in self._primaries()),
-                return_exceptions=True,
-            )
+        watch = asyncio.get_running_loop().create_task(self._say_what_close_waits_for(drain_timeout))
+        try:
+            async with self._control:
+                await asyncio.gather(
+                    *(self._unload_locked(inst, drain_timeout, keep=False) for inst in self._primaries()),
+                    return_exceptions=True,
+                )
+        finally:
+            watch.cancel()
         await self.versions.wait_shadows()  # their requests were answered by the drain above
         stop_spares(asyncio.get_running_loop())  # the freed models' spare CUDA workers (worker.py)
         self.backend.close()
         if self.store is not None:
             await self.store.close()
+
+    async def _say_what_close_waits_for(self, drain_timeout: float, every_s: float = 2.0) -> None:
+        """While close drains and frees: what it waits for, at the start and every ``every_s``, so a
+        slow shutdown's log says why (queued and running requests by model, models left to free)."""
+        first = True
+        while True:
+            left = [i for i in self._instances() if i.state != UNLOADED]
+            busy = [(i.key, i.queue.size + i.in_flight) for i in left if i.queue.size or i.in_flight]
+            if first or left:
+                shown = ", ".join(f"{k} ({n})" for k, n in busy[:5]) + (" …" if len(busy) > 5 else "")
+                log.info("closing: %d model(s) to unload%s", len(left),
+                         f"; draining queued and running requests (up to {drain_timeout:.0f}s) of {shown}"
+                         if busy else "")
+            first = False
+            await asyncio.sleep(every_s)
 
     async def __aenter__(self) -> Engine:
         if not self._started:
