@@ -139,9 +139,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             rows.append(run(n, Path(d)))
             r = rows[-1]
+            per_model = r["rss_per_model_mib"] if r["n"] else 0.0
             print(f"{r['n']:>6} models: register {r['register_s']:7.2f} s  load {r['load_s']:7.2f} s  threads "
-                  f"{r['threads_before']:>5} -> {r['threads']:>5}  RSS/model {r['rss_per_model_mib'] if r['n'] else 0:6.2f}"
-                  f" MiB  shutdown {r['shutdown_s']:6.2f} s", flush=True)
+                  f"{r['threads_before']:>5} -> {r['threads']:>5}  RSS/model {per_model:6.2f} MiB  "
+                  f"shutdown {r['shutdown_s']:6.2f} s", flush=True)
     last = rows[-1]
     print(f"\nlargest count: {last['n']} models (target: shutdown <= 5 s)")
     print(json.dumps({"register_1000_s": round(last["register_s"], 2), "load_1000_s": round(last["load_s"], 2),
