@@ -200,6 +200,14 @@ class GpuConfig:
 
 
 @dataclass(frozen=True)
+class HostConfig:
+    """``[host]``: host memory as a budget for CPU models, their replicas, the host tier and the cache."""
+
+    budget_gib: float | None = None  # an absolute cap (None: the host's memory, or its cgroup limit)
+    reserve_mib: float = 1024.0  # kept back for the interpreter, torch, buffers and everything else
+
+
+@dataclass(frozen=True)
 class CacheConfig:
     max_bytes: int = 256 * 2**20  # the result cache's bound, across all models
 
@@ -217,6 +225,7 @@ class Config:
     factories: tuple[str, ...] = ()  # [security] factories
     base_dir: str = "."  # the config file's directory: relative paths and factory modules start here
     cluster: ClusterConfig = ClusterConfig()
+    host: HostConfig = HostConfig()
     # [security] token_env_prefix / token_env / remote_hosts (trust.py)
     token_env_prefix: str = DEFAULT_TOKEN_ENV_PREFIX
     token_envs: tuple[str, ...] = ()
@@ -563,7 +572,7 @@ def _host_list(path: str, v: Any) -> tuple[str, ...]:
 
 def parse_config(raw: dict[str, Any], base_dir: str, path: str | None = None) -> Config:
     """Check a parsed TOML document; ConfigError messages carry key paths (no file)."""
-    top = {"model_roots", "server", "store", "gpu", "cache", "models", "security", "cluster"}
+    top = {"model_roots", "server", "store", "gpu", "cache", "models", "security", "cluster", "host"}
     for key in raw:
         if key not in top:
             raise ConfigError(f"{key}: unknown key (expected one of: {', '.join(sorted(top))})")
@@ -602,6 +611,10 @@ def parse_config(raw: dict[str, Any], base_dir: str, path: str | None = None) ->
         "device_slots": _int(1, "a positive integer"),
     }))
     cache = CacheConfig(**_section(raw, "cache", {"max_bytes": _size}))
+    host = HostConfig(**_section(raw, "host", {
+        "budget_gib": _number(0, "a positive number of GiB", strict=True),
+        "reserve_mib": _number(0, "a non-negative number of MiB"),
+    }))
     cluster = ClusterConfig(**_section(raw, "cluster", {
         "ray_address": cluster_address, "control_port": _port, "frontend_port": _port}))
     models_raw = raw.get("models", [])
@@ -618,7 +631,7 @@ def parse_config(raw: dict[str, Any], base_dir: str, path: str | None = None) ->
         seen.add((cfg.name, cfg.version))
         models.append(cfg)
     return Config(path, server, store, gpu, cache, tuple(models), roots, trusted, trust.factories, str(base),
-                  cluster, trust.token_env_prefix, trust.token_envs, trust.remote_hosts)
+                  cluster, host, trust.token_env_prefix, trust.token_envs, trust.remote_hosts)
 
 
 def _model_roots(v: Any, base: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:

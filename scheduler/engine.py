@@ -35,6 +35,7 @@ import inspect
 import logging
 import os
 import time
+import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,11 +47,22 @@ from modelconsole.gpu.devices import DeviceBackend, find_own_pid, open_backend
 
 from . import policy, replicas, sources
 from .cache import ResultCache
-from .config import Config, ConfigError, GpuConfig, ModelConfig, model_from_dict
+from .config import Config, ConfigError, GpuConfig, HostConfig, ModelConfig, model_from_dict
 from .errors import Conflict, EngineError, Forbidden, InputError, ModelNotFound, ModelUnavailable
 from .events import EventBus, Subscription
+from .hostmem import HostMemory
 from .hosttier import HostTier
-from .instance import FAILED, LOADING, READY, UNLOADED, WARMING, InferResult, LoadFailed, ModelInstance
+from .instance import (
+    FAILED,
+    LOADING,
+    READY,
+    UNLOADED,
+    WARMING,
+    InferResult,
+    LoadFailed,
+    ModelInstance,
+    resolve_device,
+)
 from .memory import InsufficientMemory, MemoryManager, weights_estimate
 from .routing import DEFAULT_STEPS
 from .shared import SharedDevice, model_urgency
@@ -228,6 +240,7 @@ class Engine:
         gpu: GpuConfig | None = None,
         backend: DeviceBackend | None = None,
         tick_s: float = 1.0,
+        host: HostConfig | None = None,
     ):
         self.store = store
         self.gpu = gpu if gpu is not None else GpuConfig(default_device=default_device)
@@ -246,6 +259,9 @@ class Engine:
         self.backend = backend if backend is not None else open_backend(self.gpu.simulate)
         self.memory = MemoryManager(self.backend, self.gpu, self.events)
         self.host_tier = HostTier(int(self.gpu.host_tier_gib * 2**30))
+        # host memory as a budget (hostmem.py): the cache and the tier at their bounds, then CPU models
+        self.host = HostMemory(host or HostConfig(), {"result cache": cache_bytes,
+                                                      "host tier": int(self.gpu.host_tier_gib * 2**30)})
         self.shared = {i: SharedDevice(i, self.gpu.device_slots) for i in self.memory.budgets}
         self.tick_s = tick_s
         self._janitor: asyncio.Task | None = None
@@ -266,7 +282,7 @@ class Engine:
     def from_config(cls, config: Config, store: Store | None = None) -> Engine:
         return cls(store, model_roots=config.model_roots, base_dir=config.base_dir, trust=config.trust,
                    torch_threads=config.server.torch_threads,
-                   cache_bytes=config.cache.max_bytes, gpu=config.gpu)
+                   cache_bytes=config.cache.max_bytes, gpu=config.gpu, host=config.host)
 
     async def start(self, models: Iterable[ModelConfig] = (), *, from_file: bool = True) -> None:
         """Register the config's models, then restore what the store holds.  ``from_file``
@@ -435,6 +451,7 @@ class Engine:
                 raise Conflict(f"model '{cfg.name}' version {cfg.version} is already registered")
             await _derive_specs_off_loop(cfg)
             self._check_source(cfg)
+            self._check_host_fit(cfg)
             first = entry is None or entry.active is None
             if self.store is not None:
                 await self.store.save_model(cfg.to_dict(secrets=True), actor, cfg.version if first else None)
@@ -453,7 +470,29 @@ class Engine:
         async with self._control:
             await _derive_specs_off_loop(cfg)
             self._check_source(cfg)
+            self._check_host_fit(cfg)  # a restart never replays a registration that cannot fit
             self._register(cfg, origin)
+
+    def _runs_on_host(self, cfg: ModelConfig) -> bool:
+        """Whether a version's weights sit in host memory outside any device budget (hostmem.py)."""
+        if cfg.source_kind == "remote" or self.memory.target_devices(cfg.device) is not None:
+            return False
+        try:
+            return resolve_device(cfg.device).type == "cpu"
+        except LoadFailed:
+            return False
+
+    def _check_host_fit(self, cfg: ModelConfig) -> None:
+        """WontFit (507) for a CPU version whose copies (``replicas``, ``max_replicas``) can never fit."""
+        if self._runs_on_host(cfg):
+            estimate = weights_estimate(types.SimpleNamespace(cfg=cfg, learned_footprint=0))
+            self.host.check_fits(f"model '{cfg.name}' version {cfg.version}", cfg.replica_limit, estimate)
+
+    def _host_residents(self) -> list[ModelInstance]:
+        """The CPU versions holding host memory that an eviction may choose from."""
+        protected = self.versions.protected
+        return [i for i in self._instances() if self.host.holds(i) and i.state != UNLOADED
+                and not _group_loading(i) and i.version_key not in protected]
 
     def _check_source(self, cfg: ModelConfig) -> None:
         """Cheap checks before anything is stored: the source exists, inside the roots."""
@@ -577,13 +616,28 @@ class Engine:
                     raise ModelUnavailable(f"{inst.label}: its version is {inst.replica_set[0].state}")
                 targets = self._replica_targets(inst, self.memory.target_devices(inst.cfg.device))
                 index = None
-                if targets is not None:  # a managed device (None: the CPU, unbudgeted)
+                on_host = False
+                if targets is not None:  # a managed device (None: the CPU, on the host budget)
                     need = need or weights_estimate(inst)
                     index = await self.memory.make_room(inst, need, targets, self._evictable, self._evict_locked)
                     inst.device_index = index
                     inst.shared = self.shared[index]
+                elif self._runs_on_host(inst.cfg):
+                    need = need or weights_estimate(inst)
+                    await self.host.make_room(inst, need, self._host_residents(), self._evict_locked,
+                                              self.gpu.min_residency_s)
+                    on_host = True
             if index is None:
-                await inst.load()
+                try:
+                    await inst.load()
+                except BaseException:
+                    if on_host:
+                        async with self._control:
+                            self.host.release(inst)
+                    raise
+                if on_host:
+                    async with self._control:
+                        self.host.commit(inst, max(inst.footprint_bytes, inst.weight_bytes))
                 return
             try:
                 await inst.load(self.memory.torch_device(index))  # outside the lock: the reservation holds
@@ -678,6 +732,8 @@ class Engine:
         # what the device shows us holding before the free: the wait for it to come back counts from here
         before = self.memory.own_used(inst.device_index) if inst.device_index is not None else 0
         await inst.unload(drain_timeout, keep)
+        if self.host.holds(inst):
+            self.host.release(inst)
         if inst.shared is not None:
             inst.shared.forget(inst)
             inst.shared = None
@@ -1127,7 +1183,7 @@ class Engine:
         models = self.snapshot_models()
         devices = [dict(d, slots=self.shared[d["index"]].to_dict()) for d in self.memory.snapshot(self._residents)]
         return {"models": models, "cache": self.cache.to_dict(), "devices": devices,
-                "host_tier": self.host_tier.to_dict(),
+                "host_tier": self.host_tier.to_dict(), "host": self.host.snapshot(),
                 "routing": self.versions.snapshot()}
 
     def subscribe(self, maxsize: int = 1000) -> Subscription:
