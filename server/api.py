@@ -373,6 +373,8 @@ async def start_canary(request: web.Request) -> web.Response:
             kw[key] = _as_number(body[key], key)
     if "min_requests" in body:
         n = body["min_requests"]
+        if isinstance(n, float) and n.is_integer() and abs(n) < 2**53:
+            n = int(n)  # JSON has one number type: 20.0 is the integer 20 (as JSON Schema reads it)
         if not isinstance(n, int) or isinstance(n, bool):
             raise HttpError(400, f"min_requests: expected an integer, got {json.dumps(n)}")
         kw["min_requests"] = n
