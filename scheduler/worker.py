@@ -219,9 +219,13 @@ class CpuPool:
                 with self._lock:
                     self._idle -= 1
                     self._waiting -= 1
-                me.name = lane.thread_name  # what a forward sees, as on a thread of its own
+                if me.name != lane.thread_name:
+                    me.name = lane.thread_name  # what a forward sees, as on a thread of its own
                 try:
-                    lane.run_one()
+                    # while no other lane waits, this one's next jobs run here without a trip
+                    # through the queue (a busy model alone costs what a thread of its own did)
+                    while lane.run_one(keep=lambda: self._waiting == 0):
+                        pass
                 finally:
                     with self._lock:
                         self._idle += 1
@@ -251,8 +255,9 @@ class Lane(_Calls):
             self._scheduled = True
         self._pool.schedule(self)
 
-    def run_one(self) -> None:
-        """On a pool thread: the lane's next job; the lane goes back in line if it has more."""
+    def run_one(self, keep: Callable[[], bool] = lambda: False) -> bool:
+        """On a pool thread: the lane's next job.  Then, if it has more: True (the caller runs the
+        next one too) when ``keep()`` says no other lane waits, else it goes back in line."""
         with self._lock:
             job = self._jobs.popleft()
         if job is None:
@@ -267,10 +272,15 @@ class Lane(_Calls):
             except BaseException as e:  # noqa: BLE001 - every failure is answered
                 result, error = None, e
             ModelWorker._deliver(self._loop.call_soon_threadsafe, done, result, error)
+        if job is None:
+            return False
         with self._lock:
             again = self._scheduled = bool(self._jobs)
         if again:
+            if keep():
+                return True
             self._pool.schedule(self)
+        return False
 
     def stop(self) -> None:
         """Finish the jobs already given; then ``join`` returns."""

@@ -34,9 +34,13 @@ async def test_cpu_models_share_a_bounded_pool_of_threads():
             assert out.outputs["logits"].shape == (1, 10)
         grown = threading.active_count() - before
         assert grown <= worker.cpu_pool_size(), f"{N} CPU models hold {grown} more threads"
-        assert sum(p.lanes for p in worker._POOLS.values()) >= N  # one lane per loaded CPU model
-    # the last lane gone, the pool's threads end
-    assert not any(p.lanes for p in worker._POOLS.values())
+        lanes = [engine.instance(f"m{i}")._worker for i in range(N)]
+        assert all(isinstance(lane, worker.Lane) for lane in lanes)
+        pool = lanes[0]._pool
+        assert all(lane._pool is pool for lane in lanes) and pool.lanes == N
+    for lane in lanes:  # freed at close: each lane ends once its jobs are done...
+        lane.join(30)
+    assert pool.lanes == 0 and pool not in worker._POOLS.values()  # ...and the last one ends the pool
 
 
 CYCLIC = textwrap.dedent(
