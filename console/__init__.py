@@ -1,4 +1,4 @@
-"""modelconsole.console: the command line entry point (and, to come, the Textual console).
+"""modelconsole.console: the command line entry point and the Textual console.
 
 The console is a client of the engine: it never imports torch, and it
 imports the engine lazily, only in the modes that embed it.
