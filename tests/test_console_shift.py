@@ -316,3 +316,16 @@ async def test_deleting_a_built_in_model_names_no_config_file(tmp_path):
         assert "--config FILE" in e.value.message
     finally:
         await engine.close()
+
+
+def test_the_console_says_where_its_logs_go(tmp_path, capsys, monkeypatch):
+    """A full-screen console writes its logs to a file: the path is printed before the screen is
+    taken (it stays in the scrollback), beside --store when one is given, else the state directory."""
+    import argparse
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    for store, want in ((str(tmp_path / "db" / "s.db"), tmp_path / "db" / "modelconsole.log"),
+                        (None, tmp_path / "state" / "modelconsole" / "log" / "modelconsole.log")):
+        cli._console_log(argparse.Namespace(log_file=None, store=store), "WARNING")
+        assert f"logs go to {want}" in capsys.readouterr().err
+        assert want.parent.is_dir()
