@@ -226,6 +226,53 @@ def _audits_failures(action: str | Callable[[dict[str, Any]], str]) -> Callable[
     return wrap
 
 
+class EngineForVersions:
+    """The engine as ``versions.VersionHost``: the calls versions.py may make, and only those.
+
+    The engine's own code reaches its privates here, so versions.py never does; each call is
+    looked up when made (a test may wrap the engine's ``_ensure_loaded``)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self.events = engine.events
+
+    @property
+    def store(self) -> Store | None:
+        return self._engine.store
+
+    @property
+    def closing(self) -> bool:
+        return self._engine._closing
+
+    def entry(self, name: str) -> ModelEntry | None:
+        return self._engine._models.get(name)
+
+    def instance(self, name: str, version: str | None = None) -> ModelInstance:
+        return self._engine._instance(name, version)
+
+    def control(self) -> asyncio.Lock:
+        return self._engine._control
+
+    def control_when_settled(self, inst: ModelInstance) -> Any:
+        return self._engine._control_when_settled(inst)
+
+    async def ensure_loaded(self, inst: ModelInstance) -> None:
+        await self._engine._ensure_loaded(inst)
+
+    async def unload_locked(self, inst: ModelInstance) -> None:
+        await self._engine._unload_locked(inst)
+
+    def set_active(self, name: str, version: str) -> None:
+        entry = self._engine._models[name]
+        if version not in entry.versions:
+            raise ModelNotFound(f"model '{name}' has no version '{version}'")
+        entry.active = version
+
+    async def serve(self, inst: ModelInstance, inputs: Inputs, priority: int | None, timeout_ms: float | None,
+                    outputs: Sequence[str] | None, metric: str | None = None) -> InferResult:
+        return await self._engine._serve(inst, inputs, priority, timeout_ms, outputs, metric)
+
+
 class Engine:
     def __init__(
         self,
@@ -268,7 +315,7 @@ class Engine:
         self._models: dict[str, ModelEntry] = {}
         self._config_from_file = True  # start(from_file=False): the "config" models are the built-in zoo
         self._control = asyncio.Lock()
-        self.versions = Versions(self)  # routing of version-less requests; swap, split, canary
+        self.versions = Versions(EngineForVersions(self))  # routing of version-less requests; swap, split, canary
         self._closing = False
         self._reroutes: set[asyncio.Task[None]] = set()  # submit()'s reroutes in flight
         self._scale_seen: dict[str, tuple[int, int]] = {}  # version key -> (queue_ns, samples) last tick

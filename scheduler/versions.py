@@ -30,11 +30,14 @@ State and locks (one owner each)
   lock, control first; nothing takes them in the other order.
 * ``ModelEntry.active`` lives in the engine's registry (the engine sets it
   when a name's first version is registered and when the store is restored);
-  after start only a swap's switch changes it, here, under both locks.
-* From the engine this class uses: ``_models`` (read; the same dict),
-  ``events``, ``store``, ``_control``, ``_closing``, ``_ensure_loaded``
-  (looked up at each call, so a test may wrap it), ``_unload_locked``,
-  ``_instance`` and ``_serve`` (one request on one version).
+  after start only a swap's switch changes it, through ``set_active``, under
+  both locks.
+* From the engine this class uses ``VersionHost`` and nothing else: the
+  registry read by name (``entry``, ``instance``), ``events``, ``store``,
+  ``closing``, the control lock (``control``, ``control_when_settled``),
+  ``ensure_loaded``, ``unload_locked``, ``set_active`` (a swap's switch) and
+  ``serve`` (one request on one version).  The engine hands it an adapter
+  (``engine.EngineForVersions``); no engine private is reached from here.
 
 The flows
 =========
@@ -92,7 +95,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from random import random
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import routing
 from .errors import Conflict, EngineError, InputError, ModelNotFound, ModelUnavailable
@@ -102,7 +105,45 @@ from .store import KEEP
 from .tensors import output_mean
 
 if TYPE_CHECKING:
-    from .engine import Engine, Inputs, ModelEntry
+    from contextlib import AbstractAsyncContextManager
+
+    from .engine import Inputs, ModelEntry
+    from .events import EventBus
+    from .store import Store
+
+
+class VersionHost(Protocol):
+    """What ``Versions`` may ask of the engine: a narrow, typed face instead of its privates."""
+
+    events: EventBus
+    store: Store | None
+
+    @property
+    def closing(self) -> bool: ...
+
+    def entry(self, name: str) -> ModelEntry | None:
+        """The registry's entry for ``name`` (read only: change it through the calls below)."""
+
+    def instance(self, name: str, version: str | None = None) -> ModelInstance:
+        """The version (the active one when None); ModelNotFound otherwise."""
+
+    def control(self) -> AbstractAsyncContextManager[Any]:
+        """The engine's control lock (residency, routing's switch)."""
+
+    def control_when_settled(self, inst: ModelInstance) -> AbstractAsyncContextManager[Any]:
+        """The control lock, at a moment when ``inst`` has no load under way."""
+
+    async def ensure_loaded(self, inst: ModelInstance) -> None: ...
+
+    async def unload_locked(self, inst: ModelInstance) -> None:
+        """Unload (drain, free) ``inst``; the caller holds the control lock."""
+
+    def set_active(self, name: str, version: str) -> None:
+        """A swap's switch: ``version`` serves the name's version-less requests from now on."""
+
+    async def serve(self, inst: ModelInstance, inputs: Inputs, priority: int | None, timeout_ms: float | None,
+                    outputs: Sequence[str] | None, metric: str | None = None) -> InferResult:
+        """One request on one version (lazy load, validation, cache, rate limit, queue)."""
 
 log = logging.getLogger("modelconsole.engine")
 
@@ -149,10 +190,9 @@ def _metric_mean(res: InferResult, name: str | None) -> float | None:
 class Versions:
     """The routing of every model name's version-less requests, and swap, split and canary."""
 
-    def __init__(self, engine: Engine):
-        self._engine = engine
-        self._models = engine._models  # the engine's registry (the same dict): read here, never replaced
-        self.events = engine.events
+    def __init__(self, host: VersionHost):
+        self._host = host
+        self.events = host.events
         self._lock = asyncio.Lock()  # the route lock: every routing change holds it
         self._routes: dict[str, Route] = {}  # names with a split, shadow, swap or canary (current or last)
         self.routed: dict[str, Route] = {}  # the names whose version-less requests go through the router
@@ -160,11 +200,18 @@ class Versions:
 
     @property
     def _store(self) -> Any:
-        return self._engine.store
+        return self._host.store
 
     @property
     def _closing(self) -> bool:
-        return self._engine._closing
+        return self._host.closing
+
+    def _entry(self, name: str) -> ModelEntry:
+        """The entry of a name a route or a canary holds (it exists while they do)."""
+        entry = self._host.entry(name)
+        if entry is None:
+            raise KeyError(name)
+        return entry
 
     # ------------------------------------------------------------ start / stop
 
@@ -175,7 +222,7 @@ class Versions:
         canaries = await self._store.canaries()
         resume = []
         for name in sorted(set(splits) | set(canaries)):
-            entry = self._models.get(name)
+            entry = self._host.entry(name)
             if entry is None:
                 continue  # the model itself is gone (its restore already said why)
             route = self._route(name)
@@ -256,7 +303,7 @@ class Versions:
     # ------------------------------------------------------------ swap, split, canary
 
     def _entry(self, name: str) -> ModelEntry:
-        entry = self._models.get(name)
+        entry = self._host.entry(name)
         if entry is None:
             raise ModelNotFound(f"unknown model '{name}'")
         return entry
@@ -288,7 +335,7 @@ class Versions:
         elif not keep_arms:
             keep = set(weights) | set(shadow)
             if not weights:
-                keep.add(self._models[route.name].active)
+                keep.add(self._entry(route.name).active)
             route.arms = {v: a for v, a in route.arms.items() if v in keep}
         if route.table is not None or route.shadow:
             self.routed[route.name] = route
@@ -403,13 +450,13 @@ class Versions:
             try:
                 switched = False
                 for _ in range(3):  # an operator may unload the new version between load and switch
-                    await self._engine._ensure_loaded(new)
+                    await self._host.ensure_loaded(new)
                     if route.swap["phase"] == "loading":
                         route.swap["phase"] = "switching"
                         self.events.publish("swap_loaded", f"{name}: v{new.version} loaded and warm in "
                                             f"{time.monotonic() - started:.2f}s; switching", model=name,
                                             version=new.version, data=dict(data, phase="switching"))
-                    async with self._engine._control:
+                    async with self._host.control():
                         if new.state != READY:
                             continue
                         async with self._lock:
@@ -424,7 +471,7 @@ class Versions:
                                     active=new.version, split=None,
                                     canary=promoted.to_dict() if promoted is not None else KEEP)
                             # the switch: from here a request without a version goes to the new one
-                            entry.active = new.version
+                            self._host.set_active(name, new.version)
                             self._apply_split(route, {}, (), None, reset_arms=canary is None, keep_arms=True)
                             if promoted is not None:
                                 canary.state, canary.share, canary.step, canary.reason = (
@@ -444,8 +491,8 @@ class Versions:
                                 "its queued and in-flight requests", model=name, version=new.version,
                                 data=dict(data, phase="draining"))
             if old is not None and old is not new:
-                async with self._engine._control_when_settled(old):
-                    await self._engine._unload_locked(old)
+                async with self._host.control_when_settled(old):
+                    await self._host.unload_locked(old)
         finally:
             self.protected -= guard
             route.swap = None
@@ -509,7 +556,7 @@ class Versions:
             canary = route.canary = routing.Canary(version=v, baseline=entry.active, steps=plan["steps"],
                                                    interval_s=plan["interval_s"], bounds=plan["bounds"])
         try:
-            await self._engine._ensure_loaded(new)
+            await self._host.ensure_loaded(new)
         except EngineError as e:
             async with self._lock:
                 if route.canary is canary:
@@ -574,9 +621,9 @@ class Versions:
         name = route.name
         try:
             if canary.step_mono is None:  # resumed after a restart: its version first, then its share
-                inst = self._models[name].versions[canary.version]
+                inst = self._entry(name).versions[canary.version]
                 try:
-                    await self._engine._ensure_loaded(inst)
+                    await self._host.ensure_loaded(inst)
                 except EngineError as e:
                     await self._canary_end(route, canary, routing.ROLLED_BACK,
                                            f"its version could not be loaded again after a restart: {e.message}")
@@ -641,7 +688,7 @@ class Versions:
 
     async def _canary_promote(self, route: Route, canary: routing.Canary) -> None:
         """The last step: the normal swap path makes the canary the active version."""
-        entry = self._models[route.name]
+        entry = self._entry(route.name)
         async with self._lock:
             if canary.state != routing.RUNNING or self._closing:
                 return
@@ -687,7 +734,7 @@ class Versions:
     def moved_on(self, name: str, inst: ModelInstance) -> bool:
         """A version-less request was routed to inst, and before it ran inst went away
         (swapped out and draining, or unloaded) while routing moved on: it may go again."""
-        entry = self._models.get(name)
+        entry = self._host.entry(name)
         return (not self._closing and entry is not None and entry.active != inst.version
                 and inst.state in (UNLOADING, UNLOADED))
 
@@ -700,9 +747,9 @@ class Versions:
         route = self.routed.get(name)
         if route is not None:
             return await self.infer_routed(route, inputs, priority, timeout_ms, outputs, routing_key, False)
-        inst = self._engine._instance(name, None)
+        inst = self._host.instance(name, None)
         try:
-            return await self._engine._serve(inst, inputs, priority, timeout_ms, outputs)
+            return await self._host.serve(inst, inputs, priority, timeout_ms, outputs)
         except EngineError as e:
             inst.stats.fail(e.kind)
             raise
@@ -713,7 +760,7 @@ class Versions:
         """A version-less request on a name with a split and/or shadows: pick the arm (one
         random() or one hash), send the shadow copies, record the answer in the arm's metrics."""
         name = route.name
-        entry = self._models[name]
+        entry = self._entry(name)
         table = route.table
         if table is None:
             v = entry.active
@@ -731,7 +778,7 @@ class Versions:
         arm = route.arms.get(v) or route.arm(v)
         t0 = time.monotonic()
         try:
-            res = await self._engine._serve(inst, inputs, priority, timeout_ms, outputs, route.metric_output)
+            res = await self._host.serve(inst, inputs, priority, timeout_ms, outputs, route.metric_output)
         except EngineError as e:
             if may_reroute and type(e) is ModelUnavailable and self.moved_on(name, inst):
                 return await self.reroute(name, inputs, priority, timeout_ms, outputs, routing_key)
@@ -764,7 +811,7 @@ class Versions:
         t0 = time.monotonic()
         try:
             # the least urgent level: a copy never overtakes real traffic
-            res = await self._engine._serve(inst, inputs, inst.cfg.priority_levels, timeout_ms, None,
+            res = await self._host.serve(inst, inputs, inst.cfg.priority_levels, timeout_ms, None,
                                             route.metric_output)
         except EngineError as e:
             inst.stats.fail(e.kind)
