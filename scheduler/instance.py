@@ -39,7 +39,7 @@ from .ratelimit import RateLimit
 from .shared import SharedDevice
 from .stats import ModelStats
 from .tensors import output_mean, random_tensor, validate_inputs
-from .worker import ModelWorker, Pending, give_back, take_worker
+from .worker import Lane, ModelWorker, Pending, give_back, take_worker
 
 log = logging.getLogger("modelconsole.instance")
 _DEADLINE = operator.attrgetter("deadline")
@@ -186,7 +186,7 @@ class ModelInstance:
         self.served = 0  # requests this instance answered (its version's stats count every replica's)
         self.load_task: asyncio.Task | None = None  # shared by concurrent lazy loads
         self._module: Any = None
-        self._worker: ModelWorker | None = None
+        self._worker: ModelWorker | Lane | None  # a GPU model's thread, or a CPU model's lane (worker.py) = None
         self._batches = 0  # batches handed to the worker and not yet answered
         self._max_batches = 1  # GPU_INFLIGHT on a GPU
         self._timer: asyncio.TimerHandle | None = None
@@ -327,7 +327,7 @@ class ModelInstance:
                             model=self.name, version=self.version,
                             data={"freed_bytes": self.footprint_bytes})
 
-    async def _free(self, worker: ModelWorker, keep: bool = False) -> None:
+    async def _free(self, worker: ModelWorker | Lane, keep: bool = False) -> None:
         """Drop the module (or move it to the host tier) on its own thread, empty the CUDA cache."""
         device = worker.device
         loaded = sources.LoadedModel(self._module, self.inputs, self.outputs, self.weight_bytes,
