@@ -186,7 +186,7 @@ class ModelInstance:
         self.served = 0  # requests this instance answered (its version's stats count every replica's)
         self.load_task: asyncio.Task | None = None  # shared by concurrent lazy loads
         self._module: Any = None
-        self._worker: ModelWorker | Lane | None  # a GPU model's thread, or a CPU model's lane (worker.py) = None
+        self._worker: ModelWorker | Lane | None = None  # a GPU model's thread, or a CPU model's lane
         self._batches = 0  # batches handed to the worker and not yet answered
         self._max_batches = 1  # GPU_INFLIGHT on a GPU
         self._timer: asyncio.TimerHandle | None = None
