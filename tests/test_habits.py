@@ -82,3 +82,14 @@ def test_user_documents_and_code_say_what_exists_not_when_it_came(pattern):
     found = [f"{p.relative_to(ROOT)}:{n}: {line.strip()}" for p in USER_DOCS + SOURCES
              for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if re.search(pattern, line)]
     assert not found, "\n".join(found[:20])
+
+
+def test_no_module_reaches_into_the_engines_private_members():
+    """versions.py (and every other module) sees the engine through a public or typed face
+    (versions.VersionHost): ``engine._x`` outside engine.py is a layering break."""
+    pattern = re.compile(r"\bengine\._[a-z]|\._engine\._[a-z]")
+    found = [f"{p.relative_to(ROOT)}:{n}: {line.strip()}"
+             for pkg in ("scheduler", "server", "cluster", "console", "client")
+             for p in (ROOT / pkg).rglob("*.py") if p.name != "engine.py"
+             for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
+    assert not found, "\n".join(found)
