@@ -153,9 +153,10 @@ def to_tensor(spec: TensorSpec, value: Any, max_batch_size: int) -> Any:
     if spec.datatype == "BYTES":
         return value if isinstance(value, np.ndarray) else np.asarray(value, dtype=object)
     if isinstance(value, np.ndarray):
-        if value.flags.c_contiguous and value.flags.writeable and value.ctypes.data % ALIGNMENT == 0:
-            return torch.from_numpy(value)
-        return aligned_copy(value)
+        if not (value.flags.c_contiguous and value.flags.writeable):
+            value = np.ascontiguousarray(value) if value.flags.writeable else value.copy(order="C")
+        t = torch.from_numpy(value)
+        return t if t.data_ptr() % ALIGNMENT == 0 else t.clone()  # clone: torch's allocator aligns
     if value.device.type != "cpu":
         value = value.cpu()
     if not value.is_contiguous() or value.data_ptr() % ALIGNMENT:
@@ -171,10 +172,8 @@ its bytes.  torch's own allocator aligns to 64; numpy's and a request body's do 
 
 
 def aligned_copy(value: np.ndarray) -> torch.Tensor:
-    """``value`` copied into a fresh torch tensor (64-byte aligned by torch's allocator)."""
-    out = torch.empty(value.shape, dtype=torch.from_numpy(np.empty(0, value.dtype)).dtype)
-    out.numpy()[...] = value
-    return out
+    """``value`` as a tensor whose first byte is at a multiple of ALIGNMENT (copied there)."""
+    return torch.from_numpy(np.ascontiguousarray(value)).clone()
 
 
 def validate_inputs(

@@ -192,14 +192,24 @@ def _is_ip(name: str) -> bool:
     return True
 
 
+_HOSTS_SEEN: dict[str, bool] = {}  # Host header -> allowed (the judgement is pure; bounded below)
+
+
 def _foreign_host(request: web.Request, names: frozenset[str] | None) -> web.Response | None:
     """403 for a request whose Host names neither this server nor an IP address: DNS rebinding (a web
     page whose own name now resolves to 127.0.0.1 reaches a loopback server with its name in Host)."""
     header = request.headers.get("Host")
     if names is None or header is None:
         return None
-    name = host_name(header)
-    if name in names or _is_ip(name):
+    key = f"{id(names)}|{header}"
+    ok = _HOSTS_SEEN.get(key)
+    if ok is None:
+        name = host_name(header)
+        ok = name in names or _is_ip(name)
+        if len(_HOSTS_SEEN) >= 4096:
+            _HOSTS_SEEN.clear()
+        _HOSTS_SEEN[key] = ok
+    if ok:
         return None
     return error_response(403, "request refused: its Host header is not a name of this server (a guard against "
                                "DNS rebinding); to serve under that name, add it to [server] allowed_hosts")
