@@ -429,8 +429,8 @@ class ModelConsoleApp(App[None]):
         if action == "cycle_node" and not self._fleet_nodes():
             return "picks the node that actions act on in a fleet (--serve --cluster); this is one host."
         m = self.selected()
-        if action == "evict" and not self.marked and m is not None and self.evict_refusal(m):
-            return f"does nothing: {self._label(m)} {self.evict_refusal(m)}."
+        if action == "evict" and not self.marked and m is not None and (refusal := self.evict_refusal(m)):
+            return f"does nothing: {self._label(m)} {refusal}."
         return None
 
     def on_key(self, event: events.Key) -> None:
@@ -908,11 +908,12 @@ class ModelConsoleApp(App[None]):
     def action_evict(self) -> None:
         found, _ = self._marked_models()
         if found:
-            refused = [(self._label(m), why) for m in found if (why := self.evict_refusal(m))]
+            why = {fmt.row_key(m): self.evict_refusal(m) for m in found}
+            refused = [f"{self._label(m)} {why[fmt.row_key(m)]}" for m in found if why[fmt.row_key(m)]]
             if refused:
-                self.notify("; ".join(f"{label} {why}" for label, why in refused[:4])
-                            + (" …" if len(refused) > 4 else "") + " — left out.", severity="warning", timeout=6)
-            keep = {fmt.row_key(m) for m in found if not self.evict_refusal(m)}
+                self.notify("; ".join(refused[:4]) + (" …" if len(refused) > 4 else "") + " — left out.",
+                            severity="warning", timeout=6)
+            keep = {key for key, refusal in why.items() if not refusal}
             if not keep:
                 return
             self.marked &= keep

@@ -170,8 +170,6 @@ def default_store_dir():
 def attach_token(args: argparse.Namespace, url: str) -> str | None:
     """--token, MODELCONSOLE_TOKEN, else the token file a local server wrote for the URL's port
     (beside --store if given, else beside the default store)."""
-
-
     return attach_token_and_hint(args, url)[0]
 
 

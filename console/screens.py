@@ -65,8 +65,6 @@ FIELD_KEYS = [
 ]
 
 
-
-
 class RegisterScreen(ModalScreen["dict[str, Any] | None"]):
     """Register a model (or a new version): name, source, version, options (JSON or key=value).
 
@@ -129,8 +127,6 @@ class RegisterScreen(ModalScreen["dict[str, Any] | None"]):
         box.update(Text(message, style="bold red"))
         box.add_class("-shown")
         self.query_one(f"#{wid}", Input).focus()
-
-    _error = show_error
 
     SOURCE_KINDS = ("zoo", "torchscript", "export", "safetensors", "state_dict", "hf", "remote")
 

@@ -26,6 +26,7 @@ from .widgets import Line
 # (snapshot or None when it is gone, routing, events oldest first)
 Picture = Callable[[], "tuple[dict[str, Any] | None, dict[str, Any] | None, list[dict[str, Any]]]"]
 Audit = Callable[[], Awaitable["list[dict[str, Any]]"]]
+_UNSEEN = object()
 
 
 class _ModelView(Screen[None]):
@@ -81,6 +82,11 @@ class DescribeScreen(_ModelView):
     rate limit, routing, eviction's keep-value inputs, last error, config, audit history."""
 
     BINDINGS = [*_ModelView.BINDINGS, Binding("l", "logs", "Logs", id="view_logs")]
+    _audit_after: Any = None  # the newest event when the audit was last read (_UNSEEN: before the first view)
+
+    def on_mount(self) -> None:
+        self._audit_after = _UNSEEN  # on_mount reads the audit itself
+        super().on_mount()
 
     def compose(self) -> ComposeResult:
         yield Line(id="view-title", classes="view-title")
@@ -91,7 +97,7 @@ class DescribeScreen(_ModelView):
     def update_view(self) -> None:
         m, routing, events = self.picture()
         newest = events[-1] if events else None
-        if newest is not getattr(self, "_audit_after", newest):
+        if self._audit_after is not _UNSEEN and newest is not self._audit_after:
             # something happened to the model (an action, a load): its audit rows may have grown
             self.run_worker(self._read_audit(), group="view-audit", exit_on_error=False)
         self._audit_after = newest

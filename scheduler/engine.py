@@ -35,7 +35,6 @@ import inspect
 import logging
 import os
 import time
-import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +62,7 @@ from .instance import (
     ModelInstance,
     resolve_device,
 )
-from .memory import InsufficientMemory, MemoryManager, weights_estimate
+from .memory import InsufficientMemory, MemoryManager, config_estimate, weights_estimate
 from .routing import DEFAULT_STEPS
 from .shared import SharedDevice, model_urgency
 from .store import Store
@@ -532,8 +531,8 @@ class Engine:
     def _check_host_fit(self, cfg: ModelConfig) -> None:
         """WontFit (507) for a CPU version whose copies (``replicas``, ``max_replicas``) can never fit."""
         if self._runs_on_host(cfg):
-            estimate = weights_estimate(types.SimpleNamespace(cfg=cfg, learned_footprint=0))
-            self.host.check_fits(f"model '{cfg.name}' version {cfg.version}", cfg.replica_limit, estimate)
+            self.host.check_fits(f"model '{cfg.name}' version {cfg.version}", cfg.replica_limit,
+                                 config_estimate(cfg))
 
     def _host_residents(self) -> list[ModelInstance]:
         """The CPU versions holding host memory that an eviction may choose from."""
@@ -858,11 +857,11 @@ class Engine:
             what = f"model '{name}'" + (f" version {version}" if version is not None else "")
             for v in doomed:
                 inst = entry.versions[v]
-                if entry.origin[v] == "config" and not self._config_from_file:
-                    raise Conflict(f"{what}: {inst.key} is one of the built-in demo models, served because "
-                                   "the server started without --config (deleted here it would come back at "
-                                   "the next start); to serve other models, start with --config FILE")
                 if entry.origin[v] == "config":
+                    if not self._config_from_file:
+                        raise Conflict(f"{what}: {inst.key} is one of the built-in demo models, served because "
+                                       "the server started without --config (deleted here it would come back "
+                                       "at the next start); to serve other models, start with --config FILE")
                     raise Conflict(f"{what}: {inst.key} is defined in the config file; remove it there "
                                    "(deleted here it would come back at the next start)")
                 loaded = [r for r in inst.replica_set if r.state != UNLOADED or _loading(r)]

@@ -87,7 +87,6 @@ class HostMemory:
     """The host budget: fixed charges (cache, host tier) and CPU models' reservations."""
 
     def __init__(self, cfg: HostConfig, fixed: dict[str, int], limit: int | None = None) -> None:
-        self.cfg = cfg
         total, self.source = host_limit() if limit is None else (limit, "given")
         budget = int(cfg.budget_gib * GiB) if cfg.budget_gib is not None else None
         self.budget = DeviceBudget(-1, budget, 1.0, int(cfg.reserve_mib * MiB))
@@ -126,11 +125,11 @@ class HostMemory:
         avail = self.available()
         if need > avail:
             now = time.monotonic()
-            incoming = inst.residency(now, need)
-            plan = policy.plan_eviction([r.residency(now) for r in residents], need, avail, now,
-                                        min_residency_s=min_residency_s, incoming=incoming)
+            held = [r.residency(now) for r in residents]
+            plan = policy.plan_eviction(held, need, avail, now, min_residency_s=min_residency_s,
+                                        incoming=inst.residency(now, need))
             if plan is None:
-                when = policy.earliest_room([r.residency(now) for r in residents], need, avail, now, min_residency_s)
+                when = policy.earliest_room(held, need, avail, now, min_residency_s)
                 inst.last_used = now
                 pinned = sum(1 for r in residents if r.pinned)
                 busy = sum(1 for r in residents if r.busy())

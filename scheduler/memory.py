@@ -26,7 +26,7 @@ from modelconsole.gpu.budget import DeviceBudget, GiB, MiB, place
 from modelconsole.gpu.devices import DeviceBackend
 
 from . import policy
-from .config import GpuConfig
+from .config import GpuConfig, ModelConfig
 from .errors import EngineError
 from .events import EventBus
 
@@ -49,11 +49,16 @@ class InsufficientMemory(EngineError):
 
 def weights_estimate(inst: ModelInstance) -> int:
     """Bytes a load is expected to take, before it has ever been measured."""
-    cfg = inst.cfg
+    return config_estimate(inst.cfg, inst.learned_footprint)
+
+
+def config_estimate(cfg: ModelConfig, learned: int = 0) -> int:
+    """``weights_estimate`` from a version's config (and its footprint measured earlier, if any):
+    a registration's, before an instance exists."""
     if cfg.estimate_mib is not None:
         return int(cfg.estimate_mib * MiB)
-    if inst.learned_footprint:
-        return inst.learned_footprint
+    if learned:
+        return learned
     if cfg.source_kind == "zoo":
         name = cfg.source_ref
         if name == "sized":

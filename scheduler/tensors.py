@@ -171,10 +171,6 @@ cache line, so the same input could give other bits depending on where a decoder
 its bytes.  torch's own allocator aligns to 64; numpy's and a request body's do not."""
 
 
-def aligned_copy(value: np.ndarray) -> torch.Tensor:
-    """``value`` as a tensor whose first byte is at a multiple of ALIGNMENT (copied there)."""
-    return torch.from_numpy(np.ascontiguousarray(value)).clone()
-
 
 def validate_inputs(
     specs: tuple[TensorSpec, ...], inputs: Mapping[str, Any], max_batch_size: int

@@ -73,13 +73,20 @@ def check_token_env(name: str, trust: Trust) -> None:
                      "[security] token_env")
 
 
-def _refused_address(address: str) -> str | None:
-    """Why requests may not go to ``address`` by default, or None."""
+def _ip(text: str) -> Any:
+    """``text`` as an address (an IPv6 zone dropped), or None when it is a name."""
     import ipaddress
 
     try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        return ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
+        return None
+
+
+def _refused_address(address: str) -> str | None:
+    """Why requests may not go to ``address`` by default, or None."""
+    ip = _ip(address)
+    if ip is None:
         return None
     mapped = getattr(ip, "ipv4_mapped", None)
     ip = mapped or ip
@@ -105,14 +112,8 @@ def _listed(host: str, addresses: tuple[str, ...], allow: tuple[str, ...]) -> bo
             nets.append(ipaddress.ip_network(a, strict=False))
         except ValueError:
             continue
-    for address in (host, *addresses):
-        try:
-            ip = ipaddress.ip_address(address.split("%", 1)[0])
-        except ValueError:
-            continue
-        if any(ip.version == n.version and ip in n for n in nets):
-            return True
-    return False
+    ips = [ip for ip in map(_ip, (host, *addresses)) if ip is not None]
+    return any(ip.version == n.version and ip in n for ip in ips for n in nets)
 
 
 def check_remote_host(host: str, trust: Trust, addresses: tuple[str, ...] = ()) -> None:

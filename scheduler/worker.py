@@ -211,6 +211,10 @@ class CpuPool:
         mode = torch.inference_mode()
         mode.__enter__()
         me = threading.current_thread()
+
+        def alone() -> bool:  # no other lane waits for a thread
+            return self._waiting == 0
+
         try:
             while True:
                 lane = self._ready.get()
@@ -224,7 +228,7 @@ class CpuPool:
                 try:
                     # while no other lane waits, this one's next jobs run here without a trip
                     # through the queue (a busy model alone costs what a thread of its own did)
-                    while lane.run_one(keep=lambda: self._waiting == 0):
+                    while lane.run_one(keep=alone):
                         pass
                 finally:
                     with self._lock:
@@ -248,8 +252,12 @@ class Lane(_Calls):
         self._stopped = threading.Event()
 
     def submit(self, fn: Callable[[], Any], done: Callable[[Any, BaseException | None], None]) -> None:
+        self._push((fn, done))
+
+    def _push(self, job: tuple[Callable, Callable] | None) -> None:
+        """Queue a job (None: the lane's end); put the lane in line unless it is there already."""
         with self._lock:
-            self._jobs.append((fn, done))
+            self._jobs.append(job)
             if self._scheduled:
                 return
             self._scheduled = True
@@ -284,12 +292,7 @@ class Lane(_Calls):
 
     def stop(self) -> None:
         """Finish the jobs already given; then ``join`` returns."""
-        with self._lock:
-            self._jobs.append(None)
-            if self._scheduled:
-                return
-            self._scheduled = True
-        self._pool.schedule(self)
+        self._push(None)
 
     def join(self, timeout: float | None = None) -> None:
         self._stopped.wait(timeout)

@@ -192,23 +192,21 @@ def _is_ip(name: str) -> bool:
     return True
 
 
-_HOSTS_SEEN: dict[str, bool] = {}  # Host header -> allowed (the judgement is pure; bounded below)
-
-
-def _foreign_host(request: web.Request, names: frozenset[str] | None) -> web.Response | None:
+def _foreign_host(request: web.Request, names: frozenset[str] | None,
+                  seen: dict[str, bool]) -> web.Response | None:
     """403 for a request whose Host names neither this server nor an IP address: DNS rebinding (a web
-    page whose own name now resolves to 127.0.0.1 reaches a loopback server with its name in Host)."""
+    page whose own name now resolves to 127.0.0.1 reaches a loopback server with its name in Host).
+    ``seen``: the verdict per Host header (pure; kept by the guard, bounded), so a header is parsed once."""
     header = request.headers.get("Host")
     if names is None or header is None:
         return None
-    key = f"{id(names)}|{header}"
-    ok = _HOSTS_SEEN.get(key)
+    ok = seen.get(header)
     if ok is None:
         name = host_name(header)
         ok = name in names or _is_ip(name)
-        if len(_HOSTS_SEEN) >= 4096:
-            _HOSTS_SEEN.clear()
-        _HOSTS_SEEN[key] = ok
+        if len(seen) >= 4096:
+            seen.clear()
+        seen[header] = ok
     if ok:
         return None
     return error_response(403, "request refused: its Host header is not a name of this server (a guard against "
@@ -235,6 +233,7 @@ def _cross_site(request: web.Request) -> web.Response | None:
 
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+FORWARD_ROUTE = "forward-to-core"  # a front end's catch-all route to the engine core (proxy.py)
 
 
 def _not_json(request: web.Request) -> web.Response | None:
@@ -251,7 +250,7 @@ def _not_json(request: web.Request) -> web.Response | None:
         return None
     if request.match_info.http_exception is not None:
         return None
-    if request.match_info.route.name == "forward-to-core":  # proxy.FORWARD_ROUTE: the core judges it
+    if request.match_info.route.name == FORWARD_ROUTE:  # a front end forwarding it: the core judges it
         return None
     if request.content_type == "application/json":
         return None
@@ -309,12 +308,12 @@ def _make_guard(settings: ServerSettings) -> Any:
     infer_too = settings.infer_requires_token
 
     names = host_names(settings)
+    hosts_seen: dict[str, bool] = {}
 
-    def refusal(request: web.Request) -> web.Response | None:
-        """What every request must pass before its handler runs: host, origin, token, coding, JSON."""
-        refused = None
-        if not isinstance(request.transport and request.transport.get_extra_info("sockname"), str):
-            refused = _foreign_host(request, names)  # a TCP client (a front end's own hop is a Unix socket)
+    def refusal(request: web.Request, over_tcp: bool) -> web.Response | None:
+        """What every request must pass before its handler runs: host, origin, token, coding, JSON.
+        ``over_tcp``: a client's connection (a front end's own hop, and gRPC's, is a Unix socket)."""
+        refused = _foreign_host(request, names, hosts_seen) if over_tcp else None
         refused = refused or _cross_site(request)
         if refused is None and token is not None and _needs_token(request.path, infer_too):
             refused = _check_token(request, token)
@@ -322,7 +321,8 @@ def _make_guard(settings: ServerSettings) -> Any:
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        resp = refusal(request)
+        over_tcp = not isinstance(request.transport and request.transport.get_extra_info("sockname"), str)
+        resp = refusal(request, over_tcp)
         if resp is None:
             try:
                 resp = await handler(request)
@@ -349,8 +349,7 @@ def _make_guard(settings: ServerSettings) -> Any:
         if request.app[DRAINING].is_set() and not resp.prepared:
             resp.force_close()  # shutting down: answer, then close (the client opens no more here)
         counter = request.app[REQUESTS]
-        if counter is not None and not isinstance(request.transport and
-                                                  request.transport.get_extra_info("sockname"), str):
+        if counter is not None and over_tcp:
             # counted once, where a client reached us (not a gRPC call's internal one over a Unix socket)
             counter.labels("http", _CODES.get(resp.status) or str(resp.status)).inc()
         return resp

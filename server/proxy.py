@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .app import CLOSING, HttpError, read_body
+from .app import CLOSING, FORWARD_ROUTE, HttpError, read_body
 
 log = logging.getLogger("modelconsole.server.proxy")
 
@@ -124,9 +124,6 @@ class ControlProxy:
         self.end_streams()
         if self._session is not None:
             await self._session.close()
-
-
-FORWARD_ROUTE = "forward-to-core"
 
 
 async def forward(request: web.Request) -> web.StreamResponse:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import urllib.error
@@ -38,3 +39,27 @@ def http(url: str, body: dict | None = None, timeout: float = 60.0) -> tuple[int
         return e.code, None
     except OSError:
         return None, None
+
+
+@contextlib.asynccontextmanager
+async def local_client(tmp_path, models):
+    """An in-process console client on a real engine with two simulated 256 MiB GPUs and its store
+    in ``tmp_path``, ``models`` registered; closed (client, then engine) on exit."""
+    from modelconsole.console.local import LocalClient
+    from modelconsole.gpu.devices import SimulatedBackend
+    from modelconsole.scheduler.config import GpuConfig
+    from modelconsole.scheduler.engine import Engine
+    from modelconsole.scheduler.store import Store
+
+    eng = Engine(Store(tmp_path / "state.db"), gpu=GpuConfig(reserve_mib=0, min_residency_s=0),
+                 backend=SimulatedBackend([256 * 2**20, 256 * 2**20]), base_dir=str(tmp_path), tick_s=0.2)
+    await eng.start()
+    for m in models:
+        await eng.register(m)
+    c = LocalClient(eng)
+    await c.start()
+    try:
+        yield c
+    finally:
+        await c.close()
+        await eng.close()

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from consoleutil import cell, http, select, until
+from consoleutil import cell, http, local_client, select, until
 from textual.app import App
 from textual.command import CommandList, CommandPalette
 from textual.widgets import Input
@@ -55,17 +55,8 @@ class RecordingApp(ModelConsoleApp):
 
 @pytest.fixture
 async def client(tmp_path):
-    backend = SimulatedBackend([256 * MiB, 256 * MiB])
-    eng = Engine(Store(tmp_path / "state.db"), gpu=GpuConfig(reserve_mib=0, min_residency_s=0), backend=backend,
-                 base_dir=str(tmp_path), tick_s=0.2)
-    await eng.start()
-    for m in MODELS:
-        await eng.register(m)
-    c = LocalClient(eng)
-    await c.start()
-    yield c
-    await c.close()
-    await eng.close()
+    async with local_client(tmp_path, MODELS) as c:
+        yield c
 
 
 def rate_of(client, name):

@@ -13,7 +13,7 @@ import socket
 
 import pytest
 import torch
-from consoleutil import select, until
+from consoleutil import local_client, select, until
 from serverutil import ServerThread
 from test_console_app import RecordingApp, screen_text
 from textual.widgets import Button, Input
@@ -24,28 +24,16 @@ from modelconsole.console.client import RemoteClient
 from modelconsole.console.local import LocalClient
 from modelconsole.console.screens import ConfirmScreen, HelpScreen, RegisterScreen
 from modelconsole.console.views import DescribeScreen, LogScreen
-from modelconsole.gpu.devices import SimulatedBackend
-from modelconsole.scheduler.config import GpuConfig, demo_config
-from modelconsole.scheduler.engine import Engine
+from modelconsole.scheduler.config import demo_config
 from modelconsole.scheduler.errors import Conflict
-from modelconsole.scheduler.store import Store
 from modelconsole.server.app import ServerSettings
-
-MiB = 2**20
 
 
 @pytest.fixture
 async def client(tmp_path):
-    eng = Engine(Store(tmp_path / "state.db"), gpu=GpuConfig(reserve_mib=0, min_residency_s=0),
-                 backend=SimulatedBackend([256 * MiB, 256 * MiB]), base_dir=str(tmp_path), tick_s=0.2)
-    await eng.start()
-    for name in ("tiny", "other", "third"):
-        await eng.register({"name": name, "source": "zoo:tiny-mlp", "warmup": 0, "device": "auto"})
-    c = LocalClient(eng)
-    await c.start()
-    yield c
-    await c.close()
-    await eng.close()
+    async with local_client(tmp_path, [{"name": name, "source": "zoo:tiny-mlp", "warmup": 0, "device": "auto"}
+                                       for name in ("tiny", "other", "third")]) as c:
+        yield c
 
 
 def header(app) -> str:
@@ -109,7 +97,7 @@ async def test_the_register_form_fits_80x24_and_a_refusal_keeps_it(client):
         await until(pilot, lambda: "no-such-model" in str(form.query_one("#reg-source-error").render()),
                     what="the refusal beside the source field")
         assert app.screen is form and form.query_one("#reg-options", Input).value == "warmup=0"
-        assert inside(app, form.query_one("#reg-source-error"))
+        await until(pilot, lambda: inside(app, form.query_one("#reg-source-error")), what="the error laid out")
         form.query_one("#reg-source", Input).value = "zoo:tiny-mlp"
         await pilot.click("#register-ok")
         await until(pilot, lambda: "tiny:2" in app.models, what="registered after the fix")

@@ -6,40 +6,26 @@ keys that arrive in one read, and what read-only and a bad filter say."""
 from __future__ import annotations
 
 import pytest
-from consoleutil import cell, select, until
+from consoleutil import cell, local_client, select, until
 from test_console_app import RecordingApp, screen_text
 from textual import events
 from textual.widgets import DataTable
 
 from modelconsole.console import format as fmt
-from modelconsole.console.local import LocalClient
 from modelconsole.console.screens import ConfirmScreen, RegisterScreen
 from modelconsole.console.views import DescribeScreen, LogScreen
-from modelconsole.gpu.devices import SimulatedBackend
-from modelconsole.scheduler.config import GpuConfig
-from modelconsole.scheduler.engine import Engine
-from modelconsole.scheduler.store import Store
-
-MiB = 2**20
 
 
 @pytest.fixture
 async def client(tmp_path):
     """Twelve registered versions (tiny v1 and v2, cnn, and nine more), two 256 MiB GPUs."""
-    eng = Engine(Store(tmp_path / "state.db"), gpu=GpuConfig(reserve_mib=0, min_residency_s=0),
-                 backend=SimulatedBackend([256 * MiB, 256 * MiB]), base_dir=str(tmp_path), tick_s=0.2)
-    await eng.start()
     common = {"warmup": 0, "device": "auto"}
-    await eng.register({"name": "tiny", "source": "zoo:tiny-mlp", **common})
-    await eng.register({"name": "tiny", "version": "2", "source": "zoo:tiny-mlp", **common})
-    await eng.register({"name": "cnn", "source": "zoo:small-cnn", **common})
-    for i in range(9):
-        await eng.register({"name": f"m{i:02d}", "source": "zoo:tiny-mlp", **common})
-    c = LocalClient(eng)
-    await c.start()
-    yield c
-    await c.close()
-    await eng.close()
+    models = [{"name": "tiny", "source": "zoo:tiny-mlp", **common},
+              {"name": "tiny", "version": "2", "source": "zoo:tiny-mlp", **common},
+              {"name": "cnn", "source": "zoo:small-cnn", **common},
+              *({"name": f"m{i:02d}", "source": "zoo:tiny-mlp", **common} for i in range(9))]
+    async with local_client(tmp_path, models) as c:
+        yield c
 
 
 KEY_NAMES = {"\t": "tab", ":": "colon", " ": "space", "-": "minus", "=": "equals_sign", "\r": "enter"}
