@@ -28,8 +28,10 @@ What runs where (so the figures mean something):
 The LAST line is one JSON object with exactly ``single_process_rps``,
 ``workers_rps``, ``workers``, ``scaling`` (workers_rps / single_process_rps),
 ``multi_model_rps``, ``multi_model_vs_raw``, ``grpc_rps`` (null with
-``--protocol http``) and ``c1_p50_us`` (the workers server's; the single
-process's is in the table).
+``--protocol http``), ``c1_p50_us`` (the workers server's), ``c1_p50_single_us``
+(the single process's) and ``core_cpu_us_per_request`` (the engine-core
+process's CPU time over the requests it answered at c=256 through the
+workers; its front ends' CPU is not in it).
 """
 
 from __future__ import annotations
@@ -60,10 +62,11 @@ from serveproc import start_server
 
 _CL = re.compile(rb"\r\ncontent-length: *(\d+)", re.I)  # not Inference-Header-Content-Length
 
-# the three zoo models of the multi-model rows: (served name, zoo name, input, datatype, sample shape)
-ZOO = [("tiny", "tiny-mlp", "input", "FP32", (64,)),
-       ("cnn", "small-cnn", "input", "FP32", (3, 32, 32)),
-       ("encoder", "encoder", "input_ids", "INT64", (128,))]
+# the three light models of the multi-model rows, as `modelconsole --serve` serves them by default:
+# (served name, zoo name, input, datatype, sample shape, zoo args)
+ZOO = [("tiny", "tiny-mlp", "input", "FP32", (64,), {}),
+       ("cnn", "small-cnn", "input", "FP32", (3, 32, 32), {}),
+       ("encoder", "encoder", "input_ids", "INT64", (64,), {"layers": 2, "d_model": 256, "heads": 4, "seq": 64})]
 
 
 def _sample(datatype: str, shape: tuple[int, ...]) -> bytes:
@@ -80,7 +83,7 @@ def _sample(datatype: str, shape: tuple[int, ...]) -> bytes:
 
 def http_request(model: int, host: str, port: int) -> bytes:
     """One binary V2 POST for ZOO[model], single sample, as tritonclient.http builds it."""
-    name, _, inp, datatype, shape = ZOO[model]
+    name, _, inp, datatype, shape, _ = ZOO[model]
     raw = _sample(datatype, shape)
     head = json.dumps({"inputs": [{"name": inp, "shape": [1, *shape], "datatype": datatype,
                                    "parameters": {"binary_data_size": len(raw)}}],
@@ -95,7 +98,7 @@ def grpc_request(model: int) -> bytes:
     """One ModelInferRequest for ZOO[model] with raw_input_contents, serialized (as tritonclient.grpc sends)."""
     from modelconsole.server.grpc_v2 import M
 
-    name, _, inp, datatype, shape = ZOO[model]
+    name, _, inp, datatype, shape, _ = ZOO[model]
     req = M["ModelInferRequest"](model_name=name)
     req.inputs.add(name=inp, datatype=datatype, shape=[1, *shape])
     req.raw_input_contents.append(_sample(datatype, shape))
@@ -289,8 +292,12 @@ def run_load(protocol: str, host: str, port: int, models: list[int], procs: int,
 
 
 def config(models: int, device: str, ipc: str = "unix") -> str:
+    def args(a: dict[str, int]) -> str:
+        return f"args = {{ {', '.join(f'{k} = {v}' for k, v in a.items())} }}\n" if a else ""
+
     return f'[server]\nipc = "{ipc}"\n\n' + "\n".join(
-        f'[[models]]\nname = "{name}"\nsource = "zoo:{zoo}"\ndevice = "{device}"\n' for name, zoo, *_ in ZOO[:models])
+        f'[[models]]\nname = "{name}"\nsource = "zoo:{zoo}"\ndevice = "{device}"\n{args(a)}'
+        for name, zoo, _, _, _, a in ZOO[:models])
 
 
 def model_stats(port: int) -> dict[str, tuple[int, int]]:
@@ -307,8 +314,8 @@ def raw_torch_samples_per_s(models: int, batches: dict[str, int], device: str, s
     from modelconsole.scheduler import zoo
 
     built = []
-    for name, zname, _, datatype, shape in ZOO[:models]:
-        module = zoo.build(zname, {})[0].to(device)
+    for name, zname, _, datatype, shape, zargs in ZOO[:models]:
+        module = zoo.build(zname, zargs)[0].to(device)
         b = max(1, batches.get(name, 1))
         if datatype == "INT64":
             x = torch.randint(0, 1000, (b, *shape), device=device)
@@ -454,6 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     grpc_row = rows.get(f"{workers} workers, gRPC c=256")
     print(f"  c=1 p50: one process {rows['one process, c=1']['p50_us']:.0f} us, "
           f"{workers} workers {rows[f'{workers} workers, c=1']['p50_us']:.0f} us")
+    c256 = rows[f"{workers} workers, c=256"]
+    # the engine-core process's CPU seconds over the requests it answered (its front ends not counted)
+    core_us = round(c256["cpu"]["core"] / c256["rps"] * 1e6, 1) if c256["rps"] else None
+    print(f"  engine core: {core_us} us of CPU per request at c=256 ({c256['cpu']['core']:.2f} cores busy)")
     print(json.dumps({
         "single_process_rps": round(single),
         "workers_rps": round(many_rps),
@@ -463,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         "multi_model_vs_raw": round(multi_row["rps"] / raw, 3) if raw else None,
         "grpc_rps": round(grpc_row["rps"]) if grpc_row else None,
         "c1_p50_us": round(rows[f"{workers} workers, c=1"]["p50_us"], 1),
+        "c1_p50_single_us": round(rows["one process, c=1"]["p50_us"], 1),
+        "core_cpu_us_per_request": core_us,
     }))
     return 1 if any(r["errors"] for r in rows.values()) else 0
 
@@ -478,7 +491,8 @@ def attached(args: argparse.Namespace, host: str, procs: int, load_cpus: list[in
               f"p99 {r['p99_us']:>6.0f} us  errors {r['errors']}  CPU {r['cpu']}")
     print(json.dumps({"single_process_rps": None, "workers_rps": round(rows["attached, c=256"]["rps"]),
                       "workers": None, "scaling": None, "multi_model_rps": None, "multi_model_vs_raw": None,
-                      "grpc_rps": None, "c1_p50_us": round(rows["attached, c=1"]["p50_us"], 1)}))
+                      "grpc_rps": None, "c1_p50_us": round(rows["attached, c=1"]["p50_us"], 1),
+                      "c1_p50_single_us": None, "core_cpu_us_per_request": None}))
     return 1 if any(r["errors"] for r in rows.values()) else 0
 
 

@@ -44,7 +44,7 @@ import torch
 
 from modelconsole.gpu.devices import DeviceBackend, find_own_pid, open_backend
 
-from . import policy, replicas, sources
+from . import policy, replicas, rows, sources
 from .cache import ResultCache
 from .config import Config, ConfigError, GpuConfig, HostConfig, ModelConfig, model_from_dict
 from .errors import Conflict, EngineError, Forbidden, InputError, ModelNotFound, ModelUnavailable
@@ -143,6 +143,14 @@ def _replica_for(inst: ModelInstance, req: Any) -> ModelInstance:
     target = replicas.least_loaded(inst.replica_set)
     target.last_used = req.enqueued
     return target
+
+
+# a chunk's answer: (the requests' places in the chunk, a result holding their rows, or an error)
+RowsDone = Callable[[list[int], Any, BaseException | None], None]
+
+
+def _one_of_rows(done: RowsDone, place: int, result: Any, error: BaseException | None) -> None:
+    done([place], result, error)
 
 
 def _retrieved(task: asyncio.Task) -> None:
@@ -1133,6 +1141,93 @@ class Engine:
 
         answer.add_done_callback(settle)
         return inst
+
+    def submit_rows(self, name: str, inputs: Mapping[str, Any], parts: Sequence[int], done: RowsDone, *,
+                    digests: Sequence[bytes | None] | None = None, version: str | None = None,
+                    priority: int | None = None, timeout_ms: float | None = None,
+                    outputs: Sequence[str] | None = None) -> bool:
+        """``submit`` for a chunk: requests for one model, version, priority and timeout whose
+        inputs come stacked (request ``k`` holds ``parts[k]`` rows), validated, cached and queued
+        as one entry where they can be (``rows.py`` says where they are cut).
+
+        Returns False, having done nothing, when the requests must be served one by one: as
+        ``submit`` would, or a model without batching, or a request over ``max_batch_size``
+        (each then gets its own answer).  Otherwise each request is answered exactly once
+        through ``done(places, result, error)`` (places: indices into ``parts``; a result's
+        outputs hold those requests' rows, stacked in order), on the loop.  An error that
+        concerns every request (unknown model, bad input) is raised instead.  Statistics,
+        cache hits, queue bounds, deadlines and failures count each request as one.
+        ``digests``: each request's ``cache.input_digest`` (a front end computed them)."""
+        if self._closing or (version is None and name in self.versions.routed):
+            return False
+        inst = self._instance(name, version)
+        limit = inst.cfg.max_batch_size
+        if inst.state != READY or inst.limiter is not None or not limit or not parts or \
+                max(parts) > limit or min(parts) < 1:
+            return False
+        n = len(parts)
+        total = sum(parts)
+        try:
+            req = inst.prepare(inputs, priority, timeout_ms, outputs, time.monotonic(), batch_limit=max(limit, total))
+            if req.size != total:
+                raise InputError(f"the chunk's inputs hold {req.size} rows; its requests {total}")
+        except EngineError as e:
+            inst.stats.fail(e.kind, n)
+            raise
+        req.parts, req.ids, req.count = list(parts), list(range(n)), n
+        loop = asyncio.get_running_loop()
+        entries = [req]
+        if inst.cache is not None:
+            hits = inst.cached_rows(req, digests)
+            if hits:
+                for k, hit in hits:
+                    loop.call_soon(done, [k], hit, None)
+                answered = {k for k, _ in hits}
+                entries = [req.rows_of(a, b) for a, b in rows.runs([k for k in range(n) if k not in answered])]
+        for whole in entries:
+            for a, b in rows.pieces(whole.parts, limit) if whole.size > limit else ((0, whole.count),):
+                entry = whole.rows_of(a, b) if (a, b) != (0, whole.count) else whole
+                self._queue_rows(inst, entry, done, name, version, priority, timeout_ms, outputs)
+        return True
+
+    def _queue_rows(self, inst: ModelInstance, entry: Any, done: RowsDone, name: str, version: str | None,
+                    priority: int | None, timeout_ms: float | None, outputs: Sequence[str] | None) -> None:
+        """Queue one entry of a chunk; what the queue has no room for is refused (QueueFull), as
+        the same requests arriving one by one would be."""
+        loop = asyncio.get_running_loop()
+        target = _replica_for(inst, entry)
+        room = target.room()
+        if room < entry.count:
+            refused, full = entry.rows_of(max(room, 0), entry.count), target.full()
+            inst.stats.fail(full.kind, refused.count)
+            loop.call_soon(done, refused.ids, None, full)
+            if room <= 0:
+                return
+            entry = entry.rows_of(0, room)
+        try:
+            fut = target.enqueue(entry)
+        except EngineError as e:
+            inst.stats.fail(e.kind, entry.count)
+            loop.call_soon(done, entry.ids, None, e)
+            return
+
+        def settle(fut: asyncio.Future[InferResult]) -> None:
+            if fut.cancelled():
+                return done(entry.ids, None, ModelUnavailable("the request was cancelled"))
+            error = fut.exception()
+            if error is None:
+                return done(entry.ids, fut.result(), None)
+            if isinstance(error, EngineError):
+                if version is None and type(error) is ModelUnavailable and self.versions.moved_on(name, inst):
+                    stacked = {spec.name: t for spec, t in zip(inst.inputs, entry.tensors)}
+                    for k, one in zip(entry.ids, rows.part_views(stacked, entry.parts)):
+                        self._reroute_then(name, one, priority, timeout_ms, outputs,
+                                           functools.partial(_one_of_rows, done, k))
+                    return None
+                inst.stats.fail(error.kind, entry.count)
+            return done(entry.ids, None, error)
+
+        fut.add_done_callback(settle)
 
     def _reroute_then(self, name: str, inputs: Inputs, priority: int | None, timeout_ms: float | None,
                       outputs: Sequence[str] | None, done: Callable[[Any, BaseException | None], None]) -> None:

@@ -385,11 +385,14 @@ class ModelInstance:
         timeout_ms: float | None,
         outputs: Sequence[str] | None,
         now: float,
+        batch_limit: int | None = None,
     ) -> Request:
-        """Validate one request (raises InputError naming the field); no side effects."""
+        """Validate one request (raises InputError naming the field); no side effects.
+        ``batch_limit``: rows allowed instead of ``max_batch_size`` (a chunk's stacked rows,
+        each of whose requests the caller checked against ``max_batch_size``)."""
         cfg = self.cfg
         self.last_used = now
-        tensors, size = validate_inputs(self.inputs, inputs, cfg.max_batch_size)
+        tensors, size = validate_inputs(self.inputs, inputs, batch_limit or cfg.max_batch_size)
         if outputs is not None:
             for o in outputs:
                 if o not in self._output_names:
@@ -428,6 +431,42 @@ class ModelInstance:
             outs = {k: outs[k] for k in req.outputs}
         return InferResult(self.name, self.version, outs)
 
+    def cached_rows(self, req: Request, digests: Sequence[bytes | None] | None) -> list[tuple[int, InferResult]]:
+        """The cached answers among a chunk's requests, as (place in ``req.parts``, answer);
+        every request's cache key is kept on ``req.cache_keys`` so its result can be stored.
+        ``digests``: each request's ``cache.input_digest``, when a front end computed them."""
+        assert req.parts is not None
+        keys: list[bytes] = []
+        hits: list[tuple[int, InferResult]] = []
+        stats, prefix, cache = self.stats, self._cache_prefix, self.cache
+        start = 0
+        for k, rows in enumerate(req.parts):
+            digest = digests[k] if digests is not None else None
+            tensors = req.tensors if digest is not None else [t[start:start + rows] for t in req.tensors]
+            key = ResultCache.key(prefix, self.inputs, tensors, digest)
+            keys.append(key)
+            start += rows
+            outs = cache.get(key)
+            if outs is None:
+                stats.cache_misses += 1
+                continue
+            stats.cache_hits += 1
+            stats.success += 1
+            stats.record_latency(time.monotonic() - req.enqueued)
+            if req.outputs is not None:
+                outs = {o: outs[o] for o in req.outputs}
+            hits.append((k, InferResult(self.name, self.version, outs)))
+        req.cache_keys = keys
+        return hits
+
+    def full(self) -> QueueFull:
+        return QueueFull(f"model {self.name} queue is full ({self.queue.max_size} requests); retry later",
+                         retry_after=1.0)
+
+    def room(self) -> int:
+        """Requests the queue takes before it is full."""
+        return self.queue.max_size - self.queue.size
+
     def unavailable(self) -> ModelUnavailable:
         return ModelUnavailable(
             f"model {self.name} version {self.version} is {self.state}" + (f": {self.reason}" if self.reason else "")
@@ -438,10 +477,7 @@ class ModelInstance:
         if self.state != READY:
             raise self.unavailable()
         if self.queue.size >= self.queue.max_size:
-            raise QueueFull(
-                f"model {self.name} queue is full ({self.queue.max_size} requests); retry later",
-                retry_after=1.0,
-            )
+            raise self.full()
         loop = asyncio.get_running_loop()
         req.future = fut = loop.create_future()
         self.queue.push(req)
@@ -503,7 +539,7 @@ class ModelInstance:
         # deadlines are checked again when it starts (it left the queue's sweep).
         run = self._run_batch if self._batches == 0 else self._run_batch_if_live
         self._batches += 1
-        self.in_flight += len(batch)
+        self.in_flight += sum(r.count for r in batch)
         self._running[id(batch)] = (batch, now)
         self._watch_deadline(loop, min(map(_DEADLINE, batch)))
         self._worker.submit(lambda: run(batch), lambda r, e: self._batch_done(batch, now, r, e))
@@ -617,7 +653,7 @@ class ModelInstance:
     def _split(self, batch: list[Request], outs: list[Any], t0: int) -> tuple[list[dict[str, Any]], int]:
         """Each request's rows of the batch's outputs (worker thread)."""
         names = self._output_names
-        if len(batch) == 1:
+        if len(batch) == 1 and batch[0].parts is None:
             per_request = [dict(zip(names, outs))]
             _metric_means(batch, per_request)
             return per_request, time.perf_counter_ns() - t0
@@ -668,7 +704,7 @@ class ModelInstance:
                 self._answer_error(req, failure)
         finally:
             self._batches -= 1
-            self.in_flight -= len(batch)
+            self.in_flight -= sum(r.count for r in batch)
             if self.shared is not None:
                 # compete for the freed slot on urgency, like every other waiting model
                 self.shared.release(self if self.queue.size and self._should_dispatch() else None)
@@ -691,8 +727,11 @@ class ModelInstance:
             if req.future.done():  # answered already: its deadline passed while the forward ran
                 continue
             try:
-                if cache is not None and req.cache_key is not None:
-                    cache.put(req.cache_key, outs, (name, version))
+                if cache is not None:
+                    if req.cache_key is not None:
+                        cache.put(req.cache_key, outs, (name, version))
+                    elif req.cache_keys is not None:
+                        _cache_rows(cache, req, outs, (name, version))
                 if req.outputs is not None:
                     outs = {k: outs[k] for k in req.outputs}
                 req.future.set_result(InferResult(name, version, outs, req.metric_mean))
@@ -700,9 +739,12 @@ class ModelInstance:
                 self._answer_error(req, ModelFailed(f"model {name} version {version}: cannot answer: "
                                                     f"{type(e).__name__}: {e}"))
                 continue
-            answered += 1
-            waited += formed - req.enqueued
-            stats.record_latency(now - req.enqueued)
+            n = req.count  # a chunk: each of its requests is answered, and measured, as one
+            answered += n
+            waited += (formed - req.enqueued) * n
+            latency = now - req.enqueued
+            for _ in range(n):
+                stats.record_latency(latency)
         stats.success += answered
         self.served += answered
         if samples:
@@ -868,6 +910,15 @@ class ModelInstance:
                 "failures_in_a_row": circuit.failures if circuit is not None else 0,
                 "last_call_ms": getattr(module, "last_call_ms", None),
                 "last_remote_ms": getattr(module, "last_remote_ms", None)}
+
+
+def _cache_rows(cache: ResultCache, req: Request, outs: dict[str, Any], owner: tuple[str, str]) -> None:
+    """Store each request of a chunk under its own key: its rows of the chunk's outputs."""
+    assert req.parts is not None and req.cache_keys is not None
+    start = 0
+    for key, rows in zip(req.cache_keys, req.parts):
+        cache.put(key, {o: v[start:start + rows] for o, v in outs.items()}, owner)
+        start += rows
 
 
 def _concat_objects(parts: list[Any]) -> Any:

@@ -18,10 +18,16 @@ from typing import Any
 
 
 class Request:
-    """One inference request waiting for (or inside) a batch."""
+    """One inference request waiting for (or inside) a batch, or a run of requests (rows).
+
+    A front end's chunk (``Engine.submit_rows``) is queued as ONE entry: its
+    requests' rows stacked in ``tensors``, ``parts`` the row count of each
+    request and ``ids`` their places in the chunk.  It is answered as one
+    (``future``), and counts as ``count`` requests wherever requests are
+    counted (the queue's bound, in-flight, statistics)."""
 
     __slots__ = ("tensors", "size", "future", "level", "deadline", "enqueued", "group", "outputs", "cache_key",
-                 "metric", "metric_mean")
+                 "metric", "metric_mean", "parts", "ids", "cache_keys", "count")
 
     def __init__(
         self, tensors: list[Any], size: int, future: Any, level: int, deadline: float, enqueued: float,
@@ -38,25 +44,43 @@ class Request:
         self.cache_key: bytes | None = None
         self.metric: str | None = None  # an output whose mean a split's arm tracks (the worker computes it)
         self.metric_mean: float | None = None
+        self.parts: list[int] | None = None  # rows of each request of a chunk (None: one request)
+        self.ids: list[int] | None = None  # with parts: each request's place in its chunk
+        self.cache_keys: list[bytes] | None = None  # with parts: each request's cache key
+        self.count = 1  # requests this entry answers
+
+    def rows_of(self, first: int, end: int) -> Request:
+        """The requests ``first``..``end - 1`` of a chunk as an entry of their own (views, no copy)."""
+        parts = self.parts
+        assert parts is not None and self.ids is not None
+        start = sum(parts[:first])
+        stop = start + sum(parts[first:end])
+        piece = Request([t[start:stop] for t in self.tensors], stop - start, None, self.level, self.deadline,
+                        self.enqueued, self.group, self.outputs)
+        piece.parts = parts[first:end]
+        piece.ids = self.ids[first:end]
+        piece.cache_keys = self.cache_keys[first:end] if self.cache_keys is not None else None
+        piece.count = end - first
+        return piece
 
 
 class RequestQueue:
     def __init__(self, levels: int, max_size: int):
         self._levels: list[deque[Request]] = [deque() for _ in range(levels)]
         self.max_size = max_size
-        self.size = 0  # requests queued
+        self.size = 0  # requests queued (a chunk counts as its requests)
         self.samples = 0  # samples queued (a request may carry several)
         self.earliest_deadline = float("inf")
 
     def __len__(self) -> int:
-        return self.size
+        return self.size  # requests: a chunk counts each of its requests
 
     def full(self) -> bool:
         return self.size >= self.max_size
 
     def push(self, req: Request) -> None:
         self._levels[req.level - 1].append(req)
-        self.size += 1
+        self.size += req.count
         self.samples += req.size
         if req.deadline < self.earliest_deadline:
             self.earliest_deadline = req.deadline
@@ -80,7 +104,7 @@ class RequestQueue:
             while level and samples < max_samples:
                 req = level.popleft()
                 if req.deadline <= now:
-                    self.size -= 1
+                    self.size -= req.count
                     self.samples -= req.size
                     expire(req)
                     continue
@@ -94,7 +118,7 @@ class RequestQueue:
                     group = req.group
                 batch.append(req)
                 samples += req.size
-                self.size -= 1
+                self.size -= req.count
                 self.samples -= req.size
             if skipped:
                 level.extendleft(reversed(skipped))
@@ -113,7 +137,7 @@ class RequestQueue:
             keep = deque()
             for req in level:
                 if req.deadline <= now:
-                    self.size -= 1
+                    self.size -= req.count
                     self.samples -= req.size
                     expire(req)
                 else:

@@ -3,8 +3,13 @@
 One socket in a private (0700) directory (``transport.py``: a Unix stream
 socket, or ZeroMQ's ROUTER) takes the calls of every front-end process
 (``link.CoreLink``).
-Each call becomes one ``engine.infer`` (``ipc.run_call``) on this process's
-event loop, exactly as an HTTP request of the single-process server does, so
+A front end's chunk (many calls for one model, their inputs stacked) goes to
+``Engine.submit_rows`` whole: one validation, one queue entry, one answer
+entry, whatever the number of calls in it; the engine hands it back when its
+calls must be served one by one (a routed name, a rate limit, a lazy load),
+and each then goes alone.  A single call goes to ``Engine.submit`` (a future
+callback), or to ``engine.infer`` (``ipc.run_call``) on this process's event
+loop, exactly as an HTTP request of the single-process server does, so
 routing, the cache, queues, batching, stats and events are the engine's, one
 owner for all.  Answers to one front end leave together, one message per
 front end per loop iteration.
@@ -27,7 +32,7 @@ from typing import Any
 from modelconsole.scheduler.errors import EngineError
 
 from . import ipc, transport
-from .ipc import InferAnswer, InferCall
+from .ipc import InferAnswer, InferCall, InferChunk
 
 log = logging.getLogger("modelconsole.server.core")
 
@@ -37,12 +42,13 @@ class CoreServer:
         self.engine = engine
         self.address = address
         self._end = transport.server_end(address, self._on_message)
-        self._outbox: dict[Any, list[tuple[int, InferAnswer | EngineError]]] = defaultdict(list)
+        self._outbox: dict[Any, list[tuple[Any, InferAnswer | EngineError]]] = defaultdict(list)
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_warning = 0.0
         self.dropped_messages = 0  # malformed messages (a test reads it)
         self.calls = 0  # infer calls (the tests read these)
         self.checks = 0
+        self.chunks = 0  # chunks of calls taken whole or cut into calls
         self.messages = 0
 
     async def start(self) -> None:
@@ -55,31 +61,57 @@ class CoreServer:
         except Exception as e:  # noqa: BLE001 - nothing in a message may stop the core
             self._drop(e)
             return
-        loop = asyncio.get_running_loop()
         for i, call in calls:
             if isinstance(call, EngineError):
                 self._answer(peer, i, call)
-                continue
-            if call.check_only:
-                self.checks += 1  # a front end's first sight of a model (link.check), not a request
+            elif isinstance(call, InferChunk):
+                self._start_chunk(peer, i, call)
             else:
-                self.calls += 1
-            if call.raw is None and not call.check_only:
-                try:  # the common request: a future callback, no task (Engine.submit)
-                    if self.engine.submit(call.model, ipc.call_inputs(call), functools.partial(self._done, peer, i),
-                                          version=call.version, priority=call.priority, timeout_ms=call.timeout_ms,
-                                          outputs=call.outputs) is not None:
-                        continue
-                except EngineError as e:
-                    self._answer(peer, i, e)
-                    continue
-                except Exception:  # noqa: BLE001 - one call's failure, answered
-                    log.exception("unhandled error in a front end's infer call for '%s'", call.model)
-                    self._answer(peer, i, EngineError("internal error (logged by the engine core)"))
-                    continue
-            task = loop.create_task(self._run(peer, i, call))  # the full path (engine.infer)
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+                self._start(peer, i, call)
+
+    def _start_chunk(self, peer: Any, key: ipc.Rows, chunk: InferChunk) -> None:
+        """A chunk goes to the engine whole (``Engine.submit_rows``: one validation, one queue
+        entry, one answer); where the engine serves its calls one by one, each goes alone."""
+        self.calls += len(chunk.ids)
+        self.chunks += 1
+        try:
+            if self.engine.submit_rows(chunk.model, chunk.inputs, chunk.parts,
+                                       functools.partial(self._rows_done, peer, key), digests=chunk.digests,
+                                       version=chunk.version, priority=chunk.priority,
+                                       timeout_ms=chunk.timeout_ms, outputs=chunk.outputs):
+                return
+        except EngineError as e:
+            self._answer(peer, key, e)
+            return
+        except Exception:  # noqa: BLE001 - one chunk's failure, answered
+            log.exception("unhandled error in a front end's chunk for '%s'", chunk.model)
+            self._answer(peer, key, EngineError("internal error (logged by the engine core)"))
+            return
+        self.calls -= len(chunk.ids)  # counted again, one by one
+        for i, call in zip(chunk.ids, chunk.calls()):
+            self._start(peer, i, call)
+
+    def _start(self, peer: Any, i: int, call: InferCall) -> None:
+        if call.check_only:
+            self.checks += 1  # a front end's first sight of a model (link.check), not a request
+        else:
+            self.calls += 1
+        if call.raw is None and not call.check_only:
+            try:  # the common request: a future callback, no task (Engine.submit)
+                if self.engine.submit(call.model, ipc.call_inputs(call), functools.partial(self._done, peer, i),
+                                      version=call.version, priority=call.priority, timeout_ms=call.timeout_ms,
+                                      outputs=call.outputs) is not None:
+                    return
+            except EngineError as e:
+                self._answer(peer, i, e)
+                return
+            except Exception:  # noqa: BLE001 - one call's failure, answered
+                log.exception("unhandled error in a front end's infer call for '%s'", call.model)
+                self._answer(peer, i, EngineError("internal error (logged by the engine core)"))
+                return
+        task = asyncio.get_running_loop().create_task(self._run(peer, i, call))  # the full path (engine.infer)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _drop(self, e: Exception) -> None:
         self.dropped_messages += 1
@@ -98,7 +130,7 @@ class CoreServer:
             answer = EngineError("internal error (logged by the engine core)")
         self._answer(peer, i, answer)
 
-    def _done(self, peer: Any, i: int, result: Any, error: BaseException | None) -> None:
+    def _done(self, peer: Any, i: Any, result: Any, error: BaseException | None) -> None:
         if error is None:
             try:
                 answer: InferAnswer | EngineError = ipc.to_answer(self.engine, result)
@@ -112,7 +144,17 @@ class CoreServer:
                 answer = EngineError("internal error (logged by the engine core)")
         self._answer(peer, i, answer)
 
-    def _answer(self, peer: Any, i: int, answer: InferAnswer | EngineError) -> None:
+    def _rows_done(self, peer: Any, key: ipc.Rows, places: list[int], result: Any, error: BaseException | None) -> None:
+        """Some of a chunk's calls answered at once (``places`` in the chunk): one answer entry."""
+        if len(places) == 1:
+            return self._done(peer, key.ids[places[0]], result, error)
+        if len(places) == len(key.ids):
+            sub = key
+        else:
+            sub = ipc.Rows([key.ids[k] for k in places], [key.parts[k] for k in places])
+        self._done(peer, sub, result, error)
+
+    def _answer(self, peer: Any, i: Any, answer: InferAnswer | EngineError) -> None:
         if not self._outbox:
             asyncio.get_running_loop().call_soon(self._flush)
         self._outbox[peer].append((i, answer))

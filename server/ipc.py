@@ -23,6 +23,17 @@ cache, so the core's loop never hashes tensor bytes), or
 ``"r": 1`` with one frame: a raw body (``Inference-Header-Content-Length:
 0``), decoded by the core against the version that serves it.
 A call with ``"c": 1`` and no frames only asks whether the model and version exist.
+
+**Chunks.**  Calls of one message for the same model, version, priority,
+timeout and outputs whose inputs agree in names, datatypes and non-batch
+shapes travel as ONE entry, an :class:`InferChunk`: ``"i"`` is the list of
+their ids, ``"n"`` each call's rows, ``"k"`` each call's routing key (or
+null), ``"d"`` each call's digest, and each input is one frame holding every
+call's rows stacked (``np.concatenate`` in the front end).  The core queues a
+chunk as one entry and answers it in one entry: ``{"i": [ids], "n": [rows],
+"m", "v", "x"}`` with each output's rows stacked, which the front end cuts
+back into one answer per call; an error entry with a list ``"i"`` answers
+each of those calls.
 Answer entry: ``{"i": id, "m": model, "v": version, "x": [[name, datatype,
 shape], ...]}`` with one frame per output, or ``{"i": id, "e": [kind,
 status, message, retry_after]}``.
@@ -40,14 +51,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import orjson
 
+from modelconsole.scheduler import rows as rows_mod
 from modelconsole.scheduler.cache import input_digest
-from modelconsole.scheduler.errors import EngineError, InputError, from_wire
+from modelconsole.scheduler.errors import EngineError, InputError, ModelFailed, from_wire
 
 from . import codec
 
-__all__ = ["InferAnswer", "InferCall", "ProtocolError", "pack_answers", "pack_calls", "run_call",
+__all__ = ["InferAnswer", "InferCall", "InferChunk", "ProtocolError", "Rows", "pack_answers", "pack_calls", "run_call",
            "unpack_answers", "unpack_calls"]
 
 
@@ -67,6 +80,38 @@ class InferCall:
     routing_key: str | None = None
     check_only: bool = False  # only: is there such a model and version? (link.CoreLink.check)
     digest: bytes | None = None  # the inputs' cache.input_digest (a front end hashes them, not the core)
+
+
+@dataclass(slots=True)
+class InferChunk:
+    """Calls that share a model, version, priority, timeout and outputs, their inputs stacked:
+    call ``k`` (id ``ids[k]``) holds ``parts[k]`` rows."""
+
+    ids: list[int]
+    parts: list[int]
+    model: str
+    version: str | None
+    inputs: dict[str, Any]  # name -> the stacked numpy array
+    priority: Any = None
+    timeout_ms: Any = None
+    outputs: list[str] | None = None
+    keys: list[str | None] | None = None
+    digests: list[bytes | None] | None = None
+
+    def calls(self) -> list[InferCall]:
+        """The chunk's calls one by one (views of the stacked inputs)."""
+        keys, digests = self.keys, self.digests
+        return [InferCall(self.model, self.version, one, None, self.priority, self.timeout_ms, self.outputs,
+                          keys[k] if keys is not None else None, digest=digests[k] if digests is not None else None)
+                for k, one in enumerate(rows_mod.part_views(self.inputs, self.parts))]
+
+
+@dataclass(frozen=True, slots=True)
+class Rows:
+    """The calls a chunk's answer (or error) is for: their ids and each one's rows."""
+
+    ids: list[int]
+    parts: list[int]
 
 
 class Inputs(dict):
@@ -124,33 +169,88 @@ def to_answer(engine: Any, result: Any) -> InferAnswer:
 
 
 def pack_calls(calls: Sequence[tuple[int, InferCall]]) -> list[Any]:
+    """One message for the calls; those that can share a chunk (``_chunk_key``) share one."""
     head = []
     frames: list[Any] = []
+    groups: dict[Any, list[tuple[int, InferCall]]] = {}
     for i, c in calls:
-        entry: dict[str, Any] = {"i": i, "m": c.model, "v": c.version, "p": c.priority, "t": c.timeout_ms,
-                                 "o": c.outputs, "k": c.routing_key}
-        if c.check_only:
-            entry["c"] = 1
-        elif c.raw is not None:
-            entry["r"] = 1
-            frames.append(c.raw)
+        key = _chunk_key(c)
+        if key is None:
+            head.append(_pack_call(i, c, frames))
         else:
-            start = len(frames)
-            entry["x"] = metas = _pack_tensors(c.inputs or {}, frames)
-            entry["d"] = input_digest(sorted(((m[0], m[1], m[2], frames[start + k]) for k, m in enumerate(metas)),
-                                             key=lambda e: e[0])).hex()
-        head.append(entry)
+            groups.setdefault(key, []).append((i, c))
+    for group in groups.values():
+        head.append(_pack_call(*group[0], frames) if len(group) == 1 else _pack_chunk(group, frames))
     return [orjson.dumps(head), *frames]
 
 
-def unpack_calls(frames: Sequence[Any]) -> list[tuple[int, InferCall | EngineError]]:
-    """The calls of one message; a call whose tensors do not decode comes back as its error.
+def _pack_call(i: int, c: InferCall, frames: list[Any]) -> dict[str, Any]:
+    entry: dict[str, Any] = {"i": i, "m": c.model, "v": c.version, "p": c.priority, "t": c.timeout_ms,
+                             "o": c.outputs, "k": c.routing_key}
+    if c.check_only:
+        entry["c"] = 1
+    elif c.raw is not None:
+        entry["r"] = 1
+        frames.append(c.raw)
+    else:
+        start = len(frames)
+        entry["x"] = metas = _pack_tensors(c.inputs or {}, frames)
+        entry["d"] = input_digest(sorted(((m[0], m[1], m[2], frames[start + k]) for k, m in enumerate(metas)),
+                                         key=lambda e: e[0])).hex()
+    return entry
+
+
+def _chunk_key(c: InferCall) -> Any:
+    """What calls must share to travel stacked in one chunk, or None for a call that travels alone:
+    a check, a raw body, BYTES or BF16 inputs, inputs that disagree on their batch dimension."""
+    if c.check_only or c.raw is not None or not c.inputs:
+        return None
+    sig = []
+    batch = -1
+    for name, v in c.inputs.items():
+        if type(v) is not np.ndarray or v.dtype.kind not in "biuf" or v.ndim == 0 or v.shape[0] < 1:
+            return None
+        if batch == -1:
+            batch = v.shape[0]
+        elif v.shape[0] != batch:
+            return None
+        sig.append((name, v.dtype.str, v.shape[1:]))
+    key = (c.model, c.version, type(c.priority), c.priority, type(c.timeout_ms), c.timeout_ms,
+           tuple(c.outputs) if c.outputs is not None else None, tuple(sig))
+    try:
+        hash(key)
+    except TypeError:  # a priority or timeout that is no number: the engine's own error, call by call
+        return None
+    return key
+
+
+def _pack_chunk(group: list[tuple[int, InferCall]], frames: list[Any]) -> dict[str, Any]:
+    c = group[0][1]
+    calls = [call for _, call in group]
+    names = list(c.inputs or {})
+    parts = [next(iter((call.inputs or {}).values())).shape[0] for call in calls]
+    digests = [input_digest(sorted(((name, *codec.tensor_to_bytes(name, v)) for name, v in (call.inputs or {}).items()),
+                                   key=lambda e: e[0])).hex() for call in calls]
+    stacked = {name: np.concatenate([(call.inputs or {})[name] for call in calls]) for name in names}
+    keys = [call.routing_key for call in calls]
+    return {"i": [i for i, _ in group], "n": parts, "m": c.model, "v": c.version, "p": c.priority, "t": c.timeout_ms,
+            "o": c.outputs, "k": keys if any(k is not None for k in keys) else None,
+            "x": _pack_tensors(stacked, frames), "d": digests}
+
+
+def unpack_calls(frames: Sequence[Any]) -> list[tuple[Any, InferCall | InferChunk | EngineError]]:
+    """The calls of one message, by id (an int, or a chunk's ``Rows``); a call or chunk whose
+    tensors do not decode comes back as its error.
 
     ProtocolError when the message as a whole is not one (nothing in it is answered)."""
     head = _header(frames)
-    out: list[tuple[int, InferCall | EngineError]] = []
+    out: list[tuple[Any, InferCall | InferChunk | EngineError]] = []
     pos = 1
     for entry in head:
+        if type(entry) is dict and type(entry.get("i")) is list:
+            key, chunk, pos = _unpack_chunk(entry, frames, pos)
+            out.append((key, chunk))
+            continue
         if type(entry) is not dict or type(entry.get("i")) is not int:
             raise ProtocolError("call entry without an integer 'i'")
         i = entry["i"]
@@ -184,13 +284,49 @@ def unpack_calls(frames: Sequence[Any]) -> list[tuple[int, InferCall | EngineErr
     return out
 
 
+def _unpack_chunk(entry: dict[str, Any], frames: Sequence[Any], pos: int) -> tuple[Rows, InferChunk | EngineError, int]:
+    ids, parts = entry["i"], entry.get("n")
+    if not ids or any(type(i) is not int for i in ids):
+        raise ProtocolError("chunk entry whose 'i' is not a list of integers")
+    if type(parts) is not list or len(parts) != len(ids) or any(type(n) is not int or n < 1 for n in parts):
+        raise ProtocolError("chunk entry whose 'n' is not one positive row count per call")
+    key = Rows(ids, parts)
+    start = pos
+    metas = entry.get("x")
+    if type(metas) is not list:
+        raise ProtocolError("chunk entry without 'x'")
+    try:
+        keys, digests = entry.get("k"), entry.get("d")
+        if keys is not None and (type(keys) is not list or len(keys) != len(ids) or
+                                 any(k is not None and type(k) is not str for k in keys)):
+            raise ProtocolError("'k' is not one routing key (or null) per call")
+        if digests is not None and (type(digests) is not list or len(digests) != len(ids)):
+            raise ProtocolError("'d' is not one digest per call")
+        outputs = entry.get("o")
+        if outputs is not None and (type(outputs) is not list or any(type(o) is not str for o in outputs)):
+            raise ProtocolError("'o' is not a list of names")
+        model, version = _str(entry, "m"), _opt_str(entry, "v")
+        inputs, pos = _unpack_tensors(metas, frames, pos, "inputs")
+        total = sum(parts)
+        for name, t in inputs.items():
+            if t.ndim == 0 or t.shape[0] != total:
+                raise ProtocolError(f"chunk input '{name}' does not hold the {total} rows of its calls")
+        return key, InferChunk(ids, parts, model, version, inputs, entry.get("p"), entry.get("t"), outputs, keys,
+                               [_digest(d) for d in digests] if digests is not None else None), pos
+    except (InputError, ProtocolError) as e:
+        return key, (e if isinstance(e, InputError) else EngineError(f"malformed call from the front end: {e}")), \
+            start + len(metas)
+
+
 # --------------------------------------------------------------------------- answers
 
 
-def pack_answers(answers: Sequence[tuple[int, InferAnswer | EngineError]]) -> list[Any]:
+def pack_answers(answers: Sequence[tuple[Any, InferAnswer | EngineError]]) -> list[Any]:
+    """``answers``: (a call's id, or a chunk's ``Rows``, its answer) each."""
     head = []
     frames: list[Any] = []
-    for i, a in answers:
+    for key, a in answers:
+        i = key.ids if type(key) is Rows else key
         if isinstance(a, EngineError):
             head.append({"i": i, "e": [a.kind, a.status, a.message, a.retry_after]})
             continue
@@ -200,7 +336,10 @@ def pack_answers(answers: Sequence[tuple[int, InferAnswer | EngineError]]) -> li
             head.append({"i": i, "e": ["model_error", 500, f"model '{a.model}' gave an output the protocol "
                                                            f"cannot carry: {e}", None]})
             continue
-        head.append({"i": i, "m": a.model, "v": a.version, "x": metas})
+        entry = {"i": i, "m": a.model, "v": a.version, "x": metas}
+        if type(key) is Rows:
+            entry["n"] = key.parts
+        head.append(entry)
     return [orjson.dumps(head), *frames]
 
 
@@ -210,13 +349,24 @@ def unpack_answers(frames: Sequence[Any]) -> list[tuple[int, InferAnswer | Engin
     pos = 1
     for entry in head:
         i = entry["i"]
+        ids = i if type(i) is list else [i]
         err = entry.get("e")
         if err is not None:
             kind, status, message, retry_after = err
-            out.append((i, from_wire(kind, status, message, retry_after)))
+            out.extend((one, from_wire(kind, status, message, retry_after)) for one in ids)
             continue
         outputs, pos = _unpack_tensors(entry["x"], frames, pos, "outputs")
-        out.append((i, InferAnswer(entry["m"], entry["v"], outputs)))
+        if type(i) is not list:
+            out.append((i, InferAnswer(entry["m"], entry["v"], outputs)))
+            continue
+        at = rows_mod.offsets(entry["n"])
+        short = [name for name, v in outputs.items() if getattr(v, "ndim", 0) == 0 or v.shape[0] != at[-1]]
+        if short:  # the model's outputs do not have one row per input row: each call gets the error
+            out.extend((one, ModelFailed(f"model '{entry['m']}' gave output '{short[0]}' without one row per "
+                                         f"input row ({at[-1]})")) for one in ids)
+            continue
+        out.extend((one, InferAnswer(entry["m"], entry["v"], {name: v[at[k]:at[k + 1]] for name, v in outputs.items()}))
+                   for k, one in enumerate(ids))
     return out
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gatedutil import GATED_MODULE, X4, Y2
+from safetensors.torch import save_file
 
 from modelconsole.gpu.devices import SimulatedBackend
 from modelconsole.scheduler.config import GpuConfig
@@ -76,3 +78,39 @@ def guarded_model(tmp_path):
         "max_batch_size": 8,
         "warmup": 0,
     }
+
+
+@pytest.fixture
+def gated(engine, tmp_path):
+    """Writes the factory module and weights; returns a config maker.  Opens every gate at teardown."""
+    (tmp_path / "gatedmodels.py").write_text(GATED_MODULE)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 2)
+    save_file({"lin.weight": lin.weight.detach().contiguous(), "lin.bias": lin.bias.detach().contiguous()},
+              str(tmp_path / "gated.safetensors"))
+    names: list[str] = []
+
+    def make(name: str, gate_open: bool = True, kind: str = "linear", **kw):
+        names.append(name)
+        cfg = {
+            "name": name,
+            "source": "safetensors:gated.safetensors",
+            "factory": "gatedmodels:build",
+            "args": {"gate_open": gate_open, "kind": kind},
+            "inputs": X4,
+            "outputs": Y2,
+            "device": "cpu",
+            "warmup": 0,
+        }
+        cfg.update(kw)
+        return cfg
+
+    yield make
+    # never leave a worker blocked: the engine's close would wait for it
+    for name in names:
+        try:
+            mod = engine.instance(name)._module
+        except Exception:  # noqa: BLE001
+            continue
+        if mod is not None and hasattr(mod, "gate"):
+            mod.gate.set()

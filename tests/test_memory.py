@@ -318,8 +318,8 @@ async def test_host_tier_is_bounded_and_lru(make_engine):
 
 
 async def test_a_shared_device_runs_the_most_urgent_batch_next(make_engine, tmp_path):
+    from gatedutil import GATED_MODULE, X4, Y2
     from safetensors.torch import save_file
-    from test_request_path import GATED_MODULE, X4, Y2
 
     (tmp_path / "gatedmodels.py").write_text(GATED_MODULE)
     lin = torch.nn.Linear(4, 2)
@@ -503,8 +503,8 @@ async def test_a_slow_load_does_not_hold_up_other_models(make_engine, tmp_path):
     """The weights are read outside the control lock: while one model's load is stuck, another
     model loads on another device, others are pinned and unloaded, and nothing evicts the model
     being loaded; unloading it waits for its load to end, then frees its reservation."""
+    from gatedutil import X4, Y2
     from safetensors.torch import save_file
-    from test_request_path import X4, Y2
 
     (tmp_path / "slowmodels.py").write_text(SLOW_LOAD_MODULE)
     lin = torch.nn.Linear(4, 2)

@@ -13,11 +13,10 @@ which requests ran together and in what order.
 from __future__ import annotations
 
 import asyncio
-import textwrap
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from gatedutil import add, occupy, reference, tagged, wait_until
 
 from modelconsole.scheduler.cache import ResultCache
 from modelconsole.scheduler.config import ConfigError
@@ -33,135 +32,7 @@ from modelconsole.scheduler.tensors import TensorSpec
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
 
-GATED_MODULE = textwrap.dedent(
-    '''
-    import threading
-
-    import torch
-
-    # Two models whose forwards both wait here can only pass if they run at the same time.
-    BARRIER = threading.Barrier(2)
-
-
-    class Gated(torch.nn.Module):
-        def __init__(self, gate_open=True, kind="linear"):
-            super().__init__()
-            self.lin = torch.nn.Linear(4, 2)
-            self.kind = kind
-            self.gate = threading.Event()
-            if gate_open:
-                self.gate.set()
-            self.entered = threading.Event()
-            self.log = []  # per forward: (thread name, input shape, first column)
-
-        def forward(self, x):
-            self.log.append((threading.current_thread().name, tuple(x.shape),
-                             x.reshape(-1, x.shape[-1])[:, 0].tolist()))
-            self.entered.set()
-            if not self.gate.wait(10):
-                raise RuntimeError("gate never opened")
-            if bool(torch.isnan(x).any()):
-                raise RuntimeError("NaN in input")
-            if self.kind == "sum":
-                return x.sum(dim=-1, keepdim=True)
-            return self.lin(x)
-
-
-    def build(gate_open=True, kind="linear"):
-        return Gated(gate_open, kind)
-
-
-    class Meeting(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(4, 2)
-            self.threads = []
-
-        def forward(self, x):
-            self.threads.append(threading.current_thread().name)
-            BARRIER.wait(timeout=5)
-            return self.lin(x)
-
-
-    def meeting():
-        return Meeting()
-    '''
-)
-
-X4 = [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
-Y2 = [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}]
 TINY = {"name": "tiny", "source": "zoo:tiny-mlp", "device": "cpu", "warmup": 0}
-
-
-@pytest.fixture
-def gated(engine, tmp_path):
-    """Writes the factory module and weights; returns a config maker.  Opens every gate at teardown."""
-    (tmp_path / "gatedmodels.py").write_text(GATED_MODULE)
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(4, 2)
-    save_file({"lin.weight": lin.weight.detach().contiguous(), "lin.bias": lin.bias.detach().contiguous()},
-              str(tmp_path / "gated.safetensors"))
-    names: list[str] = []
-
-    def make(name: str, gate_open: bool = True, kind: str = "linear", **kw):
-        names.append(name)
-        cfg = {
-            "name": name,
-            "source": "safetensors:gated.safetensors",
-            "factory": "gatedmodels:build",
-            "args": {"gate_open": gate_open, "kind": kind},
-            "inputs": X4,
-            "outputs": Y2,
-            "device": "cpu",
-            "warmup": 0,
-        }
-        cfg.update(kw)
-        return cfg
-
-    yield make
-    # never leave a worker blocked: the engine's close would wait for it
-    for name in names:
-        try:
-            mod = engine.instance(name)._module
-        except Exception:  # noqa: BLE001
-            continue
-        if mod is not None and hasattr(mod, "gate"):
-            mod.gate.set()
-
-
-async def add(engine, cfg):
-    await engine.register(cfg)
-    await engine.load(cfg["name"])
-    return engine.instance(cfg["name"])
-
-
-async def wait_until(pred, timeout=5.0):
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not pred():
-        if loop.time() > end:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.001)
-
-
-async def occupy(engine, inst, value: float = -1.0) -> asyncio.Task:
-    """Send one request to a gated model whose gate is closed; return once its forward is blocked."""
-    task = asyncio.ensure_future(engine.infer(inst.name, {"x": torch.full((1, 4), value)}))
-    await wait_until(inst._module.entered.is_set)
-    assert inst.in_flight == 1 and inst.queue.size == 0
-    return task
-
-
-def tagged(i: int) -> torch.Tensor:
-    """A (1, 4) input whose first column identifies the request in the model's log."""
-    x = torch.randn(1, 4)
-    x[0, 0] = float(i)
-    return x
-
-
-def reference(inst, x: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        return inst._module(x)
 
 
 # ---------------------------------------------------------------- 1. batching
