@@ -291,11 +291,11 @@ def run_load(protocol: str, host: str, port: int, models: list[int], procs: int,
 # --------------------------------------------------------------------------- servers and raw torch
 
 
-def config(models: int, device: str, ipc: str = "unix") -> str:
+def config(models: int, device: str, ipc: str = "unix", spin_us: float = 0.0) -> str:
     def args(a: dict[str, int]) -> str:
         return f"args = {{ {', '.join(f'{k} = {v}' for k, v in a.items())} }}\n" if a else ""
 
-    return f'[server]\nipc = "{ipc}"\n\n' + "\n".join(
+    return f'[server]\nipc = "{ipc}"\n' + (f"ipc_spin_us = {spin_us}\n" if spin_us else "") + "\n" + "\n".join(
         f'[[models]]\nname = "{name}"\nsource = "zoo:{zoo}"\ndevice = "{device}"\n{args(a)}'
         for name, zoo, _, _, _, a in ZOO[:models])
 
@@ -348,12 +348,13 @@ def raw_torch_samples_per_s(models: int, batches: dict[str, int], device: str, s
 class Serve:
     """``modelconsole --serve`` (pinned to ``cpus`` where given) for the length of a with-block."""
 
-    def __init__(self, tmp: Path, models: int, device: str, workers: int, cpus: list[int] | None, ipc: str):
+    def __init__(self, tmp: Path, models: int, device: str, workers: int, cpus: list[int] | None, ipc: str,
+                 spin_us: float = 0.0):
         self.tmp = tmp / f"w{workers}"
         self.tmp.mkdir()
         self.port = _free_port()
         self.grpc_port = _free_port()
-        self.args = (config(models, device, ipc), workers, cpus)
+        self.args = (config(models, device, ipc, spin_us), workers, cpus)
 
     def __enter__(self) -> Serve:
         text, workers, cpus = self.args
@@ -387,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                     "CPU core)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the models and raw torch)")
     ap.add_argument("--ipc", choices=["unix", "zmq"], default="unix", help="[server] ipc of the workers server")
+    ap.add_argument("--ipc-spin-us", type=float, default=0.0, help="[server] ipc_spin_us of the workers server")
     ap.add_argument("--seconds", type=float, default=10.0, help="measured seconds per row")
     ap.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each row")
     ap.add_argument("--procs", type=int, help="load-generator processes (default: the cores the servers leave)")
@@ -421,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   args.seconds, one.proc.pid, load_cpus)
             rows["one process, c=1"] = run_load("http", host, one.port, tiny1, 1, args.warmup, args.seconds,
                                                 one.proc.pid, load_cpus)
-        with Serve(Path(tmp), args.models, args.device, workers, server_cpus, args.ipc) as many:
+        with Serve(Path(tmp), args.models, args.device, workers, server_cpus, args.ipc, args.ipc_spin_us) as many:
             name = f"{workers} workers"
             rows[f"{name}, c=256"] = run_load("http", host, many.port, tiny256, procs, args.warmup, args.seconds,
                                               many.proc.pid, load_cpus)

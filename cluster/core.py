@@ -9,7 +9,8 @@ devices, eviction by keep-value, its own host tier, batching.  It keeps no
 store: the controller's SQLite file on the head is the one record.
 
 Front ends send infer calls as ``server/ipc.py`` frames (``call``), one message
-per front end per loop iteration; each call is one ``engine.infer``.  The
+per front end per loop iteration; each call is one ``engine.infer`` (a chunk's
+calls too, one by one: chunks are the local data path's, ``server/core.py``).  The
 controller reads ``report`` every tick: the engine's snapshot, the events since
 the last report and what the placement function needs.
 """
@@ -99,7 +100,7 @@ class EngineCore:
 
     async def call(self, frames: list[bytes]) -> list[bytes]:
         """Infer calls from a front end; the answers in one message."""
-        calls = ipc.unpack_calls(frames)
+        calls = ipc.calls_of(ipc.unpack_calls(frames))
         answers = await asyncio.gather(*(self._one(c) for _, c in calls))
         return [bytes(f) for f in ipc.pack_answers([(i, a) for (i, _), a in zip(calls, answers)])]
 

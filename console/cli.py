@@ -149,6 +149,7 @@ def server_settings(args: argparse.Namespace, config) -> tuple[object, str] | st
                           head_timeout_s=config.server.head_timeout_s,
                           keepalive_timeout_s=config.server.keepalive_timeout_s,
                           access_log=args.access_log, token_dir=token_dir, ipc=config.server.ipc,
+                          ipc_spin_us=config.server.ipc_spin_us,
                           allowed_hosts=config.server.allowed_hosts), host
 
 

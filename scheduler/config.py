@@ -169,7 +169,11 @@ class ServerConfig:
     workers: int | None = None  # front-end processes with --serve (None: policy.frontend_workers; 0: one process)
     grpc_port: int | None = 8001  # KServe V2 over gRPC with --serve (None: off; the console only with --grpc-port)
     ipc: str = "unix"  # how front-end processes reach the engine core: "unix" (a Unix socket) or "zmq"
+    ipc_spin_us: float = 0.0  # unix ipc at low load: poll this long for the next message instead of sleeping
     allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides IP literals, localhost and host ("*": any)
+
+
+MAX_SPIN_US = 10_000  # a loop blocked longer than this would delay its other connections too much
 
 
 @dataclass(frozen=True)
@@ -280,6 +284,12 @@ def _str(path: str, v: Any) -> str:
     if not isinstance(v, str) or not v:
         raise _fail(path, "a non-empty string", v)
     return v
+
+
+def _spin_us(path: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= MAX_SPIN_US:
+        raise _fail(path, f"microseconds from 0 (never spin) to {MAX_SPIN_US}", v)
+    return float(v)
 
 
 def _ipc(path: str, v: Any) -> str:
@@ -594,6 +604,7 @@ def parse_config(raw: dict[str, Any], base_dir: str, path: str | None = None) ->
         "workers": _int(0, "a non-negative integer (0: one process)"),
         "grpc_port": grpc_port,
         "ipc": _ipc,
+        "ipc_spin_us": _spin_us,
         "allowed_hosts": _host_list,
     }))
     store = StoreConfig(**_section(raw, "store", {"path": _str}))

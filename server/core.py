@@ -38,9 +38,10 @@ log = logging.getLogger("modelconsole.server.core")
 
 
 class CoreServer:
-    def __init__(self, engine: Any, address: str):
+    def __init__(self, engine: Any, address: str, spin_us: float = 0.0):
         self.engine = engine
         self.address = address
+        self.spin_s = spin_us / 1e6  # after answering one call, poll this long for the next (transport.spin)
         self._end = transport.server_end(address, self._on_message)
         self._outbox: dict[Any, list[tuple[Any, InferAnswer | EngineError]]] = defaultdict(list)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -161,6 +162,9 @@ class CoreServer:
 
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, defaultdict(list)
+        if self.spin_s and len(outbox) == 1 and len(next(iter(outbox.values()))) <= 2:
+            # requests one at a time: the next is likely near, keep the loop awake for it
+            asyncio.get_running_loop().call_soon(self._end.spin, self.spin_s)
         for peer, answers in outbox.items():
             try:
                 self._end.send(peer, ipc.pack_answers(answers))

@@ -81,7 +81,7 @@ def build_frontend_app(link: Any, proxy: ControlProxy, settings: ServerSettings)
 
 async def run(spec: dict[str, Any], stdin_eof: asyncio.Future[None]) -> int:
     settings = ServerSettings(**spec["settings"])
-    link = CoreLink(spec["ipc"])
+    link = CoreLink(spec["ipc"], settings.ipc_spin_us)
     await link.start()
     proxy = ControlProxy(spec["control"])
     app = build_frontend_app(link, proxy, settings)

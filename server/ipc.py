@@ -60,8 +60,8 @@ from modelconsole.scheduler.errors import EngineError, InputError, ModelFailed, 
 
 from . import codec
 
-__all__ = ["InferAnswer", "InferCall", "InferChunk", "ProtocolError", "Rows", "pack_answers", "pack_calls", "run_call",
-           "unpack_answers", "unpack_calls"]
+__all__ = ["InferAnswer", "InferCall", "InferChunk", "ProtocolError", "Rows", "calls_of", "pack_answers",
+           "pack_calls", "run_call", "unpack_answers", "unpack_calls"]
 
 
 class ProtocolError(Exception):
@@ -281,6 +281,20 @@ def unpack_calls(frames: Sequence[Any]) -> list[tuple[Any, InferCall | InferChun
         out.append((i, call))
     if pos != len(frames):
         raise ProtocolError(f"{len(frames) - pos} frames left over")
+    return out
+
+
+def calls_of(entries: Sequence[tuple[Any, InferCall | InferChunk | EngineError]],
+             ) -> list[tuple[int, InferCall | EngineError]]:
+    """``unpack_calls``' entries one call each: a chunk's calls (views), a chunk's error for each."""
+    out: list[tuple[int, InferCall | EngineError]] = []
+    for key, c in entries:
+        if isinstance(c, InferChunk):
+            out.extend(zip(c.ids, c.calls()))
+        elif type(key) is Rows:
+            out.extend((i, c) for i in key.ids)  # type: ignore[misc]
+        else:
+            out.append((key, c))
     return out
 
 

@@ -185,7 +185,7 @@ class WorkerServer:
         self._dir = rundir.make_run_dir()  # 0700: only this user reaches the core
         try:
             address = f"ipc://{self._dir}/engine" if s.ipc == "zmq" else f"unix://{self._dir}/engine.sock"
-            self.core = CoreServer(self.engine, address)
+            self.core = CoreServer(self.engine, address, s.ipc_spin_us)
             await self.core.start()
             control = os.path.join(self._dir, "control.sock")
             counts = os.path.join(self._dir, "metrics")  # the front ends' counters (prometheus multiprocess files)

@@ -25,8 +25,9 @@ from gatedutil import add, occupy, reference, tagged, wait_until
 from serverutil import ServerThread
 
 from modelconsole.scheduler import rows
+from modelconsole.scheduler.config import ConfigError, parse_config
 from modelconsole.scheduler.errors import DeadlineExceeded, InputError, QueueFull
-from modelconsole.server import ipc
+from modelconsole.server import ipc, transport
 from modelconsole.server.app import ServerSettings
 from modelconsole.server.ipc import InferAnswer, InferCall, InferChunk, Rows
 
@@ -309,3 +310,35 @@ async def test_front_ends_send_chunks_and_every_request_gets_its_own_answer(pair
         assert again == [got[k] for k in cached]
     stats = two.engine.instance("tiny").stats.to_dict()
     assert stats["success"] >= 48 and stats["fail"] == 0
+
+
+# ---------------------------------------------------------------- low load: spin instead of sleeping
+
+
+async def test_spin_polls_the_socket_and_never_longer_than_its_budget(tmp_path):
+    got: asyncio.Queue = asyncio.Queue()
+    server = transport.UnixServerEnd(str(tmp_path / "s.sock"), lambda peer, frames: got.put_nowait((peer, frames)))
+    await server.start()
+    client = transport.UnixClientEnd(str(tmp_path / "s.sock"), lambda frames: got.put_nowait((None, frames)),
+                                     lambda: None)
+    await client.start()
+    try:
+        assert client.spin(0.0) is False  # nothing to read: back at once
+        await wait_until(lambda: bool(server.peers))
+        client.send([b"hello"])  # written at once; the loop has not read it yet
+        assert server.spin(5.0) is True  # readable: back as soon as it is, not after 5 s
+        peer, frames = await got.get()
+        assert bytes(frames[0]) == b"hello"
+        server.send(peer, [b"answer"])
+        assert client.spin(5.0) is True
+        assert bytes((await got.get())[1][0]) == b"answer"
+    finally:
+        await client.close()
+        await server.close()
+
+
+@pytest.mark.parametrize("value", [-1, 10_001, "fast", True])
+def test_ipc_spin_us_is_checked(value):
+    with pytest.raises(ConfigError, match=r"server\.ipc_spin_us: expected microseconds from 0"):
+        parse_config({"server": {"ipc_spin_us": value}}, ".")
+    assert parse_config({"server": {"ipc_spin_us": 250}}, ".").server.ipc_spin_us == 250.0

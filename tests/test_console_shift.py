@@ -99,7 +99,9 @@ async def test_the_register_form_fits_80x24_and_a_refusal_keeps_it(client):
         assert app.screen is form and form.query_one("#reg-options", Input).value == "warmup=0"
         await until(pilot, lambda: inside(app, form.query_one("#reg-source-error")), what="the error laid out")
         form.query_one("#reg-source", Input).value = "zoo:tiny-mlp"
-        await pilot.click("#register-ok")
+        # pressed, not clicked: the refusal's line moved the buttons, and a click lands where the
+        # button was at the last layout (the first click above shows the button clickable)
+        form.query_one("#register-ok", Button).press()
         await until(pilot, lambda: "tiny:2" in app.models, what="registered after the fix")
         assert not isinstance(app.screen, RegisterScreen)
 
