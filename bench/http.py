@@ -291,11 +291,12 @@ def run_load(protocol: str, host: str, port: int, models: list[int], procs: int,
 # --------------------------------------------------------------------------- servers and raw torch
 
 
-def config(models: int, device: str, ipc: str = "unix", spin_us: float = 0.0) -> str:
+def config(models: int, device: str, ipc: str = "unix", spin_us: float | None = None) -> str:
     def args(a: dict[str, int]) -> str:
         return f"args = {{ {', '.join(f'{k} = {v}' for k, v in a.items())} }}\n" if a else ""
 
-    return f'[server]\nipc = "{ipc}"\n' + (f"ipc_spin_us = {spin_us}\n" if spin_us else "") + "\n" + "\n".join(
+    spin = f"ipc_spin_us = {spin_us}\n" if spin_us is not None else ""
+    return f'[server]\nipc = "{ipc}"\n{spin}\n' + "\n".join(
         f'[[models]]\nname = "{name}"\nsource = "zoo:{zoo}"\ndevice = "{device}"\n{args(a)}'
         for name, zoo, _, _, _, a in ZOO[:models])
 
@@ -349,7 +350,7 @@ class Serve:
     """``modelconsole --serve`` (pinned to ``cpus`` where given) for the length of a with-block."""
 
     def __init__(self, tmp: Path, models: int, device: str, workers: int, cpus: list[int] | None, ipc: str,
-                 spin_us: float = 0.0):
+                 spin_us: float | None = None):
         self.tmp = tmp / f"w{workers}"
         self.tmp.mkdir()
         self.port = _free_port()
@@ -388,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
                     "CPU core)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the models and raw torch)")
     ap.add_argument("--ipc", choices=["unix", "zmq"], default="unix", help="[server] ipc of the workers server")
-    ap.add_argument("--ipc-spin-us", type=float, default=0.0, help="[server] ipc_spin_us of the workers server")
+    ap.add_argument("--ipc-spin-us", type=float, help="[server] ipc_spin_us of the workers server (default: the "
+                    "server's own default)")
     ap.add_argument("--seconds", type=float, default=10.0, help="measured seconds per row")
     ap.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each row")
     ap.add_argument("--procs", type=int, help="load-generator processes (default: the cores the servers leave)")

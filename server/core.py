@@ -41,7 +41,7 @@ class CoreServer:
     def __init__(self, engine: Any, address: str, spin_us: float = 0.0):
         self.engine = engine
         self.address = address
-        self.spin_s = spin_us / 1e6  # after answering one call, poll this long for the next (transport.spin)
+        self._awake = transport.KeepAwake(spin_us / 1e6)  # after answering few calls, stay awake for the next
         self._end = transport.server_end(address, self._on_message)
         self._outbox: dict[Any, list[tuple[Any, InferAnswer | EngineError]]] = defaultdict(list)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -57,6 +57,8 @@ class CoreServer:
 
     def _on_message(self, peer: Any, frames: list[Any]) -> None:
         self.messages += 1
+        if len(frames) <= 3:  # a call or two: its answer comes back from a worker thread soon
+            self._awake.extend()
         try:
             calls = ipc.unpack_calls(frames)
         except Exception as e:  # noqa: BLE001 - nothing in a message may stop the core
@@ -162,9 +164,8 @@ class CoreServer:
 
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, defaultdict(list)
-        if self.spin_s and len(outbox) == 1 and len(next(iter(outbox.values()))) <= 2:
-            # requests one at a time: the next is likely near, keep the loop awake for it
-            asyncio.get_running_loop().call_soon(self._end.spin, self.spin_s)
+        if len(outbox) == 1 and len(next(iter(outbox.values()))) <= 2:
+            self._awake.extend()  # requests one at a time: the next is likely near, stay awake for it
         for peer, answers in outbox.items():
             try:
                 self._end.send(peer, ipc.pack_answers(answers))

@@ -26,8 +26,8 @@ from .ipc import InferAnswer, InferCall
 
 log = logging.getLogger("modelconsole.server.link")
 
-# Spin for the answer only at low load: with more calls in flight the loop has other work.
-SPIN_MAX_CALLS = 2
+# Stay awake for the answer only at low load: with more calls in flight the loop is busy anyway.
+AWAKE_MAX_CALLS = 2
 
 
 class Link(Protocol):
@@ -68,7 +68,7 @@ class CoreLink:
 
     def __init__(self, address: str, spin_us: float = 0.0):
         self._end = transport.client_end(address, self._on_message, self._on_lost)
-        self.spin_s = spin_us / 1e6  # poll this long for the answer when few calls wait (transport.spin)
+        self._awake = transport.KeepAwake(spin_us / 1e6)  # stay awake for the answer when few calls wait
         self._pending: dict[int, asyncio.Future[InferAnswer]] = {}
         self._outbox: list[tuple[int, InferCall]] = []
         self._next = 0
@@ -115,8 +115,8 @@ class CoreLink:
             return
         try:
             self._end.send(ipc.pack_calls(calls))
-            if self.spin_s and len(self._pending) <= SPIN_MAX_CALLS:
-                asyncio.get_running_loop().call_soon(self._end.spin, self.spin_s)
+            if len(self._pending) <= AWAKE_MAX_CALLS:
+                self._awake.extend()
         except Exception as e:  # noqa: BLE001 - these calls fail, the link keeps working
             log.exception("cannot send %d calls to the engine core", len(calls))
             for i, _ in calls:

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import select
 import struct
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import numpy as np
 
 log = logging.getLogger("modelconsole.server.transport")
 
@@ -36,20 +37,38 @@ _U32 = struct.Struct("<I")
 MAX_FRAMES = 1 << 16  # more frames than this in one record is not a message of ours: the connection closes
 
 
-def spin_until_readable(poller: select.poll, budget_s: float) -> bool:
-    """Poll (never sleep) for up to ``budget_s`` until a registered socket is readable.
+class KeepAwake:
+    """Keeps an event loop polling instead of sleeping, for a bounded moment.
 
-    Waking an idle event loop costs the kernel's wake-up and the core's way out of a
-    deep idle state, paid twice per request through a front end (core, then front end)
-    when requests come one at a time.  A loop that expects a message very soon keeps
-    its core busy for a bounded moment instead: the loop's next poll then finds the
-    message without sleeping.  Bounded by ``budget_s``; returns whether one arrived."""
-    end = time.perf_counter() + budget_s
-    while True:
-        if poller.poll(0):
-            return True
-        if time.perf_counter() >= end:
-            return False
+    Waking an idle process costs the kernel's wake-up and the CPU's way out of a
+    deep idle state, paid twice per request through a front end (the core on the
+    call, the front end on the answer) when requests come one at a time.  A loop
+    that expects a message very soon stays awake instead: while ``extend``'s
+    deadline is ahead, a callback re-queues itself every iteration, so the loop
+    polls its sockets (all of them, the worker threads' wake-ups too) without
+    blocking, and finds the message the moment it lands.  Costs a busy core for at
+    most the budget after each ``extend``; nothing is delayed by it."""
+
+    def __init__(self, budget_s: float):
+        self.budget_s = budget_s
+        self.until = 0.0
+        self.active = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def extend(self) -> None:
+        if self.budget_s <= 0:
+            return
+        self.until = time.perf_counter() + self.budget_s
+        if not self.active:
+            self.active = True
+            self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self._tick)
+
+    def _tick(self) -> None:
+        if time.perf_counter() < self.until and self._loop is not None:
+            self._loop.call_soon(self._tick)
+        else:
+            self.active = False
 
 
 def _record(frames: Sequence[Any]) -> list[Any]:
@@ -57,6 +76,28 @@ def _record(frames: Sequence[Any]) -> list[Any]:
     sizes = [memoryview(f).nbytes for f in frames]
     head = struct.pack(f"<I{len(frames)}I", len(frames), *sizes)
     return [head, *frames]
+
+
+FRAME_ALIGNMENT = 64  # tensors.ALIGNMENT: a tensor read from a frame needs no copy to be aligned
+
+
+def _aligned_frames(buf: bytearray, start: int, sizes: Sequence[int]) -> list[memoryview]:
+    """The frames of one record, copied once (as one message needs) into one writable buffer
+    where each starts at a 64-byte boundary, so the engine takes the tensors as they are
+    (``tensors.to_tensor`` would otherwise copy each misaligned input on the core's loop)."""
+    spans = [(n + FRAME_ALIGNMENT - 1) & -FRAME_ALIGNMENT for n in sizes]
+    block = np.empty(sum(spans) + FRAME_ALIGNMENT, np.uint8)
+    skip = -block.ctypes.data % FRAME_ALIGNMENT
+    out = memoryview(block)[skip:]
+    frames = []
+    at, src = 0, start
+    with memoryview(buf) as whole:  # released before the caller trims buf
+        for size, span in zip(sizes, spans):
+            out[at:at + size] = whole[src:src + size]
+            frames.append(out[at:at + size])
+            at += span
+            src += size
+    return frames
 
 
 class _Records(asyncio.Protocol):
@@ -91,14 +132,7 @@ class _Records(asyncio.Protocol):
             end = pos + table + sum(sizes)
             if n < end:
                 break
-            # one copy per message, writable (a bytearray): tensors read from it need no second copy
-            # before torch takes them (tensors.to_tensor copies read-only arrays)
-            view = memoryview(buf[pos + table:end])
-            frames = []
-            at = 0
-            for size in sizes:
-                frames.append(view[at:at + size])
-                at += size
+            frames = _aligned_frames(buf, pos + table, sizes)
             pos = end
             try:
                 self.on_message(frames)
@@ -114,10 +148,6 @@ class _Records(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(_record(frames))
 
-    def fileno(self) -> int | None:
-        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
-        return sock.fileno() if sock is not None else None
-
 
 class UnixServerEnd:
     def __init__(self, path: str, on_message: OnServerMessage):
@@ -125,7 +155,6 @@ class UnixServerEnd:
         self.on_message = on_message
         self._server: asyncio.AbstractServer | None = None
         self.peers: set[_Records] = set()
-        self._poller: select.poll | None = None  # every peer's socket, for spin()
 
     async def start(self) -> None:
         def factory() -> _Records:
@@ -133,27 +162,15 @@ class UnixServerEnd:
 
             def lost() -> None:
                 self.peers.discard(proto)
-                self._poller = None
 
             proto = _Records(lambda frames: self.on_message(proto, frames), lost)
             self.peers.add(proto)
-            self._poller = None
             return proto
 
         self._server = await asyncio.get_running_loop().create_unix_server(factory, self.path)
 
     def send(self, peer: _Records, frames: Sequence[Any]) -> None:
         peer.send(frames)
-
-    def spin(self, budget_s: float) -> bool:
-        """``spin_until_readable`` on every peer's socket."""
-        if self._poller is None:
-            self._poller = select.poll()
-            for peer in self.peers:
-                fd = peer.fileno()
-                if fd is not None:
-                    self._poller.register(fd, select.POLLIN)
-        return spin_until_readable(self._poller, budget_s)
 
     async def close(self) -> None:
         if self._server is not None:
@@ -167,21 +184,12 @@ class UnixClientEnd:
     def __init__(self, path: str, on_message: OnMessage, on_lost: Callable[[], None]):
         self.path = path
         self.proto = _Records(on_message, on_lost)
-        self._poller: select.poll | None = None
 
     async def start(self) -> None:
         await asyncio.get_running_loop().create_unix_connection(lambda: self.proto, self.path)
-        fd = self.proto.fileno()
-        if fd is not None:
-            self._poller = select.poll()
-            self._poller.register(fd, select.POLLIN)
 
     def send(self, frames: Sequence[Any]) -> None:
         self.proto.send(frames)
-
-    def spin(self, budget_s: float) -> bool:
-        """``spin_until_readable`` on the socket to the core."""
-        return self._poller is not None and spin_until_readable(self._poller, budget_s)
 
     async def close(self) -> None:
         if self.proto.transport is not None:
@@ -217,9 +225,6 @@ class _ZmqEnd:
 
     def _deliver(self, frames: list[Any]) -> None:
         raise NotImplementedError
-
-    def spin(self, budget_s: float) -> bool:
-        return False  # ZeroMQ's own I/O thread wakes the loop: nothing to poll here
 
     async def close(self) -> None:
         if self._reader is not None:

@@ -315,26 +315,18 @@ async def test_front_ends_send_chunks_and_every_request_gets_its_own_answer(pair
 # ---------------------------------------------------------------- low load: spin instead of sleeping
 
 
-async def test_spin_polls_the_socket_and_never_longer_than_its_budget(tmp_path):
-    got: asyncio.Queue = asyncio.Queue()
-    server = transport.UnixServerEnd(str(tmp_path / "s.sock"), lambda peer, frames: got.put_nowait((peer, frames)))
-    await server.start()
-    client = transport.UnixClientEnd(str(tmp_path / "s.sock"), lambda frames: got.put_nowait((None, frames)),
-                                     lambda: None)
-    await client.start()
-    try:
-        assert client.spin(0.0) is False  # nothing to read: back at once
-        await wait_until(lambda: bool(server.peers))
-        client.send([b"hello"])  # written at once; the loop has not read it yet
-        assert server.spin(5.0) is True  # readable: back as soon as it is, not after 5 s
-        peer, frames = await got.get()
-        assert bytes(frames[0]) == b"hello"
-        server.send(peer, [b"answer"])
-        assert client.spin(5.0) is True
-        assert bytes((await got.get())[1][0]) == b"answer"
-    finally:
-        await client.close()
-        await server.close()
+async def test_keep_awake_keeps_the_loop_turning_and_stops_after_its_budget():
+    loop = asyncio.get_running_loop()
+    awake = transport.KeepAwake(0.02)
+    awake.extend()
+    assert awake.active
+    ran = loop.create_future()
+    loop.call_soon(ran.set_result, True)  # nothing waits behind it: other callbacks run as usual
+    assert await ran
+    await wait_until(lambda: not awake.active)  # it ends by itself once its budget is spent
+    idle = transport.KeepAwake(0.0)
+    idle.extend()
+    assert not idle.active  # a budget of 0 never spins
 
 
 @pytest.mark.parametrize("value", [-1, 10_001, "fast", True])
@@ -342,3 +334,24 @@ def test_ipc_spin_us_is_checked(value):
     with pytest.raises(ConfigError, match=r"server\.ipc_spin_us: expected microseconds from 0"):
         parse_config({"server": {"ipc_spin_us": value}}, ".")
     assert parse_config({"server": {"ipc_spin_us": 250}}, ".").server.ipc_spin_us == 250.0
+
+
+async def test_frames_arrive_aligned_and_writable_so_the_core_copies_no_input(tmp_path):
+    got: asyncio.Queue = asyncio.Queue()
+    server = transport.UnixServerEnd(str(tmp_path / "s.sock"), lambda peer, frames: got.put_nowait(frames))
+    await server.start()
+    client = transport.UnixClientEnd(str(tmp_path / "s.sock"), lambda frames: None, lambda: None)
+    await client.start()
+    try:
+        sent = [b"{}", b"\x01" * 3, np.arange(5, dtype=np.float32).tobytes(), b"", b"\x02" * 70]
+        client.send(sent)
+        frames = await got.get()
+        assert [bytes(f) for f in frames] == sent
+        for f in frames[1:]:
+            arr = np.frombuffer(f, np.uint8)
+            assert arr.flags.writeable
+            if len(f):
+                assert arr.ctypes.data % transport.FRAME_ALIGNMENT == 0
+    finally:
+        await client.close()
+        await server.close()
