@@ -221,6 +221,10 @@ def serve(args: argparse.Namespace) -> int:
     if isinstance(workers, str) or isinstance(grpc, str):
         print(f"modelconsole: {workers if isinstance(workers, str) else grpc}", file=sys.stderr)
         return 2
+    if config.server.gil_switch_us is not None:
+        # the engine's loop and its model threads share one interpreter lock: a model thread whose
+        # forward returned waits for it up to this long while the loop is busy
+        sys.setswitchinterval(config.server.gil_switch_us / 1e6)
     try:
         return _run_loop(run(config, settings[0], store_path(args, config), workers=workers, grpc_port=grpc,
                              grpc_required=args.grpc_port is not None))

@@ -170,6 +170,7 @@ class ServerConfig:
     grpc_port: int | None = 8001  # KServe V2 over gRPC with --serve (None: off; the console only with --grpc-port)
     ipc: str = "unix"  # how front-end processes reach the engine core: "unix" (a Unix socket) or "zmq"
     ipc_spin_us: float = 400.0  # --workers at low load: keep the loops awake this long for the next message
+    gil_switch_us: float | None = None  # --serve: sys.setswitchinterval for the engine's process (None: Python's)
     allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides IP literals, localhost and host ("*": any)
 
 
@@ -289,6 +290,12 @@ def _str(path: str, v: Any) -> str:
 def _spin_us(path: str, v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= MAX_SPIN_US:
         raise _fail(path, f"microseconds from 0 (never spin) to {MAX_SPIN_US}", v)
+    return float(v)
+
+
+def _switch_us(path: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 100 <= v <= 100_000:
+        raise _fail(path, "microseconds from 100 to 100000", v)
     return float(v)
 
 
@@ -605,6 +612,7 @@ def parse_config(raw: dict[str, Any], base_dir: str, path: str | None = None) ->
         "grpc_port": grpc_port,
         "ipc": _ipc,
         "ipc_spin_us": _spin_us,
+        "gil_switch_us": _switch_us,
         "allowed_hosts": _host_list,
     }))
     store = StoreConfig(**_section(raw, "store", {"path": _str}))

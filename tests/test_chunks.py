@@ -355,3 +355,12 @@ async def test_frames_arrive_aligned_and_writable_so_the_core_copies_no_input(tm
     finally:
         await client.close()
         await server.close()
+
+
+@pytest.mark.parametrize("value", [99, 100_001, "x", False])
+def test_gil_switch_us_is_checked(value):
+    with pytest.raises(ConfigError, match=r"server\.gil_switch_us: expected microseconds from 100 to 100000"):
+        parse_config({"server": {"gil_switch_us": value}}, ".")
+    assert parse_config({"server": {"gil_switch_us": 500}}, ".").server.gil_switch_us == 500.0
+    assert parse_config({}, ".").server.gil_switch_us is None
+
