@@ -26,7 +26,7 @@ from serverutil import ServerThread
 
 from modelconsole.scheduler import rows
 from modelconsole.scheduler.config import ConfigError, parse_config
-from modelconsole.scheduler.errors import DeadlineExceeded, InputError, QueueFull
+from modelconsole.scheduler.errors import DeadlineExceeded, EngineError, InputError, QueueFull
 from modelconsole.server import ipc, transport
 from modelconsole.server.app import ServerSettings
 from modelconsole.server.ipc import InferAnswer, InferCall, InferChunk, Rows
@@ -364,3 +364,42 @@ def test_gil_switch_us_is_checked(value):
     assert parse_config({"server": {"gil_switch_us": 500}}, ".").server.gil_switch_us == 500.0
     assert parse_config({}, ".").server.gil_switch_us is None
 
+
+
+# ---------------------------------------------------------------- fuzz: what the core parses
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_json = st.recursive(st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=False) |
+                     st.text(max_size=6), lambda inner: st.lists(inner, max_size=4) |
+                     st.dictionaries(st.text(max_size=3), inner, max_size=3), max_leaves=8)
+_fields = st.sampled_from(["i", "n", "m", "v", "p", "t", "o", "k", "x", "d", "c", "r"])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(changes=st.dictionaries(_fields, _json, max_size=4), extra_frames=st.integers(-2, 2))
+def test_a_mangled_chunk_never_breaks_the_parser(changes, extra_frames):
+    """Whatever a message says, the core gets calls, chunks, per-entry errors or one ProtocolError."""
+    import orjson
+
+    frames = ipc.pack_calls([(1, _call("m", np.zeros((1, 4), np.float32))),
+                             (2, _call("m", np.ones((2, 4), np.float32))),
+                             (3, _call("n", np.zeros((1, 4), np.float32)))])
+    head = orjson.loads(bytes(frames[0]))
+    chunk_at = next(k for k, e in enumerate(head) if isinstance(e["i"], list))
+    head[chunk_at].update(changes)
+    body = list(frames[1:])
+    if extra_frames > 0:
+        body += [b"\0" * 8] * extra_frames
+    elif extra_frames < 0:
+        body = body[:extra_frames]
+    try:
+        got = ipc.unpack_calls([orjson.dumps(head), *body])
+    except ipc.ProtocolError:
+        return
+    for key, entry in got:
+        assert isinstance(entry, (InferCall, InferChunk, EngineError))
+        if isinstance(entry, InferChunk):
+            assert type(key) is Rows and sum(entry.parts) == next(iter(entry.inputs.values())).shape[0]
+            assert len(entry.calls()) == len(entry.ids)
