@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from modelconsole.gpu.devices import SimulatedBackend
@@ -44,6 +45,27 @@ log = logging.getLogger("modelconsole.cluster.controller")
 
 TICK_S = 0.5
 REPORT_TIMEOUT_S = 10.0
+FAILURE_SUMMARY_S = 60.0
+
+
+@dataclass(frozen=True)
+class Failures:
+    attempts: int
+    since: float  # monotonic time of the first failure
+    said: float  # monotonic time of the last event about it
+    last: str  # the last failure's reason
+
+
+def failure_report(state: Failures | None, now: float, why: str) -> tuple[str | None, Failures]:
+    """What to say about a node that failed to come up again (None: nothing yet), and the new state.
+    The first failure is said at once; repeats only as a summary every ``FAILURE_SUMMARY_S``."""
+    if state is None:
+        return f"could not be brought up: {why}; retrying", Failures(1, now, now, why)
+    state = Failures(state.attempts + 1, state.since, state.said, why)
+    if now - state.said < FAILURE_SUMMARY_S:
+        return None, state
+    return (f"still cannot be brought up: {state.attempts} attempts in {now - state.since:.0f} s; "
+            f"the last: {why}"), Failures(state.attempts, state.since, now, why)
 
 
 class Controller:
@@ -58,6 +80,7 @@ class Controller:
         self._start: asyncio.Task[None] | None = None
         self._loop: asyncio.Task[None] | None = None
         self._bringing: dict[str, asyncio.Task[None]] = {}
+        self._failures: dict[str, Failures] = {}  # nodes that could not be brought up, by id
         self._pinning: set[tuple[str, str, str]] = set()  # pins being applied to a node (pin_drift)
         self.restarted_at = time.time()
 
@@ -173,9 +196,9 @@ class Controller:
                 self._bringing[nid] = task
                 task.add_done_callback(lambda _, nid=nid: self._bringing.pop(nid, None))
         for nid, node in list(fleet.nodes.items()):
-            if node.health == "ok" and nid not in alive:
+            if node.serving and nid not in alive:
                 self._lost(node, "the node left the cluster")
-        ok = [n for n in fleet.nodes.values() if n.health == "ok"]
+        ok = [n for n in fleet.nodes.values() if n.serving]
         reports = await asyncio.gather(*(asyncio.wait_for(n.core.report.remote(), REPORT_TIMEOUT_S)
                                          for n in ok), return_exceptions=True)
         for node, report in zip(ok, reports):
@@ -207,34 +230,55 @@ class Controller:
         if sim:
             options["resources"] = {"sim_gpu": sim}
             core_spec["simulate"] = f"{sim}x{self.spec.get('simulate_gpu_size', '8GiB')}"
+        common = {"namespace": rayenv.NAMESPACE, "lifetime": "detached", "get_if_exists": True,
+                  "scheduling_strategy": rayenv.node_affinity(nid), "max_restarts": 0}
         try:
-            common = {"namespace": rayenv.NAMESPACE, "lifetime": "detached", "get_if_exists": True,
-                      "scheduling_strategy": rayenv.node_affinity(nid), "max_restarts": 0}
             core = ray.remote(EngineCore).options(name=rayenv.core_name(nid), **common, **options).remote(
                 nid, core_spec)
             report = await core.sync.remote(fleet.record())
             node.core = core
             fleet.absorb(node, report)
+        except Exception as e:  # noqa: BLE001 - the node stays lost; the next tick tries again
+            node.health = "lost"
+            self._failed(nid, f"its engine core could not start: {rayenv.cause(e)}")
+            return
+        settings = self.spec["frontend"]
+        try:
             frontend = ray.remote(FrontEnd).options(name=rayenv.frontend_name(nid), num_cpus=0, **common).remote(
-                nid, {"settings": self.spec["frontend"], "control_url": self.url,
-                      "grpc_port": self.spec.get("grpc_port")})
+                nid, {"settings": settings, "control_url": self.url, "grpc_port": self.spec.get("grpc_port")})
             node.frontend = frontend
             node.frontend_url = await frontend.start.remote()
-        except Exception as e:  # noqa: BLE001 - the node stays lost; the next tick tries again
-            if node.health == "ok":  # its engine core was serving: the node went away mid-start
+        except Exception as e:  # noqa: BLE001 - its engine core serves on; its front end is what failed
+            if rayenv.is_actor_gone(e) and not isinstance(rayenv.cause(e), OSError):
                 self._lost(node, f"it went away while its front end started ({type(e).__name__})")
                 return
-            node.health = "lost"
-            fleet.events.publish("node_failed", f"node {nid[:8]} could not be brought up: {e}", level="error",
-                                 data={"node": nid})
+            where = f"{settings.get('host', '127.0.0.1')}:{settings.get('port', '?')}"
+            node.frontend_error = f"its front end could not serve on {where}: {rayenv.cause(e)}"
+            node.health = "degraded"
+            log.error("node %s degraded: %s", nid[:8], node.frontend_error)
+            fleet.events.publish("node_degraded", f"node {nid[:8]} ({node.address}) is degraded: "
+                                 f"{node.frontend_error}; its engine core serves the other nodes' front ends",
+                                 level="error", data={"node": nid, "reason": node.frontend_error})
             return
+        self._failures.pop(nid, None)
         fleet.events.publish("node_joined", f"node {nid[:8]} ({node.address}) joined: engine core up, "
                              f"front end on {node.frontend_url}", data={"node": nid, "frontend": node.frontend_url})
 
-    def _lost(self, node: Node, why: str) -> None:
-        held = list(node.report.get("holds", []))
-        node.health = "lost"
+    def _failed(self, nid: str, why: str) -> None:
+        """A node that could not be brought up: one event the first time, then a summary at most
+        every ``FAILURE_SUMMARY_S`` while it keeps failing (the node loop retries every tick)."""
         assert self.fleet is not None
+        now = time.monotonic()
+        say, self._failures[nid] = failure_report(self._failures.get(nid), now, why)
+        if say is not None:
+            log.error("node %s: %s", nid[:8], say)
+            self.fleet.events.publish("node_failed", f"node {nid[:8]} {say}", level="error",
+                                      data={"node": nid, "attempts": self._failures[nid].attempts})
+
+    def _lost(self, node: Node, why: str) -> None:
+        held = node.lose()
+        assert self.fleet is not None
+        log.error("node %s (%s) lost: %s; it held %s", node.node[:8], node.address, why, ", ".join(held) or "nothing")
         self.fleet.events.publish(
             "node_lost", f"node {node.node[:8]} lost ({why}); it held {', '.join(held) or 'nothing'}: requests "
             "in flight there are retried on another node, its models are placed again on demand",

@@ -51,7 +51,9 @@ class Node:
     core: Any = None  # the engine core's actor handle
     frontend: Any = None
     frontend_url: str | None = None
-    health: str = "starting"  # starting | ok | lost
+    health: str = "starting"  # starting | ok | degraded (engine core up, no front end) | lost
+    frontend_error: str | None = None  # why its front end could not start (the node is degraded)
+    held: list[str] = field(default_factory=list)  # what a lost node held when it was lost
     report: dict[str, Any] = field(default_factory=dict)
     seen: float = 0.0  # monotonic time of its last report
     rps: float = 0.0  # answered requests per second between its last two reports
@@ -63,11 +65,24 @@ class Node:
         if self._last is not None and now > self._last[0]:
             self.rps = max(0.0, (answered - self._last[1]) / (now - self._last[0]))
         self._last = (now, answered)
-        self.report, self.seen, self.health = report, now, "ok"
+        self.report, self.seen = report, now
+        self.health = "degraded" if self.frontend_error else "ok"
+
+    @property
+    def serving(self) -> bool:
+        """Its engine core serves (a degraded node's does: only its own front end is missing)."""
+        return self.health in ("ok", "degraded")
+
+    def lose(self) -> list[str]:
+        """Mark it lost: it holds nothing from now on (what it held stays in ``held``)."""
+        self.held = list(self.report.get("holds", []))
+        self.report = {**self.report, "holds": [], "outstanding": 0}
+        self.health = "lost"
+        return self.held
 
     def view(self) -> placement.NodeView:
         r = self.report
-        return placement.NodeView(self.node, self.health == "ok", int(r.get("free_bytes", 0)),
+        return placement.NodeView(self.node, self.serving, int(r.get("free_bytes", 0)),
                                   int(r.get("outstanding", 0)), frozenset(r.get("holds", ())),
                                   r.get("cheapest_keep"))
 
@@ -79,7 +94,8 @@ class Node:
             "memory_used_bytes": sum(d["used_bytes"] for d in devices),
             "memory_total_bytes": sum(d["total_bytes"] for d in devices),
             "free_bytes": self.report.get("free_bytes", 0), "outstanding": self.report.get("outstanding", 0),
-            "rps": self.rps, "holds": list(self.report.get("holds", [])),
+            "rps": self.rps, "holds": list(self.report.get("holds", [])), "held": list(self.held),
+            "frontend_error": self.frontend_error,
             "report_age_s": time.monotonic() - self.seen if self.seen else None,
         }
 
@@ -134,13 +150,13 @@ class Fleet:
 
     @property
     def accepting(self) -> bool:
-        return not self._closing and any(n.health == "ok" for n in self.nodes.values())
+        return not self._closing and any(n.serving for n in self.nodes.values())
 
     def subscribe(self, maxsize: int = 1000) -> Subscription:
         return self.events.subscribe(maxsize)
 
     def live(self) -> list[Node]:
-        return [n for n in self.nodes.values() if n.health == "ok"]
+        return [n for n in self.nodes.values() if n.serving]
 
     def _node_models(self) -> dict[tuple[str, str], list[tuple[str, dict[str, Any]]]]:
         out: dict[tuple[str, str], list[tuple[str, dict[str, Any]]]] = {}
@@ -275,7 +291,7 @@ class Fleet:
         if node is None:
             return self.live()
         n = self.nodes.get(node)
-        if n is None or n.health != "ok":
+        if n is None or not n.serving:
             known = ", ".join(sorted(x.node for x in self.live())) or "none"
             raise InputError(f"node: expected the id of a live node ({known}), got {node!r}")
         return [n]

@@ -91,3 +91,9 @@ def is_actor_gone(e: BaseException) -> bool:
     from ray import exceptions as rx
 
     return isinstance(e, (rx.RayActorError, rx.ActorUnavailableError, rx.ActorDiedError))
+
+
+def cause(e: BaseException) -> BaseException | str:
+    """The error behind a Ray task's failure (a RayTaskError wraps what the actor raised)."""
+    inner = getattr(e, "cause", None)
+    return inner if isinstance(inner, BaseException) else (str(e).strip().splitlines() or [type(e).__name__])[-1]

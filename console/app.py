@@ -680,9 +680,11 @@ class ModelConsoleApp(App[None]):
         if self.marked:
             parts.append(f"{len(self.marked)} marked (u, e, p act on them; esc clears)")
         if snap.get("nodes"):
-            live = sum(1 for n in snap["nodes"] if n.get("health") == "ok")
+            live = sum(1 for n in snap["nodes"] if n.get("health") in ("ok", "degraded"))
+            degraded = sum(1 for n in snap["nodes"] if n.get("health") == "degraded")
             target = f"node {self.target_node[:8]}" if self.target_node else "all nodes"
-            parts.append(f"fleet {live} nodes · actions on {target} (n)")
+            parts.append(f"fleet {live} nodes" + (f" ({degraded} degraded)" if degraded else "")
+                         + f" · actions on {target} (n)")
         for name in sorted(set(self.routing) | set(self._swapping)):
             routing = self.routing.get(name)
             line = fmt.swap_line(name, routing)
@@ -818,7 +820,7 @@ class ModelConsoleApp(App[None]):
 
     def _fleet_nodes(self) -> list[str]:
         snap = self.client.snapshot() or {}
-        return [n["node"] for n in snap.get("nodes") or () if n.get("health") == "ok"]
+        return [n["node"] for n in snap.get("nodes") or () if n.get("health") in ("ok", "degraded")]
 
     def _where(self) -> dict[str, str]:
         """``node=`` for the control calls while one node is the target (``n``)."""

@@ -542,6 +542,10 @@ def node_lines(nodes: list[dict[str, Any]]) -> list[str]:
     for n in nodes:
         mem = f"{size(n.get('memory_used_bytes'))}/{size(n.get('memory_total_bytes'))}" if n.get("gpus") else "-"
         holds = ", ".join(n.get("holds") or []) or "-"
+        if n.get("health") == "lost" and n.get("held"):
+            holds = f"nothing (held {', '.join(n['held'])})"
+        elif n.get("frontend_error"):
+            holds += f" · {n['frontend_error']}"
         out.append(f"{str(n.get('node', '?'))[:8]:<10} {n.get('health', '?'):<9} {n.get('gpus', 0):>4} "
                    f"{mem:>17} {rate(n.get('rps')):>7}  {holds}")
     return out

@@ -81,6 +81,32 @@ def test_pick_takes_the_least_outstanding_holder():
     assert placement.pick([("a", 3)], exclude=["a"]) is None
 
 
+def test_a_node_that_keeps_failing_is_said_once_then_summarised():
+    from modelconsole.cluster.controller import FAILURE_SUMMARY_S, failure_report
+
+    say, state = failure_report(None, 100.0, "OSError: [Errno 98] Address already in use")
+    assert say is not None and "Address already in use" in say and state.attempts == 1
+    for k in range(1, 20):  # a retry every tick: nothing more to say for a while
+        say, state = failure_report(state, 100.0 + k * 0.5, "OSError: [Errno 98] Address already in use")
+        assert say is None
+    say, state = failure_report(state, 100.0 + FAILURE_SUMMARY_S + 1, "the same")
+    assert say is not None and "21 attempts" in say and "the same" in say
+    say, state = failure_report(state, 100.0 + FAILURE_SUMMARY_S + 2, "the same")
+    assert say is None
+
+
+def test_the_nodes_panel_says_what_a_lost_node_held_and_why_a_node_is_degraded():
+    from modelconsole.console.format import node_lines
+
+    lines = node_lines([
+        {"node": "aaaaaaaa11", "health": "lost", "holds": [], "held": ["tiny:1"], "gpus": 0},
+        {"node": "bbbbbbbb22", "health": "degraded", "holds": ["tiny:1"], "gpus": 0,
+         "frontend_error": "its front end could not serve on 127.0.0.1:8000: [Errno 98] Address already in use"},
+    ])
+    assert "lost" in lines[1] and "nothing (held tiny:1)" in lines[1]
+    assert "degraded" in lines[2] and "tiny:1" in lines[2] and "127.0.0.1:8000" in lines[2]
+
+
 def test_cluster_address_setting():
     assert rayenv.gcs_address("ray") == "auto"
     assert rayenv.gcs_address("ray://10.0.0.1:6379") == "10.0.0.1:6379"
@@ -428,6 +454,8 @@ async def test_a_node_removed_mid_traffic_leaves_no_request_unanswered(fleet):
         if st == 503:
             assert headers.get("Retry-After") and "retry" in body["error"]
     await wait_for(lambda: _health(head_url, new, "lost"), "the node marked lost")
+    gone = next(n for n in (await snapshot(head_url))["nodes"] if n["node"] == new)
+    assert gone["holds"] == [] and gone["held"] == ["slow:1"], gone  # holds nothing; says what it held
     lost = await _event(head_url, "node_lost")
     assert lost is not None and new in lost, " ".join(e["kind"] + (e["message"] if "node" in e["kind"] else "") for e in (await snapshot(head_url))["events"])
 
