@@ -32,6 +32,7 @@ from typing import Any
 from modelconsole.gpu.devices import SimulatedBackend
 from modelconsole.scheduler.config import GpuConfig
 from modelconsole.scheduler.engine import Engine
+from modelconsole.scheduler.errors import EngineError
 from modelconsole.scheduler.store import Store
 from modelconsole.server.app import LINK, Server, ServerSettings, build_app, http_url
 
@@ -81,6 +82,8 @@ class Controller:
         self._loop: asyncio.Task[None] | None = None
         self._bringing: dict[str, asyncio.Task[None]] = {}
         self._failures: dict[str, Failures] = {}  # nodes that could not be brought up, by id
+        self._short: set[str] = set()  # versions ("name:version") a lost node held: replicas to restore
+        self._restoring: asyncio.Task[None] | None = None
         self._pinning: set[tuple[str, str, str]] = set()  # pins being applied to a node (pin_drift)
         self.restarted_at = time.time()
 
@@ -207,6 +210,8 @@ class Controller:
                     self._lost(node, f"its engine core stopped answering ({type(report).__name__})")
                 continue
             fleet.absorb(node, report)
+        if self._short and (self._restoring is None or self._restoring.done()):
+            self._restoring = asyncio.get_running_loop().create_task(self._restore_replicas())
         for node, name, version, pinned in fleet.pin_drift():
             key = (node.node, name, version)
             if key not in self._pinning:
@@ -264,6 +269,42 @@ class Controller:
         fleet.events.publish("node_joined", f"node {nid[:8]} ({node.address}) joined: engine core up, "
                              f"front end on {node.frontend_url}", data={"node": nid, "frontend": node.frontend_url})
 
+    async def _restore_replicas(self) -> None:
+        """Keep ``replicas`` true after a node loss: each version a lost node held that live nodes
+        still hold, on fewer nodes than its replicas, is placed again on live nodes with room.  A
+        version no live node holds is left to load on demand, as on a first request."""
+        try:
+            await self._restore_each()
+        except Exception:  # noqa: BLE001 - the next tick tries again
+            log.exception("restoring replicas failed")
+
+    async def _restore_each(self) -> None:
+        fleet = self.fleet
+        assert fleet is not None
+        for key in sorted(self._short):
+            name, _, version = key.rpartition(":")
+            try:
+                inst = fleet.registry.instance(name, version)
+            except EngineError:  # deleted since
+                self._short.discard(key)
+                continue
+            holders = [n.node for n in fleet.live() if key in n.report.get("holds", ())]
+            missing = inst.cfg.replicas - len(holders)
+            if not holders or missing <= 0:
+                self._short.discard(key)
+                continue
+            targets = [fleet.nodes[t] for t in fleet.place(name, version, holders, missing)]
+            if not targets:
+                continue  # no live node with room yet: the next tick asks again
+            answers = await fleet.call_nodes(targets, "load", {"name": name, "version": version,
+                                                                "actor": "controller"})
+            ok = [n.node for n, a in answers if "error" not in a]
+            if ok:
+                fleet.events.publish("replica_restored", f"{key}: {len(ok)} replica(s) lost with a node placed "
+                                     f"again on {', '.join(n[:8] for n in ok)} ({len(holders) + len(ok)} of "
+                                     f"{inst.cfg.replicas})", model=name, version=version,
+                                     data={"nodes": ok, "replicas": inst.cfg.replicas})
+
     def _failed(self, nid: str, why: str) -> None:
         """A node that could not be brought up: one event the first time, then a summary at most
         every ``FAILURE_SUMMARY_S`` while it keeps failing (the node loop retries every tick)."""
@@ -277,6 +318,7 @@ class Controller:
 
     def _lost(self, node: Node, why: str) -> None:
         held = node.lose()
+        self._short.update(held)
         assert self.fleet is not None
         log.error("node %s (%s) lost: %s; it held %s", node.node[:8], node.address, why, ", ".join(held) or "nothing")
         self.fleet.events.publish(

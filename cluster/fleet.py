@@ -200,6 +200,8 @@ class Fleet:
         m["stats"] = stats
         m["replicas"] = [dict(r, node=node) for node, s in held for r in s["replicas"]]
         m["nodes"] = sorted({node for node, s in held if s["state"] == "READY"})
+        # held, but on fewer nodes than its replicas (a node was lost): the controller places it again
+        m["replicas_short"] = max(0, int((reg.get("config") or {}).get("replicas", 1)) - len(m["nodes"]))
         node = held[snaps.index(best)][0]
         m["device"] = f"{best['device']}@{node}"
         m["device_label"] = f"{best['device_label']}@{node[:8]}"

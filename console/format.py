@@ -49,7 +49,7 @@ DESCENDING_FIRST = frozenset({"rate", "errors", "p95", "p50", "memory", "queue",
 PIN_GLYPH = "◆"
 
 STATE_ORDER = {"READY": 0, "WARMING": 1, "LOADING": 2, "UNLOADING": 3, "FAILED": 4, "UNLOADED": 5}
-HEALTH_ORDER = {"failed": 0, "errors": 1, "slow": 2, "ok": 3, "idle": 4, "—": 5}
+HEALTH_ORDER = {"failed": 0, "errors": 1, "degraded": 2, "slow": 3, "ok": 4, "idle": 5, "—": 6}
 
 
 def size(n: float | None) -> str:
@@ -125,12 +125,15 @@ def error_pct(m: dict[str, Any]) -> float | None:
 
 
 def health(m: dict[str, Any], recent_failures: bool) -> str:
-    """failed (load failed), errors (requests failed lately), slow (p95 over the target), ok, idle."""
+    """failed (load failed), errors (requests failed lately), degraded (a fleet's version short of
+    its replicas), slow (p95 over the target), ok, idle."""
     state = m.get("state")
     if state == "FAILED":
         return "failed"
     if recent_failures:
         return "errors"
+    if m.get("replicas_short"):
+        return "degraded"
     lat = (m.get("stats") or {}).get("latency_ms") or {}
     target = m.get("latency_target_ms")
     if state == "READY" and target and lat.get("p95") is not None and lat["p95"] > target:

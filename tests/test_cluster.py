@@ -438,10 +438,16 @@ async def test_a_node_removed_mid_traffic_leaves_no_request_unanswered(fleet):
     urls = await wait_for(lambda: _nodes_up(fleet, 3), "the third node's engine core and front end")
     new = (set(urls) - before).pop()
     head_url = next(u for n, u in urls.items() if n != new)
+    keep, spare = sorted(before)
     async with aiohttp.ClientSession() as s:
         async with s.post(f"{head_url}/api/models/slow/load?node={new}", json={}, headers=AUTH) as r:
             assert r.status == 200, await r.text()
         await wait_for(lambda: _held(head_url, "slow"), "slow held on the new node")
+        # tiny (replicas = 2) on `keep` and on the node about to be lost, not on `spare`
+        for action, where in (("load", keep), ("unload", spare), ("load", new)):
+            async with s.post(f"{head_url}/api/models/tiny/{action}?node={where}", json={}, headers=AUTH) as r:
+                assert r.status == 200, await r.text()
+        await wait_for(lambda: _on_nodes(head_url, "tiny", {keep, new}), "tiny on keep and the new node")
         # slow batches wait 2 s: the requests below sit in the new node's queue when it goes
         traffic = [asyncio.ensure_future(infer(s, head_url, "slow")) for _ in range(40)]
         await wait_for(lambda: _queued_on(head_url, "slow"), "requests queued on the new node")
@@ -455,9 +461,19 @@ async def test_a_node_removed_mid_traffic_leaves_no_request_unanswered(fleet):
             assert headers.get("Retry-After") and "retry" in body["error"]
     await wait_for(lambda: _health(head_url, new, "lost"), "the node marked lost")
     gone = next(n for n in (await snapshot(head_url))["nodes"] if n["node"] == new)
-    assert gone["holds"] == [] and gone["held"] == ["slow:1"], gone  # holds nothing; says what it held
+    assert gone["holds"] == [] and sorted(gone["held"]) == ["slow:1", "tiny:1"], gone  # says what it held
+    # the replica of tiny lost with the node is placed again on a live node; slow (held by no live
+    # node) waits for its next request, as on a first one
+    await wait_for(lambda: _on_nodes(head_url, "tiny", {keep, spare}), "tiny's lost replica placed again")
+    restored = await _event(head_url, "replica_restored")
+    assert restored is not None and "tiny:1" in restored and spare[:8] in restored, restored
+    assert (await version_of(head_url, "tiny"))["replicas_short"] == 0
     lost = await _event(head_url, "node_lost")
     assert lost is not None and new in lost, " ".join(e["kind"] + (e["message"] if "node" in e["kind"] else "") for e in (await snapshot(head_url))["events"])
+
+
+async def _on_nodes(url, name, nodes):
+    return set((await version_of(url, name))["nodes"]) == nodes
 
 
 async def _health(url, node, health):
