@@ -47,6 +47,7 @@ log = logging.getLogger("modelconsole.cluster.controller")
 TICK_S = 0.5
 REPORT_TIMEOUT_S = 10.0
 FAILURE_SUMMARY_S = 60.0
+PLACED_FOR_S = 10.0  # front ends that miss the same version together get the first one's placement
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class Controller:
         self._bringing: dict[str, asyncio.Task[None]] = {}
         self._failures: dict[str, Failures] = {}  # nodes that could not be brought up, by id
         self._short: set[str] = set()  # versions ("name:version") a lost node held: replicas to restore
+        self._placed: dict[str, tuple[list[str], float]] = {}  # a miss's placement, shared for a moment
         self._restoring: asyncio.Task[None] | None = None
         self._pinning: set[tuple[str, str, str]] = set()  # pins being applied to a node (pin_drift)
         self.restarted_at = time.time()
@@ -142,9 +144,15 @@ class Controller:
     async def _place(self, name: str, version: str | None, exclude: list[str]) -> list[str]:
         fleet = self.fleet
         assert fleet is not None
-        nodes = fleet.place(name, version, exclude)
         inst = fleet.registry.instance(name, version)
+        recent = self._placed.get(inst.key)
+        now = time.monotonic()
+        if recent is not None and now - recent[1] < PLACED_FOR_S and not set(recent[0]) & set(exclude) \
+                and all(n in fleet.nodes and fleet.nodes[n].serving for n in recent[0]):
+            return recent[0]  # the same miss from another front end: one placement, one event
+        nodes = fleet.place(name, version, exclude)
         if nodes:
+            self._placed[inst.key] = (nodes, now)
             fleet.events.publish("placed", f"{inst.key} placed on {', '.join(nodes)}", model=name,
                                  version=inst.version, data={"nodes": nodes})
         if len(nodes) > 1:

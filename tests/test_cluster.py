@@ -258,13 +258,15 @@ async def _routed_by_every_frontend(fleet, name, count):
 
 async def test_a_miss_is_placed_by_the_controller_and_answered(fleet):
     urls = list((await fleet.frontends()).values())
-    async with aiohttp.ClientSession() as s:
-        status, body, _ = await infer(s, urls[1], "solo")
-    assert status == 200 and body["model_name"] == "solo"
+    async with aiohttp.ClientSession() as s:  # the first requests miss on both front ends at once
+        results = await asyncio.gather(*(infer(s, urls[k % 2], "solo") for k in range(8)))
+    for status, body, _ in results:
+        assert status == 200 and body["model_name"] == "solo"
     solo = await wait_for(lambda: _held(urls[0], "solo"), "solo held somewhere")
     assert len(solo["nodes"]) == 1
     snap = await snapshot(urls[0])
-    assert any(e["kind"] == "placed" and "solo:1" in e["message"] for e in snap["events"])
+    placed = [e for e in snap["events"] if e["kind"] == "placed" and "solo:1" in e["message"]]
+    assert len(placed) == 1, [e["message"] for e in placed]  # one placement for one miss
 
 
 async def _held(url, name):
