@@ -165,6 +165,11 @@ class Fleet:
                 out.setdefault((m["name"], str(m["version"])), []).append((n.node, m))
         return out
 
+    def node_model_snapshots(self) -> list[dict[str, Any]]:
+        """Every live node's own picture of each version it knows, with ``node``: what the control
+        plane's ``/metrics`` exposes, one series per node (``sum without (node)`` adds them up)."""
+        return [dict(m, node=node) for held in self._node_models().values() for node, m in held]
+
     def snapshot_models(self, name: str | None = None) -> list[dict[str, Any]]:
         per_node = self._node_models()
         return [self._merge(reg, per_node.get((reg["name"], reg["version"]), []))

@@ -67,6 +67,10 @@ modelconsole_model_active                      gauge     1 for the version that 
                                                          no version
 =============================================  ========  ===========================================
 
+On a fleet's control plane (``--serve --cluster``) every per-model series has
+a third label, ``node``: each engine core's own counters, so
+``sum without (node) (...)`` gives the fleet's (the snapshot's merged figures).
+
 Per managed device (GPU, or simulated GPU), labels ``gpu_uuid`` (NVML's UUID;
 ``simulated-<index>`` on the simulated backend), ``index`` (the CUDA index)
 and ``name``.  A sensor the device does not report is left out (the simulated
@@ -192,16 +196,21 @@ class EngineCollector:
 
     def collect(self) -> Iterator[Metric]:
         snap = self.engine.snapshot()
-        yield from self._models(snap["models"])
+        per_node = getattr(self.engine, "node_model_snapshots", None)  # a fleet's control plane
+        if per_node is not None:
+            yield from self._models(per_node(), (*MODEL_LABELS, "node"))
+        else:
+            yield from self._models(snap["models"])
         yield from self._devices(snap["devices"])
         yield from self._cache(snap["cache"], snap["host_tier"])
 
-    def _models(self, models: list[dict[str, Any]]) -> Iterator[Metric]:
+    def _models(self, models: list[dict[str, Any]], labels: tuple[str, ...] = MODEL_LABELS) -> Iterator[Metric]:
+        """``labels``: the model's labels; with ``node`` each snapshot names its node (a fleet)."""
         def untyped(name: str, doc: str) -> _Untyped:
-            return _Untyped(name, doc, MODEL_LABELS)
+            return _Untyped(name, doc, labels)
 
         def gauge(name: str, doc: str, *extra: str) -> GaugeMetricFamily:
-            return GaugeMetricFamily(name, doc, labels=(*MODEL_LABELS, *extra))
+            return GaugeMetricFamily(name, doc, labels=(*labels, *extra))
 
         success = untyped("nv_inference_request_success", "Number of successful inference requests")
         failure = untyped("nv_inference_request_failure", "Number of failed inference requests, by reason")
@@ -226,7 +235,7 @@ class EngineCollector:
         active = gauge("modelconsole_model_active", "1 for the version serving requests that name none")
 
         for m in models:
-            lv = (m["name"], str(m["version"]))
+            lv = tuple(str(m[k]) for k in ("name", "version", "node")[:len(labels)])
             s = m["stats"]
             success.add(lv, s["success"])
             kinds = dict.fromkeys(FAILURE_REASONS, 0)

@@ -11,6 +11,7 @@ import asyncio
 import ipaddress
 import json
 import os
+import re
 import time
 
 import pytest
@@ -239,6 +240,15 @@ async def test_replicas_spread_over_nodes_and_requests_reach_both(fleet):
     tiny = await wait_for(lambda: _answered(urls[0], "tiny", 200), "the nodes' reports counting 200 answers")
     served = {r["node"]: r["served"] for r in tiny["replicas"]}
     assert len(served) == 2 and all(n > 0 for n in served.values()), served
+    # the control plane's /metrics (through a node's front end): one series per node, summing up
+    async with aiohttp.ClientSession() as s, s.get(urls[1] + "/metrics") as r:
+        assert r.status == 200
+        text = await r.text()
+    series = re.findall(r'^nv_inference_request_success\{([^}]*)\} ([0-9.e+]+)$', text, re.M)
+    per_node = {dict(kv.split("=", 1) for kv in labels.split(","))["node"].strip('"'): float(v)
+                for labels, v in series if 'model="tiny"' in labels}
+    assert set(per_node) == set(served), (per_node, served)
+    assert sum(per_node.values()) >= 200
 
 
 async def _answered(url, name, n):
