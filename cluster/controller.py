@@ -48,6 +48,7 @@ TICK_S = 0.5
 REPORT_TIMEOUT_S = 10.0
 FAILURE_SUMMARY_S = 60.0
 PLACED_FOR_S = 10.0  # front ends that miss the same version together get the first one's placement
+DRAIN_S = 60.0  # at shutdown, each node's front end, then its engine core, gets this long to drain
 
 
 @dataclass(frozen=True)
@@ -162,13 +163,20 @@ class Controller:
         return nodes
 
     async def shutdown(self) -> None:
-        """Stop the fleet: every front end and engine core, then the control plane."""
+        """Stop the fleet as one host stops: the front ends stop accepting and answer what they
+        hold (the engine cores still serve it), then the engine cores finish what they queued and
+        stop, then the actors go and the control plane closes."""
         import ray
 
         fleet = await self._ensure()
         if self._loop is not None:
             self._loop.cancel()
-        for n in fleet.nodes.values():
+        nodes = list(fleet.nodes.values())
+        for step in ("frontend", "core"):
+            calls = [(n.frontend.stop if step == "frontend" else n.core.close).remote()
+                     for n in nodes if getattr(n, step) is not None and n.health != "lost"]
+            await asyncio.gather(*(asyncio.wait_for(c, DRAIN_S) for c in calls), return_exceptions=True)
+        for n in nodes:
             for actor in (n.frontend, n.core):
                 if actor is not None:
                     try:

@@ -73,6 +73,14 @@ class FrontEnd:
                 log.warning("node %s: no gRPC front end: %s", self.node_id[:8], e)
         return self.url
 
+    async def stop(self) -> None:
+        """Drain, as one host's front end does: stop accepting, answer what is in flight (the
+        engine cores still serve), then close the link."""
+        if self.server is not None:
+            await self.server.stop()
+        if self.link is not None:
+            await self.link.close()
+
     def stats(self) -> dict[str, Any]:
         """What this front end's link knows: calls retried after a node loss, and the holders of each
         version in its routing table (tests wait on it instead of on the refresh period)."""

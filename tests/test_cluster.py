@@ -588,8 +588,17 @@ async def test_serve_cluster_joins_the_fleet_says_where_it_listens_and_stops_it(
         await read_until("control plane on")
         await read_until("front end on")
         assert any(f"control plane on http://127.0.0.1:{fleet.control_port} " in ln for ln in lines), lines
-        proc.send_signal(signal.SIGTERM)
-        await read_until("stopping the fleet")
+        url = next(iter((await fleet.frontends()).values()))
+        async with aiohttp.ClientSession() as s:
+            assert (await infer(s, url, "slow"))[0] == 200  # loaded somewhere
+            # in flight when the signal comes: slow's batches wait 2 s in the queue
+            traffic = [asyncio.ensure_future(infer(s, url, "slow")) for _ in range(8)]
+            await wait_for(lambda: _queued_on(url, "slow"), "requests queued for slow")
+            proc.send_signal(signal.SIGTERM)
+            await read_until("stopping the fleet")
+            results = await asyncio.wait_for(asyncio.gather(*traffic, return_exceptions=True), 120)
+        # the fleet drains as one host does: every request in flight is answered, none is reset
+        assert [r if isinstance(r, BaseException) else r[0] for r in results] == [200] * 8
         assert await asyncio.wait_for(proc.wait(), 120) == 0
     finally:
         if proc.returncode is None:
