@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import re
@@ -149,7 +150,7 @@ def server_settings(args: argparse.Namespace, config) -> tuple[object, str] | st
                           head_timeout_s=config.server.head_timeout_s,
                           keepalive_timeout_s=config.server.keepalive_timeout_s,
                           access_log=args.access_log, token_dir=token_dir, ipc=config.server.ipc,
-                          ipc_spin_us=config.server.ipc_spin_us,
+                          ipc_spin_us=config.server.ipc_spin_us or 0.0,
                           allowed_hosts=config.server.allowed_hosts), host
 
 
@@ -221,12 +222,17 @@ def serve(args: argparse.Namespace) -> int:
     if isinstance(workers, str) or isinstance(grpc, str):
         print(f"modelconsole: {workers if isinstance(workers, str) else grpc}", file=sys.stderr)
         return 2
+    chosen = settings[0]
+    if config.server.ipc_spin_us is None and isinstance(workers, int) and workers:
+        from modelconsole.scheduler.policy import ipc_spin_us
+
+        chosen = dataclasses.replace(chosen, ipc_spin_us=ipc_spin_us(_cores(), workers))
     if config.server.gil_switch_us is not None:
         # the engine's loop and its model threads share one interpreter lock: a model thread whose
         # forward returned waits for it up to this long while the loop is busy
         sys.setswitchinterval(config.server.gil_switch_us / 1e6)
     try:
-        return _run_loop(run(config, settings[0], store_path(args, config), workers=workers, grpc_port=grpc,
+        return _run_loop(run(config, chosen, store_path(args, config), workers=workers, grpc_port=grpc,
                              grpc_required=args.grpc_port is not None))
     except Exception as e:  # noqa: BLE001 - a clear line, not a traceback, for what stops the start
         logging.getLogger("modelconsole").debug("start failed", exc_info=True)
@@ -266,7 +272,11 @@ def workers_setting(args: argparse.Namespace, config) -> int | str:
         return config.server.workers
     from modelconsole.scheduler.policy import frontend_workers
 
-    return frontend_workers(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return frontend_workers(_cores())
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def grpc_setting(args: argparse.Namespace, default: int | None) -> int | None | str:

@@ -169,7 +169,7 @@ class ServerConfig:
     workers: int | None = None  # front-end processes with --serve (None: policy.frontend_workers; 0: one process)
     grpc_port: int | None = 8001  # KServe V2 over gRPC with --serve (None: off; the console only with --grpc-port)
     ipc: str = "unix"  # how front-end processes reach the engine core: "unix" (a Unix socket) or "zmq"
-    ipc_spin_us: float = 400.0  # --workers at low load: keep the loops awake this long for the next message
+    ipc_spin_us: float | None = None  # --workers at low load: stay awake this long (None: policy.ipc_spin_us)
     gil_switch_us: float | None = None  # --serve: sys.setswitchinterval for the engine's process (None: Python's)
     allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides IP literals, localhost and host ("*": any)
 

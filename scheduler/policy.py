@@ -537,3 +537,14 @@ def frontend_workers(cores: int) -> int:
     if cores <= 2:
         return 0
     return max(1, min(8, cores // 2))
+
+
+def ipc_spin_us(cores: int, workers: int) -> float:
+    """How long front ends and the engine core stay awake after a message at low load
+    (``[server] ipc_spin_us`` when not set).  Staying awake trades a busy core for the
+    wake-ups of two idle processes per request: on the 16-core GPU host 400 us took c=1
+    through 8 front ends from +517 to +60 us over one process.  It needs cores nobody else
+    wants: one per front end, the engine core's loop and its model threads, and a few to
+    spare (the GPU host: 8 front ends on 16 cores).  Short of that, polling takes CPU from
+    the work (on the 2-core machine, one front end's c=1 got slower with it)."""
+    return 400.0 if cores >= workers + 4 else 0.0

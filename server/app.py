@@ -102,7 +102,7 @@ class ServerSettings:
     reuse_port: bool = False  # SO_REUSEPORT: several front-end processes listen on one port (workers.py)
     unix_path: str | None = None  # listen on this Unix socket instead of host:port (the engine core's control app)
     ipc: str = "unix"  # --workers: how front ends reach the engine core (transport.py): "unix" or "zmq"
-    ipc_spin_us: float = 400.0  # --workers at low load: keep the loops awake this long (transport.KeepAwake)
+    ipc_spin_us: float = 0.0  # --workers at low load: keep the loops awake this long (transport.KeepAwake)
     frontends_metrics_dir: str | None = None  # the engine core's app: /metrics sums the front ends' counters here
     # Host names requests may carry besides IP literals, localhost and ``host`` ([server] allowed_hosts);
     # "*" allows any.  A web page that rebinds its own name to 127.0.0.1 sends its name: refused.

@@ -403,3 +403,12 @@ def test_a_mangled_chunk_never_breaks_the_parser(changes, extra_frames):
         if isinstance(entry, InferChunk):
             assert type(key) is Rows and sum(entry.parts) == next(iter(entry.inputs.values())).shape[0]
             assert len(entry.calls()) == len(entry.ids)
+
+
+def test_staying_awake_is_chosen_only_with_cores_to_spare():
+    from modelconsole.scheduler.policy import ipc_spin_us
+
+    assert ipc_spin_us(16, 8) == 400.0  # the GPU host: 8 front ends, cores to spare
+    assert ipc_spin_us(2, 1) == 0.0  # the 2-core machine: polling would take CPU from the work
+    assert ipc_spin_us(4, 2) == 0.0
+    assert parse_config({}, ".").server.ipc_spin_us is None  # unset: chosen by the policy
