@@ -307,8 +307,8 @@ def _unpack_chunk(entry: dict[str, Any], frames: Sequence[Any], pos: int) -> tup
     key = Rows(ids, parts)
     start = pos
     metas = entry.get("x")
-    if type(metas) is not list:
-        raise ProtocolError("chunk entry without 'x'")
+    if type(metas) is not list or not metas:
+        raise ProtocolError("chunk entry without inputs ('x')")
     try:
         keys, digests = entry.get("k"), entry.get("d")
         if keys is not None and (type(keys) is not list or len(keys) != len(ids) or
