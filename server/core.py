@@ -75,22 +75,14 @@ class CoreServer:
     def _start_chunk(self, peer: Any, key: ipc.Rows, chunk: InferChunk) -> None:
         """A chunk goes to the engine whole (``Engine.submit_rows``: one validation, one queue
         entry, one answer); where the engine serves its calls one by one, each goes alone."""
-        self.calls += len(chunk.ids)
         self.chunks += 1
-        try:
-            if self.engine.submit_rows(chunk.model, chunk.inputs, chunk.parts,
-                                       functools.partial(self._rows_done, peer, key), digests=chunk.digests,
-                                       version=chunk.version, priority=chunk.priority,
-                                       timeout_ms=chunk.timeout_ms, outputs=chunk.outputs):
-                return
-        except EngineError as e:
-            self._answer(peer, key, e)
+        taken = self._offer(peer, key, chunk.model, lambda: self.engine.submit_rows(
+            chunk.model, chunk.inputs, chunk.parts, functools.partial(self._rows_done, peer, key),
+            digests=chunk.digests, version=chunk.version, priority=chunk.priority, timeout_ms=chunk.timeout_ms,
+            outputs=chunk.outputs))
+        if taken:
+            self.calls += len(chunk.ids)
             return
-        except Exception:  # noqa: BLE001 - one chunk's failure, answered
-            log.exception("unhandled error in a front end's chunk for '%s'", chunk.model)
-            self._answer(peer, key, EngineError("internal error (logged by the engine core)"))
-            return
-        self.calls -= len(chunk.ids)  # counted again, one by one
         for i, call in zip(chunk.ids, chunk.calls()):
             self._start(peer, i, call)
 
@@ -99,22 +91,25 @@ class CoreServer:
             self.checks += 1  # a front end's first sight of a model (link.check), not a request
         else:
             self.calls += 1
-        if call.raw is None and not call.check_only:
-            try:  # the common request: a future callback, no task (Engine.submit)
-                if self.engine.submit(call.model, ipc.call_inputs(call), functools.partial(self._done, peer, i),
-                                      version=call.version, priority=call.priority, timeout_ms=call.timeout_ms,
-                                      outputs=call.outputs) is not None:
-                    return
-            except EngineError as e:
-                self._answer(peer, i, e)
-                return
-            except Exception:  # noqa: BLE001 - one call's failure, answered
-                log.exception("unhandled error in a front end's infer call for '%s'", call.model)
-                self._answer(peer, i, EngineError("internal error (logged by the engine core)"))
-                return
+        if call.raw is None and not call.check_only and self._offer(peer, i, call.model, lambda: self.engine.submit(
+                call.model, ipc.call_inputs(call), functools.partial(self._done, peer, i), version=call.version,
+                priority=call.priority, timeout_ms=call.timeout_ms, outputs=call.outputs) is not None):
+            return  # the common request: a future callback, no task (Engine.submit)
         task = asyncio.get_running_loop().create_task(self._run(peer, i, call))  # the full path (engine.infer)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _offer(self, peer: Any, key: Any, model: str, submit: Any) -> bool:
+        """Hand a call or chunk to the engine's fast path: True when it is taken or answered
+        (an error found at once), False when it needs the full path."""
+        try:
+            return bool(submit())
+        except EngineError as e:
+            self._answer(peer, key, e)
+        except Exception:  # noqa: BLE001 - one call's failure, answered
+            log.exception("unhandled error in a front end's infer call for '%s'", model)
+            self._answer(peer, key, EngineError("internal error (logged by the engine core)"))
+        return True
 
     def _drop(self, e: Exception) -> None:
         self.dropped_messages += 1
