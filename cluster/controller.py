@@ -126,7 +126,9 @@ class Controller:
     async def ready(self) -> dict[str, Any]:
         fleet = await self._ensure()
         return {"url": self.url, "restarted_at": self.restarted_at,
-                "nodes": {n.node: {"health": n.health, "frontend": n.frontend_url} for n in fleet.nodes.values()}}
+                "nodes": {n.node: {"health": n.health, "frontend": n.frontend_url, "grpc_port": n.grpc_port,
+                                   "why": n.frontend_error or n.lost_why, "held": list(n.held)}
+                          for n in fleet.nodes.values()}}
 
     async def table(self) -> dict[str, Any]:
         await self._ensure()
@@ -226,6 +228,7 @@ class Controller:
                     self._lost(node, f"its engine core stopped answering ({type(report).__name__})")
                 continue
             fleet.absorb(node, report)
+        await self._read_frontends(ok)
         if self._short and (self._restoring is None or self._restoring.done()):
             self._restoring = asyncio.get_running_loop().create_task(self._restore_replicas())
         for node, name, version, pinned in fleet.pin_drift():
@@ -235,6 +238,16 @@ class Controller:
                 task = asyncio.get_running_loop().create_task(fleet.call_nodes(
                     [node], "pin", {"name": name, "version": version, "pinned": pinned, "actor": "controller"}))
                 task.add_done_callback(lambda _, key=key: self._pinning.discard(key))
+
+    async def _read_frontends(self, nodes: list[Node]) -> None:
+        """What each node's front end answered (the control plane's /metrics); a front end that
+        does not answer keeps its last counts (its node's health comes from its engine core)."""
+        fronts = [n for n in nodes if n.frontend is not None and n.frontend_url]
+        counts = await asyncio.gather(*(asyncio.wait_for(n.frontend.request_counts.remote(), REPORT_TIMEOUT_S)
+                                        for n in fronts), return_exceptions=True)
+        for node, c in zip(fronts, counts):
+            if not isinstance(c, BaseException):
+                node.frontend_requests = [tuple(x) for x in c]
 
     async def _bring_up(self, nid: str, info: dict[str, Any]) -> None:
         import ray
@@ -268,7 +281,8 @@ class Controller:
             frontend = ray.remote(FrontEnd).options(name=rayenv.frontend_name(nid), num_cpus=0, **common).remote(
                 nid, {"settings": settings, "control_url": self.url, "grpc_port": self.spec.get("grpc_port")})
             node.frontend = frontend
-            node.frontend_url = await frontend.start.remote()
+            started = await frontend.start.remote()
+            node.frontend_url, node.grpc_port = started["url"], started["grpc_port"]
         except Exception as e:  # noqa: BLE001 - its engine core serves on; its front end is what failed
             if rayenv.is_actor_gone(e) and not isinstance(rayenv.cause(e), OSError):
                 self._lost(node, f"it went away while its front end started ({type(e).__name__})")
@@ -333,7 +347,7 @@ class Controller:
                                       data={"node": nid, "attempts": self._failures[nid].attempts})
 
     def _lost(self, node: Node, why: str) -> None:
-        held = node.lose()
+        held = node.lose(why)
         self._short.update(held)
         assert self.fleet is not None
         log.error("node %s (%s) lost: %s; it held %s", node.node[:8], node.address, why, ", ".join(held) or "nothing")

@@ -152,12 +152,16 @@ class EngineCore:
             free = _host_free()
         keeps = [m["eviction"]["keep_value"] for m in snap["models"]
                  if m["eviction"] is not None and not m["pinned"]]
+        # each version's recent latencies as a histogram: the fleet's percentiles merge every node's
+        hists = {f"{m['name']}:{m['version']}": engine.instance(m["name"], str(m["version"])).stats.latency_hist()
+                 for m in snap["models"] if m["stats"]["success"]}
         return {
             "node": self.node_id, "started": True, "pid": os.getpid(), "since": self.started,
             "snapshot": snap, "events": events, "free_bytes": free,
             "outstanding": sum(m["queue"] + m["in_flight"] for m in snap["models"]),
             "holds": sorted(f"{m['name']}:{m['version']}" for m in snap["models"] if m["state"] == "READY"),
             "cheapest_keep": min(keeps) if keeps else None,
+            "latency_hists": hists,
         }
 
     async def close(self) -> None:

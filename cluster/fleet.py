@@ -16,8 +16,8 @@ What it shows: the registry's versions, merged with what each node's engine
 core last reported (``EngineCore.report``): a version is READY when some node
 holds it READY, its counters are the nodes' sums, and ``replicas`` lists
 every node's instances with the node named.  ``nodes`` is the fleet panel's
-data.  Per-node percentiles are not merged: ``latency_ms`` is the busiest
-holder's.
+data.  ``latency_ms`` is computed over every node's recent requests at once,
+from the latency histograms the nodes report (``stats.hist_percentiles``).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from modelconsole.scheduler.engine import Engine
 from modelconsole.scheduler.errors import Conflict, InputError, ModelUnavailable, from_wire
 from modelconsole.scheduler.events import EventBus, Subscription
 from modelconsole.scheduler.memory import weights_estimate
+from modelconsole.scheduler.stats import hist_percentiles, merge_hists
 from modelconsole.scheduler.tensors import TensorSpec
 
 from . import placement
@@ -51,12 +52,15 @@ class Node:
     core: Any = None  # the engine core's actor handle
     frontend: Any = None
     frontend_url: str | None = None
+    grpc_port: int | None = None  # its front end's KServe V2 gRPC port (None: no gRPC there)
     health: str = "starting"  # starting | ok | degraded (engine core up, no front end) | lost
     frontend_error: str | None = None  # why its front end could not start (the node is degraded)
     held: list[str] = field(default_factory=list)  # what a lost node held when it was lost
+    lost_why: str | None = None  # why it was marked lost
     report: dict[str, Any] = field(default_factory=dict)
     seen: float = 0.0  # monotonic time of its last report
     rps: float = 0.0  # answered requests per second between its last two reports
+    frontend_requests: list[tuple[str, str, float]] = field(default_factory=list)  # (protocol, code, count)
     _last: tuple[float, int] | None = None
 
     def take(self, report: dict[str, Any]) -> None:
@@ -65,16 +69,21 @@ class Node:
         if self._last is not None and now > self._last[0]:
             self.rps = max(0.0, (answered - self._last[1]) / (now - self._last[0]))
         self._last = (now, answered)
+        hists = report.get("latency_hists") or {}
+        for m in report.get("snapshot", {}).get("models", []):
+            m["latency_hist"] = hists.get(f"{m['name']}:{m['version']}", {})
         self.report, self.seen = report, now
         self.health = "degraded" if self.frontend_error else "ok"
+        self.lost_why = None
 
     @property
     def serving(self) -> bool:
         """Its engine core serves (a degraded node's does: only its own front end is missing)."""
         return self.health in ("ok", "degraded")
 
-    def lose(self) -> list[str]:
+    def lose(self, why: str = "") -> list[str]:
         """Mark it lost: it holds nothing from now on (what it held stays in ``held``)."""
+        self.lost_why = why or None
         self.held = list(self.report.get("holds", []))
         self.report = {**self.report, "holds": [], "outstanding": 0}
         self.health = "lost"
@@ -90,7 +99,7 @@ class Node:
         devices = self.report.get("snapshot", {}).get("devices", [])
         return {
             "node": self.node, "address": self.address, "health": self.health,
-            "frontend": self.frontend_url, "gpus": len(devices),
+            "frontend": self.frontend_url, "grpc_port": self.grpc_port, "gpus": len(devices),
             "memory_used_bytes": sum(d["used_bytes"] for d in devices),
             "memory_total_bytes": sum(d["total_bytes"] for d in devices),
             "free_bytes": self.report.get("free_bytes", 0), "outstanding": self.report.get("outstanding", 0),
@@ -170,6 +179,11 @@ class Fleet:
         plane's ``/metrics`` exposes, one series per node (``sum without (node)`` adds them up)."""
         return [dict(m, node=node) for held in self._node_models().values() for node, m in held]
 
+    def frontend_request_counts(self) -> list[tuple[str, str, str, float]]:
+        """(node, protocol, code, count): what each live node's front end answered, as of the
+        controller's last tick (the control plane's ``modelconsole_frontend_requests_total``)."""
+        return [(n.node, *c) for n in self.live() for c in n.frontend_requests]
+
     def snapshot_models(self, name: str | None = None) -> list[dict[str, Any]]:
         per_node = self._node_models()
         return [self._merge(reg, per_node.get((reg["name"], reg["version"]), []))
@@ -202,6 +216,8 @@ class Fleet:
             failures.update(s["stats"]["failures"])
             sizes.update({str(k): v for k, v in s["stats"]["batch_sizes"].items()})
         stats["failures"], stats["batch_sizes"] = dict(failures), dict(sizes)
+        if len(snaps) > 1:  # percentiles over every node's requests, not one node's
+            stats["latency_ms"] = hist_percentiles(merge_hists([s.get("latency_hist") or {} for s in snaps]))
         m["stats"] = stats
         m["replicas"] = [dict(r, node=node) for node, s in held for r in s["replicas"]]
         m["nodes"] = sorted({node for node, s in held if s["state"] == "READY"})

@@ -15,6 +15,9 @@ import dataclasses
 import logging
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
+from modelconsole.server import metrics
 from modelconsole.server.app import Server, ServerSettings, http_url
 from modelconsole.server.frontend import build_frontend_app
 from modelconsole.server.proxy import ControlProxy
@@ -35,10 +38,13 @@ class FrontEnd:
         self.server: Server | None = None
         self.grpc: Any = None
         self.grpc_port: int | None = None
+        # what this front end answered, by protocol and code: the control plane's /metrics shows it
+        self.requests = metrics.frontend_requests(CollectorRegistry())
 
-    async def start(self) -> str:
+    async def start(self) -> dict[str, Any]:
+        """Serve; where: ``{"url": HTTP URL, "grpc_port": port or None}``."""
         if self.url is not None:
-            return self.url
+            return {"url": self.url, "grpc_port": self.grpc_port}
         import ray
 
         controller = ray.get_actor(rayenv.CONTROLLER, namespace=rayenv.NAMESPACE)
@@ -55,23 +61,23 @@ class FrontEnd:
             settings = dataclasses.replace(settings, host=ray.util.get_node_ip_address())
         self.link = ClusterLink(table, place)
         await self.link.start()
-        app = build_frontend_app(self.link, ControlProxy(base_url=self.spec["control_url"]), settings)
+        app = build_frontend_app(self.link, ControlProxy(base_url=self.spec["control_url"]), settings,
+                                 self.requests)
         self.server = Server(None, settings, app=app)
         await self.server.start()
         self.url = http_url(settings.host, self.server.port)
         port = self.spec.get("grpc_port")
         if port is not None:  # KServe V2 over gRPC beside HTTP, through the same link (server/grpc_v2.py)
-            from modelconsole.server.app import REQUESTS
             from modelconsole.server.grpc_v2 import GrpcFrontEnd
 
             grpc = GrpcFrontEnd(self.link, ControlProxy(base_url=self.spec["control_url"]), settings, port,
-                                app[REQUESTS])
+                                self.requests)
             try:
                 await grpc.start()
                 self.grpc, self.grpc_port = grpc, grpc.port
             except OSError as e:  # the default port taken on this node: HTTP serves on, as --serve does
                 log.warning("node %s: no gRPC front end: %s", self.node_id[:8], e)
-        return self.url
+        return {"url": self.url, "grpc_port": self.grpc_port}
 
     async def stop(self) -> None:
         """Drain, as one host's front end does: stop accepting, answer what is in flight (the
@@ -80,6 +86,10 @@ class FrontEnd:
             await self.server.stop()
         if self.link is not None:
             await self.link.close()
+
+    def request_counts(self) -> list[tuple[str, str, float]]:
+        """(protocol, code, count) of what this front end answered (the controller reads it each tick)."""
+        return metrics.counter_values(self.requests)
 
     def stats(self) -> dict[str, Any]:
         """What this front end's link knows: calls retried after a node loss, and the holders of each

@@ -16,6 +16,45 @@ WINDOW = 2048  # latencies kept for percentiles (the most recent ones)
 RATE_WINDOW_S = 10.0  # throughput_rps / error_rps: answers per second over about this long
 SAMPLE_EVERY_S = 0.5  # the counters are sampled at most this often (each tick and each snapshot)
 
+# Latency histograms that add up across processes (a fleet's nodes): bucket i holds latencies in
+# [LAT_MIN_S * LAT_RATIO**i, LAT_MIN_S * LAT_RATIO**(i+1)); a percentile read from one is within
+# half a bucket (about 4.5 %) of the exact one.
+LAT_MIN_S = 1e-6
+LAT_RATIO = 2 ** (1 / 8)
+LAT_BUCKETS = 8 * 30  # 1 us .. about 18 minutes; slower or faster latencies land in the end buckets
+
+
+def latency_hist(seconds: np.ndarray) -> dict[int, int]:
+    """The sparse histogram (bucket -> count) of these latencies: what each node reports so the
+    fleet's percentiles are computed over every node's requests (``hist_percentiles``)."""
+    if not len(seconds):
+        return {}
+    idx = np.floor(np.log(np.maximum(seconds, LAT_MIN_S) / LAT_MIN_S) / np.log(LAT_RATIO)).astype(np.int64)
+    buckets, counts = np.unique(np.clip(idx, 0, LAT_BUCKETS - 1), return_counts=True)
+    return {int(b): int(c) for b, c in zip(buckets, counts)}
+
+
+def merge_hists(hists: list[dict[int, int]]) -> dict[int, int]:
+    out: Counter[int] = Counter()
+    for h in hists:
+        out.update({int(k): int(v) for k, v in h.items()})  # JSON made the keys strings on the way
+    return dict(out)
+
+
+def hist_percentiles(hist: dict[int, int]) -> dict[str, float | None]:
+    """p50/p95/p99 in milliseconds from a histogram (``latency_hist``): the geometric middle of
+    the bucket the percentile falls in; all None for an empty one."""
+    total = sum(hist.values())
+    if not total:
+        return {"p50": None, "p95": None, "p99": None}
+    buckets = sorted(hist)
+    cum = np.cumsum([hist[b] for b in buckets])
+    out: dict[str, float | None] = {}
+    for name, q in (("p50", 0.50), ("p95", 0.95), ("p99", 0.99)):
+        b = buckets[int(np.searchsorted(cum, q * total, side="left"))]
+        out[name] = LAT_MIN_S * LAT_RATIO ** (b + 0.5) * 1000.0
+    return out
+
 
 class AnswerRates:
     """Answered and failed requests per second over the last ``RATE_WINDOW_S``, from counter
@@ -63,6 +102,7 @@ class ModelStats:
         self._lat = np.zeros(WINDOW, dtype=np.float64)  # seconds
         self._lat_n = 0
         self._pcts: tuple[int, dict[str, float | None]] = (0, {"p50": None, "p95": None, "p99": None})
+        self._hist: tuple[int, dict[int, int]] = (0, {})
         self.request_ns = 0  # summed end-to-end time of the successful requests (Triton's "success" duration)
         self.answers = AnswerRates()
 
@@ -97,6 +137,15 @@ class ModelStats:
             pcts = {"p50": float(p[0]), "p95": float(p[1]), "p99": float(p[2])}
             self._pcts = (self._lat_n, pcts)
         return dict(pcts)
+
+    def latency_hist(self) -> dict[int, int]:
+        """The last WINDOW latencies as a histogram that adds up across nodes (a fleet's merged
+        percentiles), recomputed only when a request was recorded since the last call."""
+        seen, hist = self._hist
+        if seen != self._lat_n:
+            hist = latency_hist(self._lat[:min(self._lat_n, WINDOW)])
+            self._hist = (self._lat_n, hist)
+        return hist
 
     def to_dict(self) -> dict[str, Any]:
         throughput, errors = self.sample_rates()

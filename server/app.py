@@ -235,6 +235,7 @@ def _cross_site(request: web.Request) -> web.Response | None:
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 FORWARD_ROUTE = "forward-to-core"  # a front end's catch-all route to the engine core (proxy.py)
+VIA_HEADER = "X-Modelconsole-Via"  # set by a front end forwarding a call: it counted the call already
 
 
 def _not_json(request: web.Request) -> web.Response | None:
@@ -350,7 +351,7 @@ def _make_guard(settings: ServerSettings) -> Any:
         if request.app[DRAINING].is_set() and not resp.prepared:
             resp.force_close()  # shutting down: answer, then close (the client opens no more here)
         counter = request.app[REQUESTS]
-        if counter is not None and over_tcp:
+        if counter is not None and over_tcp and VIA_HEADER not in request.headers:
             # counted once, where a client reached us (not a gRPC call's internal one over a Unix socket)
             counter.labels("http", _CODES.get(resp.status) or str(resp.status)).inc()
         return resp
@@ -414,7 +415,7 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> web.Applic
     api.add_routes(app)
     registry = metrics.make_registry(engine, settings.frontends_metrics_dir)
     # this app counts the requests it answers, unless front-end processes do (they are summed instead)
-    app[REQUESTS] = metrics.frontend_requests(registry) if settings.frontends_metrics_dir is None else None
+    app[REQUESTS] = metrics.frontend_requests(registry, engine) if settings.frontends_metrics_dir is None else None
 
     async def get_metrics(request: web.Request) -> web.Response:
         body, content_type = metrics.render(registry, request.headers.get("Accept"))

@@ -45,15 +45,17 @@ def requests_counter() -> Any:
     return frontend_requests(None)
 
 
-def build_frontend_app(link: Any, proxy: ControlProxy, settings: ServerSettings) -> web.Application:
-    """The HTTP face of a front-end process: infer and health here, the rest forwarded."""
+def build_frontend_app(link: Any, proxy: ControlProxy, settings: ServerSettings,
+                       requests: Any = None) -> web.Application:
+    """The HTTP face of a front-end process: infer and health here, the rest forwarded.
+    ``requests``: the counter it counts answers on (default: this process's, ``requests_counter``)."""
     from . import proxy as proxy_mod
     from . import v2
 
     app = web.Application(middlewares=[_make_guard(settings)], client_max_size=settings.max_body_bytes)
     app[ENGINE] = None
     app[LINK] = link
-    app[REQUESTS] = requests_counter()
+    app[REQUESTS] = requests if requests is not None else requests_counter()
     app[SETTINGS] = settings
     app[STARTED] = time.time()
     app[CLOSING] = asyncio.Event()

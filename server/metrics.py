@@ -105,6 +105,9 @@ refuses before the engine (a malformed body, a bad token) are counted only here:
 modelconsole_frontend_requests_total           counter   requests answered, by protocol and code
 =============================================  ========  ===========================================
 
+On a fleet's control plane the counter has a ``node`` label too: each node's
+front end (infer calls included), and ``control`` for the control plane's own.
+
 Result cache and host-memory tier (no labels):
 
 =============================================  ========  ===========================================
@@ -349,13 +352,45 @@ def make_registry(engine: Engine, frontends_dir: str | None = None) -> Collector
     return registry
 
 
-def frontend_requests(registry: CollectorRegistry | None) -> Any:
+FRONTEND_REQUESTS = "modelconsole_frontend_requests"
+FRONTEND_REQUESTS_DOC = "requests answered by a front end, by protocol and code"
+
+
+def frontend_requests(registry: CollectorRegistry | None, engine: Any = None) -> Any:
     """The ``modelconsole_frontend_requests_total{protocol, code}`` counter (on ``registry``; None:
-    a front-end process, whose counts go to its multiprocess file)."""
+    a front-end process, whose counts go to its multiprocess file).  On a fleet's control plane
+    (``engine`` has ``frontend_request_counts``) the counter this returns stays private and
+    ``registry`` gets one family with a ``node`` label: every node's front end and ``control``."""
     from prometheus_client import Counter
 
-    return Counter("modelconsole_frontend_requests", "requests answered by a front end, by protocol and code",
-                   ["protocol", "code"], registry=registry)
+    fleet = engine is not None and hasattr(engine, "frontend_request_counts")
+    counter = Counter(FRONTEND_REQUESTS, FRONTEND_REQUESTS_DOC, ["protocol", "code"],
+                      registry=CollectorRegistry() if fleet else registry)
+    if fleet and registry is not None:
+        registry.register(_FleetRequests(counter, engine))
+    return counter
+
+
+def counter_values(counter: Any) -> list[tuple[str, str, float]]:
+    """(protocol, code, count) of a ``frontend_requests`` counter: what a fleet's node reports."""
+    return [(s.labels["protocol"], s.labels["code"], s.value)
+            for metric in counter.collect() for s in metric.samples if s.name.endswith("_total")]
+
+
+class _FleetRequests:
+    """``modelconsole_frontend_requests_total{node, protocol, code}`` of a fleet: the nodes' front
+    ends as they last reported, and the control plane's own (node ``control``)."""
+
+    def __init__(self, own: Any, fleet: Any) -> None:
+        self.own, self.fleet = own, fleet
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(FRONTEND_REQUESTS, FRONTEND_REQUESTS_DOC, labels=("node", "protocol", "code"))
+        for protocol, code, value in counter_values(self.own):
+            family.add_metric(("control", protocol, code), value)
+        for node, protocol, code, value in self.fleet.frontend_request_counts():
+            family.add_metric((node, protocol, code), value)
+        yield family
 
 
 def render(registry: CollectorRegistry, accept_header: str | None = None) -> tuple[bytes, str]:

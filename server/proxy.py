@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .app import CLOSING, FORWARD_ROUTE, HttpError, read_body
+from .app import CLOSING, FORWARD_ROUTE, VIA_HEADER, HttpError, read_body
 
 log = logging.getLogger("modelconsole.server.proxy")
 
@@ -66,6 +66,7 @@ class ControlProxy:
     async def forward(self, request: web.Request) -> web.StreamResponse:
         body = await read_body(request) if request.body_exists else None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
+        headers[VIA_HEADER] = "front-end"  # counted where the client reached us, not again upstream
         try:
             upstream = await self._client().request(request.method, self.base + request.path_qs,
                                                     data=body, headers=headers, allow_redirects=False)
@@ -83,6 +84,7 @@ class ControlProxy:
     async def call(self, method: str, path: str, body: bytes | None, token: str | None) -> tuple[int, Any, bytes]:
         """One call of another protocol's front end (gRPC) to the engine's app: (status, headers, body)."""
         headers = {"Content-Type": "application/json"} if body is not None else {}
+        headers[VIA_HEADER] = "front-end"
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
         try:

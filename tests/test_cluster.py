@@ -249,6 +249,28 @@ async def test_replicas_spread_over_nodes_and_requests_reach_both(fleet):
                 for labels, v in series if 'model="tiny"' in labels}
     assert set(per_node) == set(served), (per_node, served)
     assert sum(per_node.values()) >= 200
+    # the snapshot's percentiles are over both nodes' requests: the median of the union lies
+    # between the nodes' medians (within a histogram bucket, 10 %)
+    p50s = [float(v) for labels, v in re.findall(r'^modelconsole_request_latency_ms\{([^}]*)\} ([0-9.e+]+)$', text, re.M)
+            if 'model="tiny"' in labels and 'quantile="0.5"' in labels]
+    assert len(p50s) == 2, p50s
+    merged = tiny["stats"]["latency_ms"]["p50"]
+    assert min(p50s) / 1.1 <= merged <= max(p50s) * 1.1, (merged, p50s)
+    # every node's front end counted the infer calls it answered, with its node label
+    nodes = list((await fleet.frontends()).keys())
+    counted = await wait_for(lambda: _frontend_counts(urls[1], nodes, 100), "each front end's 100 answers in /metrics")
+    assert set(counted) >= set(nodes), counted
+
+
+async def _frontend_counts(url, nodes, at_least):
+    async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as r:
+        text = await r.text()
+    counts = {}
+    for labels, v in re.findall(r'^modelconsole_frontend_requests_total\{([^}]*)\} ([0-9.e+]+)$', text, re.M):
+        kv = dict(x.split("=", 1) for x in labels.split(","))
+        if kv["protocol"] == '"http"' and kv["code"] == '"200"':
+            counts[kv["node"].strip('"')] = float(v)
+    return counts if all(counts.get(n, 0) >= at_least for n in nodes) else None
 
 
 async def _answered(url, name, n):

@@ -65,3 +65,37 @@ async def _steady_traffic(engine: Engine) -> None:
     assert throughput == pytest.approx(6.0) and errors == pytest.approx(1.0)  # the last 10 s: 60 and 10
     snap = engine.snapshot_models("m")[0]["stats"]
     assert snap["throughput_rps"] >= 0 and snap["error_rps"] >= 0  # on the real clock, in every snapshot
+
+
+# ------------------------------------------------------------------ latency histograms (a fleet's merged percentiles)
+
+
+def test_percentiles_from_merged_histograms_match_the_union_within_a_bucket():
+    import numpy as np
+
+    from modelconsole.scheduler import stats
+
+    rng = np.random.default_rng(7)
+    fast = rng.lognormal(np.log(0.002), 0.5, 2000)  # one node: ~2 ms
+    slow = rng.lognormal(np.log(0.020), 0.3, 700)  # another: ~20 ms
+    # the keys cross Ray and JSON as strings too
+    merged = stats.merge_hists([stats.latency_hist(fast), {str(k): v for k, v in stats.latency_hist(slow).items()}])
+    assert sum(merged.values()) == 2700
+    got = stats.hist_percentiles(merged)
+    exact = np.percentile(np.concatenate([fast, slow]), [50, 95, 99]) * 1000
+    for key, want in zip(("p50", "p95", "p99"), exact):
+        assert got[key] == pytest.approx(want, rel=0.10), key  # half a bucket is 4.5 %; sampling adds the rest
+    assert stats.hist_percentiles({}) == {"p50": None, "p95": None, "p99": None}
+    # out of range latencies land in the end buckets instead of failing
+    assert set(stats.latency_hist(np.array([0.0, 1e-9, 1e9]))) == {0, stats.LAT_BUCKETS - 1}
+
+
+def test_a_models_histogram_follows_its_recent_latencies():
+    from modelconsole.scheduler.stats import ModelStats, hist_percentiles
+
+    s = ModelStats()
+    assert s.latency_hist() == {}
+    for _ in range(10):
+        s.record_latency(0.004)
+    assert sum(s.latency_hist().values()) == 10
+    assert hist_percentiles(s.latency_hist())["p50"] == pytest.approx(s.latency_ms()["p50"], rel=0.05)
