@@ -1,9 +1,11 @@
-"""``modelconsole --serve --cluster ray[://ADDRESS]``: join the Ray cluster, start (or find) the
-controller, say where the control plane and each node's front end listen, stay until a signal.
+"""``modelconsole --serve --cluster ray[://ADDRESS]|local:N``: join the Ray cluster (or start N
+loopback nodes here, ``local.py``), start (or find) the controller, say where the control plane and
+each node's front end listen and when a node is lost or degraded, stay until a signal.
 
 The controller and the node actors are detached: they belong to the Ray cluster, not to this
 process.  SIGINT or SIGTERM here stops the fleet (``Controller.shutdown``); if this process dies
-instead, the fleet keeps serving and the next ``--serve --cluster`` finds it again.
+instead, the fleet keeps serving and the next ``--serve --cluster`` finds it again (a ``local:N``
+fleet goes with its nodes).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 from modelconsole.server import tokenfile
 
-from . import rayenv
+from . import local, rayenv
 from .controller import Controller
 
 log = logging.getLogger("modelconsole.cluster")
@@ -65,7 +67,27 @@ async def wait_for_nodes(controller: Any, count: int, timeout_s: float = 120.0) 
 
 
 async def serve(config: Any, settings: Any, store_path: str, address: str) -> int:
-    rayenv.connect(rayenv.gcs_address(address))
+    """Run the fleet on the cluster at ``address`` (``ray``, ``ray://HOST:PORT``, or ``local:N``:
+    N loopback nodes started here and stopped with the fleet) until SIGINT or SIGTERM."""
+    nodes = local.node_count(address)
+    here = local.LocalCluster(nodes) if nodes is not None else None
+    if here is not None:
+        gcs = here.start()  # before anything else runs here (Ray wants the main thread)
+        log.info("local fleet: %d Ray nodes on 127.0.0.1 (GCS %s)", nodes, gcs)
+    else:
+        gcs = rayenv.gcs_address(address)
+    try:
+        rayenv.connect(gcs)
+        return await _serve(config, settings, store_path)
+    finally:
+        if here is not None:
+            import ray
+
+            ray.shutdown()
+            here.stop()
+
+
+async def _serve(config: Any, settings: Any, store_path: str) -> int:
     spec = controller_spec(config, settings, store_path)
     controller = start_controller(spec)
     stop = asyncio.Event()
@@ -74,16 +96,17 @@ async def serve(config: Any, settings: Any, store_path: str, address: str) -> in
         loop.add_signal_handler(signum, stop.set)
     info = await controller.ready.remote()
     log.info("modelconsole fleet: control plane on %s (store %s on the head)", info["url"], store_path)
-    shown: dict[str, str] = {}
+    shown: dict[str, tuple[str, str | None]] = {}
     token_dir = Path(store_path).resolve().parent if settings.token and store_path != ":memory:" else None
     while not stop.is_set():
         for node, n in info["nodes"].items():
-            if n["frontend"] and shown.get(node) != n["frontend"]:
-                shown[node] = n["frontend"]
-                log.info("node %s: front end on %s", node[:8], n["frontend"])
-                port = int(n["frontend"].rsplit(":", 1)[1])
-                if token_dir is not None and tokenfile.is_loopback(n["frontend"].split("//")[1].rsplit(":", 1)[0]):
-                    tokenfile.write_token(token_dir, port, settings.token)
+            if shown.get(node) != (n["health"], n["frontend"]):
+                shown[node] = (n["health"], n["frontend"])
+                _say(node, n)
+                if n["frontend"] and token_dir is not None:
+                    host, port = n["frontend"].split("//")[1].rsplit(":", 1)
+                    if tokenfile.is_loopback(host):
+                        tokenfile.write_token(token_dir, int(port), settings.token)
         try:
             await asyncio.wait_for(stop.wait(), WATCH_S)
         except TimeoutError:
@@ -95,3 +118,15 @@ async def serve(config: Any, settings: Any, store_path: str, address: str) -> in
 
     ray.kill(controller, no_restart=True)
     return 0
+
+
+def _say(node: str, n: dict[str, Any]) -> None:
+    """One serve-log line for a node whose health or front end changed."""
+    if n["health"] == "lost":
+        log.error("node %s lost: %s; it held %s", node[:8], n.get("why") or "?", ", ".join(n.get("held") or [])
+                  or "nothing")
+    elif n["health"] == "degraded":
+        log.warning("node %s degraded: %s", node[:8], n.get("why") or "no front end")
+    elif n["frontend"]:
+        grpc = f", gRPC on port {n['grpc_port']}" if n.get("grpc_port") else ""
+        log.info("node %s: front end on %s%s", node[:8], n["frontend"], grpc)

@@ -53,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-token", action="store_true",
                    help="serve /api/ and /v2/repository without a token (loopback only; not recommended)")
     p.add_argument("--access-log", action="store_true", help="log one line per HTTP request")
-    p.add_argument("--cluster", metavar="ray[://ADDRESS]",
+    p.add_argument("--cluster", metavar="ray[://ADDRESS]|local:N",
                    help="with --serve: run as a fleet on a Ray cluster (docs/cluster.md); \"ray\" joins the cluster "
-                        "this machine belongs to, ray://HOST:PORT the head's GCS address (or [cluster] ray_address)")
+                        "this machine belongs to, ray://HOST:PORT the head's GCS address (or [cluster] ray_address); "
+                        "local:N starts N Ray nodes on 127.0.0.1 here, for trying and testing a fleet")
     p.add_argument("--workers", type=int, metavar="N",
                    help="--serve: N front-end processes on the port (HTTP, gRPC, V2 decoding) beside one engine "
                    "core; 0: one process (default: [server] workers, else chosen from the cores: 0 with 2 "

@@ -564,10 +564,13 @@ def _port(path: str, v: Any) -> int:
 
 
 def cluster_address(path: str, v: Any) -> str:
-    """``ray`` (join the Ray cluster this machine belongs to) or ``ray://HOST:PORT``."""
+    """``ray`` (join the Ray cluster this machine belongs to), ``ray://HOST:PORT``, or ``local:N``
+    (N loopback Ray nodes on this machine, 1 to 16)."""
     if v == "ray" or (isinstance(v, str) and re.fullmatch(r"ray://[A-Za-z0-9_.:\[\]-]+:\d{1,5}", v)):
         return v
-    raise _fail(path, '"ray" or "ray://HOST:PORT" (the Ray cluster\'s GCS address)', v)
+    if isinstance(v, str) and (m := re.fullmatch(r"local:(\d{1,2})", v)) and 1 <= int(m.group(1)) <= 16:
+        return v
+    raise _fail(path, '"ray", "ray://HOST:PORT" (the Ray cluster\'s GCS address) or "local:N" (N from 1 to 16)', v)
 
 
 def grpc_port(path: str, v: Any) -> int | None:
