@@ -23,9 +23,17 @@ What runs (so the figures mean something):
   is how long after the removal the last request in flight at that moment
   was answered.
 
+* the restore: right after the kill a new node joins; ``replica_restore_s``
+  is the time from the loss until the version is READY on ``replicas`` nodes
+  again and the new node's front end answers it;
+* the stop: the fleet stopped as SIGTERM stops it (``Controller.shutdown``)
+  under the same load; ``lost_on_fleet_sigterm`` counts the requests sent
+  before the stop that got no HTTP answer.
+
 The LAST line is one JSON object with exactly ``nodes`` (the most),
 ``scaling_efficiency`` (req/s at the most nodes ÷ (nodes × req/s at one)),
-``unanswered_on_node_kill`` and ``failover_s``.
+``unanswered_on_node_kill``, ``failover_s``, ``replica_restore_s`` and
+``lost_on_fleet_sigterm``.
 """
 
 from __future__ import annotations
@@ -116,8 +124,10 @@ async def drive_many(urls: list[str], concurrency: int, seconds: float, processe
     return records
 
 
-async def drive(urls: list[str], concurrency: int, seconds: float, on_half=None) -> list[tuple[float, float, int]]:
-    """(start, end, status) of every request; status 0: no HTTP answer."""
+async def drive(urls: list[str], concurrency: int, seconds: float, on_half=None,
+                halt: asyncio.Event | None = None) -> list[tuple[float, float, int]]:
+    """(start, end, status) of every request; status 0: no HTTP answer.  Once ``halt`` is set
+    no client starts another request (the fleet is stopping)."""
     import aiohttp
 
     body = row_body()
@@ -128,7 +138,7 @@ async def drive(urls: list[str], concurrency: int, seconds: float, on_half=None)
 
     async def client(i: int, session: aiohttp.ClientSession) -> None:
         url = f"{urls[i % len(urls)]}/v2/models/work/infer"
-        while time.monotonic() < stop_at:
+        while time.monotonic() < stop_at and not (halt is not None and halt.is_set()):
             t0 = time.monotonic()
             try:
                 async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
@@ -161,18 +171,15 @@ def run_row(n: int, args: argparse.Namespace, kill: bool) -> dict:
     config = load_config(where / "fleet.toml")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
                                                             "include_dashboard": False})
-    extra = [cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1") for _ in range(n - 2)]
+    # the kill row has one node more: a spare with room, sent no load, that takes the lost replica
+    others = [cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1") for _ in range(n - 1 + kill)]
     ray.init(address=cluster.address, namespace=rayenv.NAMESPACE, log_to_driver=False)
-    before = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
-    if n > 1:
-        extra.append(cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1"))
-        cluster.wait_for_nodes()
+    cluster.wait_for_nodes()
     try:
         ids = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
-        last = next((i for i in ids if i not in before), None)  # the node the kill row removes
         cores = sorted(os.sched_getaffinity(0))
         k = args.cores_per_node
-        pin = {nid: cores[i * k:(i + 1) * k] for i, nid in enumerate(ids)} if len(cores) >= n * k else {}
+        pin = {nid: cores[i * k:(i + 1) * k] for i, nid in enumerate(ids)} if len(cores) >= len(ids) * k else {}
         spec = launch.controller_spec(config, ServerSettings(port=0, token=TOKEN), str(where / "fleet.db"),
                                       cpus=pin)
         controller = launch.start_controller(spec)
@@ -180,18 +187,27 @@ def run_row(n: int, args: argparse.Namespace, kill: bool) -> dict:
         async def go() -> dict:
             import aiohttp
 
-            info = await launch.wait_for_nodes(controller, n)
-            doomed = last if kill else None
-            # clients of the node that goes lose their connection with it: load goes to the others' front ends
-            urls = [v["frontend"] for nid, v in info["nodes"].items() if v["frontend"] and nid != doomed]
-            async with aiohttp.ClientSession() as s, s.post(urls[0] + "/api/models/work/load", json={},
-                                                              headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+            info = await launch.wait_for_nodes(controller, len(ids))
+            front = {nid: v["frontend"] for nid, v in info["nodes"].items() if v["frontend"]}
+            load = next(iter(front.values())) + "/api/models/work/load"
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            async with aiohttp.ClientSession() as s, s.post(load, json={}, headers=auth) as r:
                 assert r.status == 200, await r.text()
+                holders = (await r.json())["nodes"]  # replicas = n: n nodes
+            by_id = {o.node_id: o for o in others}
+            spare = next((i for i in front if i not in holders), None) if kill else None
+            doomed = next((h for h in reversed(holders) if h in by_id), None) if kill else None  # not the head
+            # clients of the node that goes lose their connection with it: load goes to the others' front ends
+            urls = [front[h] for h in holders if h != doomed]
             killed_at: list[float] = []
+            restore: list[asyncio.Task] = []
 
             async def kill_one() -> None:
                 killed_at.append(time.monotonic())
-                await asyncio.to_thread(cluster.remove_node, extra[-1])
+                await asyncio.to_thread(cluster.remove_node, by_id[doomed])
+                if spare is not None:
+                    restore.append(asyncio.get_running_loop().create_task(
+                        restored(urls[0], n, killed_at[0], spare, front[spare])))
 
             # the same load per node at every size: concurrency grows with the nodes (per-node batches alike)
             clients = args.concurrency * n
@@ -205,8 +221,49 @@ def run_row(n: int, args: argparse.Namespace, kill: bool) -> dict:
                 t = killed_at[0]
                 in_flight = [r for r in recs if r[0] <= t <= r[1]]
                 out["failover_s"] = max((r[1] - t for r in in_flight), default=0.0)
-            await controller.shutdown.remote()
+                out["replica_restore_s"] = await asyncio.wait_for(restore[0], 180) if restore else None
+                out.update(await stop_under_load(urls, clients))
+            else:
+                await controller.shutdown.remote()
             return out
+
+        async def restored(url: str, replicas: int, lost_at: float, spare: str, spare_url: str) -> float:
+            """Seconds from the loss until the version is READY on ``replicas`` nodes again, the
+            spare among them, and the spare's front end answers it (the controller's restore)."""
+            import aiohttp
+
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            async with aiohttp.ClientSession() as s:
+                while time.monotonic() - lost_at < 120:
+                    async with s.get(url + "/api/models/work", headers=auth) as r:
+                        m = (await r.json())["versions"][0]
+                    if len(m.get("nodes", [])) >= replicas and spare in m["nodes"]:
+                        async with s.post(spare_url + "/v2/models/work/infer", data=row_body(),
+                                          headers={"Content-Type": "application/json"}) as r:
+                            if r.status == 200:
+                                return time.monotonic() - lost_at
+                    await asyncio.sleep(0.05)
+            return float("inf")
+
+        async def stop_under_load(urls: list[str], clients: int) -> dict:
+            """The fleet stopped as SIGTERM stops it (``Controller.shutdown``) with requests in
+            flight: how many of those sent before the stop got no HTTP answer at all."""
+            halt = asyncio.Event()
+            stopped_at: list[float] = []
+
+            async def stop() -> None:
+                stopped_at.append(time.monotonic())
+                halt.set()
+                await controller.shutdown.remote()
+
+            info = await controller.ready.remote()
+            live = [v["frontend"] for v in info["nodes"].values() if v["health"] == "ok" and v["frontend"]]
+            recs = await drive(live, clients, 4.0, stop, halt)
+            t = stopped_at[0] if stopped_at else float("inf")
+            before = [r for r in recs if r[0] <= t]
+            return {"lost_on_fleet_sigterm": sum(1 for r in before if r[2] == 0),
+                    "in_flight_at_sigterm": sum(1 for r in before if r[1] >= t),
+                    "sigterm_non_200": sum(1 for r in before if r[2] not in (0, 200))}
 
         return asyncio.run(go())
     finally:
@@ -230,7 +287,8 @@ def main() -> int:
         args.seconds, args.concurrency, args.cores_per_node, args.clients = 4.0, 16, 1, 1
     rows = [run_row(n, args, kill=False) for n in counts]
     most = max(counts)
-    kill = run_row(most, args, kill=True) if most > 1 else {"unanswered": 0, "failover_s": 0.0}
+    kill = run_row(most, args, kill=True) if most > 1 else {"unanswered": 0, "failover_s": 0.0,
+                                                             "replica_restore_s": None, "lost_on_fleet_sigterm": None}
     base = rows[0]["rps"]
     top = next(r for r in rows if r["nodes"] == most)["rps"]
     print(f"{'nodes':>5} {'req/s':>9} {'per node':>9} {'requests':>9} {'errors':>7} {'pinned':>6}")
@@ -239,11 +297,19 @@ def main() -> int:
               f"{str(r['pinned']):>6}")
     print(f"node killed at {most} nodes: {kill.get('unanswered')} unanswered, failover {kill.get('failover_s'):.2f} s, "
           f"{kill.get('errors', 0)} non-200 answers (503 with Retry-After while it was placed again)")
+    if kill.get("replica_restore_s") is not None:
+        print(f"a node joined in the lost one's place: the replica served again {kill['replica_restore_s']:.2f} s "
+              f"after the loss")
+        print(f"fleet stopped (SIGTERM's path) with {kill['in_flight_at_sigterm']} requests in flight: "
+              f"{kill['lost_on_fleet_sigterm']} without an answer, {kill['sigterm_non_200']} non-200 answers")
     if ERRORS:
         print("requests without an HTTP answer, by client error:", ERRORS)
     print(json.dumps({"nodes": most, "scaling_efficiency": round(top / (most * base), 3) if base else None,
                       "unanswered_on_node_kill": kill.get("unanswered"),
-                      "failover_s": round(kill.get("failover_s", 0.0), 3)}))
+                      "failover_s": round(kill.get("failover_s", 0.0), 3),
+                      "replica_restore_s": (round(kill["replica_restore_s"], 2)
+                                            if kill.get("replica_restore_s") is not None else None),
+                      "lost_on_fleet_sigterm": kill.get("lost_on_fleet_sigterm")}))
     return 0
 
 
