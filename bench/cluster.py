@@ -17,6 +17,7 @@ What runs (so the figures mean something):
   load per node at every size) (aiohttp) in
   ``--clients`` spawned processes (1 with ``--quick``), sending
   single-sample V2 JSON requests round-robin to every node's front end for ``--seconds``; req/s counts 200 answers;
+  with ``--workers N`` each node's front end is N processes over the local transport to its engine core;
 * the kill: at the most nodes, traffic for ``--seconds``, a non-head node
   removed halfway; ``unanswered_on_node_kill`` counts requests that got no
   HTTP answer at all (a 503 with Retry-After is an answer), ``failover_s``
@@ -181,7 +182,7 @@ def run_row(n: int, args: argparse.Namespace, kill: bool) -> dict:
         k = args.cores_per_node
         pin = {nid: cores[i * k:(i + 1) * k] for i, nid in enumerate(ids)} if len(cores) >= len(ids) * k else {}
         spec = launch.controller_spec(config, ServerSettings(port=0, token=TOKEN), str(where / "fleet.db"),
-                                      cpus=pin)
+                                      cpus=pin, workers=args.workers)
         controller = launch.start_controller(spec)
 
         async def go() -> dict:
@@ -281,6 +282,8 @@ def main() -> int:
     p.add_argument("--cores-per-node", type=int, default=3, help="cores each node's engine core is pinned to")
     p.add_argument("--torch-threads", type=int, default=1)
     p.add_argument("--clients", type=int, default=4, help="load-generator processes (1 with --quick)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="front-end processes per node over the local transport (0: the node's front-end actor)")
     args = p.parse_args()
     counts = [1, 2] if args.quick else [int(x) for x in args.nodes.split(",")]
     if args.quick:
@@ -291,6 +294,7 @@ def main() -> int:
                                                              "replica_restore_s": None, "lost_on_fleet_sigterm": None}
     base = rows[0]["rps"]
     top = next(r for r in rows if r["nodes"] == most)["rps"]
+    print(f"front ends per node: {args.workers or 'the node actor'}")
     print(f"{'nodes':>5} {'req/s':>9} {'per node':>9} {'requests':>9} {'errors':>7} {'pinned':>6}")
     for r in rows:
         print(f"{r['nodes']:>5} {r['rps']:>9.0f} {r['rps'] / r['nodes']:>9.0f} {r['requests']:>9} {r['errors']:>7} "

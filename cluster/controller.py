@@ -279,7 +279,8 @@ class Controller:
         settings = self.spec["frontend"]
         try:
             frontend = ray.remote(FrontEnd).options(name=rayenv.frontend_name(nid), num_cpus=0, **common).remote(
-                nid, {"settings": settings, "control_url": self.url, "grpc_port": self.spec.get("grpc_port")})
+                nid, {"settings": settings, "control_url": self.url, "grpc_port": self.spec.get("grpc_port"),
+                      "workers": self.spec.get("workers", 0)})
             node.frontend = frontend
             started = await frontend.start.remote()
             node.frontend_url, node.grpc_port = started["url"], started["grpc_port"]

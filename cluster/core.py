@@ -27,7 +27,12 @@ from typing import Any
 from modelconsole.scheduler.config import Config, demo_config, load_config, model_from_dict, with_demo_devices
 from modelconsole.scheduler.engine import Engine
 from modelconsole.scheduler.errors import EngineError
-from modelconsole.server import ipc
+from modelconsole.server import ipc, rundir
+from modelconsole.server.core import CoreServer
+from modelconsole.server.ipc import InferAnswer, InferCall
+
+from . import rayenv
+from .link import ClusterLink
 
 log = logging.getLogger("modelconsole.cluster.core")
 
@@ -49,6 +54,32 @@ def error_wire(e: EngineError) -> dict[str, Any]:
     return {"error": {"kind": e.kind, "status": e.status, "message": e.message, "retry_after": e.retry_after}}
 
 
+class NodeAway:
+    """Where this node's core sends the calls of its local front ends that other nodes serve:
+    a version this node does not hold (by the controller's routing table) goes through the
+    fleet's ``ClusterLink`` (least outstanding holder, placement on a miss, one retry)."""
+
+    def __init__(self, node_id: str, engine: Engine, link: ClusterLink):
+        self.node_id = node_id
+        self.engine = engine
+        self.link = link
+
+    def elsewhere(self, model: str, version: str | None) -> bool:
+        known = self.link.table["models"].get(model)
+        if known is None:
+            return False  # unknown to the fleet (or not yet in the table): this engine answers it
+        if version is not None or not known.get("routed"):
+            try:
+                if self.engine.instance(model, version).state == "READY":
+                    return False  # held here (the table may not say so yet)
+            except EngineError:
+                return False  # this engine answers it (404)
+        return self.node_id not in [n for n, _ in self.link.holders(model, version)]
+
+    async def infer(self, call: InferCall) -> InferAnswer:
+        return await self.link.infer(call)
+
+
 class EngineCore:
     """The Ray actor (``ray.remote`` is applied by the controller, so importing this needs no Ray)."""
 
@@ -59,6 +90,9 @@ class EngineCore:
         self.engine: Engine | None = None
         self._seq = 0  # the last event sequence number reported
         self.started = time.time()
+        self.local: CoreServer | None = None  # the local front ends' end (serve_local)
+        self._link: ClusterLink | None = None
+        self._dir: str | None = None
         cpus = spec.get("cpus")  # the benchmark pins each node's engine core to its own cores
         if cpus:
             os.sched_setaffinity(0, cpus)
@@ -164,9 +198,40 @@ class EngineCore:
             "latency_hists": hists,
         }
 
+    async def serve_local(self, spin_us: float = 0.0) -> str:
+        """Take this node's front-end processes over a Unix socket (once); its address."""
+        if self.local is None:
+            import ray
+
+            assert self.engine is not None, "serve_local before sync"
+
+            controller = ray.get_actor(rayenv.CONTROLLER, namespace=rayenv.NAMESPACE)
+
+            async def table() -> dict[str, Any]:
+                return await controller.table.remote()
+
+            async def place(name: str, version: str | None, exclude: list[str]) -> list[str]:
+                return await controller.place.remote(name, version, exclude)
+
+            self._link = ClusterLink(table, place)
+            await self._link.start()
+            self._dir = rundir.make_run_dir()  # 0700: only this user reaches the core
+            self.local = CoreServer(self.engine, f"unix://{self._dir}/engine.sock", spin_us,
+                                    away=NodeAway(self.node_id, self.engine, self._link))
+            await self.local.start()
+        return self.local.address
+
     async def close(self) -> None:
+        if self.local is not None:
+            await self.local.close()
+        if self._link is not None:
+            await self._link.close()
         if self.engine is not None:
             await self.engine.close()
+        if self._dir is not None:
+            import shutil
+
+            shutil.rmtree(self._dir, ignore_errors=True)
 
 
 def _host_free() -> int:

@@ -7,17 +7,26 @@ one retry when a node dies); everything else is forwarded to the
 controller's control plane (``server/proxy.py`` over TCP), so every node
 answers the whole API.  With ``[server] grpc_port`` it serves KServe V2 over
 gRPC too, through the same link.
+
+With ``--workers N`` the actor serves nothing itself: it starts N front-end
+processes (``server/workers.py``'s ``FrontEnds``, the ones ``--serve
+--workers`` runs) on the node's port, and they reach the node's engine core
+over the local transport (``EngineCore.serve_local``), which sends on what
+other nodes hold.  The actor watches and drains them and sums their counts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import shutil
+import socket
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from modelconsole.server import metrics
+from modelconsole.server import metrics, rundir
 from modelconsole.server.app import Server, ServerSettings, http_url
 from modelconsole.server.frontend import build_frontend_app
 from modelconsole.server.proxy import ControlProxy
@@ -40,6 +49,10 @@ class FrontEnd:
         self.grpc_port: int | None = None
         # what this front end answered, by protocol and code: the control plane's /metrics shows it
         self.requests = metrics.frontend_requests(CollectorRegistry())
+        self.processes: Any = None  # --workers N: the front-end processes (server/workers.py FrontEnds)
+        self._reserved: list[socket.socket] = []
+        self._dir: str | None = None
+        self._counts: Any = None  # their counters (prometheus multiprocess files), summed
 
     async def start(self) -> dict[str, Any]:
         """Serve; where: ``{"url": HTTP URL, "grpc_port": port or None}``."""
@@ -59,6 +72,8 @@ class FrontEnd:
         if not is_loopback(settings.host):
             # --host names the head's address; every other node's front end binds its own
             settings = dataclasses.replace(settings, host=ray.util.get_node_ip_address())
+        if self.spec.get("workers"):
+            return await self._start_processes(settings, int(self.spec["workers"]))
         self.link = ClusterLink(table, place)
         await self.link.start()
         app = build_frontend_app(self.link, ControlProxy(base_url=self.spec["control_url"]), settings,
@@ -79,16 +94,70 @@ class FrontEnd:
                 log.warning("node %s: no gRPC front end: %s", self.node_id[:8], e)
         return {"url": self.url, "grpc_port": self.grpc_port}
 
+    async def _start_processes(self, settings: ServerSettings, count: int) -> dict[str, Any]:
+        """N front-end processes on this node's port, linked to its engine core (module docstring)."""
+        import ray
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        from modelconsole.server.workers import FrontEnds, reserve_port
+
+        core = ray.get_actor(rayenv.core_name(self.node_id), namespace=rayenv.NAMESPACE)
+        address = await core.serve_local.remote(settings.ipc_spin_us)
+        try:
+            main = reserve_port(settings.host, settings.port)
+            self._reserved.append(main)
+            port = main.getsockname()[1]
+            if self.spec.get("grpc_port") is not None:
+                try:
+                    grpc = reserve_port(settings.host, self.spec["grpc_port"])
+                except OSError as e:  # the default port taken on this node: HTTP serves on, as --serve does
+                    log.warning("node %s: no gRPC front end: %s", self.node_id[:8], e)
+                else:
+                    self._reserved.append(grpc)
+                    self.grpc_port = grpc.getsockname()[1]
+            self._dir = rundir.make_run_dir()
+            counts = os.path.join(self._dir, "metrics")
+            os.mkdir(counts)
+            front = dataclasses.replace(settings, port=port, reuse_port=True, token_dir=None)
+            spec = {"settings": dataclasses.asdict(front), "ipc": address, "control_url": self.spec["control_url"],
+                    "grpc_port": self.grpc_port, "log_level": "INFO"}
+            self.processes = FrontEnds(count, spec, self._event, {"PROMETHEUS_MULTIPROC_DIR": counts})
+            await self.processes.start()
+        except BaseException:
+            await self.stop()
+            raise
+        self._counts = CollectorRegistry()
+        MultiProcessCollector(self._counts, path=counts)
+        self.url = http_url(settings.host, port)
+        log.info("node %s: %d front-end processes on %s (pids %s)", self.node_id[:8], count, self.url,
+                 " ".join(map(str, self.processes.pids)))
+        return {"url": self.url, "grpc_port": self.grpc_port}
+
+    def _event(self, kind: str, message: str, level: str) -> None:
+        log.log(logging.WARNING if level != "info" else logging.INFO, "node %s: %s", self.node_id[:8], message)
+
     async def stop(self) -> None:
         """Drain, as one host's front end does: stop accepting, answer what is in flight (the
         engine cores still serve), then close the link."""
         if self.server is not None:
             await self.server.stop()
+        if self.processes is not None:
+            settings = ServerSettings(**self.spec["settings"])
+            await self.processes.stop(settings.shutdown_timeout_s + settings.drain_grace_s + 5)
+            self.processes = None
+        for sock in self._reserved:
+            sock.close()
+        self._reserved = []
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
         if self.link is not None:
             await self.link.close()
 
     def request_counts(self) -> list[tuple[str, str, float]]:
         """(protocol, code, count) of what this front end answered (the controller reads it each tick)."""
+        if self._counts is not None:  # its processes' counters, summed
+            return metrics.counter_values(self._counts)
         return metrics.counter_values(self.requests)
 
     def stats(self) -> dict[str, Any]:

@@ -28,9 +28,10 @@ WATCH_S = 2.0
 
 
 def controller_spec(config: Any, settings: Any, store_path: str, *, simulate_gpu_size: str = "8GiB",
-                    cpus: dict[str, list[int]] | None = None) -> dict[str, Any]:
+                    cpus: dict[str, list[int]] | None = None, workers: int = 0) -> dict[str, Any]:
     """What the controller starts with: the config file (the same path on every node), the store on
-    the head, the control plane's and the front ends' server settings."""
+    the head, the control plane's and the front ends' server settings; ``workers``: front-end
+    processes per node (0: the node's front-end actor serves HTTP itself)."""
     base = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("unix_path", "reuse_port")}
     cluster = config.cluster
     control = dict(base, port=cluster.control_port)
@@ -38,7 +39,7 @@ def controller_spec(config: Any, settings: Any, store_path: str, *, simulate_gpu
                     token_dir=None)
     return {"config": str(Path(config.path).resolve()) if config.path else None, "store": store_path,
             "control": control, "frontend": frontend, "grpc_port": config.server.grpc_port,
-            "simulate_gpu_size": simulate_gpu_size, "cpus": cpus or {}}
+            "simulate_gpu_size": simulate_gpu_size, "cpus": cpus or {}, "workers": workers}
 
 
 def start_controller(spec: dict[str, Any]) -> Any:
@@ -66,7 +67,7 @@ async def wait_for_nodes(controller: Any, count: int, timeout_s: float = 120.0) 
         await asyncio.sleep(0.2)
 
 
-async def serve(config: Any, settings: Any, store_path: str, address: str) -> int:
+async def serve(config: Any, settings: Any, store_path: str, address: str, *, workers: int = 0) -> int:
     """Run the fleet on the cluster at ``address`` (``ray``, ``ray://HOST:PORT``, or ``local:N``:
     N loopback nodes started here and stopped with the fleet) until SIGINT or SIGTERM."""
     nodes = local.node_count(address)
@@ -78,7 +79,7 @@ async def serve(config: Any, settings: Any, store_path: str, address: str) -> in
         gcs = rayenv.gcs_address(address)
     try:
         rayenv.connect(gcs)
-        return await _serve(config, settings, store_path)
+        return await _serve(config, settings, store_path, workers)
     finally:
         if here is not None:
             import ray
@@ -87,8 +88,8 @@ async def serve(config: Any, settings: Any, store_path: str, address: str) -> in
             here.stop()
 
 
-async def _serve(config: Any, settings: Any, store_path: str) -> int:
-    spec = controller_spec(config, settings, store_path)
+async def _serve(config: Any, settings: Any, store_path: str, workers: int) -> int:
+    spec = controller_spec(config, settings, store_path, workers=workers)
     controller = start_controller(spec)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

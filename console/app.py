@@ -901,7 +901,8 @@ class ModelConsoleApp(App[None]):
         def go() -> None:
             self._started(f"unloading {label}…")
             self._run(f"unload {label}", partial(self.client.unload, m["name"], m["version"], **self._where()),
-                      lambda r: f"{label} is {r.get('state', 'UNLOADED')}")
+                      lambda r: f"{label} is UNLOADED" if r.get("state", "UNLOADED") == "UNLOADED"
+                      else f"{label} was unloaded; a request is loading it again ({r['state']})")
 
         self._confirm(f"Unload {label}?",
                       f"{label} stops serving until it is loaded again and its memory is freed.{busy}{pinned}",

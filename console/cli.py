@@ -250,13 +250,19 @@ def serve_cluster(args: argparse.Namespace, config, settings, address: str) -> i
     except ConfigError as e:
         print(f"modelconsole: {e}", file=sys.stderr)
         return 2
+    # front-end processes per node: --workers, else [server] workers, else none (the node's
+    # front-end actor serves HTTP itself)
+    workers = args.workers if args.workers is not None else (config.server.workers or 0)
+    if workers < 0:
+        print(f"modelconsole: --workers: expected 0 (one front end per node) or more, got {workers}", file=sys.stderr)
+        return 2
     try:
         from modelconsole.cluster import launch
     except ImportError as e:
         print(f"modelconsole: --cluster needs Ray: pip install 'modelconsole[cluster]' ({e})", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(launch.serve(config, settings, store_path(args, config), address))
+        return asyncio.run(launch.serve(config, settings, store_path(args, config), address, workers=workers))
     except Exception as e:  # noqa: BLE001 - a clear line, not a traceback
         logging.getLogger("modelconsole").debug("cluster start failed", exc_info=True)
         print(f"modelconsole: {type(e).__name__}: {e}", file=sys.stderr)

@@ -14,6 +14,10 @@ routing, the cache, queues, batching, stats and events are the engine's, one
 owner for all.  Answers to one front end leave together, one message per
 front end per loop iteration.
 
+On a fleet's node (``cluster/core.py``) the core is given ``away``: a call for a
+version this node does not hold goes there (to another node's engine core,
+over Ray) instead of to this engine, and its answer comes back the same way.
+
 A message that does not parse is dropped with a warning (at most one line a
 second) and never reaches the engine; a call with bad tensors gets its 400.
 Answers addressed to a front end that died are dropped (the engine still
@@ -27,7 +31,7 @@ import functools
 import logging
 import time
 from collections import defaultdict
-from typing import Any
+from typing import Any, Protocol
 
 from modelconsole.scheduler.errors import EngineError
 
@@ -37,9 +41,18 @@ from .ipc import InferAnswer, InferCall, InferChunk
 log = logging.getLogger("modelconsole.server.core")
 
 
+class Away(Protocol):
+    """Where a fleet node's core sends the calls for versions other nodes hold."""
+
+    def elsewhere(self, model: str, version: str | None) -> bool: ...
+
+    async def infer(self, call: InferCall) -> InferAnswer: ...
+
+
 class CoreServer:
-    def __init__(self, engine: Any, address: str, spin_us: float = 0.0):
+    def __init__(self, engine: Any, address: str, spin_us: float = 0.0, away: Away | None = None):
         self.engine = engine
+        self.away = away
         self.address = address
         self._awake = transport.KeepAwake(spin_us / 1e6)  # after answering few calls, stay awake for the next
         self._end = transport.server_end(address, self._on_message)
@@ -64,9 +77,14 @@ class CoreServer:
         except Exception as e:  # noqa: BLE001 - nothing in a message may stop the core
             self._drop(e)
             return
+        away = self.away
         for i, call in calls:
             if isinstance(call, EngineError):
                 self._answer(peer, i, call)
+            elif away is not None and not getattr(call, "check_only", False) and away.elsewhere(call.model,
+                                                                                                call.version):
+                for j, one in (zip(call.ids, call.calls()) if isinstance(call, InferChunk) else ((i, call),)):
+                    self._spawn(self._forward(peer, j, one))
             elif isinstance(call, InferChunk):
                 self._start_chunk(peer, i, call)
             else:
@@ -95,7 +113,10 @@ class CoreServer:
                 call.model, ipc.call_inputs(call), functools.partial(self._done, peer, i), version=call.version,
                 priority=call.priority, timeout_ms=call.timeout_ms, outputs=call.outputs) is not None):
             return  # the common request: a future callback, no task (Engine.submit)
-        task = asyncio.get_running_loop().create_task(self._run(peer, i, call))  # the full path (engine.infer)
+        self._spawn(self._run(peer, i, call))  # the full path (engine.infer)
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -125,6 +146,19 @@ class CoreServer:
             answer = e
         except Exception:  # noqa: BLE001 - one call's failure, answered; the core keeps serving
             log.exception("unhandled error in a front end's infer call for '%s'", call.model)
+            answer = EngineError("internal error (logged by the engine core)")
+        self._answer(peer, i, answer)
+
+    async def _forward(self, peer: Any, i: int, call: InferCall) -> None:
+        """A call for a version another node holds: sent there (``away``), answered from there."""
+        assert self.away is not None
+        self.calls += 1
+        try:
+            answer: InferAnswer | EngineError = await self.away.infer(call)
+        except EngineError as e:
+            answer = e
+        except Exception:  # noqa: BLE001 - one call's failure, answered
+            log.exception("unhandled error forwarding a call for '%s'", call.model)
             answer = EngineError("internal error (logged by the engine core)")
         self._answer(peer, i, answer)
 

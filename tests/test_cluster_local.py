@@ -24,9 +24,22 @@ source = "zoo:tiny-mlp"
 warmup = 0
 replicas = 2
 
+[[models]]
+name = "solo"
+source = "zoo:tiny-mlp"
+warmup = 0
+
+[[models]]
+name = "slow"
+source = "zoo:tiny-mlp"
+warmup = 0
+max_queue_delay_ms = 2000
+max_batch_size = 256
+
 [server]
 grpc_port = "off"
 """
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 ROW = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0.5] * 64}]}
 
 
@@ -53,15 +66,18 @@ def _loopback(address: str) -> bool:
     return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
 
 
-async def test_serve_cluster_local_starts_a_loopback_fleet_serves_on_every_node_and_stops_it(tmp_path):
+async def test_serve_cluster_local_with_front_end_processes_serves_every_model_on_every_node(tmp_path):
+    """``--serve --cluster local:2 --workers 2``: two loopback Ray nodes, each with two front-end
+    processes on its port over the local transport to its engine core; a version held on one
+    node only is served through the other node's port too; SIGTERM drains and stops it all."""
     pytest.importorskip("ray")
     import aiohttp
     import psutil
 
     (tmp_path / "fleet.toml").write_text(CONFIG)
     env = dict(os.environ, MODELCONSOLE_TOKEN=TOKEN)
-    cmd = [sys.executable, "-m", "modelconsole.console", "--serve", "--cluster", "local:2", "--config",
-           str(tmp_path / "fleet.toml"), "--store", str(tmp_path / "fleet.db"), "--port", "0"]
+    cmd = [sys.executable, "-m", "modelconsole.console", "--serve", "--cluster", "local:2", "--workers", "2",
+           "--config", str(tmp_path / "fleet.toml"), "--store", str(tmp_path / "fleet.db"), "--port", "0"]
     proc = await asyncio.create_subprocess_exec(*cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                                 start_new_session=True)
     lines: list[str] = []
@@ -76,30 +92,54 @@ async def test_serve_cluster_local_starts_a_loopback_fleet_serves_on_every_node_
 
     try:
         await read_until(lambda ln: "local fleet: 2 Ray nodes on 127.0.0.1" in ln)
-        fronts = []
+        fronts = {}
         while len(fronts) < 2:
             line = await read_until(lambda ln: "front end on" in ln)
-            fronts.append(line.split("front end on ")[1].split(",")[0].strip())
+            fronts[line.split("node ")[1].split(":")[0]] = line.split("front end on ")[1].split(",")[0].strip()
+        urls = list(fronts.values())
         async with aiohttp.ClientSession() as s:
-            for url in fronts:  # every node answers; replicas = 2 puts tiny on both
-                async with s.post(f"{url}/v2/models/tiny/infer", json=ROW) as r:
+            # replicas = 2: held on both nodes; a node's front ends use their own engine core
+            async with s.post(f"{urls[0]}/api/models/tiny/load", json={}, headers=AUTH) as r:
+                assert r.status == 200, await r.text()
+                assert len((await r.json())["nodes"]) == 2
+            for _ in range(10):
+                async with s.post(f"{urls[0]}/v2/models/tiny/infer", json=ROW) as r:
                     assert r.status == 200, await r.text()
-            async with s.get(f"{fronts[0]}/api/snapshot", headers={"Authorization": f"Bearer {TOKEN}"}) as r:
-                snap = await r.json()
-        assert sorted(n["health"] for n in snap["nodes"]) == ["ok", "ok"]
-        # every process of the fleet (Ray's included) listens on loopback only
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        listening = []
-        for p in tree:
-            try:
-                listening += [c.laddr.ip for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-        assert len(tree) > 5 and listening
-        assert all(_loopback(ip) for ip in listening), listening
-        # SIGTERM stops the fleet and its nodes: nothing of it is left running
-        proc.send_signal(signal.SIGTERM)
-        await read_until(lambda ln: "stopping the fleet" in ln)
+            # held on one node only: both nodes' ports serve it (the other core sends it on)
+            async with s.post(f"{urls[0]}/api/models/solo/load", json={}, headers=AUTH) as r:
+                assert r.status == 200, await r.text()
+                holder = (await r.json())["nodes"]
+            assert len(holder) == 1
+            for url in urls:
+                for _ in range(3):
+                    async with s.post(f"{url}/v2/models/solo/infer", json=ROW) as r:
+                        assert r.status == 200, await r.text()
+            models = await _until_served(s, urls[0], {"tiny": 10, "solo": 6})  # as the nodes last reported
+            tiny = {r["node"][:8]: r["served"] for r in models["tiny"]["replicas"]}
+            first = next(iter(fronts))
+            assert tiny[first] == 10 and sum(tiny.values()) == 10, tiny  # all on the local core
+            solo = {r["node"]: r["served"] for r in models["solo"]["replicas"]}
+            assert solo[holder[0]] == 6 and sum(solo.values()) == 6, solo  # the other node's 3 sent on
+            # every process of the fleet, front ends included, listens on loopback only
+            tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            assert sum("modelconsole.server.frontend" in " ".join(p.cmdline()) for p in tree) == 4
+            listening = []
+            for p in tree:
+                try:
+                    listening += [c.laddr.ip for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+            assert listening and all(_loopback(ip) for ip in listening), listening
+            # in flight when the signal comes (slow's batches wait 2 s in the queue): all answered
+            async with s.post(f"{urls[1]}/v2/models/slow/infer", json=ROW) as r:
+                assert r.status == 200, await r.text()  # loaded somewhere
+            traffic = [asyncio.ensure_future(s.post(f"{urls[i % 2]}/v2/models/slow/infer", json=ROW))
+                       for i in range(6)]
+            await _until_queued(s, urls[0], "slow", 6)
+            proc.send_signal(signal.SIGTERM)
+            await read_until(lambda ln: "stopping the fleet" in ln)
+            answers = await asyncio.wait_for(asyncio.gather(*traffic, return_exceptions=True), 120)
+        assert [a if isinstance(a, BaseException) else a.status for a in answers] == [200] * 6
         assert await asyncio.wait_for(proc.wait(), 120) == 0
         gone, alive = psutil.wait_procs(tree[1:], timeout=60)
         assert not alive, [p.name() for p in alive]
@@ -108,6 +148,28 @@ async def test_serve_cluster_local_starts_a_loopback_fleet_serves_on_every_node_
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
+
+
+async def _until_served(session, url, counts):
+    """The snapshot once the nodes' reports count these answers per model (reports come each tick)."""
+    for _ in range(600):
+        async with session.get(f"{url}/api/snapshot", headers=AUTH) as r:
+            models = {m["name"]: m for m in (await r.json())["models"]}
+        if all(sum(x["served"] for x in models[n]["replicas"]) >= c for n, c in counts.items()):
+            return models
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the nodes never reported {counts} answers")
+
+
+async def _until_queued(session, url, name, n):
+    """The fleet's own count of requests queued for ``name`` reaches ``n`` (a bound, not a window)."""
+    for _ in range(600):
+        async with session.get(f"{url}/api/snapshot", headers=AUTH) as r:
+            m = next(m for m in (await r.json())["models"] if m["name"] == name)
+        if m["queue"] + m["in_flight"] >= n:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{n} requests never queued for {name}")
 
 
 def _session_left(sid: int) -> bool:

@@ -144,9 +144,11 @@ def test_demo_console_in_tmux_loads_unloads_and_quits(tmp_path):
             tmux.keys("y")
             # the row shows UNLOADED.  Should a demo request reload it before a capture catches
             # that, the unload's own answer ("tiny-mlp v1 is UNLOADED", in a notification and the
-            # log) and the row loading again are what is left to see.
+            # log) and the row loading again are what is left to see (the answer says "was unloaded"
+            # when the traffic had started loading it again before the answer left the engine).
             wait_for(tmux, lambda s: row_state(s, MODEL) == "UNLOADED"
-                     or (f"{MODEL} v1 is UNLOADED" in s and row_state(s, MODEL) in ("LOADING", "WARMING", "READY")),
+                     or (f"{MODEL} v1 is UNLOADED" in s or f"{MODEL} v1 was unloaded" in s)
+                     and row_state(s, MODEL) in ("LOADING", "WARMING", "READY"),
                      f"{MODEL} UNLOADED", log=log)
 
         # the traffic may have loaded it already (requests load what they reach): start from unloaded
