@@ -542,9 +542,11 @@ def frontend_workers(cores: int) -> int:
 def ipc_spin_us(cores: int, workers: int) -> float:
     """How long front ends and the engine core stay awake after a message at low load
     (``[server] ipc_spin_us`` when not set).  Staying awake trades a busy core for the
-    wake-ups of two idle processes per request: on the 16-core GPU host 400 us took c=1
-    through 8 front ends from +517 to +60 us over one process.  It needs cores nobody else
-    wants: one per front end, the engine core's loop and its model threads, and a few to
-    spare (the GPU host: 8 front ends on 16 cores).  Short of that, polling takes CPU from
-    the work (on the 2-core machine, one front end's c=1 got slower with it)."""
-    return 400.0 if cores >= workers + 4 else 0.0
+    wake-ups of two idle processes per request, and on hosts where waking is slow it decides
+    throughput too: on an H100 host whose server had 11 cores for 8 front ends, 400 us took
+    c=256 through the front ends from 11,481 to 38,523 req/s and c=1 from +178 to +134 us
+    over one process (on another, 16 cores: c=1 +517 to +60 us).  It needs a core per front
+    end, one for the engine core's loop, one for its model threads and one to spare.  Short
+    of that, polling takes CPU from the work (on the 2-core machine, one front end's c=1 got
+    slower with it)."""
+    return 400.0 if cores >= workers + 3 else 0.0
