@@ -165,7 +165,7 @@ def run_row(n: int, args: argparse.Namespace, kill: bool) -> dict:
 
     from modelconsole.cluster import launch
     from modelconsole.scheduler.config import load_config
-    from modelconsole.server.app import ServerSettings
+    from modelconsole.server.web import ServerSettings
 
     where = Path(tempfile.mkdtemp(prefix="mc-cluster-bench-"))
     (where / "fleet.toml").write_text(config_text(args.layers, n, args.torch_threads))

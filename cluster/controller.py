@@ -34,7 +34,8 @@ from modelconsole.scheduler.config import GpuConfig
 from modelconsole.scheduler.engine import Engine
 from modelconsole.scheduler.errors import EngineError
 from modelconsole.scheduler.store import Store
-from modelconsole.server.app import LINK, Server, ServerSettings, build_app, http_url
+from modelconsole.server.app import Server, build_app
+from modelconsole.server.web import LINK, ServerSettings, http_url
 
 from . import rayenv
 from .core import EngineCore, node_config

@@ -27,10 +27,11 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from modelconsole.server import metrics, rundir
-from modelconsole.server.app import Server, ServerSettings, http_url
+from modelconsole.server.app import Server
 from modelconsole.server.frontend import build_frontend_app
 from modelconsole.server.proxy import ControlProxy
 from modelconsole.server.tokenfile import is_loopback
+from modelconsole.server.web import ServerSettings, http_url
 
 from . import rayenv
 from .link import ClusterLink

@@ -122,8 +122,8 @@ def server_settings(args: argparse.Namespace, config) -> tuple[object, str] | st
     the store once the port is known (server/tokenfile.py)."""
     from pathlib import Path
 
-    from modelconsole.server.app import ServerSettings
     from modelconsole.server.tokenfile import is_loopback, new_token, read_token
+    from modelconsole.server.web import ServerSettings
 
     host = args.host if args.host is not None else config.server.host
     port = args.port if args.port is not None else config.server.port

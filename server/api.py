@@ -23,7 +23,7 @@ from aiohttp import web
 
 from modelconsole.scheduler.routing import DEFAULT_STEPS
 
-from .app import CLOSING, ENGINE, SETTINGS, STARTED, VERSION, HttpError, dumps, json_response, read_json
+from .web import CLOSING, ENGINE, SETTINGS, STARTED, VERSION, HttpError, dumps, json_response, read_json
 
 STATES = ("UNLOADED", "LOADING", "WARMING", "READY", "UNLOADING", "FAILED")
 REGISTER_KEYS = ("name", "version", "source", "options")

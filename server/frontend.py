@@ -30,9 +30,11 @@ from typing import Any
 
 from aiohttp import web
 
-from .app import CLOSING, DRAINING, ENGINE, LINK, REQUESTS, SETTINGS, STARTED, Server, ServerSettings, _make_guard
+from .app import Server
+from .guard import make_guard
 from .link import CoreLink
 from .proxy import ControlProxy
+from .web import CLOSING, DRAINING, ENGINE, LINK, REQUESTS, SETTINGS, STARTED, ServerSettings
 
 log = logging.getLogger("modelconsole.server.frontend")
 
@@ -52,7 +54,7 @@ def build_frontend_app(link: Any, proxy: ControlProxy, settings: ServerSettings,
     from . import proxy as proxy_mod
     from . import v2
 
-    app = web.Application(middlewares=[_make_guard(settings)], client_max_size=settings.max_body_bytes)
+    app = web.Application(middlewares=[make_guard(settings)], client_max_size=settings.max_body_bytes)
     app[ENGINE] = None
     app[LINK] = link
     app[REQUESTS] = requests if requests is not None else requests_counter()

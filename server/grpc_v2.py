@@ -48,9 +48,10 @@ from google.protobuf import descriptor_pb2, descriptor_pool, json_format, messag
 from modelconsole.scheduler.errors import EngineError
 
 from . import codec
-from .app import ServerSettings, bearer_status
+from .guard import bearer_status
 from .ipc import InferCall
 from .proxy import ControlProxy
+from .web import ServerSettings
 
 log = logging.getLogger("modelconsole.server.grpc")
 

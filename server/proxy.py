@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .app import CLOSING, FORWARD_ROUTE, VIA_HEADER, HttpError, read_body
+from .web import CLOSING, FORWARD_ROUTE, VIA_HEADER, HttpError, read_body
 
 log = logging.getLogger("modelconsole.server.proxy")
 

@@ -19,7 +19,8 @@ import os
 import signal
 from typing import Any
 
-from .app import Server, ServerSettings
+from .app import Server
+from .web import ServerSettings
 
 log = logging.getLogger("modelconsole.serve")
 

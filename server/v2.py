@@ -41,8 +41,8 @@ from aiohttp import web
 from modelconsole.scheduler.errors import ModelNotFound
 
 from . import codec
-from .app import CLOSING, ENGINE, LINK, VERSION, HttpError, json_response, read_body, read_json
 from .ipc import InferCall
+from .web import CLOSING, ENGINE, LINK, VERSION, HttpError, json_response, read_body, read_json
 
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "schedule_policy", "model_repository", "statistics"]
 

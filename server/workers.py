@@ -35,8 +35,9 @@ from collections.abc import Callable
 from typing import Any
 
 from . import rundir, tokenfile
-from .app import Server, ServerSettings, http_url
+from .app import Server
 from .core import CoreServer
+from .web import ServerSettings, http_url
 
 log = logging.getLogger("modelconsole.server.workers")
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from modelconsole.scheduler.config import parse_config
-from modelconsole.server.app import ServerSettings
 from modelconsole.server.serve import make_server, start_engine
+from modelconsole.server.web import ServerSettings
 
 DATATYPES = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
              "FP16", "FP32", "FP64", "BYTES", "BF16")

@@ -31,7 +31,7 @@ from serverutil import ServerThread
 
 from modelconsole.client import Model
 from modelconsole.scheduler.tensors import ALIGNMENT, TensorSpec, to_tensor
-from modelconsole.server.app import ServerSettings
+from modelconsole.server.web import ServerSettings
 
 BATCH = 4
 WIDTH = 64

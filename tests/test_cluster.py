@@ -27,7 +27,7 @@ import psutil  # noqa: E402
 
 from modelconsole.cluster import launch, placement  # noqa: E402
 from modelconsole.scheduler.config import load_config  # noqa: E402
-from modelconsole.server.app import ServerSettings  # noqa: E402
+from modelconsole.server.web import ServerSettings  # noqa: E402
 
 TOKEN = "fleet-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

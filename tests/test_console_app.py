@@ -667,7 +667,7 @@ async def test_embedded_http_server_answers_while_the_console_runs(tmp_path):
     loopback port (the health check, an infer), and the console shows what they did."""
     from modelconsole.console.run import run_embedded
     from modelconsole.scheduler.config import load_config
-    from modelconsole.server.app import ServerSettings
+    from modelconsole.server.web import ServerSettings
 
     (tmp_path / "mc.toml").write_text(EMBEDDED_CONFIG)
     config = load_config(tmp_path / "mc.toml")

@@ -14,7 +14,7 @@ from serverutil import ServerThread
 
 from modelconsole.console.client import ClientError, RemoteClient
 from modelconsole.console.local import LocalClient
-from modelconsole.server.app import ServerSettings
+from modelconsole.server.web import ServerSettings
 
 MODELS = [
     {"name": "tiny", "source": "zoo:tiny-mlp", "warmup": 0},

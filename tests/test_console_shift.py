@@ -26,7 +26,7 @@ from modelconsole.console.screens import ConfirmScreen, HelpScreen, RegisterScre
 from modelconsole.console.views import DescribeScreen, LogScreen
 from modelconsole.scheduler.config import demo_config
 from modelconsole.scheduler.errors import Conflict
-from modelconsole.server.app import ServerSettings
+from modelconsole.server.web import ServerSettings
 
 
 @pytest.fixture

@@ -84,7 +84,7 @@ async def test_a_version_from_the_config_file_is_refused(tmp_path):
 def test_delete_over_http(tmp_path):
     from serverutil import ServerThread
 
-    from modelconsole.server.app import ServerSettings
+    from modelconsole.server.web import ServerSettings
 
     token = "t0k"
     with ServerThread(tmp_path, models=[], settings=ServerSettings(port=0, token=token)) as srv:

@@ -22,7 +22,7 @@ from test_tritonclient import Blocking, assert_echoed, sample
 from tritonclient.utils import InferenceServerException
 
 from modelconsole.server import grpc_v2
-from modelconsole.server.app import ServerSettings
+from modelconsole.server.web import ServerSettings
 
 TOKEN = "grpc-test-token"
 ROOT = Path(__file__).resolve().parent.parent

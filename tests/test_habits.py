@@ -3,6 +3,7 @@ benchmark the docs show starting the way they say to run it."""
 
 from __future__ import annotations
 
+import ast
 import re
 import shutil
 import subprocess
@@ -45,6 +46,80 @@ def test_import_contracts_are_kept(tmp_path):
                          text=True, cwd=ROOT, timeout=300, env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert re.search(r"Contracts: \d+ kept, 0 broken", run.stdout), run.stdout[-2000:]
+
+
+def _runtime_imports(path: Path, module: str) -> set[str]:
+    """The package modules ``module`` imports when it runs: at the top and inside functions
+    (a lazy import is still an edge), not under ``if TYPE_CHECKING:`` (annotations only)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def import_cycles() -> list[list[str]]:
+    """Groups of package modules that import each other, directly or around a loop (Tarjan's
+    strongly connected components over the runtime imports)."""
+    modules: dict[str, Path] = {}
+    for name in (*PACKAGES, "client"):
+        for f in (ROOT / name).rglob("*.py"):
+            parts = f.relative_to(ROOT).with_suffix("").parts
+            mod = "modelconsole." + ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            modules[mod] = f
+    graph = {m: sorted(t for t in _runtime_imports(f, m) if t in modules and t != m) for m, f in modules.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def connect(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for v in graph:
+        if v not in index:
+            connect(v)
+    return cycles
+
+
+def test_no_module_imports_itself_around_a_loop():
+    """A loop of imports (even a lazy one that makes it work) means a module does two jobs: what
+    the modules share belongs in a module below them (the server's ``web.py``)."""
+    assert import_cycles() == []
 
 
 def test_every_documented_bench_script_is_tested():

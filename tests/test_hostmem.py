@@ -14,7 +14,7 @@ from modelconsole.scheduler.engine import Engine
 from modelconsole.scheduler.hostmem import WontFit, host_limit
 from modelconsole.scheduler.memory import InsufficientMemory
 from modelconsole.scheduler.store import Store
-from modelconsole.server.app import ServerSettings
+from modelconsole.server.web import ServerSettings
 
 MiB = 2**20
 HOST = HostConfig(budget_gib=0.5, reserve_mib=0)  # 512 MiB for everything below

@@ -19,7 +19,7 @@ import pytest
 from serverutil import ServerThread
 from test_server import serving, tiny_json
 
-from modelconsole.server.app import ServerSettings
+from modelconsole.server.web import ServerSettings
 
 FAIL_AFTER = 30.0  # a socket read this long means the server never acted: a failure, not a wait
 

@@ -36,7 +36,8 @@ from modelconsole.scheduler import config as config_mod
 from modelconsole.scheduler.events import Event
 from modelconsole.scheduler.tensors import DATATYPES
 from modelconsole.server import api, v2
-from modelconsole.server.app import HttpError, ServerSettings, build_app
+from modelconsole.server.app import build_app
+from modelconsole.server.web import HttpError, ServerSettings
 
 SPEC_FILE = Path(__file__).resolve().parents[1] / "docs" / "openapi.yaml"
 URI = "urn:modelconsole:openapi"
@@ -491,10 +492,11 @@ async def test_snapshot_frame_and_model_lists_carry_active_and_origin(registry, 
 
 
 class _NoEngine:
-    """Enough for build_app; any handler that reaches the engine fails (500), which is not a 401."""
+    """Enough for build_app (an engine with none of the optional faces, such as a fleet's); any
+    handler that reaches the engine fails (500), which is not a 401."""
 
     def __getattr__(self, name: str) -> Any:
-        raise RuntimeError("no engine in this test")
+        raise AttributeError(f"no engine in this test ({name})")
 
 
 def _requires_bearer(op: dict[str, Any]) -> str:

@@ -21,7 +21,7 @@ from modelconsole.scheduler.errors import ModelUnavailable, RemoteError
 from modelconsole.scheduler.instance import LoadFailed
 from modelconsole.scheduler.store import Store
 from modelconsole.scheduler.tensors import TensorSpec
-from modelconsole.server.app import ServerSettings
+from modelconsole.server.web import ServerSettings
 
 TINY = {"name": "tiny", "source": "zoo:tiny-mlp", "warmup": 0, "device": "cpu"}
 

@@ -27,8 +27,9 @@ import pytest
 from serverutil import ServerThread
 
 from modelconsole.console.cli import OneLineFormatter, describe_exception
-from modelconsole.server.app import ENCODINGS, ServerSettings
+from modelconsole.server.guard import ENCODINGS
 from modelconsole.server.tokenfile import is_loopback, read_token
+from modelconsole.server.web import ServerSettings
 
 TOKEN = "s3cret-token"
 

@@ -27,7 +27,7 @@ from serverutil import ServerThread
 
 from modelconsole.console.client import RemoteClient
 from modelconsole.server import transport
-from modelconsole.server.app import ServerSettings
+from modelconsole.server.web import ServerSettings
 
 TOKEN = "workers-test-token"
 MODELS = [
