@@ -208,7 +208,7 @@ class Ewma:
         self._tc: float | None = None
 
     def _decay(self, dt: float) -> float:
-        return 2.0 ** (-max(0.0, dt) / self.half_life_s)
+        return float(2.0 ** (-max(0.0, dt) / self.half_life_s))
 
     def update(self, sample: float, now: float) -> float:
         """Fold one value sample in at time ``now``; returns the new mean."""
@@ -287,7 +287,7 @@ def estimated_reload_seconds(nbytes: int) -> float:
 
 def recency_floor(idle_s: float) -> float:
     """Requests per second an EWMA would report for one request ``idle_s`` ago."""
-    return _LN2 / FLOOR_HALF_LIFE_S * 2.0 ** (-max(0.0, idle_s) / FLOOR_HALF_LIFE_S)
+    return float(_LN2 / FLOOR_HALF_LIFE_S * 2.0 ** (-max(0.0, idle_s) / FLOOR_HALF_LIFE_S))
 
 
 def effective_rate(r: Residency, now: float) -> float:

@@ -352,7 +352,7 @@ def check_interval(interval_s: float) -> float:
 def enough_evidence(arm: Mapping[str, Any], baseline: Mapping[str, Any], bounds: Mapping[str, Any]) -> bool:
     """Both arms have min_requests answers in this step: the step may be judged and left."""
     need = bounds["min_requests"]
-    return arm["requests"] >= need and baseline["requests"] >= need
+    return bool(arm["requests"] >= need and baseline["requests"] >= need)
 
 
 def canary_verdict(arm: Mapping[str, Any], baseline: Mapping[str, Any],

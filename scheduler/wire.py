@@ -56,7 +56,7 @@ def as_array(value: Any) -> np.ndarray:
     if isinstance(value, np.ndarray):
         return value
     if hasattr(value, "detach") and hasattr(value, "cpu"):
-        return value.detach().cpu().numpy()
+        return np.asarray(value.detach().cpu().numpy())
     return np.asarray(value)
 
 

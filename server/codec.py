@@ -30,7 +30,7 @@ import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import orjson
@@ -73,7 +73,7 @@ class RequestedOutput:
 @dataclass(slots=True)
 class V2Request:
     id: str | None
-    parameters: dict  # the request-level parameters as sent
+    parameters: dict[str, Any]  # the request-level parameters as sent
     inputs: dict[str, Any]  # name -> numpy array (BYTES: object array of bytes; BF16: torch.bfloat16), request order
     outputs: list[RequestedOutput] | None  # None: all of the model's outputs
     binary_output: bool  # parameters.binary_data_output
@@ -224,6 +224,7 @@ def decode_request(
             )
         shape = inp.get("shape")
         count = _check_shape(shape, n, f"inputs[{i}]")
+        shape = cast("list[int]", shape)  # checked: a list of non-negative ints
         where = f"inputs[{i}] '{name}'"
 
         p = inp.get("parameters")
@@ -331,7 +332,7 @@ def _check_shape(shape: Any, body_len: int, field: str) -> int:
     return count
 
 
-def _from_binary(body: Any, offset: int, nbytes: int, datatype: str, shape: list, count: int, where: str) -> Any:
+def _from_binary(body: Any, offset: int, nbytes: int, datatype: str, shape: list[Any], count: int, where: str) -> Any:
     if datatype == "BYTES":
         if count * 4 > nbytes:
             raise DecodeError(
@@ -373,7 +374,7 @@ def _split_bytes(body: Any, offset: int, nbytes: int, count: int | None, where: 
     data = body[offset : offset + nbytes]
     if type(data) is not bytes:
         data = bytes(data)
-    items = []
+    items: list[bytes] = []
     append = items.append
     pos = 0
     k = 0
@@ -397,7 +398,7 @@ def _split_bytes(body: Any, offset: int, nbytes: int, count: int | None, where: 
     return items
 
 
-def _from_json(data: Any, datatype: str, shape: list, count: int, field: str, where: str) -> Any:
+def _from_json(data: Any, datatype: str, shape: list[Any], count: int, field: str, where: str) -> Any:
     if type(data) is not list:
         raise DecodeError(f"{field}.data: expected a (nested) list of values, got {_show(data)}")
     if datatype == "BYTES":
@@ -461,7 +462,7 @@ def _from_json(data: Any, datatype: str, shape: list, count: int, field: str, wh
     return arr.astype(dtype, copy=False).reshape(shape)
 
 
-def _flatten_strings(data: list, field: str) -> list[bytes]:
+def _flatten_strings(data: list[Any], field: str) -> list[bytes]:
     """Nested lists of strings -> flat list of utf-8 bytes (iterative: no recursion limit)."""
     out: list[bytes] = []
     append = out.append
@@ -573,7 +574,7 @@ def encode_response(
     else:
         wanted = [(ro.name, ro.binary) for ro in req.outputs]
 
-    entries = []
+    entries: list[dict[str, Any]] = []
     blobs: list[Any] = []
     for name, binary in wanted:
         try:
@@ -647,9 +648,9 @@ def _output_array(name: str, value: Any) -> tuple[str, Any]:
     raise TypeError(f"output '{name}': expected a torch tensor or numpy array, got {type(value).__name__}")
 
 
-def _bytes_as_strings(items: list) -> list[str] | None:
+def _bytes_as_strings(items: list[Any]) -> list[str] | None:
     """BYTES elements as JSON strings; None if one is not valid utf-8 (send binary then)."""
-    out = []
+    out: list[str] = []
     append = out.append
     for x in items:
         if isinstance(x, bytes):
@@ -664,8 +665,8 @@ def _bytes_as_strings(items: list) -> list[str] | None:
     return out
 
 
-def _serialize_bytes(items: list) -> bytes:
-    parts = []
+def _serialize_bytes(items: list[Any]) -> bytes:
+    parts: list[bytes] = []
     append = parts.append
     for x in items:
         if not isinstance(x, bytes):

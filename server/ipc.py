@@ -114,10 +114,11 @@ class Rows:
     parts: list[int]
 
 
-class Inputs(dict):
+class Inputs(dict[str, Any]):
     """Tensors by name that carry their ``cache.input_digest`` (the engine's cache reads it)."""
 
     __slots__ = ("digest",)
+    digest: bytes
 
 
 @dataclass(slots=True)
@@ -132,6 +133,7 @@ async def run_call(engine: Any, call: InferCall) -> InferAnswer:
     if call.check_only:
         inst = engine.instance(call.model, call.version)  # ModelNotFound, with the engine's message
         return InferAnswer(inst.name, inst.version, {})
+    inputs: Any  # the tensors, or (a raw body) how to decode them once the version is known
     if call.raw is not None:
         body = call.raw
 
@@ -259,20 +261,20 @@ def unpack_calls(frames: Sequence[Any]) -> list[tuple[Any, InferCall | InferChun
             outputs = entry.get("o")
             if outputs is not None and (type(outputs) is not list or any(type(o) is not str for o in outputs)):
                 raise ProtocolError("'o' is not a list of names")
-            key = _opt_str(entry, "k")
+            routing_key = _opt_str(entry, "k")
             priority, timeout = entry.get("p"), entry.get("t")  # checked by the engine, as over HTTP
             if entry.get("c") == 1:
                 call = InferCall(model, version, None, check_only=True)
             elif entry.get("r") == 1:
                 raw = _frame(frames, pos)
                 pos += 1
-                call = InferCall(model, version, None, raw, priority, timeout, outputs, key)
+                call = InferCall(model, version, None, raw, priority, timeout, outputs, routing_key)
             else:
                 metas = entry.get("x")
                 if type(metas) is not list:
                     raise ProtocolError("call entry without 'x' or 'r'")
                 inputs, pos = _unpack_tensors(metas, frames, pos, "inputs")
-                call = InferCall(model, version, inputs, None, priority, timeout, outputs, key,
+                call = InferCall(model, version, inputs, None, priority, timeout, outputs, routing_key,
                                  digest=_digest(entry.get("d")))
         except (InputError, ProtocolError) as e:
             pos = _skip(entry, pos)
@@ -292,7 +294,7 @@ def calls_of(entries: Sequence[tuple[Any, InferCall | InferChunk | EngineError]]
         if isinstance(c, InferChunk):
             out.extend(zip(c.ids, c.calls()))
         elif type(key) is Rows:
-            out.extend((i, c) for i in key.ids)  # type: ignore[misc]
+            out.extend((i, c) for i in key.ids)
         else:
             out.append((key, c))
     return out

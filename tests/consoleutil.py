@@ -4,18 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 import urllib.error
 import urllib.request
-
-
-async def until(pilot, cond, timeout=15.0, what="condition"):
-    """Poll ``cond()`` while the app keeps running; fail naming ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await pilot.pause(0.05)
 
 
 def cell(app, key, col):

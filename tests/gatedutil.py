@@ -14,6 +14,7 @@ import asyncio
 import textwrap
 
 import torch
+from waiting import until
 
 GATED_MODULE = textwrap.dedent(
     '''
@@ -80,19 +81,10 @@ async def add(engine, cfg):
     return engine.instance(cfg["name"])
 
 
-async def wait_until(pred, timeout=5.0):
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not pred():
-        if loop.time() > end:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.001)
-
-
 async def occupy(engine, inst, value: float = -1.0) -> asyncio.Task:
     """Send one request to a gated model whose gate is closed; return once its forward is blocked."""
     task = asyncio.ensure_future(engine.infer(inst.name, {"x": torch.full((1, 4), value)}))
-    await wait_until(inst._module.entered.is_set)
+    await until(inst._module.entered.is_set)
     assert inst.in_flight == 1 and inst.queue.size == 0
     return task
 

@@ -21,8 +21,9 @@ import aiohttp
 import numpy as np
 import pytest
 import torch
-from gatedutil import add, occupy, reference, tagged, wait_until
+from gatedutil import add, occupy, reference, tagged
 from serverutil import ServerThread
+from waiting import until
 
 from modelconsole.scheduler import rows
 from modelconsole.scheduler.config import ConfigError, parse_config
@@ -121,7 +122,7 @@ async def test_the_queue_bound_counts_each_request_of_a_chunk(engine, gated):
     blocker = await occupy(engine, inst)
     xs = [tagged_rows(10 * (k + 1), 1) for k in range(5)]
     answers = submit(engine, "g", xs)
-    await wait_until(lambda: 3 in answers.by_place)  # refused at once, on the next loop turn
+    await until(lambda: 3 in answers.by_place)  # refused at once, on the next loop turn
     assert isinstance(answers.by_place[3][1], QueueFull) and isinstance(answers.by_place[4][1], QueueFull)
     assert inst.queue.size == 3 and inst.stats.failures["queue_full"] == 2
     inst._module.gate.set()
@@ -135,7 +136,7 @@ async def test_a_more_urgent_chunk_goes_before_less_urgent_requests(engine, gate
     inst = await add(engine, gated("g", gate_open=False, max_batch_size=2, priority_levels=2, priority=2))
     blocker = await occupy(engine, inst)
     later = asyncio.ensure_future(engine.infer("g", {"x": tagged(50)}))
-    await wait_until(lambda: inst.queue.size == 1)
+    await until(lambda: inst.queue.size == 1)
     answers = submit(engine, "g", [tagged_rows(10, 1), tagged_rows(20, 1)], priority=1)
     inst._module.gate.set()
     await asyncio.gather(answers.all, blocker, later)
@@ -153,7 +154,7 @@ async def test_cache_hits_in_a_chunk_are_answered_at_once_and_misses_form_the_ch
     inst._module.entered.clear()
     blocker = await occupy(engine, inst)
     second = submit(engine, "g", [a, c, b, d])
-    await wait_until(lambda: len(second.by_place) == 2)  # the hits, before any forward
+    await until(lambda: len(second.by_place) == 2)  # the hits, before any forward
     assert sorted(second.by_place) == [0, 2]
     assert torch.equal(second.by_place[0][0], first.by_place[0][0])  # the stored bytes, exactly
     assert torch.equal(second.by_place[2][0], first.by_place[1][0])
@@ -323,7 +324,7 @@ async def test_keep_awake_keeps_the_loop_turning_and_stops_after_its_budget():
     ran = loop.create_future()
     loop.call_soon(ran.set_result, True)  # nothing waits behind it: other callbacks run as usual
     assert await ran
-    await wait_until(lambda: not awake.active)  # it ends by itself once its budget is spent
+    await until(lambda: not awake.active)  # it ends by itself once its budget is spent
     idle = transport.KeepAwake(0.0)
     idle.extend()
     assert not idle.active  # a budget of 0 never spins
@@ -363,7 +364,6 @@ def test_gil_switch_us_is_checked(value):
         parse_config({"server": {"gil_switch_us": value}}, ".")
     assert parse_config({"server": {"gil_switch_us": 500}}, ".").server.gil_switch_us == 500.0
     assert parse_config({}, ".").server.gil_switch_us is None
-
 
 
 # ---------------------------------------------------------------- fuzz: what the core parses

@@ -12,9 +12,9 @@ import ipaddress
 import json
 import os
 import re
-import time
 
 import pytest
+from waiting import until
 
 from modelconsole.cluster import rayenv
 
@@ -165,17 +165,6 @@ def fleet(tmp_path_factory):
         cluster.shutdown()
 
 
-async def wait_for(check, what, timeout=90.0):
-    """Poll the fleet's own answers until ``check()`` is truthy (a bound, not a sleep window)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
-
-
 async def snapshot(url):
     async with aiohttp.ClientSession() as s, s.get(url + "/api/snapshot", headers=AUTH) as r:
         assert r.status == 200, await r.text()
@@ -234,10 +223,10 @@ async def test_replicas_spread_over_nodes_and_requests_reach_both(fleet):
             assert r.status == 200, await r.text()
             body = await r.json()
         assert len(body["nodes"]) == 2  # replicas = 2: one per node
-        await wait_for(lambda: _routed_by_every_frontend(fleet, "tiny", 2), "both holders in every routing table")
+        await until(lambda: _routed_by_every_frontend(fleet, "tiny", 2), "both holders in every routing table")
         results = await asyncio.gather(*(infer(s, urls[i % 2], "tiny") for i in range(200)))
     assert all(st == 200 for st, _, _ in results)
-    tiny = await wait_for(lambda: _answered(urls[0], "tiny", 200), "the nodes' reports counting 200 answers")
+    tiny = await until(lambda: _answered(urls[0], "tiny", 200), "the nodes' reports counting 200 answers")
     served = {r["node"]: r["served"] for r in tiny["replicas"]}
     assert len(served) == 2 and all(n > 0 for n in served.values()), served
     # the control plane's /metrics (through a node's front end): one series per node, summing up
@@ -258,7 +247,7 @@ async def test_replicas_spread_over_nodes_and_requests_reach_both(fleet):
     assert min(p50s) / 1.1 <= merged <= max(p50s) * 1.1, (merged, p50s)
     # every node's front end counted the infer calls it answered, with its node label
     nodes = list((await fleet.frontends()).keys())
-    counted = await wait_for(lambda: _frontend_counts(urls[1], nodes, 100), "each front end's 100 answers in /metrics")
+    counted = await until(lambda: _frontend_counts(urls[1], nodes, 100), "each front end's 100 answers in /metrics")
     assert set(counted) >= set(nodes), counted
 
 
@@ -294,7 +283,7 @@ async def test_a_miss_is_placed_by_the_controller_and_answered(fleet):
         results = await asyncio.gather(*(infer(s, urls[k % 2], "solo") for k in range(8)))
     for status, body, _ in results:
         assert status == 200 and body["model_name"] == "solo"
-    solo = await wait_for(lambda: _held(urls[0], "solo"), "solo held somewhere")
+    solo = await until(lambda: _held(urls[0], "solo"), "solo held somewhere")
     assert len(solo["nodes"]) == 1
     snap = await snapshot(urls[0])
     placed = [e for e in snap["events"] if e["kind"] == "placed" and "solo:1" in e["message"]]
@@ -332,7 +321,7 @@ async def test_every_node_serves_kserve_v2_over_grpc_too(fleet):
 async def test_a_pin_follows_the_version_to_a_node_that_takes_it_later(fleet):
     urls = await fleet.frontends()
     url = next(iter(urls.values()))
-    solo = await wait_for(lambda: _held(url, "solo"), "solo held")  # placed by the miss test
+    solo = await until(lambda: _held(url, "solo"), "solo held")  # placed by the miss test
     holder = solo["nodes"][0]
     other = next(n for n in urls if n != holder)
     async with aiohttp.ClientSession() as s:
@@ -341,7 +330,7 @@ async def test_a_pin_follows_the_version_to_a_node_that_takes_it_later(fleet):
         assert await _pinned_on(holder, "solo")
         async with s.post(f"{url}/api/models/solo/load?node={other}", json={}, headers=AUTH) as r:
             assert r.status == 200, await r.text()
-        await wait_for(lambda: _pinned_on(other, "solo"), "the controller pinning solo where it was loaded later")
+        await until(lambda: _pinned_on(other, "solo"), "the controller pinning solo where it was loaded later")
         async with s.post(url + "/api/models/solo/unpin", json={}, headers=AUTH) as r:
             assert r.status == 200, await r.text()
     for node in (holder, other):
@@ -418,7 +407,7 @@ async def test_a_canary_ramps_on_every_node_at_once_and_promotes_cluster_wide(fl
 
         load = asyncio.ensure_future(traffic())
         try:
-            routing = await wait_for(lambda: _canary_done(url, "can"), "the fleet canary promoted")
+            routing = await until(lambda: _canary_done(url, "can"), "the fleet canary promoted")
         finally:
             stop.set()
             statuses = await load
@@ -449,7 +438,7 @@ async def test_the_attached_console_shows_every_node_and_what_it_holds(fleet):
                 text = app.query_one("#nodes").text
                 return all(n[:8] in text for n in urls) and "tiny:1" in text
 
-            await wait_for(shown, "the nodes panel listing every node and its models")
+            await until(shown, "the nodes panel listing every node and its models")
             assert app.query_one("#nodes").display
             # n: the next actions act on one node; l loads the selected version there only
             await pilot.press("n")
@@ -459,7 +448,7 @@ async def test_the_attached_console_shows_every_node_and_what_it_holds(fleet):
             await pilot.pause()
             assert app.selected_key() == "slow:1"
             await pilot.press("l")
-            slow = await wait_for(lambda: _held(next(iter(urls.values())), "slow"), "slow loaded from the console")
+            slow = await until(lambda: _held(next(iter(urls.values())), "slow"), "slow loaded from the console")
             assert slow["nodes"] == [target]
             await pilot.press("q")
     finally:
@@ -469,22 +458,22 @@ async def test_the_attached_console_shows_every_node_and_what_it_holds(fleet):
 async def test_a_node_removed_mid_traffic_leaves_no_request_unanswered(fleet):
     before = set(await fleet.frontends())
     node = fleet.cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={"sim_gpu": 1})
-    urls = await wait_for(lambda: _nodes_up(fleet, 3), "the third node's engine core and front end")
+    urls = await until(lambda: _nodes_up(fleet, 3), "the third node's engine core and front end")
     new = (set(urls) - before).pop()
     head_url = next(u for n, u in urls.items() if n != new)
     keep, spare = sorted(before)
     async with aiohttp.ClientSession() as s:
         async with s.post(f"{head_url}/api/models/slow/load?node={new}", json={}, headers=AUTH) as r:
             assert r.status == 200, await r.text()
-        await wait_for(lambda: _held(head_url, "slow"), "slow held on the new node")
+        await until(lambda: _held(head_url, "slow"), "slow held on the new node")
         # tiny (replicas = 2) on `keep` and on the node about to be lost, not on `spare`
         for action, where in (("load", keep), ("unload", spare), ("load", new)):
             async with s.post(f"{head_url}/api/models/tiny/{action}?node={where}", json={}, headers=AUTH) as r:
                 assert r.status == 200, await r.text()
-        await wait_for(lambda: _on_nodes(head_url, "tiny", {keep, new}), "tiny on keep and the new node")
+        await until(lambda: _on_nodes(head_url, "tiny", {keep, new}), "tiny on keep and the new node")
         # slow batches wait 2 s: the requests below sit in the new node's queue when it goes
         traffic = [asyncio.ensure_future(infer(s, head_url, "slow")) for _ in range(40)]
-        await wait_for(lambda: _queued_on(head_url, "slow"), "requests queued on the new node")
+        await until(lambda: _queued_on(head_url, "slow"), "requests queued on the new node")
         await asyncio.to_thread(fleet.cluster.remove_node, node)
         results = await asyncio.wait_for(asyncio.gather(*traffic), 120)
     statuses = [st for st, _, _ in results]
@@ -493,12 +482,12 @@ async def test_a_node_removed_mid_traffic_leaves_no_request_unanswered(fleet):
     for st, body, headers in results:
         if st == 503:
             assert headers.get("Retry-After") and "retry" in body["error"]
-    await wait_for(lambda: _health(head_url, new, "lost"), "the node marked lost")
+    await until(lambda: _health(head_url, new, "lost"), "the node marked lost")
     gone = next(n for n in (await snapshot(head_url))["nodes"] if n["node"] == new)
     assert gone["holds"] == [] and sorted(gone["held"]) == ["slow:1", "tiny:1"], gone  # says what it held
     # the replica of tiny lost with the node is placed again on a live node; slow (held by no live
     # node) waits for its next request, as on a first one
-    await wait_for(lambda: _on_nodes(head_url, "tiny", {keep, spare}), "tiny's lost replica placed again")
+    await until(lambda: _on_nodes(head_url, "tiny", {keep, spare}), "tiny's lost replica placed again")
     restored = await _event(head_url, "replica_restored")
     assert restored is not None and "tiny:1" in restored and spare[:8] in restored, restored
     assert (await version_of(head_url, "tiny"))["replicas_short"] == 0
@@ -557,9 +546,9 @@ async def test_the_controller_restarts_with_everything_the_operator_changed(flee
             assert r.status == 200, await r.text()
         first = (await fleet.info())["restarted_at"]
         ray.kill(fleet.controller, no_restart=False)
-        info = await wait_for(lambda: _restarted(fleet, first), "the controller restarted by Ray")
+        info = await until(lambda: _restarted(fleet, first), "the controller restarted by Ray")
         assert info["url"].endswith(f":{fleet.control_port}")
-        later = await wait_for(lambda: _model(url, "later"), "the restored registry through a front end")
+        later = await until(lambda: _model(url, "later"), "the restored registry through a front end")
         assert {m["version"] for m in later} == {"1", "2"}
         async with s.get(url + "/api/models/later/routing", headers=AUTH) as r:
             assert (await r.json())["weights"] == {"1": 70.0, "2": 30.0}
@@ -615,7 +604,7 @@ async def test_serve_cluster_joins_the_fleet_says_where_it_listens_and_stops_it(
             assert (await infer(s, url, "slow"))[0] == 200  # loaded somewhere
             # in flight when the signal comes: slow's batches wait 2 s in the queue
             traffic = [asyncio.ensure_future(infer(s, url, "slow")) for _ in range(8)]
-            await wait_for(lambda: _queued_on(url, "slow"), "requests queued for slow")
+            await until(lambda: _queued_on(url, "slow"), "requests queued for slow")
             proc.send_signal(signal.SIGTERM)
             await read_until("stopping the fleet")
             results = await asyncio.wait_for(asyncio.gather(*traffic, return_exceptions=True), 120)

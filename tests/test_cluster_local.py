@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from waiting import until
 
 from modelconsole.cluster import local
 from modelconsole.scheduler.config import ConfigError, cluster_address
@@ -151,25 +152,24 @@ async def test_serve_cluster_local_with_front_end_processes_serves_every_model_o
 
 
 async def _until_served(session, url, counts):
-    """The snapshot once the nodes' reports count these answers per model (reports come each tick)."""
-    for _ in range(600):
+    """The snapshot's models once the nodes' reports count these answers per model."""
+    async def served():
         async with session.get(f"{url}/api/snapshot", headers=AUTH) as r:
             models = {m["name"]: m for m in (await r.json())["models"]}
-        if all(sum(x["served"] for x in models[n]["replicas"]) >= c for n, c in counts.items()):
-            return models
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"the nodes never reported {counts} answers")
+        done = all(sum(x["served"] for x in models[n]["replicas"]) >= c for n, c in counts.items())
+        return models if done else None
+
+    return await until(served, f"the nodes reporting {counts} answers", 60)
 
 
 async def _until_queued(session, url, name, n):
-    """The fleet's own count of requests queued for ``name`` reaches ``n`` (a bound, not a window)."""
-    for _ in range(600):
+    """The fleet's own count of requests queued or running for ``name`` reaches ``n``."""
+    async def queued():
         async with session.get(f"{url}/api/snapshot", headers=AUTH) as r:
             m = next(m for m in (await r.json())["models"] if m["name"] == name)
-        if m["queue"] + m["in_flight"] >= n:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{n} requests never queued for {name}")
+        return m["queue"] + m["in_flight"] >= n
+
+    await until(queued, f"{n} requests queued for {name}", 60)
 
 
 def _session_left(sid: int) -> bool:

@@ -17,10 +17,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from consoleutil import cell, http, local_client, select, until
+from consoleutil import cell, http, local_client, select
 from textual.app import App
 from textual.command import CommandList, CommandPalette
 from textual.widgets import Input
+from waiting import until
 
 from modelconsole.console import format as fmt
 from modelconsole.console.app import PALETTE, ActionCommands, ModelConsoleApp
@@ -76,7 +77,7 @@ async def test_main_screen_shows_models_gpus_detail_and_log(client):
         assert [c.label.plain for c in app.table.columns.values()][:8] == [
             " ", "model↑", "ver", "state", "health", "req/s", "err%", "p95ms"]
         assert cell(app, "tiny:1", "state") == "UNLOADED" and cell(app, "tiny:1", "version") == "1*"
-        await until(pilot, lambda: len(app.gpus.cards) == 2, what="two GPU cards")
+        await until(lambda: len(app.gpus.cards) == 2, what="two GPU cards", pilot=pilot)
         await pilot.pause(0.3)
         text = screen_text(app)
         assert "Simulated GPU 0" in text and "Simulated GPU 1" in text and "util" in text
@@ -110,10 +111,10 @@ async def test_load_key_loads_the_selected_model_without_freezing(client):
         await pilot.press("down")
         assert app.selected_key() == "tiny:1"
         await client.engine.pin("sized")
-        await until(pilot, lambda: cell(app, "sized:1", "pin") == fmt.PIN_GLYPH, what="refresh during a load")
+        await until(lambda: cell(app, "sized:1", "pin") == fmt.PIN_GLYPH, what="refresh during a load", pilot=pilot)
         assert cell(app, "tiny:1", "state") == "UNLOADED"
         gate.set()
-        await until(pilot, lambda: cell(app, "tiny:1", "state") == "READY", what="tiny READY")
+        await until(lambda: cell(app, "tiny:1", "state") == "READY", what="tiny READY", pilot=pilot)
         select(app, "cnn:1")
         table = app.table
         # updated in place, never refilled: from here on the table must not lose or gain a row,
@@ -143,9 +144,9 @@ async def test_load_key_loads_the_selected_model_without_freezing(client):
         cells_before = {(k.value, c): table.get_cell(k, c) for k in keys_before for c in fmt.COLUMN_KEYS}
         await pilot.press("l")
         assert any("loading cnn v1" in n for n, _ in app.notes)  # visible at once
-        await until(pilot, lambda: cell(app, "cnn:1", "state") == "READY", what="cnn READY")
+        await until(lambda: cell(app, "cnn:1", "state") == "READY", what="cnn READY", pilot=pilot)
         assert cell(app, "cnn:1", "device") in ("gpu0", "gpu1") and cell(app, "cnn:1", "memory") != "—"
-        await until(pilot, lambda: any("cnn v1 is READY" in n for n, _ in app.notes), what="the answer")
+        await until(lambda: any("cnn v1 is READY" in n for n, _ in app.notes), what="the answer", pilot=pilot)
         # one event line per action: the engine's own event, no "loading…" and "done" lines around it
         assert [line for line in app.event_lines if "cnn" in line][-1:] == [
             next(line for line in app.event_lines if "cnn v1 ready on gpu" in line)]
@@ -153,9 +154,9 @@ async def test_load_key_loads_the_selected_model_without_freezing(client):
         assert sum("cnn" in line for line in app.event_lines) == 3, list(app.event_lines)
         # more refreshes with changing data: a pin and a priority change made on the engine
         await client.engine.pin("cnn")
-        await until(pilot, lambda: cell(app, "cnn:1", "pin") == fmt.PIN_GLYPH, what="cnn pinned in the table")
+        await until(lambda: cell(app, "cnn:1", "pin") == fmt.PIN_GLYPH, what="cnn pinned in the table", pilot=pilot)
         await client.engine.set_priority("tiny", None, 1)
-        await until(pilot, lambda: cell(app, "tiny:1", "priority").endswith("/P1"), what="tiny P1 in the table")
+        await until(lambda: cell(app, "tiny:1", "priority").endswith("/P1"), what="tiny P1 in the table", pilot=pilot)
         assert calls == Counter(), calls  # no clear, no row added or removed, no cell-by-cell repaint
         assert all(a is b for a, b in zip(table.rows, keys_before, strict=True))  # the same row keys
         changed = {(row, col) for row, col, _, _ in updates}
@@ -189,8 +190,8 @@ async def test_unload_asks_and_cancel_is_the_default(client):
         await pilot.pause(0.3)
         assert client.engine.instance("tiny").state == "READY"
         await pilot.press("u", "tab", "enter")  # choose Unload
-        await until(pilot, lambda: cell(app, "tiny:1", "state") == "UNLOADED", what="tiny UNLOADED")
-        await until(pilot, lambda: any("tiny v1 unloaded" in line for line in app.event_lines), what="log")
+        await until(lambda: cell(app, "tiny:1", "state") == "UNLOADED", what="tiny UNLOADED", pilot=pilot)
+        await until(lambda: any("tiny v1 unloaded" in line for line in app.event_lines), what="log", pilot=pilot)
         assert not any("✓" in line or "→" in line for line in app.event_lines)  # the engine's line only
 
 
@@ -208,12 +209,12 @@ async def test_evict_asks_and_confirm_evicts(client):
         assert client.engine.instance("sized").state == "READY"
         await pilot.press("e")
         await pilot.click("#confirm")
-        await until(pilot, lambda: cell(app, "sized:1", "state") != "READY", what="sized evicted")
-        await until(pilot, lambda: any("evicted" in line for line in app.event_lines), what="evicted event")
+        await until(lambda: cell(app, "sized:1", "state") != "READY", what="sized evicted", pilot=pilot)
+        await until(lambda: any("evicted" in line for line in app.event_lines), what="evicted event", pilot=pilot)
         # evicting what is not loaded is not offered: e says why, and no dialog opens
-        await until(pilot, lambda: app.check_action("evict", ()) is None, what="e greyed on an unloaded row")
+        await until(lambda: app.check_action("evict", ()) is None, what="e greyed on an unloaded row", pilot=pilot)
         await pilot.press("e")
-        await until(pilot, lambda: any(s == "warning" and "not loaded" in n for n, s in app.notes), what="why")
+        await until(lambda: any(s == "warning" and "not loaded" in n for n, s in app.notes), what="why", pilot=pilot)
         assert not isinstance(app.screen, ConfirmScreen)
 
 
@@ -223,20 +224,20 @@ async def test_pin_and_priority_keys(client):
         await pilot.pause()
         select(app, "tiny:1")
         await pilot.press("p")
-        await until(pilot, lambda: cell(app, "tiny:1", "pin") == fmt.PIN_GLYPH, what="pinned")
+        await until(lambda: cell(app, "tiny:1", "pin") == fmt.PIN_GLYPH, what="pinned", pilot=pilot)
         assert client.engine.instance("tiny").pinned
         await pilot.press("p")
-        await until(pilot, lambda: cell(app, "tiny:1", "pin") != fmt.PIN_GLYPH, what="unpinned")
+        await until(lambda: cell(app, "tiny:1", "pin") != fmt.PIN_GLYPH, what="unpinned", pilot=pilot)
         assert not client.engine.instance("tiny").pinned
         assert cell(app, "tiny:1", "priority").endswith("/P2")
         await pilot.press("plus")
-        await until(pilot, lambda: cell(app, "tiny:1", "priority").endswith("/P1"), what="P1")
+        await until(lambda: cell(app, "tiny:1", "priority").endswith("/P1"), what="P1", pilot=pilot)
         assert client.engine.instance("tiny").cfg.priority == 1
         await pilot.press("plus")  # already the most urgent
         assert any(s == "warning" and "already at P1" in n for n, s in app.notes)
         await pilot.press("minus", "minus")  # two quick presses build on each other
-        await until(pilot, lambda: client.engine.instance("tiny").cfg.priority == 3, what="P3")
-        await until(pilot, lambda: cell(app, "tiny:1", "priority").endswith("/P3"), what="P3 shown")
+        await until(lambda: client.engine.instance("tiny").cfg.priority == 3, what="P3", pilot=pilot)
+        await until(lambda: cell(app, "tiny:1", "priority").endswith("/P3"), what="P3 shown", pilot=pilot)
         assert any("base priority 2 -> 3" in line for line in app.event_lines)
 
 
@@ -254,15 +255,15 @@ async def test_register_form(client):
         app.screen.query_one("#reg-options", Input).focus()
         await pilot.press("enter")  # parses (warmup is the string "oops=1"); the engine refuses it
         form = app.screen
-        await until(pilot, lambda: "warmup" in str(form.query_one("#reg-options-error").render()),
-                    what="the refusal under the options field")
+        await until(lambda: "warmup" in str(form.query_one("#reg-options-error").render()),
+                    what="the refusal under the options field", pilot=pilot)
         # the form stays, with everything typed still there: fix the one field and register
         assert app.screen is form and form.query_one("#reg-name", Input).value == "newbie"
         assert "newbie:1" not in app.models
         form.query_one("#reg-version", Input).value = "7"
         form.query_one("#reg-options", Input).value = "warmup=0 max_batch_size=4"
         await pilot.click("#register-ok")
-        await until(pilot, lambda: "newbie:7" in {str(k.value) for k in app.table.rows}, what="new row")
+        await until(lambda: "newbie:7" in {str(k.value) for k in app.table.rows}, what="new row", pilot=pilot)
         assert client.engine.instance("newbie", "7").cfg.max_batch_size == 4
         assert cell(app, "newbie:7", "state") == "UNLOADED"
         assert any("newbie v7 registered" in n for n, _ in app.notes)
@@ -342,7 +343,7 @@ async def test_theme_help_and_palette(client):
         await pilot.press(*"unload the")
         await pilot.pause(0.5)
         await pilot.press("enter")
-        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="unload asked from the palette")
+        await until(lambda: isinstance(app.screen, ConfirmScreen), what="unload asked from the palette", pilot=pilot)
         await pilot.press("escape")
     light = RecordingApp(client, theme="modelconsole-light")
     async with light.run_test(size=SIZE) as pilot:
@@ -360,8 +361,8 @@ def palette_titles(app) -> list[str]:
 
 async def open_palette(pilot, *keys: str) -> list[str]:
     await pilot.press(*keys)
-    await until(pilot, lambda: isinstance(pilot.app.screen, CommandPalette) and pilot.app.screen.has_class("-ready"),
-                what=f"the palette opened by {'+'.join(keys)}")
+    await until(lambda: isinstance(pilot.app.screen, CommandPalette) and pilot.app.screen.has_class("-ready"),
+                what=f"the palette opened by {'+'.join(keys)}", pilot=pilot)
     await pilot.pause()
     return palette_titles(pilot.app)
 
@@ -380,14 +381,14 @@ async def test_ctrl_p_opens_the_palette_listing_every_action(client):
             assert {"Theme", "Keys", "Screenshot"} <= set(titles[len(actions) + len(sorts):])
             assert titles.count("Quit") == 1  # Textual's Quit is the console's quit: listed once
             await pilot.press("escape")
-            await until(pilot, lambda: not isinstance(app.screen, CommandPalette), what="palette closed")
+            await until(lambda: not isinstance(app.screen, CommandPalette), what="palette closed", pilot=pilot)
         # an action picked from a search in the palette runs as its key would
         await open_palette(pilot, "ctrl+p")
         select(app, "tiny:1")
         await pilot.press(*"unload the")
         await pilot.pause(0.5)
         await pilot.press("enter")
-        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="unload asked from the palette")
+        await until(lambda: isinstance(app.screen, ConfirmScreen), what="unload asked from the palette", pilot=pilot)
         assert app.screen.title_text == "Unload tiny v1?"
         await pilot.press("escape")
         # typing ':' into the filter types it, and opens nothing
@@ -413,7 +414,7 @@ async def test_keymap_remaps_by_binding_id(client):
         await pilot.pause(0.2)
         assert client.engine.instance("tiny").state == "UNLOADED"
         await pilot.press("L")
-        await until(pilot, lambda: cell(app, "tiny:1", "state") == "READY", what="loaded by L")
+        await until(lambda: cell(app, "tiny:1", "state") == "READY", what="loaded by L", pilot=pilot)
 
 
 async def test_read_only_blocks_every_change(client):
@@ -489,7 +490,7 @@ async def test_quit_embedded_asks_while_traffic_flows(client):
     async with flowing(eng, "tiny"):
         app = RecordingApp(client, embedded=True, refresh_s=0.25)
         async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: rate_of(client, "tiny") > 0, what="traffic")
+            await until(lambda: rate_of(client, "tiny") > 0, what="traffic", pilot=pilot)
             await pilot.press("q")
             assert isinstance(app.screen, ConfirmScreen) and "Traffic is flowing" in str(app.screen.message)
             await pilot.press("enter")  # Cancel
@@ -517,7 +518,7 @@ async def test_ctrl_q_is_the_quit_action(client):
     async with flowing(eng, "tiny"):
         app = RecordingApp(client, embedded=True, refresh_s=0.25)
         async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: rate_of(client, "tiny") > 0, what="traffic")
+            await until(lambda: rate_of(client, "tiny") > 0, what="traffic", pilot=pilot)
             await pilot.press("ctrl+q")
             assert isinstance(app.screen, ConfirmScreen) and app.screen.title_text == "Quit while serving?"
             assert "Traffic is flowing" in str(app.screen.message)
@@ -549,15 +550,15 @@ async def test_lost_connection_banner_and_recovery(client):
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
         client.connected = False
-        await until(pilot, lambda: app.screen.has_class("-disconnected"), what="greyed")
+        await until(lambda: app.screen.has_class("-disconnected"), what="greyed", pilot=pilot)
         assert "connection lost to the engine — reconnecting" in app.query_one("#banner").text
         assert app.query_one("#banner").display
         await client.engine.load("tiny")
         await pilot.pause(0.5)
         assert cell(app, "tiny:1", "state") == "UNLOADED"  # the last picture stays
         client.connected = True
-        await until(pilot, lambda: not app.screen.has_class("-disconnected"), what="recovered")
-        await until(pilot, lambda: cell(app, "tiny:1", "state") == "READY", what="fresh picture")
+        await until(lambda: not app.screen.has_class("-disconnected"), what="recovered", pilot=pilot)
+        await until(lambda: cell(app, "tiny:1", "state") == "READY", what="fresh picture", pilot=pilot)
         assert not app.query_one("#banner").display
 
 
@@ -626,22 +627,22 @@ async def test_the_event_log_shows_an_evictions_reason(tmp_path):
             for name in ("a", "b"):
                 select(app, f"{name}:1")
                 await pilot.press("l")
-                await until(pilot, lambda n=name: cell(app, f"{n}:1", "state") == "READY", what=f"{name} READY")
+                await until(lambda n=name: cell(app, f"{n}:1", "state") == "READY", what=f"{name} READY", pilot=pilot)
             select(app, "c:1")
             await pilot.press("l")  # 100 MiB holds two of them: a third evicts one
-            await until(pilot, lambda: cell(app, "c:1", "state") == "READY", what="c READY")
+            await until(lambda: cell(app, "c:1", "state") == "READY", what="c READY", pilot=pilot)
             evicted = [e for e in eng.events.recent if e.kind == "evicted"]
             assert len(evicted) == 1
             reason = evicted[0].data["reason"]
             victim = f"{evicted[0].model}:{evicted[0].version}"
             assert "to make room for c:1" in reason and victim in reason
-            await until(pilot, lambda: cell(app, victim, "state") == "UNLOADED", what="the victim unloaded")
+            await until(lambda: cell(app, victim, "state") == "UNLOADED", what="the victim unloaded", pilot=pilot)
 
             def logged() -> str:  # the log wraps long events: read it as one text
                 return " ".join(" ".join("".join(seg.text for seg in strip).split()) for strip in app.log_widget.lines)
 
             said = " ".join(f"evicted {victim} from gpu0 {reason}".split())
-            await until(pilot, lambda: said in logged(), what="the eviction's reason in the log widget")
+            await until(lambda: said in logged(), what="the eviction's reason in the log widget", pilot=pilot)
     finally:
         await client.close()
         await eng.close()
@@ -676,8 +677,8 @@ async def test_embedded_http_server_answers_while_the_console_runs(tmp_path):
 
     async def drive(app: ModelConsoleApp) -> None:
         async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: ((app.client.snapshot() or {}).get("server") or {}).get("url"),
-                        what="the server's address")
+            await until(lambda: ((app.client.snapshot() or {}).get("server") or {}).get("url"),
+                        what="the server's address", pilot=pilot)
             url = seen["url"] = app.client.snapshot()["server"]["url"]
             assert app.is_running and app.embedded and "embedded" in app.query_one("#status").text
             assert app.refresh_s == 0.5  # --interval
@@ -691,8 +692,8 @@ async def test_embedded_http_server_answers_while_the_console_runs(tmp_path):
             assert status == 200, out
             assert out["model_name"] == "tiny" and out["outputs"][0]["shape"][0] == 2
             # the request loaded tiny on the server: the console shows it, and the request
-            await until(pilot, lambda: cell(app, "tiny:1", "state") == "READY", what="tiny READY in the console")
-            await until(pilot, lambda: any("tiny v1 ready" in line for line in app.event_lines), what="the log")
+            await until(lambda: cell(app, "tiny:1", "state") == "READY", what="tiny READY in the console", pilot=pilot)
+            await until(lambda: any("tiny v1 ready" in line for line in app.event_lines), what="the log", pilot=pilot)
             assert app.is_running
             status, _ = await ask(http, url + "/v2/health/ready")  # still answering
             assert status == 200

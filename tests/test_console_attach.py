@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from waiting import until
 
 from modelconsole.console.app import ModelConsoleApp
 from modelconsole.console.client import RemoteClient
@@ -141,20 +142,6 @@ def server(tmp_path):
         s.kill()
 
 
-async def until(pilot, cond, timeout: float = 30.0, what: str = "condition") -> None:
-    """Poll cond (a function, or a coroutine function) while the app keeps running."""
-    deadline = time.monotonic() + timeout
-    while True:
-        ok = cond()
-        if asyncio.iscoroutine(ok):
-            ok = await ok
-        if ok:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await pilot.pause(0.1)
-
-
 def cell(app: ModelConsoleApp, key: str, col: str) -> str:
     return app.table.get_cell(key, col).plain
 
@@ -172,7 +159,7 @@ async def test_attached_console_drives_a_real_server_and_survives_its_restart(se
     try:
         app = ModelConsoleApp(client, refresh_s=0.25)
         async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: rows(app) == {"tiny:1", "spare:1"}, what="the server's models")
+            await until(lambda: rows(app) == {"tiny:1", "spare:1"}, what="the server's models", pilot=pilot)
             assert cell(app, "tiny:1", "state") == "UNLOADED"
             assert f"attached to {server.url}" in app.query_one("#status").text
             app.table.move_cursor(row=app.table.get_row_index("tiny:1"), animate=False)
@@ -184,15 +171,15 @@ async def test_attached_console_drives_a_real_server_and_survives_its_restart(se
             async def tiny_is(state: str) -> bool:
                 return await ask(server.state, "tiny") == state
 
-            await until(pilot, lambda: tiny_is("READY"), what="tiny READY on the server")
-            await until(pilot, lambda: cell(app, "tiny:1", "state") == "READY", what="tiny READY in the table")
+            await until(lambda: tiny_is("READY"), what="tiny READY on the server", pilot=pilot)
+            await until(lambda: cell(app, "tiny:1", "state") == "READY", what="tiny READY in the table", pilot=pilot)
             assert await ask(server.state, "spare") == "UNLOADED"  # only the selected row
 
             await pilot.press("u")
             assert isinstance(app.screen, ConfirmScreen)
             await pilot.press("tab", "enter")  # focus the Unload button, press it
-            await until(pilot, lambda: tiny_is("UNLOADED"), what="tiny UNLOADED on the server")
-            await until(pilot, lambda: cell(app, "tiny:1", "state") == "UNLOADED", what="tiny UNLOADED in the table")
+            await until(lambda: tiny_is("UNLOADED"), what="tiny UNLOADED on the server", pilot=pilot)
+            await until(lambda: cell(app, "tiny:1", "state") == "UNLOADED", what="tiny UNLOADED in the table", pilot=pilot)
 
             await pilot.press("q")
             await pilot.pause()
@@ -216,13 +203,13 @@ async def test_attached_console_drives_a_real_server_and_survives_its_restart(se
     try:
         app = ModelConsoleApp(client, refresh_s=0.25)
         async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: "extra:1" in rows(app), what="the registered model")
+            await until(lambda: "extra:1" in rows(app), what="the registered model", pilot=pilot)
             app.table.move_cursor(row=app.table.get_row_index("extra:1"), animate=False)
             await pilot.pause()
             await pilot.press("X")
             assert isinstance(app.screen, ConfirmScreen)
             await pilot.press("tab", "enter")
-            await until(pilot, lambda: "extra:1" not in rows(app), what="the row gone")
+            await until(lambda: "extra:1" not in rows(app), what="the row gone", pilot=pilot)
             def gone() -> bool:
                 try:
                     http_json(f"{server.url}/api/models/extra", token=server.token)
@@ -242,12 +229,12 @@ async def test_attached_console_drives_a_real_server_and_survives_its_restart(se
     try:
         app = ModelConsoleApp(client, refresh_s=0.25)
         async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: rows(app) == {"tiny:1", "spare:1"}, what="the server's models")
+            await until(lambda: rows(app) == {"tiny:1", "spare:1"}, what="the server's models", pilot=pilot)
             assert client.connected and not app.screen.has_class("-disconnected")
 
             assert await ask(server.terminate) == 0
-            await until(pilot, lambda: not client.connected, what="client.connected False")
-            await until(pilot, lambda: app.screen.has_class("-disconnected"), what="the greyed picture")
+            await until(lambda: not client.connected, what="client.connected False", pilot=pilot)
+            await until(lambda: app.screen.has_class("-disconnected"), what="the greyed picture", pilot=pilot)
             banner = app.query_one("#banner")
             assert "connection lost to " + server.url in banner.text and "reconnecting" in banner.text
             assert banner.display
@@ -259,12 +246,12 @@ async def test_attached_console_drives_a_real_server_and_survives_its_restart(se
             await ask(server.wait_ready)
             # a change made on the new server only: the picture must be fresh, not the old one
             await ask(http_json, f"{server.url}/api/models/spare/load", "POST", 60.0, server.token)
-            await until(pilot, lambda: client.connected, what="reconnected by itself")
-            await until(pilot, lambda: not app.screen.has_class("-disconnected"), what="no longer greyed")
+            await until(lambda: client.connected, what="reconnected by itself", pilot=pilot)
+            await until(lambda: not app.screen.has_class("-disconnected"), what="no longer greyed", pilot=pilot)
             assert not app.query_one("#banner").display
-            await until(pilot, lambda: cell(app, "spare:1", "state") == "READY", what="the new server's picture")
-            await until(pilot, lambda: any("reconnected to" in line for line in app.event_lines),
-                        what="the reconnection in the log")
+            await until(lambda: cell(app, "spare:1", "state") == "READY", what="the new server's picture", pilot=pilot)
+            await until(lambda: any("reconnected to" in line for line in app.event_lines),
+                        what="the reconnection in the log", pilot=pilot)
             await pilot.press("q")
             await pilot.pause()
             assert not app.is_running
@@ -276,17 +263,13 @@ async def test_attached_console_drives_a_real_server_and_survives_its_restart(se
 ATTACHED_SESSION = r"""
 import asyncio, sys, time
 
+sys.path.insert(0, sys.argv[3])  # the tests' folder: their one wait helper (it imports no torch)
+from waiting import until
+
 from modelconsole.console.app import ModelConsoleApp
 from modelconsole.console.client import RemoteClient
 from modelconsole.console.screens import ConfirmScreen, HelpScreen
 from textual.command import CommandPalette
-
-
-async def until(pilot, cond, what, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out waiting for " + what
-        await pilot.pause(0.1)
 
 
 async def main(url, token):
@@ -296,20 +279,20 @@ async def main(url, token):
         app = ModelConsoleApp(client, refresh_s=0.25)
         async with app.run_test(size=(120, 40)) as pilot:
             cell = lambda key, col: app.table.get_cell(key, col).plain
-            await until(pilot, lambda: {str(k.value) for k in app.table.rows} == {"tiny:1", "spare:1"}, "rows")
-            await until(pilot, lambda: len(app.gpus.cards) == 2, "GPU cards")
+            await until(lambda: {str(k.value) for k in app.table.rows} == {"tiny:1", "spare:1"}, "rows", pilot=pilot)
+            await until(lambda: len(app.gpus.cards) == 2, "GPU cards", pilot=pilot)
             app.table.move_cursor(row=app.table.get_row_index("tiny:1"), animate=False)
             await pilot.pause()
             await pilot.press("l")  # a load on the server, answered with its tensors' facts
-            await until(pilot, lambda: cell("tiny:1", "state") == "READY", "tiny READY")
+            await until(lambda: cell("tiny:1", "state") == "READY", "tiny READY", pilot=pilot)
             await pilot.press("question_mark")
             assert isinstance(app.screen, HelpScreen)
             await pilot.press("escape", "ctrl+p")
-            await until(pilot, lambda: isinstance(app.screen, CommandPalette), "the palette")
+            await until(lambda: isinstance(app.screen, CommandPalette), "the palette", pilot=pilot)
             await pilot.press("escape", "u")
             assert isinstance(app.screen, ConfirmScreen)
             await pilot.press("y")
-            await until(pilot, lambda: cell("tiny:1", "state") == "UNLOADED", "tiny UNLOADED")
+            await until(lambda: cell("tiny:1", "state") == "UNLOADED", "tiny UNLOADED", pilot=pilot)
             await pilot.press("q")
             await pilot.pause()
             assert not app.is_running
@@ -330,7 +313,8 @@ def test_an_attached_session_never_imports_torch(server):
     """A whole Pilot session in attach mode against the real server (rows, GPU cards, a load and
     an unload, help, the palette, quit), in a fresh interpreter: this test process has torch
     imported for the other tests, so only a subprocess can tell that the console did not."""
-    proc = subprocess.run([sys.executable, "-c", ATTACHED_SESSION, server.url, server.token], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", ATTACHED_SESSION, server.url, server.token,
+                           str(Path(__file__).parent)], capture_output=True, text=True,
                           timeout=300, check=False)
     assert proc.returncode == 0 and "ATTACHED-SESSION-OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert server.state("tiny") == "UNLOADED"  # the session really drove the server

@@ -7,10 +7,10 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import time
 
 import pytest
 from serverutil import ServerThread
+from waiting import until
 
 from modelconsole.console.client import ClientError, RemoteClient
 from modelconsole.console.local import LocalClient
@@ -34,14 +34,6 @@ async def remote(srv):
     await client.start()
     yield client
     await client.close()
-
-
-async def until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def collect(client, done, timeout: float = 10.0) -> list[dict]:
@@ -195,7 +187,7 @@ async def test_remote_survives_a_server_restart(tmp_path):
         before = client.snapshot()
 
         await asyncio.to_thread(first.__exit__, None, None, None)
-        await until(lambda: not client.connected, 5, "connected to turn False")
+        await until(lambda: not client.connected, "connected to turn False", 5)
         lost = await collect(client, lambda seen: seen[-1]["kind"] == "connection", 5)
         assert lost[-1]["level"] == "warning" and first.url in lost[-1]["message"]
         assert client.snapshot() is not None
@@ -207,7 +199,7 @@ async def test_remote_survives_a_server_restart(tmp_path):
         second = ServerThread(tmp_path / "b", models=MODELS, settings=ServerSettings(port=port))
         await asyncio.to_thread(second.__enter__)
         try:
-            await until(lambda: client.connected, 10, "the client to reconnect")
+            await until(lambda: client.connected, "the client to reconnect", 10)
             back = await collect(client, lambda seen: seen[-1]["kind"] == "connection", 5)
             assert back[-1]["level"] == "info" and "restarted" in back[-1]["message"]
             assert client.snapshot()["server"]["started"] != before["server"]["started"]

@@ -13,10 +13,11 @@ import socket
 
 import pytest
 import torch
-from consoleutil import local_client, select, until
+from consoleutil import local_client, select
 from serverutil import ServerThread
 from test_console_app import RecordingApp, screen_text
 from textual.widgets import Button, Input
+from waiting import until
 
 from modelconsole.console import cli
 from modelconsole.console import format as fmt
@@ -49,28 +50,28 @@ async def test_describe_logs_and_the_header_stay_live_behind_them(client):
         await pilot.press("d")
         assert isinstance(app.screen, DescribeScreen)
         view = app.screen
-        await until(pilot, lambda: "priority P2" in view.text, what="the first picture")
+        await until(lambda: "priority P2" in view.text, what="the first picture", pilot=pilot)
         # changed behind the view (as an API call would): priority, a load, answers
         await eng.set_priority("tiny", "1", 1)
         for _ in range(3):
             await eng.infer("tiny", {"input": torch.zeros(1, 64)})
-        await until(pilot, lambda: "priority P1" in view.text, what="the new priority in describe")
-        await until(pilot, lambda: "ok 3 " in view.text, what="the answers counted in describe")
-        await until(pilot, lambda: "(1 ready)" in header(app), what="the header behind the view")
-        await until(pilot, lambda: any(r.get("action") == "priority" for r in view.audit),
-                    what="the audit re-read after the change")
+        await until(lambda: "priority P1" in view.text, what="the new priority in describe", pilot=pilot)
+        await until(lambda: "ok 3 " in view.text, what="the answers counted in describe", pilot=pilot)
+        await until(lambda: "(1 ready)" in header(app), what="the header behind the view", pilot=pilot)
+        await until(lambda: any(r.get("action") == "priority" for r in view.audit),
+                    what="the audit re-read after the change", pilot=pilot)
         await pilot.press("l")
         logs = app.screen
         assert isinstance(logs, LogScreen)
         await eng.unload("tiny")
-        await until(pilot, lambda: any("unloaded" in line for line in logs.lines), what="the new event in logs")
-        await until(pilot, lambda: "(0 ready)" in header(app), what="the header again")
+        await until(lambda: any("unloaded" in line for line in logs.lines), what="the new event in logs", pilot=pilot)
+        await until(lambda: "(0 ready)" in header(app), what="the header again", pilot=pilot)
         await pilot.press("escape", "escape")
         # and behind a dialog, the header follows too
         await pilot.press("r")
         assert isinstance(app.screen, RegisterScreen)
         await eng.load("other")
-        await until(pilot, lambda: "(1 ready)" in header(app), what="the header behind the register form")
+        await until(lambda: "(1 ready)" in header(app), what="the header behind the register form", pilot=pilot)
 
 
 def inside(app, widget) -> bool:
@@ -94,15 +95,15 @@ async def test_the_register_form_fits_80x24_and_a_refusal_keeps_it(client):
         form.query_one("#reg-source", Input).value = "zoo:no-such-model"
         form.query_one("#reg-options", Input).value = "warmup=0"
         await pilot.click("#register-ok")
-        await until(pilot, lambda: "no-such-model" in str(form.query_one("#reg-source-error").render()),
-                    what="the refusal beside the source field")
+        await until(lambda: "no-such-model" in str(form.query_one("#reg-source-error").render()),
+                    what="the refusal beside the source field", pilot=pilot)
         assert app.screen is form and form.query_one("#reg-options", Input).value == "warmup=0"
-        await until(pilot, lambda: inside(app, form.query_one("#reg-source-error")), what="the error laid out")
+        await until(lambda: inside(app, form.query_one("#reg-source-error")), what="the error laid out", pilot=pilot)
         form.query_one("#reg-source", Input).value = "zoo:tiny-mlp"
         # pressed, not clicked: the refusal's line moved the buttons, and a click lands where the
         # button was at the last layout (the first click above shows the button clickable)
         form.query_one("#register-ok", Button).press()
-        await until(pilot, lambda: "tiny:2" in app.models, what="registered after the fix")
+        await until(lambda: "tiny:2" in app.models, what="registered after the fix", pilot=pilot)
         assert not isinstance(app.screen, RegisterScreen)
 
 
@@ -150,10 +151,10 @@ async def test_keys_that_do_nothing_say_why_and_e_acts_on_the_marks(client):
         for name in ("tiny", "other", "third"):
             await eng.load(name)
         await eng.pin("third")
-        await until(pilot, lambda: app.models["third:1"].get("pinned") and app.check_action("evict", ()) is True,
-                    what="the loaded row's evict offered")
+        await until(lambda: app.models["third:1"].get("pinned") and app.check_action("evict", ()) is True,
+                    what="the loaded row's evict offered", pilot=pilot)
         select(app, "third:1")
-        await until(pilot, lambda: app.check_action("evict", ()) is None, what="the pinned row's evict greyed")
+        await until(lambda: app.check_action("evict", ()) is None, what="the pinned row's evict greyed", pilot=pilot)
         # marks: e evicts the marked (one confirmation); the pinned one is left out, and said so
         for key in ("tiny:1", "other:1", "third:1"):
             select(app, key)
@@ -163,8 +164,8 @@ async def test_keys_that_do_nothing_say_why_and_e_acts_on_the_marks(client):
         assert any("third v1 is pinned" in n for n, _ in app.notes)
         assert isinstance(app.screen, ConfirmScreen) and app.screen.title_text == "Evict 2 marked versions?"
         await pilot.press("y")
-        await until(pilot, lambda: eng.instance("tiny").state == eng.instance("other").state == "UNLOADED",
-                    what="both marked versions evicted")
+        await until(lambda: eng.instance("tiny").state == eng.instance("other").state == "UNLOADED",
+                    what="both marked versions evicted", pilot=pilot)
         assert eng.instance("third").state == "READY"
 
 
@@ -176,7 +177,7 @@ async def test_keys_that_need_a_demo_say_why_when_attached(tmp_path):
         try:
             app = RecordingApp(remote, refresh_s=0.25)
             async with app.run_test(size=(100, 30)) as pilot:
-                await until(pilot, lambda: app.table.row_count == 1, what="the attached picture")
+                await until(lambda: app.table.row_count == 1, what="the attached picture", pilot=pilot)
                 await pilot.press("right_square_bracket")
                 assert any("an attached console has none" in n for n, _ in app.notes)
         finally:
@@ -187,7 +188,7 @@ async def test_80_columns_keep_the_filter_sort_and_gpu_budget_in_view(client):
     eng = client.engine
     app = RecordingApp(client, refresh_s=0.25)
     async with app.run_test(size=(80, 24)) as pilot:
-        await until(pilot, lambda: len(app.gpus.cards) == 2, what="GPU cards")
+        await until(lambda: len(app.gpus.cards) == 2, what="GPU cards", pilot=pilot)
         await pilot.press("slash", *"t.*", "enter")
         await pilot.press("full_stop")  # sort by the next column
         await pilot.pause()
@@ -204,8 +205,8 @@ async def test_80_columns_keep_the_filter_sort_and_gpu_budget_in_view(client):
         # a long event wraps instead of being cut at the pane's edge
         long = "the end of this long event message must be readable " * 3 + "END-OF-EVENT"
         eng.events.publish("note", long, model="tiny", version="1")
-        await until(pilot, lambda: any("END-OF-EVENT" in line for line in screen_text(app).splitlines()),
-                    what="the end of the long event on screen")
+        await until(lambda: any("END-OF-EVENT" in line for line in screen_text(app).splitlines()),
+                    what="the end of the long event on screen", pilot=pilot)
 
 
 async def test_the_embedded_servers_address_and_a_port_in_use(tmp_path):
@@ -218,7 +219,7 @@ async def test_the_embedded_servers_address_and_a_port_in_use(tmp_path):
 
     async def ok(app) -> None:
         async with app.run_test(size=(120, 30)) as pilot:
-            await until(pilot, lambda: "http://127.0.0.1:" in app.status_line.text, what="the address")
+            await until(lambda: "http://127.0.0.1:" in app.status_line.text, what="the address", pilot=pilot)
             seen["ok"] = app.status_line.text
             app.exit()
 
@@ -232,7 +233,7 @@ async def test_the_embedded_servers_address_and_a_port_in_use(tmp_path):
 
         async def busy(app) -> None:
             async with app.run_test(size=(120, 30)) as pilot:
-                await until(pilot, lambda: "HTTP server not started" in app.banner.text, what="the error on screen")
+                await until(lambda: "HTTP server not started" in app.banner.text, what="the error on screen", pilot=pilot)
                 seen["banner"] = app.banner.text
                 seen["status"] = app.status_line.text
                 assert app.banner.display or app.screen.has_class("-server-error")

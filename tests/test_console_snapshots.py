@@ -31,6 +31,7 @@ import pytest
 from textual.command import CommandList, CommandPalette
 from textual.screen import ModalScreen
 from textual.widgets import Input
+from waiting import until
 
 from modelconsole.console import app as app_module
 from modelconsole.console import format as fmt
@@ -163,21 +164,13 @@ def console(*, read_only: bool = False, **kw: Any) -> SnapshotApp:
     return SnapshotApp(FrozenClient(frozen_snapshot(), read_only=read_only), refresh_s=3600.0, **kw)
 
 
-async def until(pilot, cond, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await pilot.pause(0.02)
-
-
 async def steady(pilot) -> None:
     """The console as it looks after running a while on unchanging data: the GPU cards laid
     out and every history graph full (HISTORY refreshes), however many refreshes the start
     happened to make (the first snapshot's events ask for one more, on a 50 ms timer)."""
     app = pilot.app
-    await until(pilot, lambda: len(app.gpus.cards) == 2
-                and all(c.children and c.size.width for c in app.gpus.cards.values()), what="GPU cards")
+    await until(lambda: len(app.gpus.cards) == 2
+                and all(c.children and c.size.width for c in app.gpus.cards.values()), what="GPU cards", pilot=pilot)
     for _ in range(HISTORY):
         app.refresh_view(force=True)
     await pilot.pause()
@@ -242,8 +235,8 @@ def test_command_palette(snap_compare):
         await steady(pilot)
         await pilot.press("ctrl+p")
         # the palette gathers its commands in a worker: wait until it has listed them all
-        await until(pilot, lambda: isinstance(pilot.app.screen, CommandPalette)
-                    and pilot.app.screen.has_class("-ready"), what="the palette's commands")
+        await until(lambda: isinstance(pilot.app.screen, CommandPalette)
+                    and pilot.app.screen.has_class("-ready"), what="the palette's commands", pilot=pilot)
         await pilot.pause()
         found = pilot.app.screen.query_one(CommandList)
         listed.extend(found.get_option_at_index(i).hit.text for i in range(found.option_count))

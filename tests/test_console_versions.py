@@ -16,8 +16,9 @@ import textwrap
 
 import pytest
 import torch
-from consoleutil import cell, select, until
+from consoleutil import cell, select
 from textual.widgets import Input, Select
+from waiting import until
 
 from modelconsole.console import format as fmt
 from modelconsole.console.app import PALETTE, ActionCommands, ModelConsoleApp
@@ -142,19 +143,19 @@ async def test_swap_key_picks_a_version_confirms_and_swaps(client, engine):
         await pilot.pause(0.3)
         assert engine.routing("tiny")["active"] == "1" and noted(app, "Swap: cancelled")
         await pilot.press("s", "enter", "y")
-        await until(pilot, lambda: engine.routing("tiny")["active"] == "2", what="v2 active")
-        await until(pilot, lambda: cell(app, "tiny:2", "version") == "2*" and cell(app, "tiny:1", "version") == "1",
-                    what="the table shows v2 active")
-        await until(pilot, lambda: noted(app, "tiny swapped v1 → v2"), what="the swap's answer")
+        await until(lambda: engine.routing("tiny")["active"] == "2", what="v2 active", pilot=pilot)
+        await until(lambda: cell(app, "tiny:2", "version") == "2*" and cell(app, "tiny:1", "version") == "1",
+                    what="the table shows v2 active", pilot=pilot)
+        await until(lambda: noted(app, "tiny swapped v1 → v2"), what="the swap's answer", pilot=pilot)
         assert noted(app, "swapping tiny v1 → v2") and not logged(app, "swapping tiny v1 → v2")
         # the engine's progress events, in the log in order
         for text in ("swap v1 -> v2 started", "v2 loaded and warm", "requests now go to v2", "swap v1 -> v2 done"):
-            await until(pilot, lambda text=text: logged(app, text), what=f"log: {text}")
+            await until(lambda text=text: logged(app, text), what=f"log: {text}", pilot=pilot)
         lines = list(app.event_lines)
         idx = [next(i for i, line in enumerate(lines) if t in line)
                for t in ("swap v1 -> v2 started", "requests now go to v2", "swap v1 -> v2 done")]
         assert idx == sorted(idx)
-        await until(pilot, lambda: cell(app, "tiny:1", "state") == "UNLOADED", what="v1 drained and unloaded")
+        await until(lambda: cell(app, "tiny:1", "state") == "UNLOADED", what="v1 drained and unloaded", pilot=pilot)
         # the engine refuses a swap it cannot do: its message, in a notification and the log
         await engine.swap("tiny", "1")
         await pilot.pause(0.5)
@@ -181,8 +182,8 @@ async def test_swap_progress_shows_live(client, engine):
             await pilot.pause()
             select(app, "tiny:1")
             await pilot.press("s", "enter", "y")
-            await until(pilot, lambda: "swap tiny 1→2: loading" in app.status_line.text, what="status line")
-            await until(pilot, lambda: "swap tiny 1→2: loading" in app.detail.routing.text, what="detail line")
+            await until(lambda: "swap tiny 1→2: loading" in app.status_line.text, what="status line", pilot=pilot)
+            await until(lambda: "swap tiny 1→2: loading" in app.detail.routing.text, what="detail line", pilot=pilot)
             assert cell(app, "tiny:1", "version") == "1*" and cell(app, "tiny:1", "route") == "→2 …"
             assert cell(app, "tiny:2", "route") == "swap in"
             await pilot.press("s")  # a second swap while one runs: refused before any call
@@ -190,9 +191,9 @@ async def test_swap_progress_shows_live(client, engine):
             await pilot.press("a")
             assert not isinstance(app.screen, SplitScreen)
             gate.set()
-            await until(pilot, lambda: engine.routing("tiny")["active"] == "2", what="swap done")
-            await until(pilot, lambda: "swap tiny" not in app.status_line.text, what="status line cleared")
-            await until(pilot, lambda: cell(app, "tiny:2", "version") == "2*", what="table")
+            await until(lambda: engine.routing("tiny")["active"] == "2", what="swap done", pilot=pilot)
+            await until(lambda: "swap tiny" not in app.status_line.text, what="status line cleared", pilot=pilot)
+            await until(lambda: cell(app, "tiny:2", "version") == "2*", what="table", pilot=pilot)
     finally:
         gate.set()
         engine._ensure_loaded = real_load
@@ -231,29 +232,29 @@ async def test_split_key_edits_weights_and_shows_arms_side_by_side(client, engin
         form.weight_input("2").value = "50"
         form.query_one("#split-metric", Input).value = "logits"
         await click(pilot, "#split-ok")
-        await until(pilot, lambda: engine.routing("tiny")["weights"] == {"1": 50, "2": 50}, what="split applied")
+        await until(lambda: engine.routing("tiny")["weights"] == {"1": 50, "2": 50}, what="split applied", pilot=pilot)
         assert engine.routing("tiny")["metric_output"] == "logits"
-        await until(pilot, lambda: cell(app, "tiny:1", "route") == "50%" and cell(app, "tiny:2", "route") == "50%",
-                    what="the route column shows the arms")
+        await until(lambda: cell(app, "tiny:1", "route") == "50%" and cell(app, "tiny:2", "route") == "50%",
+                    what="the route column shows the arms", pilot=pilot)
         assert cell(app, "tiny:1", "version") == "1*"  # ver is always the version
-        await until(pilot, lambda: noted(app, "tiny routes 1:50 2:50"), what="answer")
+        await until(lambda: noted(app, "tiny routes 1:50 2:50"), what="answer", pilot=pilot)
         assert logged(app, "tiny: split v1=50, v2=50")
         traffic = Traffic(engine)
         try:
             def arms():
                 return engine.routing("tiny")["arms"]
 
-            await until(pilot, lambda: all((arms().get(v) or {}).get("requests", 0) >= 10 for v in ("1", "2")),
-                        what="requests on both arms")
-            await until(pilot, lambda: "mean out" in app.detail.routing.text, what="arms in the detail pane")
+            await until(lambda: all((arms().get(v) or {}).get("requests", 0) >= 10 for v in ("1", "2")),
+                        what="requests on both arms", pilot=pilot)
+            await until(lambda: "mean out" in app.detail.routing.text, what="arms in the detail pane", pilot=pilot)
 
             def rows():
                 return {line.split()[0]: line.split() for line in app.detail.routing.text.splitlines()
                         if line.split() and line.split()[0] in ("1*", "2")}
 
             assert set(rows()) == {"1*", "2"}
-            await until(pilot, lambda: all(int(r[2]) > 0 and r[-1] != "—" for r in rows().values()),
-                        what="request counts and mean outputs shown")
+            await until(lambda: all(int(r[2]) > 0 and r[-1] != "—" for r in rows().values()),
+                        what="request counts and mean outputs shown", pilot=pilot)
             text = app.detail.routing.text
             rows = rows()
             assert "split v1 50% v2 50%" in text and "mean of 'logits'" in text
@@ -267,8 +268,8 @@ async def test_split_key_edits_weights_and_shows_arms_side_by_side(client, engin
             app.screen.weight_input("1").value = "100"
             app.screen.weight_input("2").value = "0"
             await pilot.press("enter")
-            await until(pilot, lambda: engine.routing("tiny")["weights"] == {}, what="split cleared")
-            await until(pilot, lambda: cell(app, "tiny:1", "version") == "1*", what="ver column back to 1*")
+            await until(lambda: engine.routing("tiny")["weights"] == {}, what="split cleared", pilot=pilot)
+            await until(lambda: cell(app, "tiny:1", "version") == "1*", what="ver column back to 1*", pilot=pilot)
         finally:
             await traffic.stop()
         assert traffic.errors == []
@@ -279,7 +280,7 @@ async def test_split_key_edits_weights_and_shows_arms_side_by_side(client, engin
         app.screen.weight_input("1").value = "90"
         app.screen.weight_input("2").value = "10"
         await pilot.press("enter")
-        await until(pilot, lambda: noted(app, "stop it before you change the split", "error"), what="refusal")
+        await until(lambda: noted(app, "stop it before you change the split", "error"), what="refusal", pilot=pilot)
         assert logged(app, "✗ split tiny failed")
         await engine.stop_canary("tiny")
 
@@ -319,16 +320,16 @@ async def test_canary_key_starts_one_shows_its_share_and_it_promotes(client, eng
         form.query_one("#can-p95", Input).value = "50"
         form.query_one("#can-min", Input).value = "5"
         await click(pilot, "#canary-ok")
-        await until(pilot, lambda: (engine.routing("tiny")["canary"] or {}).get("state") == "running",
-                    what="canary running")
+        await until(lambda: (engine.routing("tiny")["canary"] or {}).get("state") == "running",
+                    what="canary running", pilot=pilot)
         c = engine.routing("tiny")["canary"]
         assert c["steps"] == [50, 100] and c["interval_s"] == 0.2 and c["bounds"] == {
             "max_error_rate": 0.05, "max_p95_ratio": 50.0, "min_requests": 5}
         # no traffic yet: it waits at its first step, and the console shows it live
-        await until(pilot, lambda: cell(app, "tiny:1", "route") == "1→2 50%" == cell(app, "tiny:2", "route"),
-                    what="the route column shows the canary")
-        await until(pilot, lambda: "canary tiny →2 50%" in app.status_line.text, what="status line")
-        await until(pilot, lambda: "canary tiny 1→2 step 1/2 50% running" in app.detail.routing.text, what="detail")
+        await until(lambda: cell(app, "tiny:1", "route") == "1→2 50%" == cell(app, "tiny:2", "route"),
+                    what="the route column shows the canary", pilot=pilot)
+        await until(lambda: "canary tiny →2 50%" in app.status_line.text, what="status line", pilot=pilot)
+        await until(lambda: "canary tiny 1→2 step 1/2 50% running" in app.detail.routing.text, what="detail", pilot=pilot)
         assert "bounds errors ≤5%, p95 ≤50× baseline" in app.detail.routing.text
         # c again offers to abort it; the default is Cancel
         await pilot.press("c")
@@ -338,21 +339,21 @@ async def test_canary_key_starts_one_shows_its_share_and_it_promotes(client, eng
         assert engine.routing("tiny")["canary"]["state"] == "running"
         traffic = Traffic(engine)
         try:
-            await until(pilot, lambda: engine.routing("tiny")["canary"]["state"] == "promoted", what="promotion")
-            await until(pilot, lambda: engine.routing("tiny")["swap"] is None, what="the promotion's swap")
+            await until(lambda: engine.routing("tiny")["canary"]["state"] == "promoted", what="promotion", pilot=pilot)
+            await until(lambda: engine.routing("tiny")["swap"] is None, what="the promotion's swap", pilot=pilot)
         finally:
             await traffic.stop()
         assert traffic.errors == []
         assert engine.routing("tiny")["active"] == "2"
-        await until(pilot, lambda: cell(app, "tiny:2", "version") == "2*" and cell(app, "tiny:1", "version") == "1",
-                    what="the table shows v2 active")
-        await until(pilot, lambda: noted(app, "canary of version 2 promoted"), what="promotion notified")
+        await until(lambda: cell(app, "tiny:2", "version") == "2*" and cell(app, "tiny:1", "version") == "1",
+                    what="the table shows v2 active", pilot=pilot)
+        await until(lambda: noted(app, "canary of version 2 promoted"), what="promotion notified", pilot=pilot)
         assert "canary tiny" not in app.status_line.text
         assert not app.alerts
         # the arms table is right after the promotion: v2 takes everything, v1 nothing
         select(app, "tiny:2")
-        await until(pilot, lambda: "2*     100%" in app.detail.routing.text and "1        0%" in app.detail.routing.text,
-                    what="the arms after the promotion")
+        await until(lambda: "2*     100%" in app.detail.routing.text and "1        0%" in app.detail.routing.text,
+                    what="the arms after the promotion", pilot=pilot)
         assert cell(app, "tiny:2", "route") == "" and cell(app, "tiny:1", "route") == ""
 
 
@@ -362,13 +363,13 @@ async def test_canary_abort_from_the_console(client, engine):
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
         await engine.start_canary("tiny", "2", steps=(25, 100), interval_s=60.0)
-        await until(pilot, lambda: cell(app, "tiny:1", "route") == "1→2 25%", what="canary shown")
+        await until(lambda: cell(app, "tiny:1", "route") == "1→2 25%", what="canary shown", pilot=pilot)
         select(app, "tiny:1")
         await pilot.press("c", "y")
-        await until(pilot, lambda: engine.routing("tiny")["canary"]["state"] == "aborted", what="aborted")
-        await until(pilot, lambda: cell(app, "tiny:1", "route") == "" and cell(app, "tiny:1", "version") == "1*",
-                    what="share back to 0")
-        await until(pilot, lambda: noted(app, "canary on tiny aborted"), what="answer")
+        await until(lambda: engine.routing("tiny")["canary"]["state"] == "aborted", what="aborted", pilot=pilot)
+        await until(lambda: cell(app, "tiny:1", "route") == "" and cell(app, "tiny:1", "version") == "1*",
+                    what="share back to 0", pilot=pilot)
+        await until(lambda: noted(app, "canary on tiny aborted"), what="answer", pilot=pilot)
         assert not app.alerts  # an abort is the operator's own doing: no alert
 
 
@@ -418,10 +419,10 @@ async def test_a_canary_that_rolls_back_raises_an_alert(client, engine, tmp_path
         app.screen.query_one("#can-interval", Input).value = "30"
         app.screen.query_one("#can-min", Input).value = "5"
         await click(pilot, "#canary-ok")
-        await until(pilot, lambda: (engine.routing("tiny")["canary"] or {}).get("state") == "running", what="run")
+        await until(lambda: (engine.routing("tiny")["canary"] or {}).get("state") == "running", what="run", pilot=pilot)
         traffic = Traffic(engine)
         try:
-            await until(pilot, lambda: app.alerts, what="the alert")
+            await until(lambda: app.alerts, what="the alert", pilot=pilot)
         finally:
             await traffic.stop()
         assert engine.routing("tiny")["canary"]["state"] == "rolled_back"
@@ -432,9 +433,9 @@ async def test_a_canary_that_rolls_back_raises_an_alert(client, engine, tmp_path
         # the log line is highlighted (not only red text)
         strips = [s for s in app.log_widget.lines if "rolled back" in s.text]
         assert strips and any(seg.style is not None and seg.style.bgcolor is not None for seg in strips[-1])
-        await until(pilot, lambda: cell(app, "tiny:1", "route") == "" and cell(app, "tiny:1", "version") == "1*",
-                    what="share back to 0")
-        await until(pilot, lambda: "rolled_back" in app.detail.routing.text, what="the detail says so")
+        await until(lambda: cell(app, "tiny:1", "route") == "" and cell(app, "tiny:1", "version") == "1*",
+                    what="share back to 0", pilot=pilot)
+        await until(lambda: "rolled_back" in app.detail.routing.text, what="the detail says so", pilot=pilot)
         assert "error rate" in app.detail.routing.text
 
 

@@ -6,10 +6,11 @@ keys that arrive in one read, and what read-only and a bad filter say."""
 from __future__ import annotations
 
 import pytest
-from consoleutil import cell, local_client, select, until
+from consoleutil import cell, local_client, select
 from test_console_app import RecordingApp, screen_text
 from textual import events
 from textual.widgets import DataTable
+from waiting import until
 
 from modelconsole.console import format as fmt
 from modelconsole.console.screens import ConfirmScreen, RegisterScreen
@@ -45,7 +46,7 @@ def visible_rows(app) -> int:
 async def test_80x24_keeps_8_rows_health_p95_and_help_in_view(client):
     app = RecordingApp(client, refresh_s=0.25)
     async with app.run_test(size=(80, 24)) as pilot:
-        await until(pilot, lambda: len(app.gpus.cards) == 2, what="GPU cards")
+        await until(lambda: len(app.gpus.cards) == 2, what="GPU cards", pilot=pilot)
         await pilot.pause()
         assert app.table.row_count == 12
         assert visible_rows(app) >= 8
@@ -116,7 +117,7 @@ async def test_space_marks_rows_for_one_bulk_unload_and_pin(client):
         assert app.marked == {"tiny:1", "cnn:1"} and cell(app, "cnn:1", "name").startswith("✓")
         assert "2 marked" in app.status_line.text
         await pilot.press("p")  # pin both, no question
-        await until(pilot, lambda: eng.instance("tiny").pinned and eng.instance("cnn").pinned, what="both pinned")
+        await until(lambda: eng.instance("tiny").pinned and eng.instance("cnn").pinned, what="both pinned", pilot=pilot)
         assert not app.marked
         for key in ("tiny:1", "cnn:1"):
             select(app, key)
@@ -128,8 +129,8 @@ async def test_space_marks_rows_for_one_bulk_unload_and_pin(client):
         assert app.screen.title_text == "Unload 2 marked versions?" and "1 of them hidden by the filter" in \
             app.screen.message
         await pilot.press("y")
-        await until(pilot, lambda: eng.instance("tiny").state == eng.instance("cnn").state == "UNLOADED",
-                    what="both unloaded")
+        await until(lambda: eng.instance("tiny").state == eng.instance("cnn").state == "UNLOADED",
+                    what="both unloaded", pilot=pilot)
 
 
 async def test_the_command_line_runs_actions_with_arguments_and_completes(client):
@@ -147,14 +148,14 @@ async def test_the_command_line_runs_actions_with_arguments_and_completes(client
         await pilot.press("enter")  # no version: the active one, after the usual confirmation
         assert isinstance(app.screen, ConfirmScreen) and app.screen.title_text == "Unload tiny v1?"
         await pilot.press("y")
-        await until(pilot, lambda: eng.instance("tiny").state == "UNLOADED", what="tiny unloaded")
+        await until(lambda: eng.instance("tiny").state == "UNLOADED", what="tiny unloaded", pilot=pilot)
         assert app.run_command(":model m04") and app.selected_key() == "m04:1"
         assert app.run_command(":split tiny 1=80 2=20")
-        await until(pilot, lambda: eng.routing("tiny")["weights"] == {"1": 80, "2": 20}, what="split")
+        await until(lambda: eng.routing("tiny")["weights"] == {"1": 80, "2": 20}, what="split", pilot=pilot)
         assert app.run_command(":split tiny 1=100")
-        await until(pilot, lambda: eng.routing("tiny")["weights"] == {}, what="split removed")
+        await until(lambda: eng.routing("tiny")["weights"] == {}, what="split removed", pilot=pilot)
         assert app.run_command(":swap tiny 2")
-        await until(pilot, lambda: eng.routing("tiny")["active"] == "2", what="swapped to v2", timeout=30)
+        await until(lambda: eng.routing("tiny")["active"] == "2", what="swapped to v2", timeout=30, pilot=pilot)
         assert app.run_command(":sort p95 desc") and app.sort_column == "p95"
         assert app.run_command(":interval 2") and app.refresh_s == 2.0
         # mistakes say what was expected; nothing runs
@@ -166,7 +167,7 @@ async def test_the_command_line_runs_actions_with_arguments_and_completes(client
         assert eng.routing("tiny")["active"] == "2"
         # a command line typed in one read (a paste over SSH) lands in the box whole
         paste(app, ":model cnn\r")
-        await until(pilot, lambda: app.selected_key() == "cnn:1", what="the pasted command ran")
+        await until(lambda: app.selected_key() == "cnn:1", what="the pasted command ran", pilot=pilot)
 
 
 async def test_describe_and_logs_views_with_the_last_error_copied(client):
@@ -177,13 +178,13 @@ async def test_describe_and_logs_views_with_the_last_error_copied(client):
         await pilot.pause()
         select(app, "tiny:1")
         await pilot.press("X", "y")  # delete while loaded: refused, and audited with its error
-        await until(pilot, lambda: any("delete" in n and "failed" in n or "unload it first" in n
-                                       for n, _ in app.notes), what="the refusal")
+        await until(lambda: any("delete" in n and "failed" in n or "unload it first" in n
+                                       for n, _ in app.notes), what="the refusal", pilot=pilot)
         assert sum("delete" in line for line in app.event_lines) == 1  # one line for the failed action
         await pilot.press("enter")  # Enter describes, as d does
         assert isinstance(app.screen, DescribeScreen)
-        await until(pilot, lambda: "audit history" in getattr(app.screen, "text", "")
-                    and "delete v1 → error" in app.screen.text, what="the audit rows")
+        await until(lambda: "audit history" in getattr(app.screen, "text", "")
+                    and "delete v1 → error" in app.screen.text, what="the audit rows", pilot=pilot)
         text = app.screen.text
         for part in ("── identity", "tiny v1 (active) · READY", "device gpu", "── memory", "estimate", "measured",
                      "── tensors", "in  input FP32 [-1, 64]", "rate limit none", "── routing", "keep value",
@@ -193,7 +194,7 @@ async def test_describe_and_logs_views_with_the_last_error_copied(client):
         assert "delete refused" in app.clipboard and "unload it first" in app.clipboard
         await pilot.press("l")  # the model's events only
         assert isinstance(app.screen, LogScreen)
-        await until(pilot, lambda: any("tiny v1 ready" in line for line in app.screen.lines), what="tiny's events")
+        await until(lambda: any("tiny v1 ready" in line for line in app.screen.lines), what="tiny's events", pilot=pilot)
         assert all("cnn" not in line and "m0" not in line for line in app.screen.lines)
         await pilot.press("escape", "escape")
         assert app.screen is app._main
@@ -211,7 +212,7 @@ async def test_register_form_blank_version_and_keys_in_one_read(client):
         # as over SSH or a paste: every key in one read, Tab between the fields
         paste(app, "tiny\tzoo:tiny-mlp\t\twarmup=0\r")
         # the blank version is the next number, as the form says
-        await until(pilot, lambda: "tiny:3" in app.models, what="tiny v3 registered")
+        await until(lambda: "tiny:3" in app.models, what="tiny v3 registered", pilot=pilot)
         assert eng.instance("tiny", "3").cfg.warmup == 0
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import threading
-import time
 
 import pytest
 import torch
+from waiting import until
 
 from modelconsole.gpu.devices import (
     OTHER_PID,
@@ -22,15 +23,6 @@ from modelconsole.gpu.devices import (
 )
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
-
-
-def wait_until(pred, timeout=5.0, step=0.01):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
 
 
 # --------------------------------------------------------------------------- parse_simulate
@@ -134,7 +126,7 @@ def test_late_frees():
     assert b.allocations(0) == {}
     with pytest.raises(torch.OutOfMemoryError):
         b.allocate(0, "n", 600 * MiB)
-    assert wait_until(lambda: b.read(0).used_bytes == 0, timeout=5.0)
+    asyncio.run(until(lambda: b.read(0).used_bytes == 0, "the released memory read back", 5.0))
     assert b.read(0).processes == ()
     b.allocate(0, "n", 600 * MiB)
 

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from waiting import until
 
 from modelconsole.gpu.devices import own_pid_from
 from modelconsole.scheduler.instance import LoadFailed
@@ -346,9 +347,8 @@ async def test_a_shared_device_runs_the_most_urgent_batch_next(make_engine, tmp_
             t = asyncio.ensure_future(eng.infer(name, {"x": torch.ones(1, 4)}))
             t.add_done_callback(lambda _t, n=name: done.append(n))
             tasks.append(t)
-        await asyncio.sleep(0.05)
-        assert eng.snapshot()["devices"][0]["slots"]["waiting"] == ["low:1", "high:1"] or \
-            set(eng.snapshot()["devices"][0]["slots"]["waiting"]) == {"low:1", "high:1"}
+        await until(lambda: set(eng.snapshot()["devices"][0]["slots"]["waiting"]) == {"low:1", "high:1"},
+                    "both models waiting for the device slot")
         snap = {m["name"]: m for m in eng.snapshot()["models"]}
         assert snap["high"]["urgency"] > snap["low"]["urgency"] > 0
     finally:

@@ -16,7 +16,8 @@ import asyncio
 
 import pytest
 import torch
-from gatedutil import add, occupy, reference, tagged, wait_until
+from gatedutil import add, occupy, reference, tagged
+from waiting import until
 
 from modelconsole.scheduler.cache import ResultCache
 from modelconsole.scheduler.config import ConfigError
@@ -106,7 +107,7 @@ async def test_no_batching_runs_each_request_alone(engine, gated):
     inst = await add(engine, cfg)
     # occupy the worker by hand (occupy() sends a [1, 4] tensor, this model takes [4])
     t0 = asyncio.ensure_future(engine.infer("solo", {"x": torch.full((4,), -1.0)}))
-    await wait_until(inst._module.entered.is_set)
+    await until(inst._module.entered.is_set)
     xs = [torch.randn(4) for _ in range(5)]
     tasks = [asyncio.ensure_future(engine.infer("solo", {"x": x})) for x in xs]
     await asyncio.sleep(0)
@@ -152,7 +153,7 @@ async def test_variable_length_requests_are_grouped_by_shape(engine, gated):
                                    inputs=[{"name": "x", "datatype": "FP32", "shape": [-1, -1]}],
                                    outputs=[{"name": "y", "datatype": "FP32", "shape": [-1, 1]}]))
     first = asyncio.ensure_future(engine.infer("seq", {"x": torch.ones(1, 3)}))
-    await wait_until(inst._module.entered.is_set)
+    await until(inst._module.entered.is_set)
     lengths = [3, 5, 3, 7, 5]
     xs = [torch.randn(1, n) for n in lengths]
     tasks = [asyncio.ensure_future(engine.infer("seq", {"x": x})) for x in xs]
@@ -257,13 +258,13 @@ async def test_a_batch_waiting_on_the_worker_expires_too(engine, gated):
     inst._max_batches = 2  # what a GPU model gets; forced here on the CPU
     first = await occupy(engine, inst)
     late = asyncio.ensure_future(engine.infer("dl2", {"x": tagged(7)}, timeout_ms=20))
-    await wait_until(lambda: inst.in_flight == 2)  # handed to the worker, behind the blocked one
+    await until(lambda: inst.in_flight == 2)  # handed to the worker, behind the blocked one
     await asyncio.sleep(0.05)  # its deadline passes while it waits there
     inst._module.gate.set()
     await asyncio.wait_for(first, 5)
     with pytest.raises(DeadlineExceeded):
         await asyncio.wait_for(late, 5)
-    await wait_until(lambda: inst.in_flight == 0)  # late was answered at its deadline, before its batch came back
+    await until(lambda: inst.in_flight == 0)  # late was answered at its deadline, before its batch came back
     assert len(inst._module.log) == 1  # only the first request reached the model
     assert inst.stats.failures == {"deadline": 1}
 
@@ -284,7 +285,7 @@ async def test_request_timeout_cannot_exceed_the_models(engine, gated):
     assert inst.stalled and inst.snapshot()["stalled"]
     assert any(e.kind == "model_stalled" for e in engine.events.recent)
     inst._module.gate.set()
-    await wait_until(lambda: not inst.stalled)  # the forward came back: serving again
+    await until(lambda: not inst.stalled)  # the forward came back: serving again
     assert any(e.kind == "model_recovered" for e in engine.events.recent)
     r = await asyncio.wait_for(engine.infer("dl", {"x": tagged(3)}), 5)
     assert r.outputs["y"].shape == (1, 2)

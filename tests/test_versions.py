@@ -19,6 +19,7 @@ from collections import Counter
 import pytest
 import torch
 from safetensors.torch import save_file
+from waiting import until
 
 from modelconsole.gpu.devices import SimulatedBackend
 from modelconsole.scheduler import routing
@@ -95,14 +96,6 @@ def drain(sub):
     while not sub._queue.empty():
         out.append(sub._queue.get_nowait())
     return out
-
-
-async def wait_until(pred, timeout=10.0, what="condition"):
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            raise AssertionError(f"{what} not reached in {timeout}s")
-        await asyncio.sleep(0.01)
 
 
 class Traffic:
@@ -201,11 +194,11 @@ async def test_swap_under_concurrent_load_drops_nothing(engine, version):
     await engine.load("m")
     sub = engine.subscribe()
     traffic = Traffic(engine, clients=8)
-    await wait_until(lambda: traffic.answered >= 40, what="traffic flowing")
+    await until(lambda: traffic.answered >= 40, what="traffic flowing")
     before = traffic.answered
     result = await engine.swap("m", "2")
     at_swap = traffic.answered
-    await wait_until(lambda: traffic.answered >= at_swap + 40, what="traffic on the new version")
+    await until(lambda: traffic.answered >= at_swap + 40, what="traffic on the new version")
     await traffic.stop()
 
     assert traffic.errors == []  # zero failed, zero lost
@@ -237,11 +230,11 @@ async def test_requests_caught_between_route_and_queue_go_to_the_new_version(eng
     await engine.register(version("2"))
     await engine.load("m")
     traffic = Traffic(engine, clients=8)
-    await wait_until(lambda: engine.instance("m", "1").limiter.waiting > 0, what="requests on the limiter")
+    await until(lambda: engine.instance("m", "1").limiter.waiting > 0, what="requests on the limiter")
     waiting = engine.instance("m", "1").limiter.waiting
     await engine.swap("m", "2")
     at_swap = traffic.answered
-    await wait_until(lambda: traffic.answered >= at_swap + 8, what="traffic after the swap")
+    await until(lambda: traffic.answered >= at_swap + 8, what="traffic after the swap")
     await traffic.stop()
     assert waiting > 0  # requests were waiting on version 1's limiter when the swap began
     assert traffic.errors == [] and traffic.answered == traffic.sent
@@ -256,11 +249,11 @@ async def test_failing_new_version_leaves_the_old_serving(engine, version, tmp_p
     await engine.load("m")
     sub = engine.subscribe()
     traffic = Traffic(engine, clients=4)
-    await wait_until(lambda: traffic.answered >= 20, what="traffic flowing")
+    await until(lambda: traffic.answered >= 20, what="traffic flowing")
     with pytest.raises(LoadFailed, match="version 2 failed to load"):
         await engine.swap("m", "2")
     failed_at = traffic.answered
-    await wait_until(lambda: traffic.answered >= failed_at + 20, what="traffic after the failed swap")
+    await until(lambda: traffic.answered >= failed_at + 20, what="traffic after the failed swap")
     await traffic.stop()
     assert traffic.errors == [] and traffic.answered == traffic.sent
     assert {v for seq in traffic.answers for v in seq} == {"1"}
@@ -368,7 +361,7 @@ async def test_shadow_answers_are_recorded_never_returned(engine, version):
     elapsed = time.perf_counter() - t0
     assert {a.version for a in answers} == {"1"}  # the client only ever sees the primary's answer
     assert elapsed < 40 * 0.030 / 2, elapsed  # not serialised behind the 30 ms shadow
-    await wait_until(lambda: engine.routing("m")["arms"].get("2", {}).get("requests") == 40
+    await until(lambda: engine.routing("m")["arms"].get("2", {}).get("requests") == 40
                      and engine.routing("m")["arms"].get("3", {}).get("requests") == 40, what="shadow answers")
     arms = engine.routing("m")["arms"]
     assert arms["1"]["requests"] == 40 and arms["1"]["errors"] == 0
@@ -397,10 +390,10 @@ async def test_canary_promotes_to_a_swap(engine, version):
                                   max_p95_ratio=50.0)
     assert r["canary"]["state"] == "running" and r["canary"]["share"] == 20 and r["weights"] == {"1": 80, "2": 20}
     assert r["canary"]["baseline"] == "1" and r["canary"]["bounds"]["min_requests"] == 10
-    await wait_until(lambda: engine.routing("m")["canary"]["state"] == "promoted", what="promotion")
-    await wait_until(lambda: engine.routing("m")["swap"] is None, what="swap done")
+    await until(lambda: engine.routing("m")["canary"]["state"] == "promoted", what="promotion")
+    await until(lambda: engine.routing("m")["swap"] is None, what="swap done")
     done_at = traffic.answered
-    await wait_until(lambda: traffic.answered >= done_at + 10, what="traffic after the promotion")
+    await until(lambda: traffic.answered >= done_at + 10, what="traffic after the promotion")
     await traffic.stop()
     assert traffic.errors == [] and traffic.answered == traffic.sent
     r = engine.routing("m")
@@ -424,9 +417,9 @@ async def test_canary_rolls_back_on_an_injected_error_rate(engine, version):
     traffic = Traffic(engine, clients=4, pause=0.002)
     await engine.start_canary("m", "2", steps=(25, 50, 100), interval_s=600.0, max_error_rate=0.05,
                               min_requests=20)
-    await wait_until(lambda: engine.routing("m")["canary"]["state"] != "running", what="rollback")
+    await until(lambda: engine.routing("m")["canary"]["state"] != "running", what="rollback")
     rolled_at = traffic.answered
-    await wait_until(lambda: traffic.answered >= rolled_at + 20, what="traffic after the rollback")
+    await until(lambda: traffic.answered >= rolled_at + 20, what="traffic after the rollback")
     await traffic.stop()
     r = engine.routing("m")
     assert r["canary"]["state"] == "rolled_back" and r["canary"]["share"] == 0
@@ -451,7 +444,7 @@ async def test_canary_rolls_back_on_p95(engine, version):
     await engine.load("m")
     traffic = Traffic(engine, clients=4, pause=0.002)
     await engine.start_canary("m", "2", steps=(50, 100), interval_s=5.0, max_p95_ratio=3.0, min_requests=8)
-    await wait_until(lambda: engine.routing("m")["canary"]["state"] != "running", what="rollback")
+    await until(lambda: engine.routing("m")["canary"]["state"] != "running", what="rollback")
     await traffic.stop()
     c = engine.routing("m")["canary"]
     assert c["state"] == "rolled_back" and "p95" in c["reason"] and "baseline" in c["reason"]
@@ -491,7 +484,7 @@ async def test_restart_in_the_middle_of_a_split(tmp_path, version):
         for _ in range(8):
             counts.update(a.version for a in await asyncio.gather(*(second.infer("m", x1()) for _ in range(50))))
         assert set(counts) == {"1", "2"} and abs(counts["2"] / 400 - 0.3) < 0.1
-        await wait_until(lambda: second.routing("m")["arms"].get("3", {}).get("requests") == 400)
+        await until(lambda: second.routing("m")["arms"].get("3", {}).get("requests") == 400)
         assert second.routing("m")["shadow_dropped"] == 0
     finally:
         await second.close()
@@ -504,7 +497,7 @@ async def test_restart_in_the_middle_of_a_canary(tmp_path, version):
     await first.register(version("2"))
     traffic = Traffic(first, clients=4, pause=0.002)
     await first.start_canary("m", "2", steps=(10, 50, 100), interval_s=0.3, min_requests=5, max_p95_ratio=50.0)
-    await wait_until(lambda: first.routing("m")["canary"]["step"] == 1, what="step 2")
+    await until(lambda: first.routing("m")["canary"]["step"] == 1, what="step 2")
     await traffic.stop()
     await first.close()  # "crash" in the middle of step 2
     assert traffic.errors == []
@@ -516,12 +509,12 @@ async def test_restart_in_the_middle_of_a_canary(tmp_path, version):
         c = second.routing("m")["canary"]
         assert c["state"] == "running" and c["step"] == 1 and c["share"] == 50 and c["version"] == "2"
         # its version loads again, then its share applies, with a fresh step timer and fresh metrics
-        await wait_until(lambda: second.routing("m")["weights"] == {"1": 50, "2": 50}, what="share applied")
+        await until(lambda: second.routing("m")["weights"] == {"1": 50, "2": 50}, what="share applied")
         assert any(e.kind == "canary_resumed" for e in drain(sub))
         assert second.routing("m")["canary"]["step_started"] > c["step_started"]
         traffic = Traffic(second, clients=4, pause=0.002)
-        await wait_until(lambda: second.routing("m")["canary"]["state"] == "promoted", what="promotion")
-        await wait_until(lambda: second.routing("m")["swap"] is None)
+        await until(lambda: second.routing("m")["canary"]["state"] == "promoted", what="promotion")
+        await until(lambda: second.routing("m")["swap"] is None)
         await traffic.stop()
         assert traffic.errors == [] and second.routing("m")["active"] == "2"
     finally:
@@ -613,7 +606,7 @@ async def test_bad_input_is_refused_and_changes_nothing(engine, version):
 
     # a swap in progress holds the name too
     swap = asyncio.ensure_future(engine.swap("m", "3"))
-    await wait_until(lambda: engine.routing("m")["swap"] is not None, what="swap started")
+    await until(lambda: engine.routing("m")["swap"] is not None, what="swap started")
     await refused(engine.set_split("m", {"1": 50, "2": 50}), Conflict, "a swap from version 1 to 3 is in progress")
     await refused(engine.swap("m", "2"), Conflict, "in progress")
     await refused(engine.start_canary("m", "2"), Conflict, "in progress")
