@@ -292,7 +292,7 @@ def run_load(protocol: str, host: str, port: int, models: list[int], procs: int,
 
 
 def config(models: int, device: str, ipc: str = "unix", spin_us: float | None = None,
-           switch_us: float | None = None) -> str:
+           switch_us: float | None = None, graphs: bool = False) -> str:
     def args(a: dict[str, int]) -> str:
         return f"args = {{ {', '.join(f'{k} = {v}' for k, v in a.items())} }}\n" if a else ""
 
@@ -300,6 +300,7 @@ def config(models: int, device: str, ipc: str = "unix", spin_us: float | None = 
     spin += f"gil_switch_us = {switch_us}\n" if switch_us is not None else ""
     return f'[server]\nipc = "{ipc}"\n{spin}\n' + "\n".join(
         f'[[models]]\nname = "{name}"\nsource = "zoo:{zoo}"\ndevice = "{device}"\n{args(a)}'
+        + ("cuda_graphs = true\n" if graphs else "")
         for name, zoo, _, _, _, a in ZOO[:models])
 
 
@@ -352,12 +353,12 @@ class Serve:
     """``modelconsole --serve`` (pinned to ``cpus`` where given) for the length of a with-block."""
 
     def __init__(self, tmp: Path, models: int, device: str, workers: int, cpus: list[int] | None, ipc: str,
-                 spin_us: float | None = None, switch_us: float | None = None):
+                 spin_us: float | None = None, switch_us: float | None = None, graphs: bool = False):
         self.tmp = tmp / f"w{workers}"
         self.tmp.mkdir()
         self.port = _free_port()
         self.grpc_port = _free_port()
-        self.args = (config(models, device, ipc, spin_us, switch_us), workers, cpus)
+        self.args = (config(models, device, ipc, spin_us, switch_us, graphs), workers, cpus)
 
     def __enter__(self) -> Serve:
         text, workers, cpus = self.args
@@ -392,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the models and raw torch)")
     ap.add_argument("--ipc", choices=["unix", "zmq"], default="unix", help="[server] ipc of the workers server")
     ap.add_argument("--gil-switch-us", type=float, help="[server] gil_switch_us of both servers")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="cuda_graphs = true for every model of both servers (captured graphs per batch bucket)")
     ap.add_argument("--ipc-spin-us", type=float, help="[server] ipc_spin_us of the workers server (default: the "
                     "server's own default)")
     ap.add_argument("--seconds", type=float, default=10.0, help="measured seconds per row")
@@ -424,13 +427,13 @@ def main(argv: list[str] | None = None) -> int:
     multi = [m for m in range(args.models) for _ in range(64)]
     with tempfile.TemporaryDirectory() as tmp:
         with Serve(Path(tmp), args.models, args.device, 0, server_cpus, args.ipc,
-                   switch_us=args.gil_switch_us) as one:
+                   switch_us=args.gil_switch_us, graphs=args.cuda_graphs) as one:
             rows["one process, c=256"] = run_load("http", host, one.port, tiny256, procs, args.warmup,
                                                   args.seconds, one.proc.pid, load_cpus)
             rows["one process, c=1"] = run_load("http", host, one.port, tiny1, 1, args.warmup, args.seconds,
                                                 one.proc.pid, load_cpus)
         with Serve(Path(tmp), args.models, args.device, workers, server_cpus, args.ipc, args.ipc_spin_us,
-                   args.gil_switch_us) as many:
+                   args.gil_switch_us, graphs=args.cuda_graphs) as many:
             name = f"{workers} workers"
             rows[f"{name}, c=256"] = run_load("http", host, many.port, tiny256, procs, args.warmup, args.seconds,
                                               many.proc.pid, load_cpus)

@@ -56,7 +56,9 @@ class GraphRunner:
                     module(*static_in)
             torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            # thread_local: other model threads keep launching and synchronizing while this one
+            # captures (the default, global, makes their CUDA calls fail during the capture)
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 static_out = as_outputs(module(*static_in))
             self.graphs[b] = (graph, static_in, static_out)
             # two pinned host copies of the outputs per bucket: one batch's results are read
