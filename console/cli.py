@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import traceback
+from typing import Any
 
 from . import __version__
 
@@ -202,26 +203,41 @@ def attach_token_and_hint(args: argparse.Namespace, url: str) -> tuple[str | Non
     return token, f"the token in {path} was refused (another server's?): {how}"
 
 
-def serve(args: argparse.Namespace) -> int:
+def _config(args: argparse.Namespace) -> Any:
+    """The config file's contents (the demo zoo without one); None, said on stderr, if it is wrong."""
     from modelconsole.scheduler.config import ConfigError
-    from modelconsole.server.serve import serve as run
 
     try:
-        config = _load(args.config)
+        return _load(args.config)
     except ConfigError as e:
         print(f"modelconsole: {e}", file=sys.stderr)
+        return None
+
+
+def _refused(*checked: object) -> bool:
+    """Whether a setting came back as a message (its refusal): the first one is said on stderr."""
+    for value in checked:
+        if isinstance(value, str):
+            print(f"modelconsole: {value}", file=sys.stderr)
+            return True
+    return False
+
+
+def serve(args: argparse.Namespace) -> int:
+    from modelconsole.server.serve import serve as run
+
+    config = _config(args)
+    if config is None:
         return 1
     settings = server_settings(args, config)
-    if isinstance(settings, str):
-        print(f"modelconsole: {settings}", file=sys.stderr)
+    if _refused(settings):
         return 2
     cluster = args.cluster if args.cluster is not None else config.cluster.ray_address
     if cluster is not None:
         return serve_cluster(args, config, settings[0], cluster)
     workers = workers_setting(args, config)
     grpc = grpc_setting(args, config.server.grpc_port)
-    if isinstance(workers, str) or isinstance(grpc, str):
-        print(f"modelconsole: {workers if isinstance(workers, str) else grpc}", file=sys.stderr)
+    if _refused(workers, grpc):
         return 2
     chosen = settings[0]
     if config.server.ipc_spin_us is None and isinstance(workers, int) and workers:
@@ -342,38 +358,26 @@ def attach(args: argparse.Namespace) -> int:
     url = args.attach if "://" in args.attach else f"http://{args.attach}"
     token, hint = attach_token_and_hint(args, url)
     keymap = parse_keymap(args.keymap or os.environ.get("MODELCONSOLE_KEYMAP"))
-    if isinstance(keymap, str):
-        print(f"modelconsole: {keymap}", file=sys.stderr)
+    if _refused(keymap):
         return 2
     return asyncio.run(run_attached(url.rstrip("/"), token, theme=args.theme, read_only=args.read_only,
                                     keymap=keymap, refresh_s=args.interval, token_hint=hint))
 
 
 def embedded(args: argparse.Namespace) -> int:
-    from modelconsole.scheduler.config import ConfigError
-
     from .run import run_embedded
 
-    try:
-        config = _load(args.config)
-    except ConfigError as e:
-        print(f"modelconsole: {e}", file=sys.stderr)
+    config = _config(args)
+    if config is None:
         return 1
     if args.demo and args.config is None:
         from modelconsole.scheduler.config import with_demo_devices
 
         config = with_demo_devices(config)
     settings = server_settings(args, config)
-    if isinstance(settings, str):
-        print(f"modelconsole: {settings}", file=sys.stderr)
-        return 2
     keymap = parse_keymap(args.keymap or os.environ.get("MODELCONSOLE_KEYMAP"))
-    if isinstance(keymap, str):
-        print(f"modelconsole: {keymap}", file=sys.stderr)
-        return 2
     grpc = grpc_setting(args, None)
-    if isinstance(grpc, str):
-        print(f"modelconsole: {grpc}", file=sys.stderr)
+    if _refused(settings, keymap, grpc):
         return 2
     path = store_path(args, config)
     return _run_loop(run_embedded(config, settings[0], path, demo=args.demo, theme=args.theme,
