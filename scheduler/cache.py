@@ -22,10 +22,9 @@ from collections import OrderedDict
 from typing import Any
 
 import numpy as np
-import torch
 import xxhash
 
-from .tensors import TensorSpec
+from .tensors import TensorSpec, is_torch_tensor, torch_module
 
 # The OrderedDict's own cost per entry (hash table slot and linked-list node), measured on
 # CPython 3.11 as RSS growth over 2x10^5 entries minus what sys.getsizeof accounts for.
@@ -36,7 +35,8 @@ Stored = tuple[str, str, Any, tuple[int, ...], Any]
 
 
 def _store(name: str, value: Any) -> Stored:
-    if isinstance(value, torch.Tensor):
+    if is_torch_tensor(value):
+        torch = torch_module()
         t = value.detach().cpu().contiguous()
         raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
         return (name, "t", t.dtype, tuple(t.shape), raw.numpy().tobytes())
@@ -48,6 +48,7 @@ def _store(name: str, value: Any) -> Stored:
 def _load(item: Stored) -> Any:
     _, kind, dtype, shape, data = item
     if kind == "t":
+        torch = torch_module()
         if dtype == torch.bfloat16:
             return torch.from_numpy(np.frombuffer(data, dtype=np.int16).reshape(shape).copy()).view(torch.bfloat16)
         return torch.from_numpy(np.frombuffer(data, dtype=torch.empty((), dtype=dtype).numpy().dtype)
@@ -84,7 +85,8 @@ def input_digest(entries: Any) -> bytes:
 
 def _wire(t: Any) -> Any:
     """A validated tensor's V2 wire bytes (what ``input_digest`` hashes)."""
-    if isinstance(t, torch.Tensor):
+    if is_torch_tensor(t):
+        torch = torch_module()
         if t.dtype == torch.bfloat16:
             t = t.view(torch.int16)
         return t.contiguous().numpy().data

@@ -7,46 +7,80 @@ device nothing and its error names the tensor and what was expected.
 
 The checks run on the hot path: they are plain attribute and tuple
 comparisons, no allocation beyond the converted tensor itself.
+
+torch is imported on first use, not with this module: a front-end process
+(which decodes and encodes with numpy, and checks declarations against
+``TensorSpec``) never needs it unless a tensor is BF16, so it starts fast and
+stays small.
 """
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from .errors import InputError
 
-# V2 datatype -> (torch dtype or None for BYTES, numpy dtype or None, bytes per element)
-_DATATYPES: dict[str, tuple[torch.dtype | None, Any, int]] = {
-    "BOOL": (torch.bool, np.dtype(np.bool_), 1),
-    "UINT8": (torch.uint8, np.dtype(np.uint8), 1),
-    "UINT16": (torch.uint16, np.dtype(np.uint16), 2),
-    "UINT32": (torch.uint32, np.dtype(np.uint32), 4),
-    "UINT64": (torch.uint64, np.dtype(np.uint64), 8),
-    "INT8": (torch.int8, np.dtype(np.int8), 1),
-    "INT16": (torch.int16, np.dtype(np.int16), 2),
-    "INT32": (torch.int32, np.dtype(np.int32), 4),
-    "INT64": (torch.int64, np.dtype(np.int64), 8),
-    "FP16": (torch.float16, np.dtype(np.float16), 2),
-    "BF16": (torch.bfloat16, None, 2),  # numpy has no bfloat16
-    "FP32": (torch.float32, np.dtype(np.float32), 4),
-    "FP64": (torch.float64, np.dtype(np.float64), 8),
+if TYPE_CHECKING:
+    import torch
+
+# V2 datatype -> (torch dtype's name or None for BYTES, numpy dtype or None, bytes per element)
+_DATATYPES: dict[str, tuple[str | None, Any, int]] = {
+    "BOOL": ("bool", np.dtype(np.bool_), 1),
+    "UINT8": ("uint8", np.dtype(np.uint8), 1),
+    "UINT16": ("uint16", np.dtype(np.uint16), 2),
+    "UINT32": ("uint32", np.dtype(np.uint32), 4),
+    "UINT64": ("uint64", np.dtype(np.uint64), 8),
+    "INT8": ("int8", np.dtype(np.int8), 1),
+    "INT16": ("int16", np.dtype(np.int16), 2),
+    "INT32": ("int32", np.dtype(np.int32), 4),
+    "INT64": ("int64", np.dtype(np.int64), 8),
+    "FP16": ("float16", np.dtype(np.float16), 2),
+    "BF16": ("bfloat16", None, 2),  # numpy has no bfloat16
+    "FP32": ("float32", np.dtype(np.float32), 4),
+    "FP64": ("float64", np.dtype(np.float64), 8),
     "BYTES": (None, np.dtype(object), 0),
 }
 DATATYPES = tuple(_DATATYPES)
-_TORCH_TO_V2 = {t: name for name, (t, _, _) in _DATATYPES.items() if t is not None}
 _NUMPY_TO_V2 = {n: name for name, (_, n, _) in _DATATYPES.items() if n is not None}
+
+
+def torch_module() -> Any:
+    """torch, imported the first time something needs it (module docstring)."""
+    return sys.modules.get("torch") or _import_torch()
+
+
+def _import_torch() -> Any:
+    import torch
+
+    return torch
+
+
+def is_torch_tensor(value: Any) -> bool:
+    """Whether ``value`` is a torch tensor, without importing torch (where nothing imported it,
+    nothing made one)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+@functools.cache
+def torch_to_v2() -> dict[Any, str]:
+    """torch dtype -> V2 datatype."""
+    torch = torch_module()
+    return {getattr(torch, t): name for name, (t, _, _) in _DATATYPES.items() if t is not None}
 
 
 def torch_dtype(datatype: str) -> torch.dtype:
     t = _DATATYPES[datatype][0]
     if t is None:
         raise ValueError(f"{datatype} has no torch dtype")
-    return t
+    dtype: torch.dtype = getattr(torch_module(), t)
+    return dtype
 
 
 def numpy_dtype(datatype: str) -> Any:
@@ -60,8 +94,9 @@ def element_size(datatype: str) -> int:
 def v2_datatype(value: Any) -> str | None:
     """The V2 datatype of a tensor, array or dtype; None if it has none."""
     dtype = getattr(value, "dtype", value)
-    if isinstance(dtype, torch.dtype):
-        return _TORCH_TO_V2.get(dtype)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(dtype, torch.dtype):
+        return torch_to_v2().get(dtype)
     try:
         dtype = np.dtype(dtype)
     except TypeError:
@@ -107,6 +142,7 @@ def random_tensor(spec: TensorSpec, batch: int = 1, generator: torch.Generator |
     shape = spec.example_shape(batch)
     if spec.datatype == "BYTES":
         return np.full(shape, b"warmup", dtype=object)
+    torch = torch_module()
     dtype = torch_dtype(spec.datatype)
     if dtype.is_floating_point:
         return torch.randn(shape, generator=generator).to(dtype)
@@ -126,10 +162,11 @@ def to_tensor(spec: TensorSpec, value: Any, max_batch_size: int) -> Any:
     inputs stay numpy object arrays.  With batching on (max_batch_size > 0)
     dim 0 is the batch and may not exceed max_batch_size.
     """
+    torch = torch_module()  # the engine's process: imported already
     if isinstance(value, np.ndarray):
         got_type = v2_datatype(value.dtype)
     elif isinstance(value, torch.Tensor):
-        got_type = _TORCH_TO_V2.get(value.dtype)
+        got_type = torch_to_v2().get(value.dtype)
     else:
         raise InputError(
             f"input '{spec.name}': expected a tensor or numpy array, got {type(value).__name__}"

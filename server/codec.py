@@ -28,21 +28,23 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
 import orjson
-import torch
 
 from modelconsole.scheduler.errors import InputError
 from modelconsole.scheduler.tensors import (
     DATATYPES,
     TensorSpec,
     element_size,
+    is_torch_tensor,
     numpy_dtype,
-    torch_dtype,
+    torch_module,
+    torch_to_v2,
     v2_datatype,
 )
 
@@ -105,7 +107,6 @@ _FLOATS = ("FP16", "FP32", "FP64")
 _U32 = struct.Struct("<I")
 _unpack_u32 = _U32.unpack_from
 _NUMPY_OPT = orjson.OPT_SERIALIZE_NUMPY
-_TORCH_V2 = {torch_dtype(dt): dt for dt in DATATYPES if dt != "BYTES"}
 
 
 def _show(value: Any, limit: int = 80) -> str:
@@ -357,6 +358,7 @@ def _wire_array(body: Any, offset: int, count: int, datatype: str, shape: Sequen
     dtype = _WIRE[datatype]
     if datatype == "BF16":
         bits = np.frombuffer(body, dtype=dtype, count=count, offset=offset).copy() if count else np.empty(0, dtype)
+        torch = torch_module()  # numpy has no bfloat16: the one place a front end imports torch
         return torch.from_numpy(bits).view(torch.bfloat16).reshape(tuple(shape))
     if not count:
         return np.empty(shape, dtype)
@@ -623,8 +625,8 @@ def encode_response(
 
 def _output_array(name: str, value: Any) -> tuple[str, Any]:
     """(datatype, numpy array) for one output; BF16 comes back as its raw int16 bits."""
-    if isinstance(value, torch.Tensor):
-        datatype = _TORCH_V2.get(value.dtype)
+    if is_torch_tensor(value):
+        datatype = torch_to_v2().get(value.dtype)
         if datatype is None:
             raise TypeError(f"output '{name}': torch dtype {value.dtype} has no V2 datatype")
         if not value.is_cpu:
@@ -632,7 +634,7 @@ def _output_array(name: str, value: Any) -> tuple[str, Any]:
         if value.requires_grad:
             value = value.detach()
         if datatype == "BF16":
-            return datatype, value.view(torch.int16).numpy()
+            return datatype, value.view(torch_module().int16).numpy()
         return datatype, value.numpy()
     if isinstance(value, np.ndarray):
         dtype = value.dtype
@@ -680,8 +682,10 @@ def tensor_to_bytes(name: str, value: Any) -> tuple[str, list[int], Any]:
     """One tensor as (datatype, shape, its V2 wire bytes): what a binary output, a gRPC
     ``raw_output_contents`` entry and an IPC frame carry.  The bytes are a view of the
     tensor's memory where it is contiguous (no copy); BYTES elements are length-prefixed."""
-    if type(value) is torch.Tensor and value.is_cpu and not value.requires_grad and value.is_contiguous():
-        datatype = _TORCH_V2.get(value.dtype)
+    torch = sys.modules.get("torch")  # a front end without torch has no tensor to encode
+    if torch is not None and type(value) is torch.Tensor and value.is_cpu and not value.requires_grad \
+            and value.is_contiguous():
+        datatype = torch_to_v2().get(value.dtype)
         if datatype is not None and datatype != "BF16":  # the common answer: its memory as it is
             return datatype, list(value.shape), value.numpy().reshape(-1).view(np.uint8) if value.numel() else b""
     datatype, arr = _output_array(name, value)

@@ -41,7 +41,7 @@ from .web import ServerSettings, http_url
 
 log = logging.getLogger("modelconsole.server.workers")
 
-READY_TIMEOUT_S = 120.0  # a front end imports torch (for the codec's BF16): seconds on a busy machine
+READY_TIMEOUT_S = 120.0  # seconds on a busy machine
 
 
 def reserve_port(host: str, port: int) -> socket.socket:

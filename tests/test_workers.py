@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -148,6 +149,26 @@ async def test_infer_answers_match_one_process(pair):
                 assert r.status == 200
                 outs.append(await r.read())
         assert outs[0] == outs[1]
+
+
+async def test_front_ends_serve_without_torch(pair):
+    """A front-end process decodes and encodes with numpy: torch (hundreds of MB per process) is
+    not loaded in it after JSON, binary and raw requests and their answers (its memory map would
+    hold libtorch)."""
+    one, two = pair
+    async with aiohttp.ClientSession() as s:
+        for _ in range(4):
+            async with s.post(two.url + "/v2/models/tiny/infer", json=tiny_body(2)) as r:
+                assert r.status == 200
+            async with s.post(two.url + "/v2/models/tiny/infer", data=np.ones(64, "<f4").tobytes(),
+                              headers={"Inference-Header-Content-Length": "0"}) as r:
+                assert r.status == 200
+    pids = two.server.frontends.pids
+    assert len(pids) == 2
+    for pid in pids:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert "libtorch" not in maps, f"front end {pid} loaded torch"
+    assert "libtorch" in Path(f"/proc/{os.getpid()}/maps").read_text()  # the check can see torch
 
 
 async def test_control_events_and_metrics_through_a_front_end(pair):
