@@ -65,15 +65,40 @@ def _package_tree(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_the_pure_modules_and_the_client_type_check_strictly(tmp_path):
+# Modules with mypy errors left (mostly Optional values used without a check): this set only
+# shrinks; a new module, and every module not named here, must check clean.
+NOT_YET_TYPED = frozenset(f"modelconsole.{m}" for m in (
+    "cluster.controller", "cluster.fleet", "cluster.launch", "cluster.link",
+    "console.app", "console.cli", "console.client", "console.format", "console.run", "console.widgets",
+    "scheduler.archive", "scheduler.check", "scheduler.engine", "scheduler.hf", "scheduler.instance",
+    "scheduler.memory", "scheduler.queueing", "scheduler.remote", "scheduler.serving", "scheduler.shared",
+    "scheduler.sources", "scheduler.store", "scheduler.trust", "scheduler.versions",
+    "server.app", "server.connections", "server.guard", "server.metrics", "server.proxy", "server.transport",
+    "server.web", "server.workers"))
+
+
+def _mypy(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     tree = _package_tree(tmp_path)
-    args = [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"), "--no-incremental"]
-    for module in TYPED_STRICT:
-        args += ["-m", module]
-    run = subprocess.run(args, capture_output=True, text=True, cwd=tree, timeout=600)
+    run = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"),
+                          "--no-incremental", *args], capture_output=True, text=True, cwd=tree, timeout=900)
     if "No module named mypy" in run.stderr:
         pytest.skip("mypy is not installed (pip install -e '.[test]')")
+    return run
+
+
+def test_the_pure_modules_and_the_client_type_check_strictly(tmp_path):
+    run = _mypy(tmp_path, "--strict", *(a for m in TYPED_STRICT for a in ("-m", m)))
     assert run.returncode == 0 and "Success" in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
+
+
+def test_the_rest_of_the_package_type_checks_but_the_modules_not_yet_clean(tmp_path):
+    run = _mypy(tmp_path, "-p", "modelconsole")
+    failing = {line.split(":", 1)[0].removesuffix(".py").replace("/", ".")
+               for line in run.stdout.splitlines() if ": error:" in line}
+    assert failing <= NOT_YET_TYPED, "\n".join(line for line in run.stdout.splitlines()
+                                               if line.split(":", 1)[0].removesuffix(".py").replace("/", ".")
+                                               not in NOT_YET_TYPED)
+    assert run.returncode in (0, 1), run.stderr[-2000:]  # 2: mypy itself failed
 
 
 def _runtime_imports(path: Path, module: str) -> set[str]:
