@@ -27,8 +27,8 @@ What runs where (so the figures mean something):
 
 The LAST line is one JSON object with exactly ``single_process_rps``,
 ``workers_rps``, ``workers``, ``scaling`` (workers_rps / single_process_rps),
-``multi_model_rps``, ``multi_model_vs_raw``, ``grpc_rps`` (null with
-``--protocol http``), ``c1_p50_us`` (the workers server's), ``c1_p50_single_us``
+``multi_model_rps``, ``multi_model_vs_raw``, ``grpc_rps`` and ``grpc_vs_http``
+(grpc_rps / workers_rps; both null with ``--protocol http``), ``c1_p50_us`` (the workers server's), ``c1_p50_single_us``
 (the single process's) and ``core_cpu_us_per_request`` (the engine-core
 process's CPU time over the requests it answered at c=256 through the
 workers; its front ends' CPU is not in it).
@@ -485,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         "multi_model_rps": round(multi_row["rps"]),
         "multi_model_vs_raw": round(multi_row["rps"] / raw, 3) if raw else None,
         "grpc_rps": round(grpc_row["rps"]) if grpc_row else None,
+        "grpc_vs_http": round(grpc_row["rps"] / many_rps, 3) if grpc_row and many_rps else None,
         "c1_p50_us": round(rows[f"{workers} workers, c=1"]["p50_us"], 1),
         "c1_p50_single_us": round(rows["one process, c=1"]["p50_us"], 1),
         "core_cpu_us_per_request": core_us,
@@ -503,7 +504,7 @@ def attached(args: argparse.Namespace, host: str, procs: int, load_cpus: list[in
               f"p99 {r['p99_us']:>6.0f} us  errors {r['errors']}  CPU {r['cpu']}")
     print(json.dumps({"single_process_rps": None, "workers_rps": round(rows["attached, c=256"]["rps"]),
                       "workers": None, "scaling": None, "multi_model_rps": None, "multi_model_vs_raw": None,
-                      "grpc_rps": None, "c1_p50_us": round(rows["attached, c=1"]["p50_us"], 1),
+                      "grpc_rps": None, "grpc_vs_http": None, "c1_p50_us": round(rows["attached, c=1"]["p50_us"], 1),
                       "c1_p50_single_us": None, "core_cpu_us_per_request": None}))
     return 1 if any(r["errors"] for r in rows.values()) else 0
 
