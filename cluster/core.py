@@ -31,8 +31,7 @@ from modelconsole.server import ipc, rundir
 from modelconsole.server.core import CoreServer
 from modelconsole.server.ipc import InferAnswer, InferCall
 
-from . import rayenv
-from .link import ClusterLink
+from .link import ClusterLink, controller_link
 
 log = logging.getLogger("modelconsole.cluster.core")
 
@@ -201,19 +200,8 @@ class EngineCore:
     async def serve_local(self, spin_us: float = 0.0) -> str:
         """Take this node's front-end processes over a Unix socket (once); its address."""
         if self.local is None:
-            import ray
-
             assert self.engine is not None, "serve_local before sync"
-
-            controller = ray.get_actor(rayenv.CONTROLLER, namespace=rayenv.NAMESPACE)
-
-            async def table() -> dict[str, Any]:
-                return await controller.table.remote()
-
-            async def place(name: str, version: str | None, exclude: list[str]) -> list[str]:
-                return await controller.place.remote(name, version, exclude)
-
-            self._link = ClusterLink(table, place)
+            self._link = controller_link()
             await self._link.start()
             self._dir = rundir.make_run_dir()  # 0700: only this user reaches the core
             self.local = CoreServer(self.engine, f"unix://{self._dir}/engine.sock", spin_us,

@@ -21,7 +21,6 @@ import dataclasses
 import logging
 import os
 import shutil
-import socket
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -34,7 +33,7 @@ from modelconsole.server.tokenfile import is_loopback
 from modelconsole.server.web import ServerSettings, http_url
 
 from . import rayenv
-from .link import ClusterLink
+from .link import ClusterLink, controller_link
 
 log = logging.getLogger("modelconsole.cluster.frontend")
 
@@ -51,7 +50,6 @@ class FrontEnd:
         # what this front end answered, by protocol and code: the control plane's /metrics shows it
         self.requests = metrics.frontend_requests(CollectorRegistry())
         self.processes: Any = None  # --workers N: the front-end processes (server/workers.py FrontEnds)
-        self._reserved: list[socket.socket] = []
         self._dir: str | None = None
         self._counts: Any = None  # their counters (prometheus multiprocess files), summed
 
@@ -61,21 +59,13 @@ class FrontEnd:
             return {"url": self.url, "grpc_port": self.grpc_port}
         import ray
 
-        controller = ray.get_actor(rayenv.CONTROLLER, namespace=rayenv.NAMESPACE)
-
-        async def table() -> dict[str, Any]:
-            return await controller.table.remote()
-
-        async def place(name: str, version: str | None, exclude: list[str]) -> list[str]:
-            return await controller.place.remote(name, version, exclude)
-
         settings = ServerSettings(**self.spec["settings"])
         if not is_loopback(settings.host):
             # --host names the head's address; every other node's front end binds its own
             settings = dataclasses.replace(settings, host=ray.util.get_node_ip_address())
         if self.spec.get("workers"):
             return await self._start_processes(settings, int(self.spec["workers"]))
-        self.link = ClusterLink(table, place)
+        self.link = controller_link()
         await self.link.start()
         app = build_frontend_app(self.link, ControlProxy(base_url=self.spec["control_url"]), settings,
                                  self.requests)
@@ -100,36 +90,24 @@ class FrontEnd:
         import ray
         from prometheus_client.multiprocess import MultiProcessCollector
 
-        from modelconsole.server.workers import FrontEnds, reserve_port
+        from modelconsole.server.workers import FrontEnds
 
         core = ray.get_actor(rayenv.core_name(self.node_id), namespace=rayenv.NAMESPACE)
         address = await core.serve_local.remote(settings.ipc_spin_us)
+        self._dir = rundir.make_run_dir()
+        counts = os.path.join(self._dir, "metrics")
+        os.mkdir(counts)
+        # the default gRPC port taken on this node: HTTP serves on, as --serve does
+        self.processes = FrontEnds(count, settings, address, {"control_url": self.spec["control_url"]}, counts,
+                                   self._event, grpc_port=self.spec.get("grpc_port"), grpc_required=False)
         try:
-            main = reserve_port(settings.host, settings.port)
-            self._reserved.append(main)
-            port = main.getsockname()[1]
-            if self.spec.get("grpc_port") is not None:
-                try:
-                    grpc = reserve_port(settings.host, self.spec["grpc_port"])
-                except OSError as e:  # the default port taken on this node: HTTP serves on, as --serve does
-                    log.warning("node %s: no gRPC front end: %s", self.node_id[:8], e)
-                else:
-                    self._reserved.append(grpc)
-                    self.grpc_port = grpc.getsockname()[1]
-            self._dir = rundir.make_run_dir()
-            counts = os.path.join(self._dir, "metrics")
-            os.mkdir(counts)
-            front = dataclasses.replace(settings, port=port, reuse_port=True, token_dir=None)
-            spec = {"settings": dataclasses.asdict(front), "ipc": address, "control_url": self.spec["control_url"],
-                    "grpc_port": self.grpc_port, "log_level": "INFO"}
-            self.processes = FrontEnds(count, spec, self._event, {"PROMETHEUS_MULTIPROC_DIR": counts})
             await self.processes.start()
         except BaseException:
             await self.stop()
             raise
         self._counts = CollectorRegistry()
         MultiProcessCollector(self._counts, path=counts)
-        self.url = http_url(settings.host, port)
+        self.url, self.grpc_port = http_url(settings.host, self.processes.port), self.processes.grpc_port
         log.info("node %s: %d front-end processes on %s (pids %s)", self.node_id[:8], count, self.url,
                  " ".join(map(str, self.processes.pids)))
         return {"url": self.url, "grpc_port": self.grpc_port}
@@ -143,12 +121,8 @@ class FrontEnd:
         if self.server is not None:
             await self.server.stop()
         if self.processes is not None:
-            settings = ServerSettings(**self.spec["settings"])
-            await self.processes.stop(settings.shutdown_timeout_s + settings.drain_grace_s + 5)
+            await self.processes.stop()
             self.processes = None
-        for sock in self._reserved:
-            sock.close()
-        self._reserved = []
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None

@@ -201,3 +201,19 @@ class ClusterLink:
     async def close(self) -> None:
         if self._refresher is not None:
             self._refresher.cancel()
+
+
+def controller_link() -> ClusterLink:
+    """A link whose routing table and placements come from the fleet's controller (a node's
+    front end, and its engine core for the calls it sends on)."""
+    import ray
+
+    controller = ray.get_actor(rayenv.CONTROLLER, namespace=rayenv.NAMESPACE)
+
+    async def table() -> dict[str, Any]:
+        return await controller.table.remote()
+
+    async def place(name: str, version: str | None, exclude: list[str]) -> list[str]:
+        return await controller.place.remote(name, version, exclude)
+
+    return ClusterLink(table, place)

@@ -6,10 +6,11 @@
 1. the core's end of the infer link (``core.CoreServer``) and the core's own
    app on a Unix socket (``proxy.py`` forwards the control API, events,
    metrics and metadata to it), both in a private 0700 directory;
-2. a reservation of the public port (and the gRPC port): a socket bound with
-   SO_REUSEPORT that never listens, so ``--port 0`` picks one port for every
-   front end and a restarted front end always gets it back;
-3. N front-end processes (``frontend.py``), each told its settings on stdin.
+2. N front-end processes (``frontend.py``, ``FrontEnds``), each told its
+   settings on stdin, on the public port (and the gRPC port), reserved for
+   them by a socket bound with SO_REUSEPORT that never listens, so ``--port 0``
+   picks one port for every front end and a restarted front end always gets
+   it back.
 
 A front end that exits while the server runs is restarted (an event says
 so; a crash loop backs off up to 10 s).  Its clients saw their connections
@@ -67,21 +68,57 @@ def reserve_port(host: str, port: int) -> socket.socket:
 
 
 class FrontEnds:
-    """N front-end processes: started, watched, restarted, drained."""
+    """N front-end processes on one port (``--serve --workers N``, and a fleet node's): the port
+    (and gRPC's) reserved for them, the processes started, watched, restarted, drained.
 
-    def __init__(self, count: int, spec: dict[str, Any], on_event: Callable[[str, str, str], None],
-                 env: dict[str, str] | None = None):
+    ``ipc``: the engine core's address; ``control``: where they forward the control API
+    (``{"control": Unix path}`` of the core's app, or ``{"control_url": URL}`` of a fleet's
+    control plane); ``counts_dir``: where they write their request counters."""
+
+    def __init__(self, count: int, settings: ServerSettings, ipc: str, control: dict[str, str], counts_dir: str,
+                 on_event: Callable[[str, str, str], None], *, grpc_port: int | None = None,
+                 grpc_required: bool = True, log_level: str = "INFO"):
         self.count = count
-        self.spec = spec
-        self.env = {**os.environ, **(env or {})}
+        self.settings = settings
+        self.ipc = ipc
+        self.control = control
+        self.grpc_port_setting = grpc_port
+        self.grpc_required = grpc_required  # False: a port that cannot be bound is a warning, not a failure
+        self.log_level = log_level
+        self.env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": counts_dir}
         self.on_event = on_event
+        self.port: int | None = None
+        self.grpc_port: int | None = None
+        self.spec: dict[str, Any] = {}
         self.procs: list[asyncio.subprocess.Process | None] = [None] * count
         self.restarts = 0
+        self._reserved: list[socket.socket] = []
         self._keepers: list[asyncio.Task[None]] = []
         self._stopping = False
 
     async def start(self) -> None:
-        await asyncio.gather(*(self._spawn(k) for k in range(self.count)))
+        s = self.settings
+        try:
+            main = reserve_port(s.host, s.port)
+            self._reserved.append(main)
+            self.port = main.getsockname()[1]
+            if self.grpc_port_setting is not None:
+                try:
+                    g = reserve_port(s.host, self.grpc_port_setting)
+                except OSError as e:
+                    if self.grpc_required:
+                        raise
+                    log.warning("gRPC not started (%s): set --grpc-port to another port, or off", e)
+                else:
+                    self._reserved.append(g)
+                    self.grpc_port = g.getsockname()[1]
+            front = dataclasses.replace(s, port=self.port, reuse_port=True, token_dir=None)
+            self.spec = {"settings": dataclasses.asdict(front), "ipc": self.ipc, **self.control,
+                         "grpc_port": self.grpc_port, "log_level": self.log_level}
+            await asyncio.gather(*(self._spawn(k) for k in range(self.count)))
+        except BaseException:
+            await self.stop()
+            raise
         loop = asyncio.get_running_loop()
         self._keepers = [loop.create_task(self._keep(k)) for k in range(self.count)]
 
@@ -135,9 +172,10 @@ class FrontEnds:
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs if p is not None]
 
-    async def stop(self, timeout: float) -> None:
+    async def stop(self) -> None:
         """SIGTERM to each: they drain (new connections refused, in-flight calls answered); past
-        ``timeout`` the ones left are killed."""
+        the server's shutdown timeout and grace the ones left are killed.  The port goes last."""
+        timeout = self.settings.shutdown_timeout_s + self.settings.drain_grace_s + 5
         self._stopping = True
         for task in self._keepers:
             task.cancel()
@@ -157,6 +195,9 @@ class FrontEnds:
         for p in self.procs:
             if p is not None and p.stdin is not None:
                 p.stdin.close()
+        for sock in self._reserved:
+            sock.close()
+        self._reserved = []
 
 
 class WorkerServer:
@@ -178,7 +219,6 @@ class WorkerServer:
         self.core: CoreServer | None = None
         self.control: Server | None = None
         self.frontends: FrontEnds | None = None
-        self._reserved: list[socket.socket] = []
         self._dir: str | None = None
 
     async def start(self) -> None:
@@ -194,24 +234,11 @@ class WorkerServer:
             self.control = Server(self.engine, dataclasses.replace(s, unix_path=control, token_dir=None,
                                                                    frontends_metrics_dir=counts))
             await self.control.start()
-            main = reserve_port(s.host, s.port)
-            self._reserved.append(main)
-            self.port = main.getsockname()[1]
-            if self.grpc_port_setting is not None:
-                try:
-                    g = reserve_port(s.host, self.grpc_port_setting)
-                except OSError as e:
-                    if self.grpc_required:
-                        raise
-                    log.warning("gRPC not started (%s): set --grpc-port to another port, or off", e)
-                else:
-                    self._reserved.append(g)
-                    self.grpc_port = g.getsockname()[1]
-            front = dataclasses.replace(s, port=self.port, reuse_port=True, token_dir=None)
-            spec = {"settings": dataclasses.asdict(front), "ipc": self.core.address, "control": control,
-                    "grpc_port": self.grpc_port, "log_level": self.log_level}
-            self.frontends = FrontEnds(self.workers, spec, self._event, {"PROMETHEUS_MULTIPROC_DIR": counts})
+            self.frontends = FrontEnds(self.workers, s, self.core.address, {"control": control}, counts, self._event,
+                                       grpc_port=self.grpc_port_setting, grpc_required=self.grpc_required,
+                                       log_level=self.log_level)
             await self.frontends.start()
+            self.port, self.grpc_port = self.frontends.port, self.frontends.grpc_port
         except BaseException:
             await self.stop()
             raise
@@ -230,11 +257,8 @@ class WorkerServer:
 
     async def stop(self) -> None:
         if self.frontends is not None:
-            await self.frontends.stop(self.settings.shutdown_timeout_s + self.settings.drain_grace_s + 5)
+            await self.frontends.stop()
             self.frontends = None
-        for sock in self._reserved:
-            sock.close()
-        self._reserved = []
         if self.control is not None:
             await self.control.stop()
             self.control = None
