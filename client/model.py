@@ -8,7 +8,8 @@ the handle's business:
   thin client process stays thin.
 - without: the engine of this process: the newest running one (what
   ``Engine.from_config`` started), or one the handle starts itself, lazily, on
-  a thread of its own, from ``config`` (a TOML path). Tensors cross by
+  a thread of its own, from ``config`` (a TOML path): ``inprocess.py``, the one
+  client module that reaches the engine, and only then. Tensors cross by
   reference, nothing is copied to a server.
 
 Errors are the engine's error kinds on both paths: the same class and the same
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 
 from modelconsole.scheduler import wire
+
+from .inprocess import local_engine, local_infer
 
 Arrays = dict[str, np.ndarray]
 
@@ -80,7 +82,7 @@ class Model:
         """The model's outputs for ``inputs`` (name -> array with the batch first), as numpy."""
         if self.url is not None:
             return self._remote_sync(inputs)
-        engine, loop = _local_engine(self.config)
+        engine, loop = local_engine(self.config)
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
@@ -88,15 +90,17 @@ class Model:
         if running is loop:
             raise RuntimeError("predict() would wait on the event loop the engine runs on: "
                                "await model.apredict(...) there instead")
-        return asyncio.run_coroutine_threadsafe(self._local(engine, inputs), loop).result()
+        call = local_infer(engine, self.name, self.version, inputs)
+        return asyncio.run_coroutine_threadsafe(call, loop).result()
 
     async def apredict(self, inputs: Mapping[str, Any]) -> Arrays:
         if self.url is not None:
             return await self._remote_async(inputs)
-        engine, loop = _local_engine(self.config)
+        engine, loop = local_engine(self.config)
+        call = local_infer(engine, self.name, self.version, inputs)
         if asyncio.get_running_loop() is loop:
-            return await self._local(engine, inputs)
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._local(engine, inputs), loop))
+            return await call
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(call, loop))
 
     def predict_batches(self, items: Iterable[Mapping[str, Any]], batch_size: int) -> Iterator[Arrays]:
         """Each item's outputs, in order: up to ``batch_size`` items (each with its own batch
@@ -122,16 +126,6 @@ class Model:
         parts = {k: np.split(v, bounds) for k, v in out.items()}
         for j in range(len(items)):
             yield {k: parts[k][j] for k in out}
-
-    # ------------------------------------------------------------------ in process
-
-    async def _local(self, engine: Any, inputs: Mapping[str, Any]) -> Arrays:
-        import torch
-
-        tensors = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(wire.as_array(v)))
-                   for k, v in inputs.items()}
-        result = await engine.infer(self.name, tensors, version=self.version)
-        return {k: v.detach().cpu().numpy().copy() for k, v in result.outputs.items()}
 
     # ------------------------------------------------------------------ over the wire
 
@@ -168,44 +162,3 @@ class Model:
         async with aiohttp.ClientSession(timeout=timeout) as session, \
                 session.post(self._infer_url(), data=body, headers=self._headers(head)) as r:
             return self._answer(r.status, await r.read(), dict(r.headers))
-
-
-# ---------------------------------------------------------------------- the process's engine
-
-_STARTED: dict[str, tuple[Any, asyncio.AbstractEventLoop]] = {}
-_LOCK = threading.Lock()
-
-
-def _local_engine(config: str | None) -> tuple[Any, asyncio.AbstractEventLoop]:
-    """The newest engine running in this process; else one started here from ``config``, on a
-    thread of its own (it serves until the process ends)."""
-    from modelconsole.scheduler import engine as engine_mod
-
-    found = engine_mod.running()
-    if found is not None:
-        return found
-    if config is None:
-        raise RuntimeError("no engine runs in this process: give Model(url=...) for a server, or "
-                           "config=PATH to start one here")
-    path = os.path.abspath(config)
-    with _LOCK:
-        if path not in _STARTED:
-            _STARTED[path] = _start_engine(path)
-        return _STARTED[path]
-
-
-def _start_engine(path: str) -> tuple[Any, asyncio.AbstractEventLoop]:
-    from modelconsole.scheduler.config import load_config
-    from modelconsole.scheduler.engine import Engine
-
-    config = load_config(path)
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, name="modelconsole-engine", daemon=True).start()
-
-    async def start() -> Any:
-        engine = Engine.from_config(config)
-        await engine.start(config.models)
-        return engine
-
-    engine = asyncio.run_coroutine_threadsafe(start(), loop).result()
-    return engine, loop

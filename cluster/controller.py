@@ -216,7 +216,11 @@ class Controller:
                     continue
                 task = asyncio.get_running_loop().create_task(self._bring_up(nid, info))
                 self._bringing[nid] = task
-                task.add_done_callback(lambda _, nid=nid: self._bringing.pop(nid, None))
+
+                def brought(_: asyncio.Task[None], nid: str = nid) -> None:
+                    self._bringing.pop(nid, None)
+
+                task.add_done_callback(brought)
         for nid, node in list(fleet.nodes.items()):
             if node.serving and nid not in alive:
                 self._lost(node, "the node left the cluster")
@@ -236,9 +240,13 @@ class Controller:
             key = (node.node, name, version)
             if key not in self._pinning:
                 self._pinning.add(key)
-                task = asyncio.get_running_loop().create_task(fleet.call_nodes(
+                pin = asyncio.get_running_loop().create_task(fleet.call_nodes(
                     [node], "pin", {"name": name, "version": version, "pinned": pinned, "actor": "controller"}))
-                task.add_done_callback(lambda _, key=key: self._pinning.discard(key))
+
+                def pinned_done(_: asyncio.Task[Any], key: tuple[str, str, str] = key) -> None:
+                    self._pinning.discard(key)
+
+                pin.add_done_callback(pinned_done)
 
     async def _read_frontends(self, nodes: list[Node]) -> None:
         """What each node's front end answered (the control plane's /metrics); a front end that
@@ -268,7 +276,7 @@ class Controller:
         common = {"namespace": rayenv.NAMESPACE, "lifetime": "detached", "get_if_exists": True,
                   "scheduling_strategy": rayenv.node_affinity(nid), "max_restarts": 0}
         try:
-            core = ray.remote(EngineCore).options(name=rayenv.core_name(nid), **common, **options).remote(
+            core: Any = ray.remote(EngineCore).options(name=rayenv.core_name(nid), **common, **options).remote(
                 nid, core_spec)
             report = await core.sync.remote(fleet.record())
             node.core = core
@@ -279,7 +287,7 @@ class Controller:
             return
         settings = self.spec["frontend"]
         try:
-            frontend = ray.remote(FrontEnd).options(name=rayenv.frontend_name(nid), num_cpus=0, **common).remote(
+            frontend: Any = ray.remote(FrontEnd).options(name=rayenv.frontend_name(nid), num_cpus=0, **common).remote(
                 nid, {"settings": settings, "control_url": self.url, "grpc_port": self.spec.get("grpc_port"),
                       "workers": self.spec.get("workers", 0)})
             node.frontend = frontend

@@ -229,9 +229,9 @@ class Fleet:
         return m
 
     def snapshot(self) -> dict[str, Any]:
-        devices = []
+        devices: list[dict[str, Any]] = []
         cache: Counter[str] = Counter()
-        host = {"entries": [], "bytes": 0, "max_bytes": 0, "hits": 0, "drops": 0}
+        host: dict[str, Any] = {"entries": [], "bytes": 0, "max_bytes": 0, "hits": 0, "drops": 0}
         for n in self.live():
             snap = n.report.get("snapshot", {})
             for d in snap.get("devices", []):
@@ -375,6 +375,7 @@ class Fleet:
         """Stored in the registry (it survives a restart); applied where the version is held, and
         by the controller's tick wherever it is held later (``pin_drift``)."""
         inst = self.registry.instance(name, version)
+        assert self.registry.store is not None  # the controller's registry always has its store
         await self.registry.store.set_pin(inst.name, inst.version, pinned, actor)
         inst.pinned = pinned
         nodes = [n for n in self._nodes(node) if node is not None or inst.key in n.report.get("holds", ())]
@@ -418,6 +419,7 @@ class Fleet:
             raise Conflict(f"version: model '{name}' version {v} is already active")
         if name in self.registry.versions.routed:
             await self.registry.set_split(name, {}, actor=actor)
+        assert self.registry.store is not None
         await self.registry.store.update_routing(name, actor, "swap", new.version,
                                                  {"from": entry.version, "to": new.version}, active=new.version)
         self.registry.adopt_active(name, new.version)
@@ -467,7 +469,9 @@ class Fleet:
 
     def record(self) -> dict[str, Any]:
         """What a new or restarted engine core is brought to (``EngineCore.sync``)."""
-        models, active, pins = [], {}, []
+        models: list[dict[str, Any]] = []
+        active: dict[str, str] = {}
+        pins: list[Any] = []
         for m in self.registry.snapshot_models():
             models.append(node_model(m["config"]))
             if m["active"]:

@@ -23,7 +23,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from modelconsole.scheduler.errors import EngineError, ModelNotFound, ModelUnavailable
@@ -44,7 +44,7 @@ class CoreGone(Exception):
 
 class ClusterLink:
     def __init__(self, table: Callable[[], Awaitable[dict[str, Any]]],
-                 place: Callable[[str, str | None, list[str]], Awaitable[list[str]]]):
+                 place: Callable[[str, str | None, list[str]], Coroutine[Any, Any, list[str]]]):
         self._read_table = table
         self._place = place
         self.table: dict[str, Any] = {"cores": {}, "models": {}, "outstanding": {}}

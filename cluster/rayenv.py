@@ -30,7 +30,7 @@ def frontend_name(node_id: str) -> str:
     return f"modelconsole-frontend-{node_id}"
 
 
-def gcs_address(setting: str) -> str | None:
+def gcs_address(setting: str) -> str:
     """``[cluster] ray_address`` as ``ray.init`` takes it: "ray" joins the cluster this machine
     belongs to (``ray start`` ran here: "auto"); "ray://HOST:PORT" is the head's GCS address."""
     if setting == "ray":

@@ -20,9 +20,13 @@ import os
 import re
 import sys
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from modelconsole.scheduler.config import Config
+    from modelconsole.server.web import ServerSettings
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
@@ -115,7 +119,7 @@ def check_config(path: str | None) -> int:
     return 0
 
 
-def server_settings(args: argparse.Namespace, config) -> tuple[object, str] | str:
+def server_settings(args: argparse.Namespace, config: Config) -> tuple[ServerSettings, str] | str:
     """The server's settings from flags over the config file; a message if they are unsafe.
 
     The control plane always has a token unless ``--no-token`` says otherwise:
@@ -214,13 +218,10 @@ def _config(args: argparse.Namespace) -> Any:
         return None
 
 
-def _refused(*checked: object) -> bool:
-    """Whether a setting came back as a message (its refusal): the first one is said on stderr."""
-    for value in checked:
-        if isinstance(value, str):
-            print(f"modelconsole: {value}", file=sys.stderr)
-            return True
-    return False
+def _refuse(*checked: object) -> int:
+    """A setting came back as a message (its refusal): the first one is said on stderr; exit 2."""
+    print(f"modelconsole: {next(v for v in checked if isinstance(v, str))}", file=sys.stderr)
+    return 2
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -230,17 +231,17 @@ def serve(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     settings = server_settings(args, config)
-    if _refused(settings):
-        return 2
+    if isinstance(settings, str):
+        return _refuse(settings)
     cluster = args.cluster if args.cluster is not None else config.cluster.ray_address
     if cluster is not None:
         return serve_cluster(args, config, settings[0], cluster)
     workers = workers_setting(args, config)
     grpc = grpc_setting(args, config.server.grpc_port)
-    if _refused(workers, grpc):
-        return 2
+    if isinstance(workers, str) or isinstance(grpc, str):
+        return _refuse(workers, grpc)
     chosen = settings[0]
-    if config.server.ipc_spin_us is None and isinstance(workers, int) and workers:
+    if config.server.ipc_spin_us is None and workers:
         from modelconsole.scheduler.policy import ipc_spin_us
 
         chosen = dataclasses.replace(chosen, ipc_spin_us=ipc_spin_us(_cores(), workers))
@@ -358,8 +359,8 @@ def attach(args: argparse.Namespace) -> int:
     url = args.attach if "://" in args.attach else f"http://{args.attach}"
     token, hint = attach_token_and_hint(args, url)
     keymap = parse_keymap(args.keymap or os.environ.get("MODELCONSOLE_KEYMAP"))
-    if _refused(keymap):
-        return 2
+    if isinstance(keymap, str):
+        return _refuse(keymap)
     return asyncio.run(run_attached(url.rstrip("/"), token, theme=args.theme, read_only=args.read_only,
                                     keymap=keymap, refresh_s=args.interval, token_hint=hint))
 
@@ -377,8 +378,8 @@ def embedded(args: argparse.Namespace) -> int:
     settings = server_settings(args, config)
     keymap = parse_keymap(args.keymap or os.environ.get("MODELCONSOLE_KEYMAP"))
     grpc = grpc_setting(args, None)
-    if _refused(settings, keymap, grpc):
-        return 2
+    if isinstance(settings, str) or isinstance(keymap, str) or isinstance(grpc, str):
+        return _refuse(settings, keymap, grpc)
     path = store_path(args, config)
     return _run_loop(run_embedded(config, settings[0], path, demo=args.demo, theme=args.theme,
                                   read_only=args.read_only, keymap=keymap, grpc_port=grpc,

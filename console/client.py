@@ -158,7 +158,8 @@ async def _sse(content: aiohttp.StreamReader) -> AsyncIterator[tuple[str, str, s
     """(event, data, id) for each server-sent event.  Parsed by hand from raw chunks: a
     snapshot is one line that can outgrow aiohttp's readline limit."""
     buf = b""
-    kind, data, eid = "message", [], None
+    kind, eid = "message", None
+    data: list[str] = []
     async for chunk in content.iter_any():
         buf += chunk
         *lines, buf = buf.split(b"\n")
@@ -167,7 +168,7 @@ async def _sse(content: aiohttp.StreamReader) -> AsyncIterator[tuple[str, str, s
             if not line:  # a blank line ends an event
                 if data:
                     yield kind, "\n".join(data), eid
-                kind, data, eid = "message", [], None
+                kind, eid, data = "message", None, []
                 continue
             field, _, value = line.partition(":")
             value = value.removeprefix(" ")
@@ -197,7 +198,7 @@ class RemoteClient(EngineClient):
     def __init__(self, url: str, token: str | None = None, *, read_only: bool = False,
                  call_timeout_s: float = 300.0, stall_timeout_s: float = 15.0):
         super().__init__(read_only)
-        self.url = url.rstrip("/")
+        self.url: str = url.rstrip("/")  # attached: always a URL (the base class allows None)
         self.connected = False
         self._headers = {"X-Modelconsole-Actor": ACTOR}
         if token:

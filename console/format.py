@@ -346,7 +346,7 @@ CANARY_LIVE = ("starting", "running", "promoting")  # a canary in one of these h
 
 def canary_running(routing: dict[str, Any] | None) -> bool:
     c = (routing or {}).get("canary")
-    return bool(c) and str(c.get("state") or "running") in CANARY_LIVE
+    return c is not None and bool(c) and str(c.get("state") or "running") in CANARY_LIVE
 
 
 def arms_label(routing: dict[str, Any] | None) -> str | None:
@@ -401,7 +401,7 @@ def swap_line(name: str, routing: dict[str, Any] | None, now: float | None = Non
     now = time.time() if now is None else now
     started = swap.get("started")
     since = f" ({_dur(now - started)})" if started else ""
-    return f"swap {name} {routing.get('active', '?')}→{swap.get('to', '?')}: {swap.get('phase') or '…'}{since}"
+    return f"swap {name} {(routing or {}).get('active', '?')}→{swap.get('to', '?')}: {swap.get('phase') or '…'}{since}"
 
 
 def canary_line(name: str, routing: dict[str, Any] | None, now: float | None = None) -> str | None:
@@ -414,7 +414,7 @@ def canary_line(name: str, routing: dict[str, Any] | None, now: float | None = N
     step = c.get("step")
     where = f" step {int(step) + 1}/{len(steps)}" if isinstance(step, int) and steps and step >= 0 else ""
     state = str(c.get("state") or "running")
-    text = (f"canary {name} {c.get('baseline') or routing.get('active', '?')}→{c.get('version', '?')}"
+    text = (f"canary {name} {c.get('baseline') or (routing or {}).get('active', '?')}→{c.get('version', '?')}"
             f"{where} {_num(c.get('share') or 0)}% {state}")
     interval = c.get("interval_s")
     if canary_running(routing) and interval and c.get("step_started"):

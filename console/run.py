@@ -40,10 +40,11 @@ async def run_embedded(config: Any, settings: Any, store_path: str, *, demo: boo
 
     engine = await start_engine(config, store_path)
     traffic = None
-    server = Server(engine, settings, grpc_port=grpc_port)
+    started = Server(engine, settings, grpc_port=grpc_port)
+    server: Server | None = started
     server_error = None
     try:
-        await server.start()
+        await started.start()
     except OSError as e:  # the console is still useful without its server: say so in it
         server_error = f"HTTP server not started on {settings.host}:{settings.port}: {e.strerror or e}"
         log.warning(server_error)

@@ -252,9 +252,9 @@ class GpuPanel(Widget):
                 self.call_after_refresh(card.update_reading, d)
             self._regrid()
         for d in devices:
-            card = self.cards.get(d.get("index"))
-            if card is not None and d not in new and card.is_mounted and card.children:
-                card.update_reading(d)
+            shown = self.cards.get(d.get("index", -1))
+            if shown is not None and d not in new and shown.is_mounted and shown.children:
+                shown.update_reading(d)
 
 
 class DetailPane(VerticalScroll):
@@ -399,6 +399,8 @@ class ModelTable(DataTable):
         try:
             row_key = self._row_locations.get_key(row_index)
             column_key = self._column_locations.get_key(column_index)
+            if row_key is None or column_key is None:
+                raise KeyError(row_index if row_key is None else column_index)
             value = self._data[row_key][column_key]
         except (KeyError, AttributeError, IndexError):
             return super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
@@ -473,7 +475,9 @@ class ModelTable(DataTable):
             if rk not in self._row_locations or ck not in self._column_locations:
                 raise CellDoesNotExist(f"No cell exists for row_key={rk!r}, column_key={ck!r}.")
             data[rk][ck] = value
-            rows.add(self._row_locations.get(rk))
+            row = self._row_locations.get(rk)
+            if row is not None:  # checked above: the key has a row
+                rows.add(row)
         self._update_count += 1
         # repaint the changed rows only (the columns have fixed widths: nothing else moves); a
         # row off screen costs nothing

@@ -137,6 +137,10 @@ class DeviceBackend(abc.ABC):
     def read_all(self) -> list[DeviceReading]:
         return [self.read(i) for i in range(self.count())]
 
+    def uuid(self, index: int) -> str | None:
+        """Device ``index``'s stable id (``GPU-…``) where the backend knows it; None here."""
+        return None
+
     @abc.abstractmethod
     def torch_device(self, index: int) -> torch.device:
         """Where tensors for device ``index`` go (``cuda:index``, or the CPU when simulated)."""
@@ -299,6 +303,10 @@ class NvmlBackend(_CudaBackend):
         except BaseException:
             pynvml.nvmlShutdown()
             raise
+
+    def uuid(self, index: int) -> str | None:
+        raw = _nvml().nvmlDeviceGetUUID(self._handles[index])
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
 
     @staticmethod
     def _map_handles(pynvml) -> list[Any]:

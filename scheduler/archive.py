@@ -79,7 +79,8 @@ def export_archive_specs(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[Tens
     gm = _graph_json(path)
     sig = gm.get("signature") or {}
     values = (gm.get("graph") or {}).get("tensor_values") or {}
-    inputs, outputs = [], []
+    inputs: list[TensorSpec] = []
+    outputs: list[TensorSpec] = []
     for spec in sig.get("input_specs") or ():
         user = spec.get("user_input") if isinstance(spec, dict) else None
         if user is None:

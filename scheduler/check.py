@@ -47,9 +47,9 @@ async def check_config(config: Config) -> list[CheckRow]:
                 row.load_seconds = time.perf_counter() - started
                 row.device = str(inst.device)
                 row.footprint_bytes = inst.footprint_bytes
-                inputs = {s.name: random_tensor(s) for s in inst.inputs}
+                inputs = {s.name: random_tensor(s) for s in inst.input_specs}
                 result = await engine.infer(cfg.name, inputs, version=cfg.version)
-                missing = [s.name for s in inst.outputs if s.name not in result.outputs]
+                missing = [s.name for s in inst.output_specs if s.name not in result.outputs]
                 if missing:
                     row.status = f"inference returned no output {missing[0]}"
             except EngineError as e:

@@ -29,236 +29,56 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
-import gc
-import inspect
 import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+from modelconsole.gpu.devices import DeviceBackend, open_backend
 
-from modelconsole.gpu.devices import DeviceBackend, find_own_pid, open_backend
-
-from . import policy, replicas, sources
+from . import policy, processwide, replicas, running, sources
+from .audited import audits_failures
 from .cache import ResultCache
 from .config import Config, ConfigError, GpuConfig, HostConfig, ModelConfig, model_from_dict
+from .enginehost import EngineForVersions
 from .errors import Conflict, EngineError, Forbidden, InputError, ModelNotFound, ModelUnavailable
 from .events import EventBus, Subscription
 from .hostmem import HostMemory
 from .hosttier import HostTier
 from .instance import (
     FAILED,
-    LOADING,
     READY,
     UNLOADED,
-    WARMING,
     InferResult,
     LoadFailed,
     ModelInstance,
     resolve_device,
 )
+from .lifecycle import (
+    REPLICA_RETRY_MAX_S,
+    REPLICA_RETRY_S,
+    ModelEntry,
+    derive_specs_off_loop,
+    expired,
+    group_loading,
+    idle_s,
+    is_oom,
+    loading,
+    replica_load,
+    retrieved,
+)
 from .memory import InsufficientMemory, MemoryManager, config_estimate, weights_estimate
 from .routing import DEFAULT_STEPS
 from .serving import Inputs, RowsDone, Serving
-from .shared import SharedDevice, model_urgency
+from .shared import SharedDevice
 from .store import Store
 from .trust import Trust
 from .versions import Versions
 from .worker import stop_spares
 
 log = logging.getLogger("modelconsole.engine")
-
-
-@dataclass
-class ModelEntry:
-    """A model name: its versions and the one that serves requests without a version."""
-
-    name: str
-    versions: dict[str, ModelInstance] = field(default_factory=dict)
-    active: str | None = None
-    origin: dict[str, str] = field(default_factory=dict)  # version -> "config" | "store"
-
-
-def _is_oom(e: BaseException) -> bool:
-    """A CUDA (or simulated) out-of-memory, possibly wrapped in LoadFailed."""
-    while e is not None:
-        if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
-            return True
-        e = e.__cause__
-    return False
-
-
-def _loading(inst: ModelInstance) -> bool:
-    """A load of ``inst`` is under way (deciding, reading its weights or committing)."""
-    return inst.load_task is not None and not inst.load_task.done()
-
-
-def _group_loading(inst: ModelInstance) -> bool:
-    """A load of any replica of ``inst``'s version is under way."""
-    return any(_loading(r) for r in inst.replica_set)
-
-
-def _idle_s(inst: ModelInstance, now: float) -> float:
-    return now - max(inst.last_used, inst.loaded_mono)
-
-
-async def _derive_specs_off_loop(cfg: ModelConfig) -> None:
-    """An hf: folder's tensors come from running its architecture on the meta device (hf.py),
-    a second or so for a large model: done on a thread, where its cache keeps the answer for the
-    checks that follow on the loop.  Errors are theirs to report."""
-    if cfg.source_kind == "hf" and (cfg.inputs is None or cfg.outputs is None):
-        with contextlib.suppress(Exception):
-            await asyncio.to_thread(sources.declared_specs, cfg)
-
-
-def _expired(inst: ModelInstance, now: float) -> bool:
-    """A version (its primary) READY, not pinned, every replica idle and past its keep_alive."""
-    ka = inst.cfg.keep_alive
-    return (ka is not None and inst.state == READY and not inst.pinned
-            and not any(r.busy() for r in inst.replica_set)
-            and min(_idle_s(r, now) for r in inst.replica_set if r.state == READY) > ka)
-
-
-def _warm_process(backend: DeviceBackend, indices: list[int]) -> int | None:
-    """Pay once, at start, what the first load would otherwise pay and charge to its model's
-    measured reload time (which the eviction policy weighs): the lazy imports behind
-    ``Module.to_empty`` (sympy, ~1.5 s) and each managed GPU's CUDA context.  Opening the
-    contexts also tells which pid the devices list this process under (``find_own_pid``)."""
-    torch.nn.Linear(1, 1, device="meta").to_empty(device="cpu")
-    return find_own_pid(backend, indices)
-
-
-def _retrieved(task: asyncio.Task) -> None:
-    if not task.cancelled():
-        task.exception()
-
-
-# A replica that could not be loaded (no distinct device with room) is tried again after this
-# many seconds, doubling each time up to the maximum.
-REPLICA_RETRY_S = 10.0
-REPLICA_RETRY_MAX_S = 300.0
-
-_heap_frozen = False
-
-
-# the engines this process runs, oldest first, with their event loops: modelconsole.client's Model
-# without a url calls the newest (the one Engine.from_config started, or one it started itself)
-_RUNNING: list[tuple[Engine, asyncio.AbstractEventLoop]] = []
-
-
-def running() -> tuple[Engine, asyncio.AbstractEventLoop] | None:
-    """The newest engine of this process still running, and its loop; None when there is none."""
-    return _RUNNING[-1] if _RUNNING else None
-
-
-def _freeze_heap() -> None:
-    """Take what the process holds at its first engine start out of the garbage collector's walks.
-
-    That is the imported libraries (torch, numpy, aiohttp, ...: ~300k
-    objects), which live as long as the process.  Every unload runs a full
-    ``gc.collect()`` to free its module's reference cycles, and walking those
-    objects too held the GIL for ~0.13 s on a 2-core CPU: the event loop and
-    every forward in flight stood still, which in a hot swap is the new
-    version's first batches.  Garbage is collected first, so nothing
-    unreachable is frozen.  Once per process (``gc.freeze`` is process-wide):
-    a later engine in the same process (tests, a restart in place) must not
-    freeze the models another engine has loaded.
-    """
-    global _heap_frozen
-    if not _heap_frozen:
-        _heap_frozen = True
-        gc.collect()
-        gc.freeze()
-
-
-def _audits_failures(action: str | Callable[[dict[str, Any]], str]) -> Callable[[Any], Any]:
-    """A control call that fails writes one audit row with its error, then raises.
-
-    Every public control method writes its own row when it succeeds (in the
-    transaction that makes the change); this adds the row for a refusal or a
-    failure, so the audit log holds exactly one row per call either way.
-    ``action`` is the row's action, or a function of the call's arguments.
-    """
-
-    def wrap(fn: Any) -> Any:
-        sig = inspect.signature(fn)
-
-        @functools.wraps(fn)
-        async def run(self: Engine, *args: Any, **kw: Any) -> Any:
-            try:
-                return await fn(self, *args, **kw)
-            except Exception as e:
-                bound = sig.bind(self, *args, **kw)
-                bound.apply_defaults()
-                a = bound.arguments
-                raw = a.get("raw")
-                if raw is not None:  # register: the name and version as given
-                    raw = raw.to_dict() if isinstance(raw, ModelConfig) else raw
-                    name, version = raw.get("name"), raw.get("version")
-                else:
-                    name, version = a.get("name"), a.get("version")
-                message = e.message if isinstance(e, EngineError) else \
-                    str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
-                await self._audit_failure(a.get("actor", "api"), action(a) if callable(action) else action,
-                                          name, version, message)
-                raise
-
-        return run
-
-    return wrap
-
-
-class EngineForVersions:
-    """The engine as ``versions.VersionHost`` and ``serving.ServingHost``: the calls versions.py
-    and serving.py may make, and only those.
-
-    The engine's own code reaches its privates here, so versions.py never does; each call is
-    looked up when made (a test may wrap the engine's ``_ensure_loaded``)."""
-
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        self.events = engine.events
-
-    @property
-    def store(self) -> Store | None:
-        return self._engine.store
-
-    @property
-    def closing(self) -> bool:
-        return self._engine._closing
-
-    def entry(self, name: str) -> ModelEntry | None:
-        return self._engine._models.get(name)
-
-    def instance(self, name: str, version: str | None = None) -> ModelInstance:
-        return self._engine._instance(name, version)
-
-    def control(self) -> asyncio.Lock:
-        return self._engine._control
-
-    def control_when_settled(self, inst: ModelInstance) -> Any:
-        return self._engine._control_when_settled(inst)
-
-    async def ensure_loaded(self, inst: ModelInstance) -> None:
-        await self._engine._ensure_loaded(inst)
-
-    async def unload_locked(self, inst: ModelInstance) -> None:
-        await self._engine._unload_locked(inst)
-
-    def set_active(self, name: str, version: str) -> None:
-        entry = self._engine._models[name]
-        if version not in entry.versions:
-            raise ModelNotFound(f"model '{name}' has no version '{version}'")
-        entry.active = version
-
-    async def serve(self, inst: ModelInstance, inputs: Inputs, priority: int | None, timeout_ms: float | None,
-                    outputs: Sequence[str] | None, metric: str | None = None) -> InferResult:
-        return await self._engine.serving.serve(inst, inputs, priority, timeout_ms, outputs, metric)
 
 
 class Engine:
@@ -303,9 +123,9 @@ class Engine:
         self._models: dict[str, ModelEntry] = {}
         self._config_from_file = True  # start(from_file=False): the "config" models are the built-in zoo
         self._control = asyncio.Lock()
-        host = EngineForVersions(self)
-        self.versions = Versions(host)  # routing of version-less requests; swap, split, canary
-        self.serving = Serving(host, self.versions)  # the request path
+        narrow = EngineForVersions(self)
+        self.versions = Versions(narrow)  # routing of version-less requests; swap, split, canary
+        self.serving = Serving(narrow, self.versions)  # the request path
         self._closing = False
         self._scale_seen: dict[str, tuple[int, int]] = {}  # version key -> (queue_ns, samples) last tick
         # replica key -> (when a failed load may be tried again, the delay after that, its last reason)
@@ -370,7 +190,7 @@ class Engine:
             resume = await self.versions.restore()
         else:
             resume = []
-        own_pid = await asyncio.to_thread(_warm_process, self.backend, sorted(self.memory.budgets))
+        own_pid = await asyncio.to_thread(processwide.warm_process, self.backend, sorted(self.memory.budgets))
         if own_pid is not None:
             self.memory.set_own_pid(own_pid)
             if own_pid != os.getpid():
@@ -385,9 +205,9 @@ class Engine:
         if warning:
             log.error("%s", warning)
             self.events.publish("gpu_readings_degraded", warning, level="error")
-        _freeze_heap()  # before any model loads: an unload's gc.collect walks what came after
+        processwide.freeze_heap()  # before any model loads: an unload's gc.collect walks what came after
         self._started = True
-        _RUNNING.append((self, asyncio.get_running_loop()))
+        running.add(self, asyncio.get_running_loop())
         loop = asyncio.get_running_loop()
         self._janitor = loop.create_task(self._janitor_loop())
         for inst in self._primaries():
@@ -400,7 +220,7 @@ class Engine:
     async def close(self, drain_timeout: float = 30.0) -> None:
         """Refuse new requests, finish queued and in-flight ones (bounded), free every model."""
         self._closing = True
-        _RUNNING[:] = [(e, lp) for e, lp in _RUNNING if e is not self]
+        running.remove(self)
         if self._janitor is not None:
             self._janitor.cancel()
         # Canary controllers stop where they are (their state stays stored: they resume at the next start).
@@ -470,7 +290,7 @@ class Engine:
 
     # ------------------------------------------------------------ control path
 
-    @_audits_failures("register")
+    @audits_failures("register")
     async def register(self, raw: Mapping[str, Any] | ModelConfig, actor: str = "api") -> dict[str, Any]:
         """Register a model or a new version (not loaded).  Written to the store first."""
         async with self._control:
@@ -485,7 +305,7 @@ class Engine:
             entry = self._models.get(cfg.name)
             if entry is not None and cfg.version in entry.versions:
                 raise Conflict(f"model '{cfg.name}' version {cfg.version} is already registered")
-            await _derive_specs_off_loop(cfg)
+            await derive_specs_off_loop(cfg)
             self._check_source(cfg)
             self._check_host_fit(cfg)
             first = entry is None or entry.active is None
@@ -504,7 +324,7 @@ class Engine:
 
     async def _add(self, cfg: ModelConfig, origin: str) -> None:
         async with self._control:
-            await _derive_specs_off_loop(cfg)
+            await derive_specs_off_loop(cfg)
             self._check_source(cfg)
             self._check_host_fit(cfg)  # a restart never replays a registration that cannot fit
             self._register(cfg, origin)
@@ -528,7 +348,7 @@ class Engine:
         """The CPU versions holding host memory that an eviction may choose from."""
         protected = self.versions.protected
         return [i for i in self._instances() if self.host.holds(i) and i.state != UNLOADED
-                and not _group_loading(i) and i.version_key not in protected]
+                and not group_loading(i) and i.version_key not in protected]
 
     def _check_source(self, cfg: ModelConfig) -> None:
         """Cheap checks before anything is stored: the source exists, inside the roots."""
@@ -559,7 +379,7 @@ class Engine:
             entry.active = cfg.version
         return inst
 
-    @_audits_failures("load")
+    @audits_failures("load")
     async def load(self, name: str, version: str | None = None, actor: str = "api") -> dict[str, Any]:
         """Load a model version (no-op if READY); raises LoadFailed with the reason."""
         inst = self._instance(name, version)
@@ -605,11 +425,11 @@ class Engine:
         now = time.monotonic()
         for number in range(1, count):
             rep = self._replica(primary, number)
-            if rep.state in (UNLOADED, FAILED) and not _loading(rep):
+            if rep.state in (UNLOADED, FAILED) and not loading(rep):
                 if not retry and self._replica_retry.get(rep.key, (0.0,))[0] > now:
                     continue
                 rep.load_task = asyncio.get_running_loop().create_task(self._run_replica_load(rep))
-                rep.load_task.add_done_callback(_retrieved)  # its failure is an event; nobody may await it
+                rep.load_task.add_done_callback(retrieved)  # its failure is an event; nobody may await it
             if rep.load_task is not None and not rep.load_task.done():
                 tasks.append(rep.load_task)
         return tasks
@@ -640,7 +460,7 @@ class Engine:
         room for half as much again and retries once; a second one is the
         answer.
         """
-        need: int | None = None
+        need = 0  # bytes to make room for, estimated at the first try
         retried = False
         while True:
             async with self._control:
@@ -686,7 +506,7 @@ class Engine:
                         await inst.unload()
                     self.memory.forget(index, inst)
                     inst.device_index = None
-                if not _is_oom(e):
+                if not is_oom(e):
                     raise
                 if retried:
                     inst.state, inst.reason = FAILED, f"out of memory on gpu{index} after one retry"
@@ -719,11 +539,11 @@ class Engine:
         waits for the load outside the lock, then takes the lock.
         """
         while True:
-            tasks = [r.load_task for r in inst.replica_set if _loading(r)]
+            tasks = [r.load_task for r in inst.replica_set if r.load_task is not None and loading(r)]
             if tasks:
                 await asyncio.wait(tasks)
             await self._control.acquire()
-            if not _group_loading(inst):
+            if not group_loading(inst):
                 break
             self._control.release()  # a new load started meanwhile: wait for that one too
         try:
@@ -742,8 +562,9 @@ class Engine:
             plan = policy.plan_eviction([r.residency(now) for r in others], 1, 0, now,
                                         min_residency_s=0.0)
             by_key = {r.key: r for r in others}
-            for key in plan.victims if plan is not None else ():
-                await self._evict_locked(by_key[key], f"after {inst.key} ran out of memory: {plan.reason}")
+            if plan is not None:
+                for key in plan.victims:
+                    await self._evict_locked(by_key[key], f"after {inst.key} ran out of memory: {plan.reason}")
 
     async def _evict_locked(self, inst: ModelInstance, reason: str) -> None:
         """Evict a version: all its replicas go (replicas.py), whichever one the plan named."""
@@ -761,7 +582,7 @@ class Engine:
         await self._unload_one(inst, drain_timeout, keep)
 
     async def _unload_one(self, inst: ModelInstance, drain_timeout: float, keep: bool) -> None:
-        if _loading(inst) and inst.load_task is not asyncio.current_task():
+        if loading(inst) and inst.load_task is not asyncio.current_task():
             # its load owns the reservation: callers take _control_when_settled (a bug otherwise)
             raise RuntimeError(f"{inst.key} unloaded while its load is under way")
         freed = inst.footprint_bytes
@@ -793,7 +614,7 @@ class Engine:
         """The residents a load may evict: all but those with a load under way (their load owns
         their reservation until it has ended) and the two sides of a swap under way."""
         protected = self.versions.protected
-        return [i for i in self._residents(index) if not _group_loading(i) and i.version_key not in protected]
+        return [i for i in self._residents(index) if not group_loading(i) and i.version_key not in protected]
 
     async def _load_quietly(self, inst: ModelInstance) -> None:
         """Bring a pinned model up in the background; a refusal becomes an event."""
@@ -805,7 +626,7 @@ class Engine:
             self.events.publish("load_failed", f"pinned {inst.key} could not be loaded: {e.message}",
                                 model=inst.name, version=inst.version, level="error")
 
-    @_audits_failures("unload")
+    @audits_failures("unload")
     async def unload(self, name: str, version: str | None = None, actor: str = "api") -> dict[str, Any]:
         """Stop routing to a version, let its queued work finish, free its memory."""
         inst = self._instance(name, version)
@@ -814,7 +635,7 @@ class Engine:
         await self._audit(actor, "unload", inst)
         return inst.snapshot()
 
-    @_audits_failures(lambda a: "pin" if a["pinned"] else "unpin")
+    @audits_failures(lambda a: "pin" if a["pinned"] else "unpin")
     async def pin(self, name: str, version: str | None = None, pinned: bool = True,
                   actor: str = "api") -> dict[str, Any]:
         """Keep a version resident (never evicted, never unloaded for idleness), or stop."""
@@ -830,7 +651,7 @@ class Engine:
             asyncio.get_running_loop().create_task(self._load_quietly(inst))
         return inst.snapshot()
 
-    @_audits_failures("delete")
+    @audits_failures("delete")
     async def delete(self, name: str, version: str | None = None, actor: str = "api") -> dict[str, Any]:
         """Remove a registered version (``version``) or a whole model name for good: refused (409,
         saying which) while it is loaded, the active version of a name with others, in a split,
@@ -854,7 +675,7 @@ class Engine:
                                        "at the next start); to serve other models, start with --config FILE")
                     raise Conflict(f"{what}: {inst.key} is defined in the config file; remove it there "
                                    "(deleted here it would come back at the next start)")
-                loaded = [r for r in inst.replica_set if r.state != UNLOADED or _loading(r)]
+                loaded = [r for r in inst.replica_set if r.state != UNLOADED or loading(r)]
                 if loaded:
                     raise Conflict(f"{what}: {inst.key} is {loaded[0].state}; unload it first")
             why = self.versions.holds(name, version)
@@ -885,7 +706,7 @@ class Engine:
                             data={"actor": actor, "versions": doomed})
         return {"name": name, "deleted": doomed}
 
-    @_audits_failures("evict")
+    @audits_failures("evict")
     async def evict(self, name: str, version: str | None = None, actor: str = "api") -> dict[str, Any]:
         """Free a version's device memory now, as an eviction would: its weights go to the
         host tier (when there is one) so the next request reloads it fast.  A pinned
@@ -900,7 +721,7 @@ class Engine:
             await self._evict_locked(inst, f"by {actor}")
         return inst.snapshot()
 
-    @_audits_failures("priority")
+    @audits_failures("priority")
     async def set_priority(self, name: str, version: str | None, priority: Any,
                            actor: str = "api") -> dict[str, Any]:
         """Change a version's base priority (its default queue level and its weight in
@@ -932,11 +753,11 @@ class Engine:
             for inst in self._primaries():
                 if inst.cfg.replica_limit > 1 and inst.state == READY:
                     await self._scale(inst, now)
-                if _expired(inst, now) and inst.key not in self.versions.protected:
+                if expired(inst, now) and inst.key not in self.versions.protected:
                     async with self._control_when_settled(inst):
                         # re-read under the lock that gates the unload
-                        if _expired(inst, now) and inst.key not in self.versions.protected:
-                            idle = min(_idle_s(r, now) for r in inst.replica_set if r.state == READY)
+                        if expired(inst, now) and inst.key not in self.versions.protected:
+                            idle = min(idle_s(r, now) for r in inst.replica_set if r.state == READY)
                             self.events.publish("expired", f"{inst.key} idle for {idle:.0f}s (keep_alive "
                                                 f"{inst.cfg.keep_alive:g}s): unloading",
                                                 model=inst.name, version=inst.version)
@@ -945,21 +766,9 @@ class Engine:
     async def _scale(self, primary: ModelInstance, now: float) -> None:
         """One tick of a version's replica count: keep ``replicas`` loaded, and with
         ``max_replicas`` grow or shrink by ``replicas.replica_target`` (one step a tick)."""
-        group = primary.replica_set
-        stats = primary.stats
-        seen_ns, seen_n = self._scale_seen.get(primary.key, (0, 0))
-        self._scale_seen[primary.key] = (stats.queue_ns, stats.inference_count)
-        ran = stats.inference_count - seen_n
-        live = [r for r in group if r.state in (READY, LOADING, WARMING)]
-        ready = [r for r in live if r.state == READY]
-        extras = [r for r in ready if r.replica > 0]
-        last = max(extras, key=lambda r: r.replica) if extras else None
-        load = replicas.Load(
-            replicas=len(live),
-            mean_wait_s=(stats.queue_ns - seen_ns) / ran / 1e9 if ran > 0 else 0.0,
-            urgency=max((model_urgency(r, now) for r in ready if r.queue.size), default=0.0),
-            latency_target_s=primary.cfg.latency_target_ms / 1000.0,
-            idle_s=_idle_s(last, now) if last is not None and not last.busy() else 0.0)
+        seen = self._scale_seen.get(primary.key, (0, 0))
+        self._scale_seen[primary.key] = (primary.stats.queue_ns, primary.stats.inference_count)
+        load, live, last = replica_load(primary, seen, now)
         cfg = primary.cfg
         target = replicas.replica_target(load, cfg.replicas, cfg.replica_limit, cfg.keep_alive)
         if target > len(live):
@@ -976,17 +785,6 @@ class Engine:
                                         f"({last.label} idle {load.idle_s:.0f}s)", model=primary.name,
                                         version=primary.version, data={"from": len(live), "to": target})
                     await self._unload_one(last, 30.0, keep=True)
-
-    async def _audit_failure(self, actor: str, action: str, name: Any, version: Any, message: str) -> None:
-        """The row of a refused or failed control call; a store that cannot write it is logged,
-        never allowed to hide the call's own error."""
-        if self.store is None:
-            return
-        try:
-            await self.store.audit(str(actor), action, None if name is None else str(name)[:200],
-                                   None if version is None else str(version)[:32], {}, "error", message)
-        except Exception:  # noqa: BLE001 - the caller must see the call's error, not the store's
-            log.exception("could not write the audit row of a failed %s", action)
 
     async def _audit(self, actor: str, action: str, inst: ModelInstance, result: str = "ok",
                      detail: str | None = None) -> None:
@@ -1006,20 +804,20 @@ class Engine:
         """How a model name routes requests without a version, and each arm's metrics."""
         return self.versions.routing(name)
 
-    @_audits_failures("swap")
+    @audits_failures("swap")
     async def swap(self, name: str, version: str | int, actor: str = "api") -> dict[str, Any]:
         """Hot swap: load and warm ``version`` beside the active one, switch routing
         atomically, let the old version finish its queued and in-flight work, unload it.
         A new version that fails to load or warm leaves the old one serving."""
         return await self.versions.swap(name, version, actor)
 
-    @_audits_failures("split")
+    @audits_failures("split")
     async def set_split(self, name: str, weights: Mapping[str, float | int], *, shadow: Sequence[str] | None = None,
                         metric_output: str | None = None, actor: str = "api") -> dict[str, Any]:
         """A/B split of the requests without a version (``{}`` clears it); shadow copies; a tracked output."""
         return await self.versions.set_split(name, weights, shadow=shadow, metric_output=metric_output, actor=actor)
 
-    @_audits_failures("canary_start")
+    @audits_failures("canary_start")
     async def start_canary(self, name: str, version: str | int, *, steps: Sequence[float] = DEFAULT_STEPS,
                            interval_s: float = 60.0, max_error_rate: float = 0.05, max_p95_ratio: float = 2.0,
                            min_requests: int = 20, actor: str = "api") -> dict[str, Any]:
@@ -1028,7 +826,7 @@ class Engine:
                                                 max_error_rate=max_error_rate, max_p95_ratio=max_p95_ratio,
                                                 min_requests=min_requests, actor=actor)
 
-    @_audits_failures("canary_abort")
+    @audits_failures("canary_abort")
     async def stop_canary(self, name: str, actor: str = "api") -> dict[str, Any]:
         """Abort the running canary: its share goes to 0."""
         return await self.versions.stop_canary(name, actor)

@@ -176,7 +176,7 @@ def _install_meta_params() -> None:
             if param is not None and getattr(_META, "on", False) and not param.is_meta:
                 module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
-        nn.Module.register_parameter = register  # type: ignore[method-assign]
+        nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
         _patched = True
 
 

@@ -23,12 +23,12 @@ import operator
 import time
 import weakref
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 
-from . import hosttier, policy, sources
-from . import shared as shared_mod
+from . import batchparts, hosttier, policy, snapshot, sources
 from .cache import ResultCache
 from .config import ModelConfig
 from .errors import DeadlineExceeded, EngineError, InputError, ModelFailed, ModelUnavailable, QueueFull
@@ -37,21 +37,14 @@ from .graphs import GraphRunner
 from .queueing import Request, RequestQueue
 from .ratelimit import RateLimit
 from .shared import SharedDevice
+from .states import FAILED, LOADING, READY, UNLOADED, UNLOADING, WARMING
 from .stats import ModelStats
-from .tensors import output_mean, random_tensor, validate_inputs
+from .tensors import TensorSpec, random_tensor, validate_inputs
 from .worker import Lane, ModelWorker, Pending, give_back, take_worker
 
 log = logging.getLogger("modelconsole.instance")
 _DEADLINE = operator.attrgetter("deadline")
 
-UNLOADED, LOADING, WARMING, READY, UNLOADING, FAILED = (
-    "UNLOADED",
-    "LOADING",
-    "WARMING",
-    "READY",
-    "UNLOADING",
-    "FAILED",
-)
 
 
 # Batches a model on a GPU may have on its worker at once.  Two lets the loop
@@ -233,14 +226,14 @@ class ModelInstance:
             self._set_state(WARMING)
             self.warmup_runs = 0
             for _ in range(self.cfg.warmup):
-                batch = [random_tensor(s) for s in self.inputs]
-                await worker.call(lambda b=batch: self._forward(b), inference=True)
+                batch = [random_tensor(s) for s in self.input_specs]
+                await worker.call(partial(self._forward, batch), inference=True)
                 self.warmup_runs += 1
             self._graphs = None
             if self.cfg.cuda_graphs and device.type == "cuda" and self.cfg.max_batch_size > 0:
                 names = self._output_names
                 self._graphs = await worker.call(lambda: GraphRunner(
-                    self._module, self.inputs, lambda r: _as_outputs(r, names), device, self.cfg.max_batch_size),
+                    self._module, self.input_specs, lambda r: _as_outputs(r, names), device, self.cfg.max_batch_size),
                     inference=True)
             if device.type == "cuda" and (self.warmup_runs or self._graphs is not None):
                 # what the model really holds once it has run: weights, plus the
@@ -330,15 +323,16 @@ class ModelInstance:
     async def _free(self, worker: ModelWorker | Lane, keep: bool = False) -> None:
         """Drop the module (or move it to the host tier) on its own thread, empty the CUDA cache."""
         device = worker.device
-        loaded = sources.LoadedModel(self._module, self.inputs, self.outputs, self.weight_bytes,
-                                     self.platform or "") if keep and self._module is not None else None
+        tier = self.host_tier if keep else None
+        loaded = sources.LoadedModel(self._module, self.input_specs, self.output_specs, self.weight_bytes,
+                                     self.platform or "") if tier is not None and self._module is not None else None
         kept: list[hosttier.Kept] = []
 
         def free() -> None:
             nonlocal loaded
             cuda = device.type == "cuda"
             held = torch.cuda.memory_allocated(device) if cuda else 0
-            if loaded is not None and self.host_tier.accepts(loaded):
+            if loaded is not None and tier is not None and tier.accepts(loaded):
                 kept.append(hosttier.to_host(loaded))
             loaded = None  # its module reference too: what is left of the module is the instance's
             alive = weakref.ref(self._module) if self._module is not None else None
@@ -367,8 +361,8 @@ class ModelInstance:
             await worker.call(free)
         finally:
             give_back(worker)  # a CUDA worker waits as its device's spare for the next load
-        if kept:
-            for dropped in self.host_tier.put(self.key, kept[0]):
+        if kept and tier is not None:
+            for dropped in tier.put(self.key, kept[0]):
                 self.events.publish("host_tier_dropped", f"{dropped} dropped from the host-memory tier (full)",
                                     data={"key": dropped})
 
@@ -392,7 +386,7 @@ class ModelInstance:
         each of whose requests the caller checked against ``max_batch_size``)."""
         cfg = self.cfg
         self.last_used = now
-        tensors, size = validate_inputs(self.inputs, inputs, batch_limit or cfg.max_batch_size)
+        tensors, size = validate_inputs(self.input_specs, inputs, batch_limit or cfg.max_batch_size)
         if outputs is not None:
             for o in outputs:
                 if o not in self._output_names:
@@ -418,8 +412,10 @@ class ModelInstance:
     def cached(self, req: Request, digest: bytes | None = None) -> InferResult | None:
         """The cached answer to req, or None (and req remembers its key to store the result).
         ``digest``: the inputs' ``cache.input_digest``, when a front end computed it."""
-        req.cache_key = key = ResultCache.key(self._cache_prefix, self.inputs, req.tensors, digest)
-        outs = self.cache.get(key)
+        cache = self.cache
+        assert cache is not None  # asked only of a version with a cache
+        req.cache_key = key = ResultCache.key(self._cache_prefix, self.input_specs, req.tensors, digest)
+        outs = cache.get(key)
         if outs is None:
             self.stats.cache_misses += 1
             return None
@@ -439,11 +435,12 @@ class ModelInstance:
         keys: list[bytes] = []
         hits: list[tuple[int, InferResult]] = []
         stats, prefix, cache = self.stats, self._cache_prefix, self.cache
+        assert cache is not None  # asked only of a version with a cache
         start = 0
         for k, rows in enumerate(req.parts):
             digest = digests[k] if digests is not None else None
             tensors = req.tensors if digest is not None else [t[start:start + rows] for t in req.tensors]
-            key = ResultCache.key(prefix, self.inputs, tensors, digest)
+            key = ResultCache.key(prefix, self.input_specs, tensors, digest)
             keys.append(key)
             start += rows
             outs = cache.get(key)
@@ -542,7 +539,9 @@ class ModelInstance:
         self.in_flight += sum(r.count for r in batch)
         self._running[id(batch)] = (batch, now)
         self._watch_deadline(loop, min(map(_DEADLINE, batch)))
-        self._worker.submit(lambda: run(batch), lambda r, e: self._batch_done(batch, now, r, e))
+        worker = self._worker
+        assert worker is not None  # _should_dispatch: only while loaded
+        worker.submit(lambda: run(batch), lambda r, e: self._batch_done(batch, now, r, e))
 
     async def _retry_after_oom(self, batch: list[Request], formed: float) -> None:
         """Ask the engine to evict an idle model on this device, empty the cache, rerun the batch."""
@@ -608,6 +607,7 @@ class ModelInstance:
         if self._graphs is not None:
             return self._graphs.run(tensors)
         device = self.device
+        assert device is not None  # runs only while loaded
         if device.type != "cpu":
             tensors = [t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t for t in tensors]
         result = self._module(*tensors)
@@ -616,24 +616,25 @@ class ModelInstance:
             outs = [o.cpu() if isinstance(o, torch.Tensor) else o for o in outs]
         return outs
 
-    def _run_batch_if_live(self, batch: list[Request]) -> tuple[list[dict[str, Any] | None], int]:
+    def _run_batch_if_live(self, batch: list[Request]) -> tuple[Sequence[dict[str, Any] | None], int] | Pending:
         """_run_batch for the requests still within their deadline; None for the others."""
         now = time.monotonic()
         live = [r for r in batch if r.deadline > now]
         if len(live) == len(batch):
             return self._run_batch(batch)
 
-        def remap(result: tuple[list[dict[str, Any]], int]) -> tuple[list[dict[str, Any] | None], int]:
+        def remap(result: tuple[list[dict[str, Any]], int]) -> tuple[Sequence[dict[str, Any] | None], int]:
             outs, compute_ns = result
             by_req = dict(zip(map(id, live), outs))
             return [by_req.get(id(r)) for r in batch], compute_ns
 
         result = self._run_batch(live) if live else ([], 0)
         if isinstance(result, Pending):
-            return Pending(lambda: remap(result.finish()))
+            pending = result
+            return Pending(lambda: remap(pending.finish()))
         return remap(result)
 
-    def _run_batch(self, batch: list[Request]) -> tuple[list[dict[str, Any]], int]:
+    def _run_batch(self, batch: list[Request]) -> tuple[list[dict[str, Any]], int] | Pending:
         """Concatenate, forward, split (worker thread).  Returns per-request outputs."""
         t0 = time.perf_counter_ns()
         if len(batch) == 1:
@@ -641,7 +642,7 @@ class ModelInstance:
         else:
             tensors = [
                 torch.cat([r.tensors[i] for r in batch]) if isinstance(batch[0].tensors[i], torch.Tensor)
-                else _concat_objects([r.tensors[i] for r in batch])
+                else batchparts.concat_objects([r.tensors[i] for r in batch])
                 for i in range(len(batch[0].tensors))
             ]
         graphs = self._graphs
@@ -655,7 +656,7 @@ class ModelInstance:
         names = self._output_names
         if len(batch) == 1 and batch[0].parts is None:
             per_request = [dict(zip(names, outs))]
-            _metric_means(batch, per_request)
+            batchparts.metric_means(batch, per_request)
             return per_request, time.perf_counter_ns() - t0
         total = sum(r.size for r in batch)
         for name, o in zip(names, outs):
@@ -664,9 +665,9 @@ class ModelInstance:
                     f"output '{name}' has {getattr(o, 'shape', ['?'])[0]} rows for a batch of {total} samples"
                 )
         sizes = [r.size for r in batch]
-        parts = [o.split(sizes) if isinstance(o, torch.Tensor) else _split_objects(o, sizes) for o in outs]
+        parts = [o.split(sizes) if isinstance(o, torch.Tensor) else batchparts.split_objects(o, sizes) for o in outs]
         per_request = [dict(zip(names, row)) for row in zip(*parts)]
-        _metric_means(batch, per_request)
+        batchparts.metric_means(batch, per_request)
         return per_request, time.perf_counter_ns() - t0
 
     def _batch_done(self, batch: list[Request], formed: float, result: Any, error: BaseException | None,
@@ -731,7 +732,7 @@ class ModelInstance:
                     if req.cache_key is not None:
                         cache.put(req.cache_key, outs, (name, version))
                     elif req.cache_keys is not None:
-                        _cache_rows(cache, req, outs, (name, version))
+                        batchparts.cache_rows(cache, req, outs, (name, version))
                 if req.outputs is not None:
                     outs = {k: outs[k] for k in req.outputs}
                 req.future.set_result(InferResult(name, version, outs, req.metric_mean))
@@ -817,15 +818,6 @@ class ModelInstance:
             return str(self.device)
         return "—"
 
-    def replica_view(self) -> dict[str, Any]:
-        """This replica in its version's snapshot (``replicas``)."""
-        return {"replica": self.replica, "state": self.state, "reason": self.reason,
-                "device": str(self.device) if self.device is not None else self.cfg.device,
-                "device_label": self.device_label,
-                "device_index": self.device_index, "queue": self.queue.size, "in_flight": self.in_flight,
-                "served": self.served,
-                "footprint_bytes": self.footprint_bytes if self.state in (READY, WARMING, UNLOADING) else 0}
-
     def busy(self) -> bool:
         return bool(self.queue.size or self._batches or self.state in (LOADING, WARMING))
 
@@ -860,45 +852,25 @@ class ModelInstance:
         )
 
     def snapshot(self) -> dict[str, Any]:
-        now = time.monotonic()
-        return {
-            "name": self.name,
-            "version": self.version,
-            "state": self.state,
-            "reason": self.reason,
-            "source": self.cfg.source,
-            "trusted": self.trusted,
-            "platform": self.platform,
-            "device": str(self.device) if self.device is not None else self.cfg.device,
-            "device_label": self.device_label,
-            "weight_bytes": self.weight_bytes,
-            "footprint_bytes": self.footprint_bytes if self.state in (READY, WARMING, UNLOADING) else 0,
-            "load_seconds": self.load_seconds,
-            "loaded_at": self.loaded_at,
-            "registered_at": self.registered_at,
-            "device_index": self.device_index,
-            "load_source": self.load_source,
-            "urgency": shared_mod.model_urgency(self, now) if self.queue.size else 0.0,
-            "latency_target_ms": self.cfg.latency_target_ms,
-            "cuda_graphs": self._graphs.sizes if self._graphs is not None else None,
-            "eviction": policy.explain(self.residency(now), now)
-            if self.device_index is not None and self.state == READY else None,
-            "in_host_tier": self.host_tier is not None and self.key in self.host_tier,
-            "pinned": self.pinned,
-            "stalled": self.stalled,
-            "request_rate": self.rate.rate(now),
-            "queue": self.queue.size,
-            "waiting_for_room": self.waiting_for_room,
-            "in_flight": self.in_flight,
-            "inputs": [s.to_dict() for s in self.inputs] if self.inputs else None,
-            "outputs": [s.to_dict() for s in self.outputs] if self.outputs else None,
-            "config": self.cfg.to_dict(),
-            "stats": self.stats.to_dict(),
-            "replicas": [r.replica_view() for r in self.replica_set],
-            "remote": self._remote_view(),
-        }
+        return snapshot.version_snapshot(self)
 
-    def _remote_view(self) -> dict[str, Any] | None:
+    @property
+    def input_specs(self) -> tuple[TensorSpec, ...]:
+        """The inputs: declared at registration or known from the load, before any request runs."""
+        assert self.inputs is not None, f"{self.key}: its inputs are not known yet"
+        return self.inputs
+
+    @property
+    def output_specs(self) -> tuple[TensorSpec, ...]:
+        assert self.outputs is not None, f"{self.key}: its outputs are not known yet"
+        return self.outputs
+
+    @property
+    def cuda_graph_sizes(self) -> list[int] | None:
+        """The batch sizes captured as CUDA graphs; None when it runs eagerly."""
+        return self._graphs.sizes if self._graphs is not None else None
+
+    def remote_view(self) -> dict[str, Any] | None:
         """A remote: model's target and health (never its token); None for every other source."""
         if self.cfg.source_kind != "remote":
             return None
@@ -910,33 +882,3 @@ class ModelInstance:
                 "failures_in_a_row": circuit.failures if circuit is not None else 0,
                 "last_call_ms": getattr(module, "last_call_ms", None),
                 "last_remote_ms": getattr(module, "last_remote_ms", None)}
-
-
-def _cache_rows(cache: ResultCache, req: Request, outs: dict[str, Any], owner: tuple[str, str]) -> None:
-    """Store each request of a chunk under its own key: its rows of the chunk's outputs."""
-    assert req.parts is not None and req.cache_keys is not None
-    start = 0
-    for key, rows in zip(req.cache_keys, req.parts):
-        cache.put(key, {o: v[start:start + rows] for o, v in outs.items()}, owner)
-        start += rows
-
-
-def _concat_objects(parts: list[Any]) -> Any:
-    import numpy as np
-
-    return np.concatenate(parts)
-
-
-def _metric_means(batch: list[Request], per_request: list[dict[str, Any]]) -> None:
-    """For each request of a split's arm that tracks an output: that output's mean, here on the
-    worker thread rather than on the event loop (it grows with the output's size)."""
-    for req, outs in zip(batch, per_request):
-        if req.metric is not None:
-            req.metric_mean = output_mean(outs.get(req.metric))
-
-
-def _split_objects(value: Any, sizes: list[int]) -> list[Any]:
-    import numpy as np
-
-    return np.split(value, np.cumsum(sizes)[:-1])
-

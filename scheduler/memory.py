@@ -160,10 +160,10 @@ class MemoryManager:
                 # when the churn guard will let a plan through (None: pinned/busy models hold it)
                 times = [policy.earliest_room([r.residency(now) for r in residents(i)], need, avail, now,
                                               self.cfg.min_residency_s) for i, avail, _ in cands]
-                times = [t for t in times if t is not None]
+                known = [t for t in times if t is not None]
                 retry: float | None = None  # pinned models hold it: only an operator can change that
-                if times:
-                    retry = max(1.0, min(times) - now)
+                if known:
+                    retry = max(1.0, min(known) - now)
                 elif not self._pinned_block(need, targets, residents, now):
                     retry = 5.0  # busy ones drain, loads end, a swap's old version goes: then they may
                 inst.last_used = now  # wanted now: when it retries it is a returner, not a newcomer

@@ -134,7 +134,7 @@ class RequestQueue:
         for level in self._levels:
             if not level:
                 continue
-            keep = deque()
+            keep: deque[Request] = deque()
             for req in level:
                 if req.deadline <= now:
                     self.size -= req.count

@@ -159,23 +159,24 @@ class RemoteModule(nn.Module):
             if self._conn is None:
                 split = urllib.parse.urlsplit(t.url)
                 cls = http.client.HTTPSConnection if split.scheme == "https" else http.client.HTTPConnection
-                self._conn = cls(split.hostname, split.port, timeout=t.timeout_s)
+                self._conn = cls(split.hostname or "", split.port, timeout=t.timeout_s)
+            conn = self._conn
             try:
-                self._conn.request("POST", target, body=body, headers=headers)
-                r = self._conn.getresponse()
+                conn.request("POST", target, body=body, headers=headers)
+                r = conn.getresponse()
                 data = r.read(MAX_ANSWER_BYTES)
                 if r.will_close:
-                    self._conn.close()
+                    conn.close()
                     self._conn = None
                 return r.status, data, dict(r.getheaders())
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
                     http.client.CannotSendRequest):
-                self._conn.close()
+                conn.close()
                 self._conn = None
                 if attempt:
                     raise
             except OSError:
-                self._conn.close()
+                conn.close()
                 self._conn = None
                 raise
         raise AssertionError("unreachable")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 # Scale up when requests waited, on average over the last tick, more than this share of the
 # version's latency target: the replicas it has keep up no longer, and one more worker (on
@@ -43,11 +43,14 @@ class Replica(Protocol):
     def queued(self) -> int: ...
 
 
-def least_loaded(replicas: Sequence[Replica]) -> Replica:
+R = TypeVar("R", bound=Replica)
+
+
+def least_loaded(replicas: Sequence[R]) -> R:
     """The READY replica with the least work (queued + in flight); ties to the lowest number,
     so light traffic stays on the first replicas and the last ones go idle (and can scale
     down).  With none READY, the primary: its own state answers the request."""
-    best = None
+    best: R | None = None
     best_load = 0
     for r in replicas:
         if r.state != "READY":

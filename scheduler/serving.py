@@ -199,7 +199,7 @@ class Serving:
                 answered = {k for k, _ in hits}
                 entries = [req.rows_of(a, b) for a, b in rows.runs([k for k in range(n) if k not in answered])]
         for whole in entries:
-            for a, b in rows.pieces(whole.parts, limit) if whole.size > limit else ((0, whole.count),):
+            for a, b in rows.pieces(whole.parts or (), limit) if whole.size > limit else ((0, whole.count),):
                 entry = whole.rows_of(a, b) if (a, b) != (0, whole.count) else whole
                 self._queue_rows(inst, entry, done, name, version, priority, timeout_ms, outputs)
         return True
@@ -233,7 +233,7 @@ class Serving:
                 return done(entry.ids, fut.result(), None)
             if isinstance(error, EngineError):
                 if version is None and type(error) is ModelUnavailable and self.versions.moved_on(name, inst):
-                    stacked = {spec.name: t for spec, t in zip(inst.inputs, entry.tensors)}
+                    stacked = {spec.name: t for spec, t in zip(inst.input_specs, entry.tensors)}
                     for k, one in zip(entry.ids, rows.part_views(stacked, entry.parts)):
                         self._reroute_then(name, one, priority, timeout_ms, outputs,
                                            functools.partial(_one_of_rows, done, k))

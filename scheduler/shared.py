@@ -61,6 +61,8 @@ class SharedDevice:
             now = time.monotonic()
             scores = [(key, model_urgency(inst, now)) for key, inst in self.waiting.items()]
             key = policy.pick_next(scores)
+            if key is None:  # not while anything waits
+                break
             inst = self.waiting.pop(key)
             self.grants += 1
             self.last_choice = {"chosen": key, "urgency": dict(scores)}

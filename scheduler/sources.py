@@ -294,7 +294,8 @@ def _import_factory(cfg: ModelConfig) -> Any:
             ) from None
         finally:
             sys.path.remove(str(base))
-        if getattr(module, "__file__", None) and Path(module.__file__).resolve().is_relative_to(base):
+        file = getattr(module, "__file__", None)
+        if file and Path(file).resolve().is_relative_to(base):
             _IMPORTED_FROM[top] = base
     obj: Any = module
     for part in attr.split("."):
@@ -433,8 +434,8 @@ def _load_export(cfg: ModelConfig, device: torch.device) -> LoadedModel:
         raise SourceError(f"{cfg.source}: cannot build a module from the program: {type(e).__name__}: {e}") from None
     # Exported modules refuse .eval() ("not supported yet"); they are traced
     # in whatever mode they were exported in, so there is nothing to switch.
-    module = _finish(module, device, eval_mode=False)
-    return LoadedModel(module, inputs, outputs, weight_bytes(module), PLATFORMS["export"])
+    finished = _finish(module, device, eval_mode=False)
+    return LoadedModel(finished, inputs, outputs, weight_bytes(finished), PLATFORMS["export"])
 
 
 def _load_safetensors(cfg: ModelConfig, device: torch.device) -> LoadedModel:

@@ -164,7 +164,8 @@ class Store:
 
     async def schema_version(self) -> int:
         async with self.db.execute("PRAGMA user_version") as cur:
-            return (await cur.fetchone())[0]
+            row = await cur.fetchone()
+            return int(row[0]) if row is not None else 0
 
     async def _migrate(self) -> None:
         current = await self.schema_version()
@@ -202,7 +203,7 @@ class Store:
         """A read, between transactions (never seeing another caller's uncommitted rows)."""
         async with self._lock:
             async with self.db.execute(sql, params) as cur:
-                return list(await cur.fetchall())
+                return [tuple(r) for r in await cur.fetchall()]
 
     @staticmethod
     def _audit_row(

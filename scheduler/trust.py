@@ -122,7 +122,7 @@ def check_remote_host(host: str, trust: Trust, addresses: tuple[str, ...] = ()) 
     if _listed(host, addresses, trust.remote_hosts):
         return
     if host.lower().rstrip(".") in METADATA_NAMES:
-        why = "a cloud metadata service's name"
+        why: str | None = "a cloud metadata service's name"
     else:
         why = next((f"{a}, {r}" if a != host else r for a in (host, *addresses)
                     if (r := _refused_address(a)) is not None), None)

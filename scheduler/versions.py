@@ -100,15 +100,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 from . import routing
 from .errors import Conflict, EngineError, InputError, ModelNotFound, ModelUnavailable
 from .instance import READY, UNLOADED, UNLOADING, InferResult, ModelInstance
-from .routing import DEFAULT_STEPS
+from .routing import DEFAULT_STEPS, Canary
 from .store import KEEP
 from .tensors import output_mean
 
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
 
-    from .engine import Inputs, ModelEntry
     from .events import EventBus
+    from .lifecycle import ModelEntry
+    from .serving import Inputs
     from .store import Store
 
 
@@ -116,7 +117,9 @@ class VersionHost(Protocol):
     """What ``Versions`` may ask of the engine: a narrow, typed face instead of its privates."""
 
     events: EventBus
-    store: Store | None
+
+    @property
+    def store(self) -> Store | None: ...
 
     @property
     def closing(self) -> bool: ...
@@ -163,7 +166,7 @@ class Route:
     table: routing.Table | None = None  # the positive weights, compiled; None = no split
     arms: dict[str, routing.ArmStats] = field(default_factory=dict)
     swap: dict[str, Any] | None = None  # {"from", "to", "phase", "started"} while a swap runs
-    canary: routing.Canary | None = None  # the current or last canary
+    canary: Canary | None = None  # the current or last canary
     task: asyncio.Task | None = None  # the canary's controller
     wake: asyncio.Event = field(default_factory=asyncio.Event)  # an error on a canary arm: judge now
     shadow_inflight: int = 0
@@ -205,13 +208,6 @@ class Versions:
     @property
     def _closing(self) -> bool:
         return self._host.closing
-
-    def _entry(self, name: str) -> ModelEntry:
-        """The entry of a name a route or a canary holds (it exists while they do)."""
-        entry = self._host.entry(name)
-        if entry is None:
-            raise KeyError(name)
-        return entry
 
     # ------------------------------------------------------------ start / stop
 
@@ -275,7 +271,8 @@ class Versions:
         """Start the controllers of the canaries ``restore`` resumed (the engine has started)."""
         loop = asyncio.get_running_loop()
         for route in routes:
-            route.task = loop.create_task(self._canary_loop(route, route.canary))
+            if route.canary is not None:  # restore resumes only routes with a canary
+                route.task = loop.create_task(self._canary_loop(route, route.canary))
 
     async def stop(self, timeout: float) -> None:
         """At close: canary controllers stop where they are, with no verdict (their state stays
@@ -334,8 +331,9 @@ class Versions:
             route.arms = {}
         elif not keep_arms:
             keep = set(weights) | set(shadow)
-            if not weights:
-                keep.add(self._entry(route.name).active)
+            active = self._entry(route.name).active
+            if not weights and active is not None:
+                keep.add(active)
             route.arms = {v: a for v, a in route.arms.items() if v in keep}
         if route.table is not None or route.shadow:
             self.routed[route.name] = route
@@ -434,10 +432,12 @@ class Versions:
         return await self._swap(entry, route, new, actor)
 
     async def _swap(self, entry: ModelEntry, route: Route, new: ModelInstance, actor: str,
-                    canary: routing.Canary | None = None) -> dict[str, Any]:
+                    canary: Canary | None = None) -> dict[str, Any]:
         """The swap itself (route.swap already set by the caller, under the route lock)."""
         name = entry.name
-        old_v = route.swap["from"]
+        swap = route.swap
+        assert swap is not None, "the caller sets route.swap"
+        old_v = swap["from"]
         old = entry.versions.get(old_v) if old_v is not None else None
         started = time.monotonic()
         guard = {new.key} | ({old.key} if old is not None else set())
@@ -451,8 +451,8 @@ class Versions:
                 switched = False
                 for _ in range(3):  # an operator may unload the new version between load and switch
                     await self._host.ensure_loaded(new)
-                    if route.swap["phase"] == "loading":
-                        route.swap["phase"] = "switching"
+                    if swap["phase"] == "loading":
+                        swap["phase"] = "switching"
                         self.events.publish("swap_loaded", f"{name}: v{new.version} loaded and warm in "
                                             f"{time.monotonic() - started:.2f}s; switching", model=name,
                                             version=new.version, data=dict(data, phase="switching"))
@@ -473,10 +473,10 @@ class Versions:
                             # the switch: from here a request without a version goes to the new one
                             self._host.set_active(name, new.version)
                             self._apply_split(route, {}, (), None, reset_arms=canary is None, keep_arms=True)
-                            if promoted is not None:
+                            if promoted is not None and canary is not None:
                                 canary.state, canary.share, canary.step, canary.reason = (
                                     promoted.state, promoted.share, promoted.step, promoted.reason)
-                            route.swap["phase"] = "draining"
+                            swap["phase"] = "draining"
                         switched = True
                         break
                 if not switched:
@@ -511,9 +511,9 @@ class Versions:
         async with self._lock:
             w = routing.validate_weights(name, weights, entry.versions)
             sh = routing.validate_shadow(name, shadow, entry.versions, w, entry.active)
-            arms = [v for v, x in w.items() if x > 0] if w else [entry.active]
+            arms = [v for v, x in w.items() if x > 0] if w else [v for v in (entry.active,) if v is not None]
             mo = routing.validate_metric_output(metric_output, {
-                v: [s.name for s in entry.versions[v].outputs] if entry.versions[v].outputs else None
+                v: [s.name for s in outs] if (outs := entry.versions[v].outputs) else None
                 for v in arms + sh})
             self._check_free(name, "change the split")
             record = self._split_record(w, sh, mo)
@@ -553,8 +553,10 @@ class Versions:
                                "split's shadow before a canary")
             route = self._route(name)
             previous = route.canary
-            canary = route.canary = routing.Canary(version=v, baseline=entry.active, steps=plan["steps"],
-                                                   interval_s=plan["interval_s"], bounds=plan["bounds"])
+            if entry.active is None:
+                raise Conflict(f"model '{name}' has no active version for a canary to start from")
+            canary = route.canary = Canary(version=v, baseline=entry.active, steps=plan["steps"],
+                                           interval_s=plan["interval_s"], bounds=plan["bounds"])
         try:
             await self._host.ensure_loaded(new)
         except EngineError as e:
@@ -594,7 +596,7 @@ class Versions:
         async with self._lock:
             route = self._routes.get(name)
             c = route.canary if route is not None else None
-            if c is None or not c.live:
+            if route is None or c is None or not c.live:
                 raise Conflict(f"model '{name}' has no canary running"
                                + (f" (the last one, of version {c.version}, is {c.state})" if c is not None else ""))
             if c.state == routing.PROMOTING:
@@ -616,7 +618,7 @@ class Versions:
                             level="warning", data={"actor": actor, "canary": c.to_dict()})
         return self.routing(name)
 
-    async def _canary_loop(self, route: Route, canary: routing.Canary) -> None:
+    async def _canary_loop(self, route: Route, canary: Canary) -> None:
         """The controller of one canary: judge the bounds, step up, promote or roll back."""
         name = route.name
         try:
@@ -669,7 +671,7 @@ class Versions:
             log.exception("canary controller of %s failed", name)
             await self._canary_end(route, canary, routing.ROLLED_BACK, f"the canary controller failed: {e}")
 
-    async def _canary_advance(self, route: Route, canary: routing.Canary, step: int, reason: str) -> None:
+    async def _canary_advance(self, route: Route, canary: Canary, step: int, reason: str) -> None:
         name = route.name
         async with self._lock:
             if canary.state != routing.RUNNING or self._closing:
@@ -686,7 +688,7 @@ class Versions:
                             f"(step {step + 1} of {len(canary.steps)}): {reason}", model=name,
                             version=canary.version, data={"canary": canary.to_dict()})
 
-    async def _canary_promote(self, route: Route, canary: routing.Canary) -> None:
+    async def _canary_promote(self, route: Route, canary: Canary) -> None:
         """The last step: the normal swap path makes the canary the active version."""
         entry = self._entry(route.name)
         async with self._lock:
@@ -705,7 +707,7 @@ class Versions:
                             "it is the active version", model=route.name, version=canary.version,
                             data={"canary": canary.to_dict()})
 
-    async def _canary_end(self, route: Route, canary: routing.Canary, state: str, reason: str) -> None:
+    async def _canary_end(self, route: Route, canary: Canary, state: str, reason: str) -> None:
         """The controller's rollback: share to 0 at once (in memory first: stop sending traffic to
         a bad version before anything else), then the store and the event."""
         if self._closing:
@@ -770,6 +772,8 @@ class Versions:
             v = table.choose(routing.sticky_u(name, routing_key))
         else:
             raise InputError(f"routing_key: expected a string, got {type(routing_key).__name__}")
+        if v is None:
+            raise ModelUnavailable(f"model '{name}' has no active version")
         inst = entry.versions[v]
         if route.shadow:
             for s in route.shadow:

@@ -123,7 +123,7 @@ class Server:
             return
         self._listener = await loop.create_server(protocol, s.host, s.port, reuse_address=True,
                                                   reuse_port=s.reuse_port or None, backlog=1024)
-        sockets = self._listener.sockets or []
+        sockets: list[Any] = list(self._listener.sockets or [])
         self.port = sockets[0].getsockname()[1] if sockets else s.port
         if s.token is not None and s.token_dir is not None:
             self.token_file = tokenfile.write_token(s.token_dir, self.port, s.token)
@@ -147,6 +147,7 @@ class Server:
         self._grpc_dir = rundir.make_run_dir()
         path = os.path.join(self._grpc_dir, "control.sock")
         self._unix = await asyncio.get_running_loop().create_unix_server(protocol, path)
+        assert self.grpc_port_setting is not None  # called only when gRPC is on
         grpc = GrpcFrontEnd(self.app[LINK], ControlProxy(path), self.settings, self.grpc_port_setting,
                             self.app[REQUESTS])
         try:

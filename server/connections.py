@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, cast
 
 _log = logging.getLogger("modelconsole.server")
 
@@ -169,7 +169,7 @@ def _quiet_class(base: type) -> type:
         def handle_error(self: Any, request: Any, status: int = 500, exc: BaseException | None = None,
                          message: str | None = None) -> Any:
             if status >= 500 or exc is None:
-                return base.handle_error(self, request, status, exc, message)
+                return cast(Any, base).handle_error(self, request, status, exc, message)
             text = _parse_error_text(exc)
             _log.info("refused a malformed request from %s: %s", request.remote, text)
             resp = web.json_response({"error": text}, status=status)

@@ -34,7 +34,7 @@ from .app import Server
 from .guard import make_guard
 from .link import CoreLink
 from .proxy import ControlProxy
-from .web import CLOSING, DRAINING, ENGINE, LINK, REQUESTS, SETTINGS, STARTED, ServerSettings
+from .web import CLOSING, DRAINING, LINK, REQUESTS, SETTINGS, STARTED, ServerSettings
 
 log = logging.getLogger("modelconsole.server.frontend")
 
@@ -55,7 +55,6 @@ def build_frontend_app(link: Any, proxy: ControlProxy, settings: ServerSettings,
     from . import v2
 
     app = web.Application(middlewares=[make_guard(settings)], client_max_size=settings.max_body_bytes)
-    app[ENGINE] = None
     app[LINK] = link
     app[REQUESTS] = requests if requests is not None else requests_counter()
     app[SETTINGS] = settings

@@ -225,7 +225,7 @@ def make_guard(settings: ServerSettings) -> Any:
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         over_tcp = not isinstance(request.transport and request.transport.get_extra_info("sockname"), str)
-        resp = refusal(request, over_tcp)
+        resp: web.StreamResponse | None = refusal(request, over_tcp)
         if resp is None:
             try:
                 resp = await handler(request)
@@ -249,6 +249,7 @@ def make_guard(settings: ServerSettings) -> Any:
             except Exception:  # noqa: BLE001 - one bad request must not take the server down
                 log.exception("unhandled error in %s %s", request.method, request.path)
                 resp = error_response(500, "internal error (logged by the server)")
+        assert resp is not None  # every branch above answers
         if request.app[DRAINING].is_set() and not resp.prepared:
             resp.force_close()  # shutting down: answer, then close (the client opens no more here)
         counter = request.app[REQUESTS]

@@ -183,10 +183,7 @@ class EngineCollector:
             backend = self.engine.backend
             if getattr(backend, "kind", "") == "nvml":
                 try:
-                    import pynvml
-
-                    raw = pynvml.nvmlDeviceGetUUID(backend._handles[index])
-                    uuid = raw.decode() if isinstance(raw, bytes) else str(raw)
+                    uuid = backend.uuid(index) or f"gpu-{index}"
                 except Exception:  # noqa: BLE001 - a label, not worth failing a scrape for
                     uuid = f"gpu-{index}"
             self._uuids[index] = uuid

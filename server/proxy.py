@@ -39,7 +39,7 @@ _DROP_RESPONSE = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Transfer-Encoding", "Content-Length", "Server", "Date",
 ))
 
-PROXY: web.AppKey[ControlProxy] = web.AppKey("proxy", object)
+PROXY: web.AppKey[ControlProxy] = web.AppKey("proxy")
 
 
 class ControlProxy:

@@ -88,7 +88,7 @@ def _aligned_frames(buf: bytearray, start: int, sizes: Sequence[int]) -> list[me
     spans = [(n + FRAME_ALIGNMENT - 1) & -FRAME_ALIGNMENT for n in sizes]
     block = np.empty(sum(spans) + FRAME_ALIGNMENT, np.uint8)
     skip = -block.ctypes.data % FRAME_ALIGNMENT
-    out = memoryview(block)[skip:]
+    out = memoryview(block.data)[skip:]
     frames = []
     at, src = 0, start
     with memoryview(buf) as whole:  # released before the caller trims buf

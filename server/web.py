@@ -12,7 +12,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
@@ -20,6 +20,11 @@ from aiohttp import web
 from modelconsole.scheduler.errors import EngineError
 
 from . import body as body_mod
+
+if TYPE_CHECKING:  # annotations only: a front-end process never imports the engine
+    from modelconsole.scheduler.engine import Engine
+
+    from .link import Link
 
 
 def _package_version() -> str:
@@ -38,12 +43,12 @@ VERSION = _package_version()
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # What every handler may read from its app (typed keys, as aiohttp recommends)
-ENGINE: web.AppKey[Any] = web.AppKey("engine", object)
-SETTINGS: web.AppKey[ServerSettings] = web.AppKey("settings", object)
+ENGINE: web.AppKey[Engine] = web.AppKey("engine")  # the in-process engine (front ends have none)
+SETTINGS: web.AppKey[ServerSettings] = web.AppKey("settings")
 STARTED: web.AppKey[float] = web.AppKey("started", float)
 CLOSING: web.AppKey[asyncio.Event] = web.AppKey("closing", asyncio.Event)
 DRAINING: web.AppKey[asyncio.Event] = web.AppKey("draining", asyncio.Event)
-LINK: web.AppKey[Any] = web.AppKey("link", object)  # how infer calls reach the engine (link.py)
+LINK: web.AppKey[Link] = web.AppKey("link")  # how infer calls reach the engine (link.py)
 # modelconsole_frontend_requests_total (metrics.py); None where this app does not count (the engine core's
 # control app behind front ends: they counted the request)
 REQUESTS: web.AppKey[Any] = web.AppKey("requests", object)

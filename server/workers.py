@@ -164,9 +164,9 @@ class FrontEnds:
                     await asyncio.sleep(10)
             else:
                 return
+            now = getattr(self.procs[k], "pid", "?")
             self.on_event("frontend_restarted", f"front end {k} (pid {proc.pid}) exited with {how}: its "
-                                                f"connections were closed; restarted as pid {self.procs[k].pid}",
-                          "warning")
+                                                f"connections were closed; restarted as pid {now}", "warning")
 
     @property
     def pids(self) -> list[int]:
@@ -192,9 +192,9 @@ class FrontEnds:
                     with contextlib.suppress(ProcessLookupError):
                         p.kill()
             await asyncio.gather(*(p.wait() for p in live))
-        for p in self.procs:
-            if p is not None and p.stdin is not None:
-                p.stdin.close()
+        for q in self.procs:
+            if q is not None and q.stdin is not None:
+                q.stdin.close()
         for sock in self._reserved:
             sock.close()
         self._reserved = []
@@ -242,7 +242,7 @@ class WorkerServer:
         except BaseException:
             await self.stop()
             raise
-        if s.token is not None and s.token_dir is not None:
+        if s.token is not None and s.token_dir is not None and self.port is not None:
             self.token_file = tokenfile.write_token(s.token_dir, self.port, s.token)
         log.info("listening on http://%s:%s with %d front-end processes (pids %s)%s", s.host, self.port,
                  self.workers, " ".join(map(str, self.frontends.pids)),
