@@ -148,16 +148,12 @@ def server_settings(args: argparse.Namespace, config: Config) -> tuple[ServerSet
     if config.server.infer_requires_token and not token:
         return ("[server] infer_requires_token = true, but no token is set, so no infer call would be checked. "
                 "Pass --token (or set MODELCONSOLE_TOKEN, or [server] token), or set infer_requires_token = false.")
-    return ServerSettings(host=host, port=port, token=token or None,
-                          infer_requires_token=config.server.infer_requires_token,
+    from modelconsole.scheduler.config import listener_fields
+
+    return ServerSettings(**dict(listener_fields(config.server), host=host, port=port, token=token or None),
                           max_body_bytes=int(config.server.max_body_mib * 2**20),
-                          max_inflation_ratio=config.server.max_inflation_ratio,
-                          body_timeout_s=config.server.body_timeout_s,
-                          head_timeout_s=config.server.head_timeout_s,
-                          keepalive_timeout_s=config.server.keepalive_timeout_s,
-                          access_log=args.access_log, token_dir=token_dir, ipc=config.server.ipc,
-                          ipc_spin_us=config.server.ipc_spin_us or 0.0,
-                          allowed_hosts=config.server.allowed_hosts), host
+                          access_log=args.access_log, token_dir=token_dir,
+                          ipc_spin_us=config.server.ipc_spin_us or 0.0), host
 
 
 def store_path(args: argparse.Namespace, config) -> str:

@@ -15,7 +15,7 @@ import math
 import re
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -155,23 +155,36 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class ServerConfig:
+class Listener:
+    """What the config file's ``[server]`` and a running server's settings (``server.web.ServerSettings``)
+    share: where it listens, who may call, and the bounds on what one request may send.  Declared
+    once; ``listener_fields`` copies them from one to the other."""
+
     host: str = "127.0.0.1"
     port: int = 8000
     token: str | None = None
     infer_requires_token: bool = False  # clients' infer calls need the token too
-    max_body_mib: float = 64.0  # the largest request body accepted (decoded)
     max_inflation_ratio: float = 100.0  # a compressed body may grow this many times (judged past 64 KiB decoded)
     body_timeout_s: float = 30.0  # a request body must arrive whole within this
     head_timeout_s: float = 15.0  # a new connection's first request head must arrive within this
     keepalive_timeout_s: float = 30.0  # idle kept-alive connections (and half-sent next heads) close after this
+    ipc: str = "unix"  # how front-end processes reach the engine core: "unix" (a Unix socket) or "zmq"
+    allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides IP literals, localhost and host ("*": any)
+
+
+def listener_fields(source: Listener) -> dict[str, Any]:
+    """``source``'s ``Listener`` fields, to build the other kind from."""
+    return {f.name: getattr(source, f.name) for f in fields(Listener)}
+
+
+@dataclass(frozen=True)
+class ServerConfig(Listener):
+    max_body_mib: float = 64.0  # the largest request body accepted (decoded)
     torch_threads: int | None = None  # intra-op threads per model worker (None: policy.torch_threads; 0: torch's)
     workers: int | None = None  # front-end processes with --serve (None: policy.frontend_workers; 0: one process)
     grpc_port: int | None = 8001  # KServe V2 over gRPC with --serve (None: off; the console only with --grpc-port)
-    ipc: str = "unix"  # how front-end processes reach the engine core: "unix" (a Unix socket) or "zmq"
     ipc_spin_us: float | None = None  # --workers at low load: stay awake this long (None: policy.ipc_spin_us)
     gil_switch_us: float | None = None  # --serve: sys.setswitchinterval for the engine's process (None: Python's)
-    allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides IP literals, localhost and host ("*": any)
 
 
 MAX_SPIN_US = 10_000  # a loop blocked longer than this would delay its other connections too much

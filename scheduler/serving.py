@@ -106,7 +106,7 @@ class Serving:
         except EngineError as e:
             if version is None and type(e) is ModelUnavailable and self.versions.moved_on(name, inst):
                 return await self.versions.reroute(name, inputs, priority, timeout_ms, outputs, routing_key)
-            inst.stats.fail(e.kind)  # every failed answer is counted here, once, by kind
+            inst.stats.fail(e.kind)  # this path's failed answer, by kind (each path counts its own, once)
             raise
 
     def submit(self, name: str, inputs: Mapping[str, Any], done: Callable[[Any, BaseException | None], None], *,

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
+from modelconsole.scheduler.config import Listener
 from modelconsole.scheduler.errors import EngineError
 
 from . import body as body_mod
@@ -56,16 +57,11 @@ REQUESTS: web.AppKey[Any] = web.AppKey("requests", object)
 
 
 @dataclass(frozen=True)
-class ServerSettings:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    token: str | None = None
-    infer_requires_token: bool = False  # also ask clients' infer calls for the token
+class ServerSettings(Listener):
+    """A running server's settings: the ``Listener`` fields (as ``[server]`` and the flags chose
+    them), and what only a running server knows."""
+
     max_body_bytes: int = 64 * 2**20
-    max_inflation_ratio: float = 100.0  # a compressed body may grow this many times (judged past 64 KiB decoded)
-    body_timeout_s: float = 30.0  # the whole body must arrive within this
-    head_timeout_s: float = 15.0  # a new connection's first request head must arrive within this
-    keepalive_timeout_s: float = 30.0  # an idle kept-alive connection (or a half-sent next head) is closed
     drain_grace_s: float = 1.0  # at shutdown, open connections may still send a request (answered, then closed)
     snapshot_interval_s: float = 1.0  # the event stream's periodic snapshot
     shutdown_timeout_s: float = 30.0  # in-flight requests get this long at shutdown
@@ -74,12 +70,9 @@ class ServerSettings:
     token_dir: str | None = None
     reuse_port: bool = False  # SO_REUSEPORT: several front-end processes listen on one port (workers.py)
     unix_path: str | None = None  # listen on this Unix socket instead of host:port (the engine core's control app)
-    ipc: str = "unix"  # --workers: how front ends reach the engine core (transport.py): "unix" or "zmq"
     ipc_spin_us: float = 0.0  # --workers at low load: keep the loops awake this long (transport.KeepAwake)
     frontends_metrics_dir: str | None = None  # the engine core's app: /metrics sums the front ends' counters here
-    # Host names requests may carry besides IP literals, localhost and ``host`` ([server] allowed_hosts);
-    # "*" allows any.  A web page that rebinds its own name to 127.0.0.1 sends its name: refused.
-    allowed_hosts: tuple[str, ...] = ()
+    # allowed_hosts (Listener): a web page that rebinds its own name to 127.0.0.1 sends its name: refused.
 
     def __post_init__(self) -> None:
         # Without a token the guard has nothing to compare, so the flag would silently check nothing.

@@ -183,11 +183,12 @@ async def test_unload_asks_and_cancel_is_the_default(client):
         await pilot.press("enter")  # the default: Cancel
         await pilot.pause()
         assert not isinstance(app.screen, ConfirmScreen)
-        await pilot.pause(0.3)
+        # the answer was handled (it says so) and started nothing
+        await until(lambda: sum(n == "Unload: cancelled." for n, _ in app.notes) == 1, what="cancel", pilot=pilot)
         assert client.engine.instance("tiny").state == "READY" and cell(app, "tiny:1", "state") == "READY"
         await pilot.press("u")
         await pilot.press("escape")
-        await pilot.pause(0.3)
+        await until(lambda: sum(n == "Unload: cancelled." for n, _ in app.notes) == 2, what="esc", pilot=pilot)
         assert client.engine.instance("tiny").state == "READY"
         await pilot.press("u", "tab", "enter")  # choose Unload
         await until(lambda: cell(app, "tiny:1", "state") == "UNLOADED", what="tiny UNLOADED", pilot=pilot)
@@ -313,8 +314,8 @@ async def test_filter_and_sort(client):
         assert app.sort_column == "version"
         app.sort_by("state", reverse=False)
         await client.engine.load("tiny")
-        await pilot.pause(0.5)
-        assert order()[0] == "tiny:1"  # READY sorts first, and follows live changes
+        # READY sorts first, and follows live changes
+        await until(lambda: order()[0] == "tiny:1", what="tiny:1 sorted first once READY", pilot=pilot)
 
 
 async def test_theme_help_and_palette(client):

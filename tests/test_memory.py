@@ -547,7 +547,8 @@ async def test_a_slow_load_does_not_hold_up_other_models(make_engine, tmp_path):
         assert not load.done()
         # an unload of the loading model waits for its load, then frees it
         unload = asyncio.create_task(eng.unload("slow"))
-        await asyncio.sleep(0.1)
+        # one turn of the loop: the unload runs until it waits on the load (it awaits nothing before)
+        await asyncio.sleep(0)
         assert not unload.done() and slow.state == "LOADING"
     finally:
         gate.touch()
