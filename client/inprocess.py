@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from modelconsole.scheduler import running, wire
+from modelconsole.scheduler import running, textenc, wire
 
 _STARTED: dict[str, tuple[Any, asyncio.AbstractEventLoop]] = {}
 _LOCK = threading.Lock()
@@ -44,6 +44,10 @@ async def local_infer(engine: Any, name: str, version: str | None, inputs: Mappi
     copied), the outputs come back as numpy."""
     import torch  # loaded already: an engine runs in this process
 
+    if textenc.TEXT in inputs:  # a text model: tokenized here, as a front end does
+        plan = engine.instance(name, version).text_plan
+        if plan is not None:
+            inputs = textenc.encoder(plan).encode(dict(inputs))
     tensors = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(wire.as_array(v)))
                for k, v in inputs.items()}
     result = await engine.infer(name, tensors, version=version)

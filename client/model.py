@@ -26,7 +26,7 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -78,8 +78,13 @@ class Model:
 
     # ------------------------------------------------------------------ predicting
 
-    def predict(self, inputs: Mapping[str, Any]) -> Arrays:
-        """The model's outputs for ``inputs`` (name -> array with the batch first), as numpy."""
+    def predict(self, inputs: Mapping[str, Any] | str | Sequence[str]) -> Arrays:
+        """The model's outputs for ``inputs`` (name -> array with the batch first), as numpy.
+
+        A text model (an hf: folder with a tokenizer) takes a string, or a list of them: one row
+        each, sent as the ``text`` input; its ``label`` output comes back as ``str``."""
+        if not isinstance(inputs, Mapping):
+            return _readable(self.predict(as_text(inputs)))
         if self.url is not None:
             return self._remote_sync(inputs)
         engine, loop = local_engine(self.config)
@@ -93,7 +98,9 @@ class Model:
         call = local_infer(engine, self.name, self.version, inputs)
         return asyncio.run_coroutine_threadsafe(call, loop).result()
 
-    async def apredict(self, inputs: Mapping[str, Any]) -> Arrays:
+    async def apredict(self, inputs: Mapping[str, Any] | str | Sequence[str]) -> Arrays:
+        if not isinstance(inputs, Mapping):
+            return _readable(await self.apredict(as_text(inputs)))
         if self.url is not None:
             return await self._remote_async(inputs)
         engine, loop = local_engine(self.config)
@@ -162,3 +169,20 @@ class Model:
         async with aiohttp.ClientSession(timeout=timeout) as session, \
                 session.post(self._infer_url(), data=body, headers=self._headers(head)) as r:
             return self._answer(r.status, await r.read(), dict(r.headers))
+
+
+def as_text(texts: str | Sequence[str]) -> dict[str, np.ndarray]:
+    """One string, or a list of them, as a text model's ``text`` input (one row each)."""
+    rows = [texts] if isinstance(texts, str) else list(texts)
+    if not rows or not all(isinstance(t, str) for t in rows):
+        raise ValueError("predict: expected a string, a non-empty list of strings, or a mapping of input names "
+                         "to arrays")
+    array = np.empty(len(rows), dtype=object)
+    array[:] = rows
+    return {"text": array}
+
+
+def _readable(outputs: Arrays) -> Arrays:
+    """BYTES outputs (a classifier's ``label``) as ``str``."""
+    return {k: np.vectorize(lambda b: b.decode("utf-8", "replace") if isinstance(b, bytes) else b, otypes=[object])(v)
+            if v.dtype == object and v.size else v for k, v in outputs.items()}

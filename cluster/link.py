@@ -85,10 +85,12 @@ class ClusterLink:
         model = self.table["models"].get(name)
         return model is not None and (version is None or version in model["versions"])
 
-    async def check(self, name: str, version: str | None) -> None:
-        """ModelNotFound, with the engine's own message, for a name or version not registered."""
+    async def check(self, name: str, version: str | None) -> dict[str, Any] | None:
+        """ModelNotFound, with the engine's own message, for a name or version not registered.
+        Text is tokenized where a node's own front ends meet its core (``server/link.py``): the
+        fleet's forwarding path carries tensors only (None)."""
         if self._registered(name, version):
-            return
+            return None
         await self.refresh()  # registered since the last refresh?
         model = self.table["models"].get(name)
         if model is None:
@@ -96,6 +98,7 @@ class ClusterLink:
         if version is not None and version not in model["versions"]:
             known = ", ".join(sorted(model["versions"], key=int))
             raise ModelNotFound(f"model '{name}' has no version '{version}' (versions: {known})")
+        return None
 
     async def infer(self, call: InferCall) -> InferAnswer:
         if not self._registered(call.model, call.version):  # HTTP checked before the body; gRPC did not

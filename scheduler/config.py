@@ -73,6 +73,13 @@ class ModelConfig:
     token: str | None = field(default=None, repr=False)
     token_env: str | None = None
     timeout_s: float = 30.0
+    # hf: folders with a tokenizer (textenc.py, hftext.py): text in, labels/embeddings out
+    tokenizer: bool | None = None  # None: on when the folder has a tokenizer.json
+    max_length: int | None = None  # tokens (None: the tokenizer's and the model's limit, at most 512)
+    truncation: bool = False  # a longer text is cut to max_length (off: refused with a 400)
+    buckets: tuple[int, ...] | None = None  # the padded lengths (None: powers of two up to max_length)
+    pooling: str = "mean"  # an encoder's embedding: "mean" over real tokens, or "cls"
+    normalize: bool = False  # an encoder's embedding scaled to unit length
     # Where relative source paths and factory modules are looked up, and the
     # directories a source path must stay inside.
     base_dir: str = "."
@@ -147,6 +154,16 @@ class ModelConfig:
             d["args"] = dict(self.args)
         if self.dtype:
             d["dtype"] = self.dtype
+        if self.source_kind == "hf":  # stored and restored as given: None stays "decide from the folder"
+            for key in ("tokenizer", "max_length", "buckets"):
+                if getattr(self, key) is not None:
+                    d[key] = list(self.buckets or ()) if key == "buckets" else getattr(self, key)
+            if self.truncation:
+                d["truncation"] = True
+            if self.pooling != "mean":
+                d["pooling"] = self.pooling
+            if self.normalize:
+                d["normalize"] = True
         if self.inputs is not None:
             d["inputs"] = [s.to_dict() for s in self.inputs]
         if self.outputs is not None:
@@ -382,6 +399,22 @@ def _dtype(path: str, v: Any) -> str:
     return v
 
 
+def _buckets(path: str, v: Any) -> tuple[int, ...]:
+    """Padded lengths: a non-empty list of distinct positive integers, ascending."""
+    if not isinstance(v, list) or not v or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0
+                                                    for x in v):
+        raise _fail(path, "a list of positive token counts, e.g. [32, 64, 128]", v)
+    if any(a >= b for a, b in zip(v, v[1:])):
+        raise _fail(path, "ascending token counts without repeats", v)
+    return tuple(v)
+
+
+def _pooling(path: str, v: Any) -> str:
+    if v not in ("mean", "cls"):
+        raise _fail(path, '"mean" or "cls"', v)
+    return str(v)
+
+
 def _bool(path: str, v: Any) -> bool:
     if not isinstance(v, bool):
         raise _fail(path, "true or false", v)
@@ -499,7 +532,14 @@ _MODEL_KEYS: dict[str, Callable[[str, Any], Any]] = {
     "token": _secret,
     "token_env": _env_name,
     "timeout_s": _number(0, "a positive number of seconds", strict=True),
+    "tokenizer": _bool,
+    "max_length": _int(1, "a positive number of tokens", 1 << 20),
+    "truncation": _bool,
+    "buckets": _buckets,
+    "pooling": _pooling,
+    "normalize": _bool,
 }
+TEXT_KEYS = ("tokenizer", "max_length", "truncation", "buckets", "pooling", "normalize")
 MODEL_KEYS = tuple(_MODEL_KEYS)
 
 
@@ -536,6 +576,12 @@ def model_from_dict(
         extra = [k for k in REMOTE_KEYS if k in values]
         if extra:
             raise ConfigError(f"{path}.{extra[0]}: only used with remote: sources, not {kind}")
+    extra = [k for k in TEXT_KEYS if k in values]
+    if extra and kind != "hf":
+        raise ConfigError(f"{path}.{extra[0]}: only used with hf: sources (text in), not {kind}")
+    if "buckets" in values and "max_length" in values and values["buckets"][-1] > values["max_length"]:
+        raise ConfigError(f"{path}.buckets: expected every bucket at most max_length ({values['max_length']}), "
+                          f"got {values['buckets'][-1]}")
     if "dtype" in values and kind not in ("zoo", "safetensors", "state_dict"):
         raise ConfigError(f"{path}.dtype: only zoo, safetensors and state_dict models can be cast, not {kind}")
     trust = trust or Trust()

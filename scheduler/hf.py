@@ -291,7 +291,7 @@ def derive_specs(folder: Path, source: str) -> tuple[tuple[TensorSpec, ...], tup
 
 
 def load(folder: Path, source: str, device: torch.device, inputs: tuple[TensorSpec, ...],
-         outputs: tuple[TensorSpec, ...]) -> nn.Module:
+         outputs: tuple[TensorSpec, ...]) -> HFModule:
     """The folder's model on ``device`` in eval mode, wrapped as ``HFModule``."""
     doc = read_config(folder, source)
     cls = model_class(doc, source)

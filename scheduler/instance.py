@@ -40,6 +40,7 @@ from .shared import SharedDevice
 from .states import FAILED, LOADING, READY, UNLOADED, UNLOADING, WARMING
 from .stats import ModelStats
 from .tensors import TensorSpec, random_tensor, validate_inputs
+from .textenc import TextPlan
 from .worker import Lane, ModelWorker, Pending, give_back, take_worker
 
 log = logging.getLogger("modelconsole.instance")
@@ -129,8 +130,10 @@ class ModelInstance:
         self.events = events
         self.state = UNLOADED
         self.reason: str | None = None
+        self.text_plan: TextPlan | None = None  # takes text: how front ends tokenize it (textenc.py)
         try:
             self.inputs, self.outputs = sources.declared_specs(cfg)
+            self.text_plan = sources.text_plan(cfg)
         except sources.SourceError:
             # registration checked it (Engine._check_source); a file changed since (a restart)
             # is the first load's to report
@@ -869,6 +872,17 @@ class ModelInstance:
     def cuda_graph_sizes(self) -> list[int] | None:
         """The batch sizes captured as CUDA graphs; None when it runs eagerly."""
         return self._graphs.sizes if self._graphs is not None else None
+
+    def text_view(self) -> dict[str, Any] | None:
+        """A text model's tokenizer, buckets and padding waste so far; None for every other model."""
+        plan = self.text_plan
+        if plan is None:
+            return None
+        waste = getattr(self._module, "padding_waste", None)
+        return {"tokenizer": plan.tokenizer, "max_length": plan.max_length, "truncation": plan.truncation,
+                "buckets": list(plan.buckets), "pairs": plan.pair,
+                "head": getattr(self._module, "kind", None),
+                "padding_waste": waste() if callable(waste) else None}
 
     def remote_view(self) -> dict[str, Any] | None:
         """A remote: model's target and health (never its token); None for every other source."""

@@ -53,6 +53,7 @@ def version_snapshot(inst: ModelInstance) -> dict[str, Any]:
         "stats": inst.stats.to_dict(),
         "replicas": [replica_view(r) for r in inst.replica_set],
         "remote": inst.remote_view(),
+        "text": inst.text_view(),
     }
 
 

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import archive, hf, trust, zoo
+from . import archive, hf, hftext, textenc, trust, zoo
 from .config import ModelConfig
 from .tensors import TensorSpec, torch_dtype, v2_datatype
 from .zoo import SourceError
@@ -168,6 +168,10 @@ def declared_specs(cfg: ModelConfig) -> tuple[tuple[TensorSpec, ...] | None, tup
         # from the architecture on the meta device: no weights read (hf.py)
         folder = resolve_path(cfg)
         hf.weight_files(folder, cfg.source)  # no weights at all: refused at registration, naming the file
+        plan = text_plan(cfg)
+        if plan is not None:  # text in: token ids for the engine, readable outputs (hftext.py)
+            text_in, text_out, _ = hftext.text_specs(cfg, folder, plan)
+            return text_in, cfg.outputs or text_out
         derived_in, derived_out = hf.derive_specs(folder, cfg.source)
         return cfg.inputs or derived_in, cfg.outputs or derived_out
     if cfg.source_kind == "export":
@@ -459,6 +463,13 @@ def _load_state_dict(cfg: ModelConfig, device: torch.device) -> LoadedModel:
     return _load_into_factory(cfg, device, lambda: hf.load_weights_only(path, device, cfg.source))
 
 
+def text_plan(cfg: ModelConfig) -> textenc.TextPlan | None:
+    """How an hf: model takes text (its folder's tokenizer), or None: every other model."""
+    if cfg.source_kind != "hf":
+        return None
+    return hftext.text_plan(cfg, resolve_path(cfg))
+
+
 def _load_hf(cfg: ModelConfig, device: torch.device) -> LoadedModel:
     folder = resolve_path(cfg)
     inputs, outputs = declared_specs(cfg)
@@ -466,8 +477,13 @@ def _load_hf(cfg: ModelConfig, device: torch.device) -> LoadedModel:
     _kind, files = hf.weight_files(folder, cfg.source)
     for f in files:  # a shard may be a symlink (the hub's cache makes them): it must stay inside the roots
         inside_roots(cfg, f)
-    module = hf.load(folder, cfg.source, device, inputs, outputs)
-    module = _finish(module, device)
+    loaded = hf.load(folder, cfg.source, device, inputs, outputs)
+    plan = text_plan(cfg)
+    if plan is not None:
+        kind = hftext.text_specs(cfg, folder, plan)[2]
+        module: nn.Module = _finish(hftext.wrap(loaded, cfg, folder, kind, outputs), device)
+    else:
+        module = _finish(loaded, device)
     return LoadedModel(module, inputs, outputs, weight_bytes(module), PLATFORMS["hf"])
 
 

@@ -65,12 +65,18 @@ def encode_request(inputs: Mapping[str, Any], outputs: Sequence[str] | None = No
     """(body, JSON header length) of a V2 infer request with every tensor in binary."""
     arrays = [(name, np.ascontiguousarray(as_array(v))) for name, v in inputs.items()]
     header: dict[str, Any] = {"inputs": []}
+    blobs: list[bytes] = []
     for name, a in arrays:
-        datatype = NUMPY_TO_V2.get(a.dtype)
-        if datatype is None:
-            raise ValueError(f"input '{name}': dtype {a.dtype} has no V2 datatype")
+        if a.dtype == object or a.dtype.kind in ("U", "S"):  # text: V2 BYTES, each a 4-byte length then its bytes
+            datatype, blob = "BYTES", bytes_to_wire(name, a)
+        else:
+            found = NUMPY_TO_V2.get(a.dtype)
+            if found is None:
+                raise ValueError(f"input '{name}': dtype {a.dtype} has no V2 datatype")
+            datatype, blob = found, a.tobytes()
+        blobs.append(blob)
         header["inputs"].append({"name": name, "datatype": datatype, "shape": list(a.shape),
-                                 "parameters": {"binary_data_size": a.nbytes}})
+                                 "parameters": {"binary_data_size": len(blob)}})
     if outputs is not None:
         header["outputs"] = [{"name": n, "parameters": {"binary_data": True}} for n in outputs]
     else:
@@ -78,7 +84,38 @@ def encode_request(inputs: Mapping[str, Any], outputs: Sequence[str] | None = No
     if request_id is not None:
         header["id"] = request_id
     head = json.dumps(header, separators=(",", ":")).encode()
-    return b"".join([head, *(a.tobytes() for _, a in arrays)]), len(head)
+    return b"".join([head, *blobs]), len(head)
+
+
+def bytes_to_wire(name: str, a: np.ndarray) -> bytes:
+    """A BYTES tensor's binary form: per element (row-major), its length (uint32 LE) and bytes."""
+    parts = []
+    for v in a.reshape(-1):
+        b = v.encode("utf-8") if isinstance(v, str) else bytes(v) if isinstance(v, (bytes, bytearray)) else None
+        if b is None:
+            raise ValueError(f"input '{name}': BYTES elements must be str or bytes, got {type(v).__name__}")
+        parts += [len(b).to_bytes(4, "little"), b]
+    return b"".join(parts)
+
+
+def _objects(items: list[bytes]) -> np.ndarray:
+    array = np.empty(len(items), dtype=object)
+    array[:] = items
+    return array
+
+
+def bytes_from_wire(name: str, raw: bytes) -> list[bytes]:
+    """The elements of a BYTES tensor's binary form."""
+    out, pos = [], 0
+    while pos < len(raw):
+        if pos + 4 > len(raw):
+            raise WireError(f"output '{name}': a BYTES element's length is cut off")
+        n = int.from_bytes(raw[pos:pos + 4], "little")
+        if pos + 4 + n > len(raw):
+            raise WireError(f"output '{name}': a BYTES element runs past the output's bytes")
+        out.append(raw[pos + 4:pos + 4 + n])
+        pos += 4 + n
+    return out
 
 
 def decode_response(body: bytes, header_length: int | None) -> dict[str, np.ndarray]:
@@ -97,7 +134,7 @@ def decode_response(body: bytes, header_length: int | None) -> dict[str, np.ndar
             name, datatype, shape = o["name"], o["datatype"], [int(d) for d in o["shape"]]
         except (KeyError, TypeError, ValueError):
             raise WireError(f"an output without name, datatype and shape: {str(o)[:200]}") from None
-        dtype = V2_TO_NUMPY.get(datatype)
+        dtype = V2_TO_NUMPY.get(datatype) if datatype != "BYTES" else np.dtype(object)
         if dtype is None:
             raise WireError(f"output '{name}': datatype {datatype} is not served here")
         size = (o.get("parameters") or {}).get("binary_data_size")
@@ -106,7 +143,9 @@ def decode_response(body: bytes, header_length: int | None) -> dict[str, np.ndar
             offset += int(size)
             if len(raw) != int(size):
                 raise WireError(f"output '{name}': the answer ends before its {size} bytes")
-            array = np.frombuffer(raw, dtype=dtype)
+            array = _objects(bytes_from_wire(name, raw)) if datatype == "BYTES" else np.frombuffer(raw, dtype=dtype)
+        elif datatype == "BYTES":
+            array = _objects([str(v).encode("utf-8") for v in o.get("data") or ()])
         else:
             array = np.asarray(o.get("data"), dtype=dtype)
         try:

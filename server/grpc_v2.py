@@ -45,6 +45,7 @@ import numpy as np
 import orjson
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
 
+from modelconsole.scheduler import textenc
 from modelconsole.scheduler.errors import EngineError
 
 from . import codec
@@ -210,6 +211,10 @@ class Servicer:
         if self.settings.infer_requires_token:
             self._check_token(context)
         call = infer_call(request)
+        if call.inputs is not None and textenc.TEXT in call.inputs:
+            text = await self.link.check(call.model, call.version)
+            if text is not None:  # tokenized here, in the front end, as over HTTP
+                call.inputs = textenc.encoder(textenc.TextPlan.from_dict(text)).encode(call.inputs)
         answer = await self.link.infer(call)
         resp = M["ModelInferResponse"](model_name=answer.model, model_version=answer.version, id=request.id)
         wanted = call.outputs

@@ -126,13 +126,15 @@ class InferAnswer:
     model: str
     version: str
     outputs: dict[str, Any]  # in the model's declared output order
+    text: dict[str, Any] | None = None  # a check's answer: how the model takes text (textenc.TextPlan)
 
 
 async def run_call(engine: Any, call: InferCall) -> InferAnswer:
     """One call on the engine; its outputs in the serving version's declared order."""
     if call.check_only:
         inst = engine.instance(call.model, call.version)  # ModelNotFound, with the engine's message
-        return InferAnswer(inst.name, inst.version, {})
+        plan = inst.text_plan
+        return InferAnswer(inst.name, inst.version, {}, plan.to_dict() if plan is not None else None)
     inputs: Any  # the tensors, or (a raw body) how to decode them once the version is known
     if call.raw is not None:
         body = call.raw
@@ -353,6 +355,8 @@ def pack_answers(answers: Sequence[tuple[Any, InferAnswer | EngineError]]) -> li
                                                            f"cannot carry: {e}", None]})
             continue
         entry = {"i": i, "m": a.model, "v": a.version, "x": metas}
+        if a.text is not None:
+            entry["t"] = a.text
         if type(key) is Rows:
             entry["n"] = key.parts
         head.append(entry)
@@ -373,7 +377,7 @@ def unpack_answers(frames: Sequence[Any]) -> list[tuple[int, InferAnswer | Engin
             continue
         outputs, pos = _unpack_tensors(entry["x"], frames, pos, "outputs")
         if type(i) is not list:
-            out.append((i, InferAnswer(entry["m"], entry["v"], outputs)))
+            out.append((i, InferAnswer(entry["m"], entry["v"], outputs, entry.get("t"))))
             continue
         at = rows_mod.offsets(entry["n"])
         short = [name for name, v in outputs.items() if getattr(v, "ndim", 0) == 0 or v.shape[0] != at[-1]]

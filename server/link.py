@@ -31,7 +31,9 @@ AWAKE_MAX_CALLS = 2
 
 
 class Link(Protocol):
-    async def check(self, name: str, version: str | None) -> None: ...
+    async def check(self, name: str, version: str | None) -> dict[str, Any] | None:
+        """ModelNotFound for an unknown model or version; else how it takes text (a
+        ``textenc.TextPlan`` as a dict), or None when it takes tensors only."""
 
     @property
     def ready(self) -> bool: ...
@@ -45,8 +47,9 @@ class LocalLink:
     def __init__(self, engine: Any):
         self.engine = engine
 
-    async def check(self, name: str, version: str | None) -> None:
-        self.engine.instance(name, version)  # ModelNotFound (404) before a byte of the body is read
+    async def check(self, name: str, version: str | None) -> dict[str, Any] | None:
+        inst = self.engine.instance(name, version)  # ModelNotFound (404) before a byte of the body is read
+        return inst.text_plan.to_dict() if inst.text_plan is not None else None
 
     @property
     def ready(self) -> bool:
@@ -73,18 +76,22 @@ class CoreLink:
         self._outbox: list[tuple[int, InferCall]] = []
         self._next = 0
         self.gone: str | None = None  # why calls fail at once (the core stopped)
-        self._known: set[tuple[str, str | None]] = set()  # (model, version) pairs the core has
+        # (model, version) pairs the core has, with how each takes text (None: tensors only)
+        self._known: dict[tuple[str, str | None], dict[str, Any] | None] = {}
 
-    async def check(self, name: str, version: str | None) -> None:
-        """ModelNotFound (the engine's own message) for a model or version the core does not have.
+    async def check(self, name: str, version: str | None) -> dict[str, Any] | None:
+        """ModelNotFound (the engine's own message) for a model or version the core does not have;
+        else how it takes text (``Link.check``).
 
         A name and version the core once knew stay known here: only the first request for each
         costs a round trip (a model deleted since is answered 404 by the core's infer instead);
         an unknown one asks every time (it may have been registered since)."""
-        if (name, version) in self._known:
-            return
-        await self.infer(InferCall(name, version, None, check_only=True))
-        self._known.add((name, version))
+        key = (name, version)
+        if key in self._known:
+            return self._known[key]
+        answer = await self.infer(InferCall(name, version, None, check_only=True))
+        self._known[key] = answer.text
+        return answer.text
 
     @property
     def ready(self) -> bool:

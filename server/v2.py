@@ -38,7 +38,9 @@ from typing import Any
 
 from aiohttp import web
 
+from modelconsole.scheduler import textenc
 from modelconsole.scheduler.errors import ModelNotFound
+from modelconsole.scheduler.tensors import TensorSpec
 
 from . import codec
 from .ipc import InferCall
@@ -127,9 +129,19 @@ async def model_metadata(request: web.Request) -> web.Response:
         "name": inst.name,
         "versions": _versions(engine, inst.name),
         "platform": inst.platform or "pytorch_libtorch",
-        "inputs": _specs(inst.inputs),
+        "inputs": _specs(public_inputs(inst)),
         "outputs": _specs(inst.outputs),
     })
+
+
+def public_inputs(inst: Any) -> Any:
+    """What a client sends: ``text`` (and ``text_pair``) for a model that takes text, its token
+    ids being the front end's business; else the declared inputs."""
+    plan = inst.text_plan
+    if plan is None:
+        return inst.inputs
+    return (TensorSpec(textenc.TEXT, "BYTES", (-1,)),
+            *((TensorSpec(textenc.TEXT_PAIR, "BYTES", (-1,)),) if plan.pair else ()))
 
 
 async def model_ready(request: web.Request) -> web.Response:
@@ -166,7 +178,7 @@ def triton_config(inst: Any, versions: list[str]) -> dict[str, Any]:
         "backend": "pytorch",
         "version_policy": {"specific": {"versions": [int(v) for v in versions]}},
         "max_batch_size": cfg.max_batch_size,
-        "input": _config_tensors(inst.inputs, batching),
+        "input": _config_tensors(public_inputs(inst), batching),
         "output": _config_tensors(inst.outputs, batching),
         "instance_group": [group],
         "response_cache": {"enable": bool(cfg.cache)},
@@ -202,7 +214,7 @@ async def infer(request: web.Request) -> web.Response:
     link = request.app[LINK]
     name = request.match_info["name"]
     version = _version(request)
-    await link.check(name, version)  # 404 before reading a byte of the body
+    text = await link.check(name, version)  # 404 before reading a byte of the body
     raw = request.headers.get(_HEADER_LENGTH)
     header_length = None
     if raw is not None:
@@ -218,7 +230,10 @@ async def infer(request: web.Request) -> web.Response:
         call = InferCall(name, version, None, body)
     else:  # JSON (+ binary tail): every tensor names itself; the serving version validates it
         req = codec.decode_request(body, header_length)
-        call = InferCall(name, version, req.inputs)
+        inputs = req.inputs
+        if text is not None and textenc.TEXT in inputs:  # tokenized here, in the front end: never on the core
+            inputs = textenc.encoder(textenc.TextPlan.from_dict(text)).encode(inputs)
+        call = InferCall(name, version, inputs)
     call.priority = req.priority
     call.timeout_ms = req.timeout_ms
     call.outputs = [o.name for o in req.outputs] if req.outputs else None
