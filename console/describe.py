@@ -82,6 +82,19 @@ def sections(m: dict[str, Any], routing: dict[str, Any] | None, audit: list[dict
             f"circuit {remote.get('circuit') or '—'} · {remote.get('failures_in_a_row', 0)} failures in a row",
             _remote_latency(remote),
         ]))
+    text = m.get("text")
+    if text:
+        waste = text.get("padding_waste")
+        out.append(("text", [
+            f"tokenizer {text.get('tokenizer')}"
+            + (f" · head {text['head']}" if text.get("head") else "")
+            + (" · takes text_pair" if text.get("pairs") else ""),
+            f"max_length {text.get('max_length')} tokens · truncation {'on' if text.get('truncation') else 'off'}",
+            "buckets " + ", ".join(str(b) for b in text.get("buckets") or ()),
+            "padding waste " + (f"{waste:.2f} padded tokens per real token" if waste is not None
+                                else "— (no batch yet)"),
+            "clients send text (BYTES); the front ends tokenize it into the token inputs below",
+        ]))
     out.append(("tensors", [f"in  {_tensor(t)}" for t in m.get("inputs") or ()]
                 + [f"out {_tensor(t)}" for t in m.get("outputs") or ()]
                 or ["— (known after its first load)"]))

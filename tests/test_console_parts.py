@@ -96,3 +96,17 @@ def test_help_rows_follow_the_keymap_and_hide_what_read_only_refuses():
     assert keys.binding_for_key("J", {"load": "J"}).action == "load"
     assert keys.binding_for_key("l", {"load": "J"}) is None
     assert {b.action for b in keys.BINDINGS} >= keys.MUTATING
+
+
+def test_describe_shows_a_text_models_tokenizer_buckets_and_padding_waste():
+    from modelconsole.console import describe
+
+    m = version("sentiment", "1", text={"tokenizer": "/m/tokenizer.json", "head": "classify", "pairs": True,
+                                        "max_length": 64, "truncation": False, "buckets": [16, 32, 64],
+                                        "padding_waste": 0.25})
+    text = dict(describe.sections(m, None, [], []))["text"]
+    assert "tokenizer /m/tokenizer.json · head classify · takes text_pair" in text
+    assert "buckets 16, 32, 64" in text and "padding waste 0.25 padded tokens per real token" in text
+    m["text"]["padding_waste"] = None
+    assert "padding waste — (no batch yet)" in dict(describe.sections(m, None, [], []))["text"]
+    assert "text" not in dict(describe.sections(version("m", "1"), None, [], []))

@@ -144,13 +144,13 @@ def _post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple
         return e.code, json.loads(e.read())
 
 
-@pytest.fixture(scope="module")
-def text_server(tmp_path_factory):
+@pytest.fixture(scope="module", params=[0, 1], ids=["one-process", "front-end-process"])
+def text_server(request, tmp_path_factory):
     base = tmp_path_factory.mktemp("text")
     refs = {"sentiment": classifier(base / "sentiment")}
     models = [{"name": "sentiment", "source": "hf:sentiment", "warmup": 0, "max_queue_delay_ms": 5.0},
               {"name": "strict", "source": "hf:sentiment", "warmup": 0, "max_length": 16}]
-    with ServerThread(base, models=models, workers=1) as srv:
+    with ServerThread(base, models=models, workers=request.param, grpc_port=0) as srv:
         srv.base, srv.refs = base, refs
         yield srv
 
@@ -188,6 +188,33 @@ def test_the_client_and_tritonclient_send_text(text_server):
         assert labels[k] == LABELS[int(w.argmax())]
 
 
+def test_text_pairs_and_grpc(text_server):
+    srv = text_server
+    body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["the plot"]},
+                       {"name": "text_pair", "datatype": "BYTES", "shape": [1], "data": ["was not good"]}]}
+    status, doc = _post(f"{srv.url}/v2/models/sentiment/infer", json.dumps(body).encode())
+    assert status == 200, doc
+    from tokenizers import Tokenizer
+
+    e = Tokenizer.from_file(str(srv.base / "sentiment" / "tokenizer.json")).encode("the plot", "was not good")
+    ids, types = torch.tensor([e.ids]), torch.tensor([e.type_ids])
+    assert types.sum() > 0  # the pair's second segment is typed 1, as BERT was trained
+    with torch.inference_mode():
+        want = srv.refs["sentiment"](input_ids=ids, attention_mask=torch.ones_like(ids),
+                                     token_type_ids=types).logits[0]
+    got = {o["name"]: o["data"] for o in doc["outputs"]}["logits"]
+    assert np.allclose(got, want.numpy(), atol=TOL)
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url=srv.grpc_hostport)
+    x = grpcclient.InferInput("text", [1], "BYTES")
+    x.set_data_from_numpy(np.array([TEXTS[1].encode()], dtype=object))
+    res = client.infer("sentiment", [x])
+    w = alone(srv.refs["sentiment"], srv.base / "sentiment", TEXTS[1]).logits[0].softmax(-1)
+    assert res.as_numpy("label")[0].decode() == LABELS[int(w.argmax())]
+    client.close()
+
+
 def test_bad_text_is_a_400_naming_why_and_the_server_serves_on(text_server):
     srv = text_server
     long = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [TEXTS[2]]}]}
@@ -201,6 +228,29 @@ def test_bad_text_is_a_400_naming_why_and_the_server_serves_on(text_server):
     assert status == 400 and "not UTF-8" in doc["error"], doc
     ok = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["fun"]}]}
     assert _post(f"{srv.url}/v2/models/sentiment/infer", json.dumps(ok).encode())[0] == 200
+
+
+async def test_a_token_classifier_labels_each_position(tmp_path):
+    torch.manual_seed(2)
+    tags = {0: "O", 1: "B-THING", 2: "I-THING"}
+    ref = transformers.BertForTokenClassification(bert_config(num_labels=3, id2label=tags,
+                                                             label2id={v: k for k, v in tags.items()})).eval()
+    ref.save_pretrained(tmp_path / "ner")
+    tokenizer(tmp_path / "ner")
+    async with Engine(None, base_dir=str(tmp_path), default_device="cpu") as engine:
+        snap = await engine.register({"name": "ner", "source": "hf:ner", "warmup": 0, "buckets": [8, 32]})
+        assert [(s["name"], s["shape"]) for s in snap["outputs"]] == [
+            ("logits", [-1, -1, 3]), ("label", [-1, -1]), ("score", [-1, -1])]
+        plan = engine.instance("ner").text_plan
+        assert plan.buckets == (8, 32, 64)  # max_length closes the list
+        ids = encoder(plan).encode({"text": np.array(TEXTS[:2], dtype=object)})
+        assert ids["input_ids"].shape == (2, 8)
+        out = (await engine.infer("ner", {k: torch.from_numpy(v) for k, v in ids.items()})).outputs
+        for k, text in enumerate(TEXTS[:2]):
+            want = alone(ref, tmp_path / "ner", text).logits[0]
+            n = len(want)
+            assert torch.allclose(out["logits"][k, :n], want, atol=TOL)
+            assert [b.decode() for b in out["label"][k, :n]] == [tags[int(i)] for i in want.argmax(-1)]
 
 
 async def test_a_tokenizer_that_wants_remote_code_is_refused_at_registration(tmp_path):
@@ -226,3 +276,42 @@ def test_text_keys_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="only used with hf: sources"):
         model_from_dict({"name": "m", "source": "zoo:tiny-mlp", "max_length": 8})
     assert TextPlan.from_dict(TextPlan("t.json", 8, False, (8,), False, False, 0).to_dict()).max_length == 8
+
+
+@pytest.fixture(scope="module")
+def fuzz_plan(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fuzz")
+    tokenizer(folder)
+    return TextPlan(str(folder / "tokenizer.json"), 16, False, (8, 16), True, True, 0)
+
+
+def test_fuzzed_text_is_tokenized_or_refused_with_a_400(fuzz_plan):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from modelconsole.scheduler.errors import InputError
+    from modelconsole.scheduler.wire import bytes_from_wire, bytes_to_wire
+
+    enc = encoder(fuzz_plan)
+    element = st.one_of(st.text(max_size=40), st.binary(max_size=40), st.integers())
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(element, min_size=0, max_size=5), st.booleans())
+    def check(items, pair):
+        arr = np.empty(len(items), dtype=object)
+        arr[:] = items
+        inputs = {"text": arr, **({"text_pair": arr} if pair else {})}
+        try:
+            out = enc.encode(inputs)
+        except InputError as e:
+            assert e.status == 400 and e.message.split(":")[0] in ("text", "text_pair")
+            return
+        assert out["input_ids"].shape == out["attention_mask"].shape == (len(items), out["input_ids"].shape[1])
+        assert out["input_ids"].shape[1] in fuzz_plan.buckets
+        assert ((out["attention_mask"] == 0) | (out["attention_mask"] == 1)).all()
+        blobs = [i.encode() if isinstance(i, str) else i for i in items if isinstance(i, (str, bytes))]
+        packed = np.empty(len(blobs), dtype=object)
+        packed[:] = blobs
+        assert bytes_from_wire("x", bytes_to_wire("x", packed)) == blobs
+
+    check()
