@@ -149,7 +149,7 @@ class Server:
         self._unix = await asyncio.get_running_loop().create_unix_server(protocol, path)
         assert self.grpc_port_setting is not None  # called only when gRPC is on
         grpc = GrpcFrontEnd(self.app[LINK], ControlProxy(path), self.settings, self.grpc_port_setting,
-                            self.app[REQUESTS])
+                            self.app[REQUESTS], engine=self.app[ENGINE])
         try:
             await grpc.start()
         except OSError:

@@ -15,9 +15,11 @@ Calls:
   fields; outputs always come back as ``raw_output_contents``, as Triton
   answers.  Request parameters ``priority``, ``timeout`` (microseconds) and
   ``routing_key`` mean what they mean over HTTP.
-* health, metadata, config, statistics and the repository calls ask the
-  engine's own HTTP app for the JSON it answers (``proxy.ControlProxy``), so
-  both protocols tell the same story, and translate it.
+* health, metadata, config and statistics are the documents ``v2.py`` builds
+  for HTTP: from the engine itself where it runs in this process
+  (``--workers 0``), else from the engine core's HTTP app
+  (``proxy.ControlProxy``), as are the repository calls everywhere; so both
+  protocols tell the same story, and this translates it.
 * ``ModelStreamInfer`` (tritonclient's ``start_stream`` / ``async_stream_infer``):
   each request of the stream is one ``ModelInfer``, answered as it completes;
 * the shared-memory, trace and log calls are not served: UNIMPLEMENTED.
@@ -48,11 +50,11 @@ from google.protobuf import descriptor_pb2, descriptor_pool, json_format, messag
 from modelconsole.scheduler import textenc
 from modelconsole.scheduler.errors import EngineError
 
-from . import codec
+from . import codec, v2
 from .guard import bearer_status
 from .ipc import InferCall
 from .proxy import ControlProxy
-from .web import ServerSettings
+from .web import HttpError, ServerSettings
 
 log = logging.getLogger("modelconsole.server.grpc")
 
@@ -101,10 +103,13 @@ class GrpcError(Exception):
 class Servicer:
     """The calls (module docstring); one per front end."""
 
-    def __init__(self, link: Any, control: ControlProxy, settings: ServerSettings):
+    def __init__(self, link: Any, control: ControlProxy, settings: ServerSettings, engine: Any = None):
         self.link = link
         self.control = control
         self.settings = settings
+        # the engine of this process (--workers 0): metadata is read from it directly; a front-end
+        # process has none and asks the engine core's app (``control``)
+        self.engine = engine
 
     # ---------------------------------------------------------------- plumbing
 
@@ -146,26 +151,47 @@ class Servicer:
     async def ServerLive(self, request: Any, context: Any) -> Any:
         return M["ServerLiveResponse"](live=True)
 
+    async def _doc(self, build: Callable[..., Any], path: str, *args: Any) -> Any:
+        """A metadata document: built from this process's engine (``v2``'s builders), or the
+        engine core's app's JSON answer to ``path``; an HTTP error as the gRPC status."""
+        if self.engine is None:
+            return (await self._json("GET", path))[1]
+        try:
+            return build(self.engine, *args)
+        except HttpError as e:
+            raise GrpcError(e.status, e.message) from None
+
     async def ServerReady(self, request: Any, context: Any) -> Any:
         if not self.link.ready:
             return M["ServerReadyResponse"](ready=False)
+        if self.engine is not None:
+            return M["ServerReadyResponse"](ready=True)
         status, _ = await self._json("GET", "/v2/health/ready")
         return M["ServerReadyResponse"](ready=status == 200)
 
     async def ModelReady(self, request: Any, context: Any) -> Any:
-        status, _ = await self._json("GET", self._model_path(request.name, request.version) + "/ready")
-        return M["ModelReadyResponse"](ready=status == 200)
+        path = self._model_path(request.name, request.version)
+        if self.engine is None:
+            status, _ = await self._json("GET", path + "/ready")
+            return M["ModelReadyResponse"](ready=status == 200)
+        try:
+            v2.ready_check(self.engine, request.name, request.version or None)
+        except HttpError:
+            return M["ModelReadyResponse"](ready=False)
+        return M["ModelReadyResponse"](ready=True)
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:
-        _, value = await self._json("GET", "/v2")
+        value = await self._doc(lambda _engine: v2.server_doc(), "/v2")
         return json_format.ParseDict(value, M["ServerMetadataResponse"](), ignore_unknown_fields=True)
 
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
-        _, value = await self._json("GET", self._model_path(request.name, request.version))
+        value = await self._doc(v2.metadata_doc, self._model_path(request.name, request.version), request.name,
+                                request.version or None)
         return json_format.ParseDict(value, M["ModelMetadataResponse"](), ignore_unknown_fields=True)
 
     async def ModelConfig(self, request: Any, context: Any) -> Any:
-        _, value = await self._json("GET", self._model_path(request.name, request.version) + "/config")
+        value = await self._doc(v2.config_doc, self._model_path(request.name, request.version) + "/config",
+                                request.name, request.version or None)
         resp = M["ModelConfigResponse"]()
         json_format.ParseDict(value, resp.config, ignore_unknown_fields=True)
         return resp
@@ -174,7 +200,7 @@ class Servicer:
         path = self._model_path(request.name, request.version) + "/stats" if request.name else "/v2/models/stats"
         if not request.name and request.version:
             raise GrpcError(400, "version: a version needs a model name")
-        _, value = await self._json("GET", path)
+        value = await self._doc(v2.stats_doc, path, request.name or None, request.version or None)
         return json_format.ParseDict(value, M["ModelStatisticsResponse"](), ignore_unknown_fields=True)
 
     # ---------------------------------------------------------------- repository
@@ -385,8 +411,9 @@ def handlers(servicer: Servicer, counter: Any = None) -> grpc.GenericRpcHandler:
 class GrpcFrontEnd:
     """The gRPC server of one process: ``start`` listens, ``stop`` drains."""
 
-    def __init__(self, link: Any, control: ControlProxy, settings: ServerSettings, port: int, counter: Any = None):
-        self.servicer = Servicer(link, control, settings)
+    def __init__(self, link: Any, control: ControlProxy, settings: ServerSettings, port: int, counter: Any = None,
+                 engine: Any = None):
+        self.servicer = Servicer(link, control, settings, engine)
         self.counter = counter
         self.settings = settings
         self.requested_port = port

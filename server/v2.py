@@ -93,10 +93,6 @@ def _version(request: web.Request) -> str | None:
     return v
 
 
-def _instance(request: web.Request) -> Any:
-    return request.app[ENGINE].instance(request.match_info["name"], _version(request))
-
-
 def _versions(engine: Any, name: str) -> list[str]:
     return [s["version"] for s in engine.snapshot_models(name)]
 
@@ -114,8 +110,51 @@ async def ready(request: web.Request) -> web.Response:
     return web.Response(status=400)
 
 
+# The answers as documents of the engine (the HTTP handlers below, and gRPC in the same process:
+# grpc_v2.py calls these rather than HTTP to its own app)
+
+
+def server_doc() -> dict[str, Any]:
+    return {"name": "modelconsole", "version": VERSION, "extensions": EXTENSIONS}
+
+
+def metadata_doc(engine: Any, name: str, version: str | None) -> dict[str, Any]:
+    inst = engine.instance(name, version)
+    return {
+        "name": inst.name,
+        "versions": _versions(engine, inst.name),
+        "platform": inst.platform or "pytorch_libtorch",
+        "inputs": _specs(public_inputs(inst)),
+        "outputs": _specs(inst.outputs),
+    }
+
+
+def ready_check(engine: Any, name: str, version: str | None) -> None:
+    """Nothing when the version is READY; HttpError 400 saying its state otherwise (404: unknown)."""
+    inst = engine.instance(name, version)
+    if inst.state == "READY":
+        return
+    hint = " (it loads on its first request)" if inst.state == "UNLOADED" else ""
+    reason = f": {inst.reason}" if inst.reason else ""
+    raise HttpError(400, f"model '{inst.name}' version {inst.version} is {inst.state}{reason}{hint}")
+
+
+def config_doc(engine: Any, name: str, version: str | None) -> dict[str, Any]:
+    inst = engine.instance(name, version)
+    return triton_config(inst, _versions(engine, inst.name))
+
+
+def stats_doc(engine: Any, name: str | None, version: str | None) -> dict[str, Any]:
+    if name is None:
+        snaps = engine.snapshot_models()
+    else:
+        inst = engine.instance(name, version)  # 404 for an unknown model or version
+        snaps = [s for s in engine.snapshot_models(name) if version is None or s["version"] == inst.version]
+    return {"model_stats": [triton_stats(s) for s in snaps]}
+
+
 async def server_metadata(request: web.Request) -> web.Response:
-    return json_response({"name": "modelconsole", "version": VERSION, "extensions": EXTENSIONS})
+    return json_response(server_doc())
 
 
 def _specs(specs: Any) -> list[dict[str, Any]]:
@@ -123,15 +162,7 @@ def _specs(specs: Any) -> list[dict[str, Any]]:
 
 
 async def model_metadata(request: web.Request) -> web.Response:
-    inst = _instance(request)
-    engine = request.app[ENGINE]
-    return json_response({
-        "name": inst.name,
-        "versions": _versions(engine, inst.name),
-        "platform": inst.platform or "pytorch_libtorch",
-        "inputs": _specs(public_inputs(inst)),
-        "outputs": _specs(inst.outputs),
-    })
+    return json_response(metadata_doc(request.app[ENGINE], request.match_info["name"], _version(request)))
 
 
 def public_inputs(inst: Any) -> Any:
@@ -145,12 +176,8 @@ def public_inputs(inst: Any) -> Any:
 
 
 async def model_ready(request: web.Request) -> web.Response:
-    inst = _instance(request)
-    if inst.state == "READY":
-        return web.Response(status=200)
-    hint = " (it loads on its first request)" if inst.state == "UNLOADED" else ""
-    reason = f": {inst.reason}" if inst.reason else ""
-    raise HttpError(400, f"model '{inst.name}' version {inst.version} is {inst.state}{reason}{hint}")
+    ready_check(request.app[ENGINE], request.match_info["name"], _version(request))
+    return web.Response(status=200)
 
 
 def _config_tensors(specs: Any, batching: bool) -> list[dict[str, Any]]:
@@ -201,8 +228,7 @@ def triton_config(inst: Any, versions: list[str]) -> dict[str, Any]:
 
 
 async def model_config(request: web.Request) -> web.Response:
-    inst = _instance(request)
-    return json_response(triton_config(inst, _versions(request.app[ENGINE], inst.name)))
+    return json_response(config_doc(request.app[ENGINE], request.match_info["name"], _version(request)))
 
 
 # --------------------------------------------------------------------------- infer
@@ -362,13 +388,5 @@ def triton_stats(snap: dict[str, Any]) -> dict[str, Any]:
 
 
 async def statistics(request: web.Request) -> web.Response:
-    engine = request.app[ENGINE]
-    name = request.match_info.get("name")
-    version = _version(request)
-    if name is None:
-        snaps = engine.snapshot_models()
-    else:
-        inst = engine.instance(name, version)  # 404 for an unknown model or version
-        snaps = [s for s in engine.snapshot_models(name) if version is None or s["version"] == inst.version]
-    return json_response({"model_stats": [triton_stats(s) for s in snaps]})
+    return json_response(stats_doc(request.app[ENGINE], request.match_info.get("name"), _version(request)))
 
