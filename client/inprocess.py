@@ -51,7 +51,8 @@ async def local_infer(engine: Any, name: str, version: str | None, inputs: Mappi
     tensors = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(wire.as_array(v)))
                for k, v in inputs.items()}
     result = await engine.infer(name, tensors, version=version)
-    return {k: v.detach().cpu().numpy().copy() for k, v in result.outputs.items()}
+    return {k: v.detach().cpu().numpy().copy() if isinstance(v, torch.Tensor) else np.asarray(v)
+            for k, v in result.outputs.items()}
 
 
 def _start(path: str) -> tuple[Any, asyncio.AbstractEventLoop]:

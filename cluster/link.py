@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from modelconsole.scheduler.errors import EngineError, ModelNotFound, ModelUnavailable
+from modelconsole.scheduler.textenc import TextPlan
 from modelconsole.server import ipc
 from modelconsole.server.ipc import InferAnswer, InferCall
 
@@ -85,7 +86,7 @@ class ClusterLink:
         model = self.table["models"].get(name)
         return model is not None and (version is None or version in model["versions"])
 
-    async def check(self, name: str, version: str | None) -> dict[str, Any] | None:
+    async def check(self, name: str, version: str | None) -> TextPlan | None:
         """ModelNotFound, with the engine's own message, for a name or version not registered.
         Text is tokenized where a node's own front ends meet its core (``server/link.py``): the
         fleet's forwarding path carries tensors only (None)."""

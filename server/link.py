@@ -20,6 +20,7 @@ import logging
 from typing import Any, Protocol
 
 from modelconsole.scheduler.errors import EngineError, ModelUnavailable
+from modelconsole.scheduler.textenc import TextPlan
 
 from . import ipc, transport
 from .ipc import InferAnswer, InferCall
@@ -31,9 +32,9 @@ AWAKE_MAX_CALLS = 2
 
 
 class Link(Protocol):
-    async def check(self, name: str, version: str | None) -> dict[str, Any] | None:
-        """ModelNotFound for an unknown model or version; else how it takes text (a
-        ``textenc.TextPlan`` as a dict), or None when it takes tensors only."""
+    async def check(self, name: str, version: str | None) -> TextPlan | None:
+        """ModelNotFound for an unknown model or version; else how it takes text, or None when
+        it takes tensors only."""
 
     @property
     def ready(self) -> bool: ...
@@ -47,9 +48,10 @@ class LocalLink:
     def __init__(self, engine: Any):
         self.engine = engine
 
-    async def check(self, name: str, version: str | None) -> dict[str, Any] | None:
+    async def check(self, name: str, version: str | None) -> TextPlan | None:
         inst = self.engine.instance(name, version)  # ModelNotFound (404) before a byte of the body is read
-        return inst.text_plan.to_dict() if inst.text_plan is not None else None
+        plan: TextPlan | None = inst.text_plan
+        return plan
 
     @property
     def ready(self) -> bool:
@@ -77,9 +79,9 @@ class CoreLink:
         self._next = 0
         self.gone: str | None = None  # why calls fail at once (the core stopped)
         # (model, version) pairs the core has, with how each takes text (None: tensors only)
-        self._known: dict[tuple[str, str | None], dict[str, Any] | None] = {}
+        self._known: dict[tuple[str, str | None], TextPlan | None] = {}
 
-    async def check(self, name: str, version: str | None) -> dict[str, Any] | None:
+    async def check(self, name: str, version: str | None) -> TextPlan | None:
         """ModelNotFound (the engine's own message) for a model or version the core does not have;
         else how it takes text (``Link.check``).
 
@@ -90,8 +92,9 @@ class CoreLink:
         if key in self._known:
             return self._known[key]
         answer = await self.infer(InferCall(name, version, None, check_only=True))
-        self._known[key] = answer.text
-        return answer.text
+        plan = TextPlan.from_dict(answer.text) if answer.text is not None else None
+        self._known[key] = plan
+        return plan
 
     @property
     def ready(self) -> bool:

@@ -116,6 +116,17 @@ async def test_a_classifier_takes_text_and_answers_labels_scores_and_logits(tmp_
         assert waste == pytest.approx((3 * 32 - real) / real)
 
 
+async def test_the_client_in_process_tokenizes_too(tmp_path):
+    ref = classifier(tmp_path / "sentiment")
+    async with Engine(None, base_dir=str(tmp_path), default_device="cpu") as engine:
+        await engine.register({"name": "sentiment", "source": "hf:sentiment", "warmup": 0})
+        got = await Model("sentiment").apredict(TEXTS[:2])  # this process's engine: no server
+    for k, text in enumerate(TEXTS[:2]):
+        want = alone(ref, tmp_path / "sentiment", text).logits[0].softmax(-1)
+        assert got["label"][k] == LABELS[int(want.argmax())]
+        assert abs(float(got["score"][k]) - float(want.max())) < TOL
+
+
 async def test_an_encoder_answers_pooled_embeddings(tmp_path):
     ref = embedder(tmp_path / "embed")
     async with Engine(None, base_dir=str(tmp_path), default_device="cpu") as engine:
