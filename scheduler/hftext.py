@@ -19,6 +19,7 @@ The module counts real and padded tokens per forward: the padding waste ``descri
 from __future__ import annotations
 
 import inspect
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -72,11 +73,29 @@ def _pad_id(path: Path, doc: dict[str, Any], tok_doc: dict[str, Any]) -> int:
     return int(found)
 
 
+_PLANS: dict[tuple[Any, ...], TextPlan | None] = {}
+_PLANS_LOCK = threading.Lock()
+
+
 def text_plan(cfg: ModelConfig, folder: Path) -> TextPlan | None:
     """How this hf: model takes text, or None (no tokenizer, or ``tokenizer = false``, or its
-    inputs declared by hand).  Refusals name the file and why (remote code, a limit)."""
+    inputs declared by hand).  Refusals name the file and why (remote code, a limit).  Cached
+    per folder, files' modification times and text keys: every replica asks, on the loop."""
     if cfg.tokenizer is False or (cfg.inputs is not None and cfg.tokenizer is None):
         return None
+    stamps = tuple(p.stat().st_mtime if p.exists() else 0.0
+                   for p in (folder / "tokenizer.json", folder / "tokenizer_config.json", folder / "config.json"))
+    key = (str(folder.resolve()), stamps, cfg.tokenizer, cfg.max_length, cfg.truncation, cfg.buckets, cfg.source)
+    with _PLANS_LOCK:
+        if key in _PLANS:
+            return _PLANS[key]
+    plan = _text_plan(cfg, folder)
+    with _PLANS_LOCK:
+        _PLANS[key] = plan
+    return plan
+
+
+def _text_plan(cfg: ModelConfig, folder: Path) -> TextPlan | None:
     try:
         found = check_tokenizer_folder(folder, cfg.source)
     except ValueError as e:

@@ -65,6 +65,7 @@ async def derive_specs_off_loop(cfg: ModelConfig) -> None:
     if cfg.source_kind == "hf" and (cfg.inputs is None or cfg.outputs is None):
         with contextlib.suppress(Exception):
             await asyncio.to_thread(sources.declared_specs, cfg)
+            await asyncio.to_thread(sources.text_plan, cfg)  # reads the tokenizer: off the loop too
 
 
 def expired(inst: ModelInstance, now: float) -> bool:
