@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from typing import Any
 
 import aiohttp
@@ -22,6 +23,7 @@ from serverutil import ServerThread
 from modelconsole.scheduler import routing
 from modelconsole.scheduler.engine import Engine
 from modelconsole.server import codec
+from modelconsole.server.web import LINK
 
 SEQ = 8
 ENCODER = {"layers": 1, "d_model": 16, "heads": 2, "seq": SEQ, "vocab": 100}
@@ -109,16 +111,28 @@ async def test_a_body_still_arriving_when_the_swap_switches_is_decoded_against_v
     """The handler looks the model up before it reads the body; the swap switches while the body
     is still on the wire: the body is decoded against the version that serves it, v2."""
     host, port = srv.url.removeprefix("http://").split(":")
+    link = srv.server.app[LINK]
+    checked = threading.Event()  # the handler looked the model up: next it reads the body
+    looked_up = link.check
+
+    async def check(name: str, version: str | None) -> Any:
+        found = await looked_up(name, version)
+        checked.set()
+        return found
+
     async with aiohttp.ClientSession() as s:
         status, head, _ = await raw_infer(s, srv, "midbody", V1_RAW)
         assert status == 200 and head["model_version"] == "1"
         reader, writer = await asyncio.open_connection(host, int(port))
+        link.check = check  # this server's own link, watched: it answers as before
         try:
             writer.write(b"POST /v2/models/midbody/infer HTTP/1.1\r\nHost: %s\r\n"
                          b"Inference-Header-Content-Length: 0\r\nContent-Length: %d\r\n\r\n"
                          % (host.encode(), len(V2_RAW)) + V2_RAW[:3])
             await writer.drain()
-            await asyncio.sleep(0.2)  # the handler has started and waits for the rest of the body
+            # the handler has looked v1 up and waits for the rest of the body (it runs on, without
+            # yielding, from the lookup to the body's read: the swap below is answered after that)
+            assert await asyncio.to_thread(checked.wait, 30)
             await swap(s, srv, "midbody", "2")
             writer.write(V2_RAW[3:])
             await writer.drain()
@@ -127,6 +141,7 @@ async def test_a_body_still_arriving_when_the_swap_switches_is_decoded_against_v
             headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:] if ":" in ln)}
             body = await reader.readexactly(int(headers["content-length"]))
         finally:
+            link.check = looked_up
             writer.close()
     status = int(lines[0].split()[1])
     hl = headers.get("inference-header-content-length")
