@@ -40,9 +40,9 @@ from textual.widgets.data_table import ColumnKey
 
 from modelconsole.themes import DEFAULT_THEME, THEMES, stylesheet
 
-from . import __version__, keys
 from . import commands as cmds
 from . import format as fmt
+from . import keys, status
 from .actions import ModelActions, evict_refusal, label_of
 from .client import EngineClient
 from .keys import DEMO_ACTIONS, MAIN_ONLY, MUTATING, PALETTE
@@ -451,10 +451,6 @@ class ModelConsoleApp(App[None]):
         self.detail.show(m, lat, rate, self.picture.recent_events(key, m["name"]), self.routing.get(m["name"]))
 
     def show_status(self, snap: dict[str, Any]) -> None:
-        models = snap.get("models") or []
-        ready = sum(1 for m in models if m.get("state") == "READY")
-        total_rate = sum(fmt.throughput(m) for m in models)
-        total_err = sum((m.get("stats") or {}).get("error_rps") or 0.0 for m in models)
         server = snap.get("server") or {}
         if self.client.url:
             where = f"attached to {self.client.url}"
@@ -462,42 +458,10 @@ class ModelConsoleApp(App[None]):
             where = f"embedded · {server['url']}" if server.get("url") else "embedded (no HTTP server)"
         else:
             where = "in-process"
-        # what the operator set (filter, sort) right after the counts: a narrow terminal cuts the
-        # end of the line, and these must stay in view (k9s keeps its filter in the breadcrumb)
-        parts = [f"{len(models)} models ({ready} ready)",
-                 f"{fmt.rate(total_rate)} req/s" + (f" ({fmt.rate(total_err)} err/s)" if total_err else ""),
-                 f"sort {fmt.COLUMN_LABELS[self.picture.sort_col].strip()}{'↓' if self.picture.sort_reverse else '↑'}"]
-        if self.picture.filter_text:
-            bad = " (not a regex: as text)" if self.picture.filter_error else ""
-            parts.append(f"filter /{self.picture.filter_text}/ {len(self._cells)} of {len(models)}{bad}")
-        width = self.size.width
-        if width >= 100 or self._server_error or not self.client.connected:
-            parts.insert(0, where)
-        if width >= 140:
-            parts.insert(0, f"modelconsole {__version__}")
-        if self.marked:
-            parts.append(f"{len(self.marked)} marked (u, e, p act on them; esc clears)")
-        if snap.get("nodes"):
-            live = sum(1 for n in snap["nodes"] if n.get("health") in ("ok", "degraded"))
-            degraded = sum(1 for n in snap["nodes"] if n.get("health") == "degraded")
-            target = f"node {self.target_node[:8]}" if self.target_node else "all nodes"
-            parts.append(f"fleet {live} nodes" + (f" ({degraded} degraded)" if degraded else "")
-                         + f" · actions on {target} (n)")
-        for name in sorted(set(self.routing) | set(self.ops.swapping)):
-            routing = self.routing.get(name)
-            line = fmt.swap_line(name, routing)
-            if line is None and name in self.ops.swapping:
-                line = f"swap {name} →{self.ops.swapping[name]}: starting"
-            if line is None and fmt.canary_running(routing):
-                c = (routing or {}).get("canary") or {}
-                line = f"canary {name} →{c.get('version', '?')} {fmt._num(c.get('share') or 0)}%"
-            if line:
-                parts.append(line)
-        if self.demo is not None:
-            parts.append(f"demo {fmt.rate(float(getattr(self.demo, 'rate', 0.0) or 0.0))} req/s")
-        if self.read_only:
-            parts.append("READ-ONLY")
-        self.status_line.set(" " + " · ".join(parts))
+        demo = float(getattr(self.demo, "rate", 0.0) or 0.0) if self.demo is not None else None
+        view = status.View(where, self.size.width, bool(self._server_error or not self.client.connected),
+                           len(self._cells), self.target_node, dict(self.ops.swapping), demo, self.read_only)
+        self.status_line.set(status.status_text(snap, self.picture, view))
 
     # ------------------------------------------------------------------ events
 

@@ -110,3 +110,19 @@ def test_describe_shows_a_text_models_tokenizer_buckets_and_padding_waste():
     m["text"]["padding_waste"] = None
     assert "padding waste — (no batch yet)" in dict(describe.sections(m, None, [], []))["text"]
     assert "text" not in dict(describe.sections(version("m", "1"), None, [], []))
+
+
+def test_the_header_keeps_counts_sort_and_filter_first_and_adds_where_it_runs_when_wide_or_in_trouble():
+    from modelconsole.console.status import View, status_text
+
+    p = Picture()
+    snap = {"models": [version("tiny", "1"), version("big", "1", "UNLOADED")]}
+    p.observe(snap["models"], 0.0)
+    p.set_filter("tiny")
+    narrow = status_text(snap, p, View("attached to http://h:1", 80, shown_rows=1))
+    assert narrow.startswith(" 2 models (1 ready) · 0 req/s · sort model↑ · filter /tiny/ 1 of 2")
+    assert "attached" not in narrow
+    assert status_text(snap, p, View("attached to http://h:1", 80, trouble=True)).startswith(" attached to")
+    wide = status_text(snap, p, View("in-process", 150, swapping={"tiny": "2"}, demo_rate=4.0, read_only=True))
+    assert wide.startswith(" modelconsole ") and "swap tiny →2: starting" in wide
+    assert wide.endswith("demo 4.00 req/s · READ-ONLY")

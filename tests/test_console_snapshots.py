@@ -33,8 +33,8 @@ from textual.screen import ModalScreen
 from textual.widgets import Input
 from waiting import until
 
-from modelconsole.console import app as app_module
 from modelconsole.console import format as fmt
+from modelconsole.console import status as status_module
 from modelconsole.console.app import ModelConsoleApp
 from modelconsole.console.client import EngineClient
 from modelconsole.console.screens import ConfirmScreen, HelpScreen, RegisterScreen
@@ -140,7 +140,7 @@ FROZEN_TIME = SimpleNamespace(time=lambda: NOW, localtime=time.gmtime, gmtime=ti
 def frozen(monkeypatch):
     monkeypatch.setattr(fmt, "time", FROZEN_TIME)
     # the status line shows the package version: a release must not change every snapshot
-    monkeypatch.setattr(app_module, "__version__", "0.0.0")
+    monkeypatch.setattr(status_module, "__version__", "0.0.0")
     # the Input cursor blinks on a 0.5 s timer: keep it shown (the focused input shows a cursor)
     monkeypatch.setattr(Input, "_toggle_cursor", lambda self: None)
     monkeypatch.delenv("NO_COLOR", raising=False)  # read by App.__init__: colours in every snapshot
