@@ -873,26 +873,7 @@ class ModelInstance:
         """The batch sizes captured as CUDA graphs; None when it runs eagerly."""
         return self._graphs.sizes if self._graphs is not None else None
 
-    def text_view(self) -> dict[str, Any] | None:
-        """A text model's tokenizer, buckets and padding waste so far; None for every other model."""
-        plan = self.text_plan
-        if plan is None:
-            return None
-        waste = getattr(self._module, "padding_waste", None)
-        return {"tokenizer": plan.tokenizer, "max_length": plan.max_length, "truncation": plan.truncation,
-                "buckets": list(plan.buckets), "pairs": plan.pair,
-                "head": getattr(self._module, "kind", None),
-                "padding_waste": waste() if callable(waste) else None}
-
-    def remote_view(self) -> dict[str, Any] | None:
-        """A remote: model's target and health (never its token); None for every other source."""
-        if self.cfg.source_kind != "remote":
-            return None
-        module = self._module
-        circuit = getattr(module, "circuit", None)
-        return {"url": self.cfg.source_ref, "model": self.cfg.model or self.name,
-                "remote_version": self.cfg.remote_version,
-                "circuit": circuit.state if circuit is not None else None,
-                "failures_in_a_row": circuit.failures if circuit is not None else 0,
-                "last_call_ms": getattr(module, "last_call_ms", None),
-                "last_remote_ms": getattr(module, "last_remote_ms", None)}
+    @property
+    def module(self) -> Any:
+        """The loaded module (None when unloaded): for the views that read its counters."""
+        return self._module

@@ -52,8 +52,8 @@ def version_snapshot(inst: ModelInstance) -> dict[str, Any]:
         "config": inst.cfg.to_dict(),
         "stats": inst.stats.to_dict(),
         "replicas": [replica_view(r) for r in inst.replica_set],
-        "remote": inst.remote_view(),
-        "text": inst.text_view(),
+        "remote": remote_view(inst),
+        "text": text_view(inst),
     }
 
 
@@ -67,3 +67,27 @@ def replica_view(inst: ModelInstance) -> dict[str, Any]:
             "served": inst.served,
             "footprint_bytes": inst.footprint_bytes if inst.state in (READY, WARMING, UNLOADING) else 0}
 
+
+def text_view(inst: ModelInstance) -> dict[str, Any] | None:
+    """A text model's tokenizer, buckets and padding waste so far; None for every other model."""
+    plan = inst.text_plan
+    if plan is None:
+        return None
+    waste = getattr(inst.module, "padding_waste", None)
+    return {"tokenizer": plan.tokenizer, "max_length": plan.max_length, "truncation": plan.truncation,
+            "buckets": list(plan.buckets), "pairs": plan.pair, "head": getattr(inst.module, "kind", None),
+            "padding_waste": waste() if callable(waste) else None}
+
+
+def remote_view(inst: ModelInstance) -> dict[str, Any] | None:
+    """A remote: model's target and health (never its token); None for every other source."""
+    cfg = inst.cfg
+    if cfg.source_kind != "remote":
+        return None
+    module = inst.module
+    circuit = getattr(module, "circuit", None)
+    return {"url": cfg.source_ref, "model": cfg.model or inst.name, "remote_version": cfg.remote_version,
+            "circuit": circuit.state if circuit is not None else None,
+            "failures_in_a_row": circuit.failures if circuit is not None else 0,
+            "last_call_ms": getattr(module, "last_call_ms", None),
+            "last_remote_ms": getattr(module, "last_remote_ms", None)}

@@ -208,3 +208,13 @@ def test_no_module_reaches_into_the_engines_private_members():
              for p in (ROOT / pkg).rglob("*.py") if p.name not in ("engine.py", "enginehost.py")
              for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
     assert not found, "\n".join(found)
+
+
+MAX_MODULE_LINES = 900
+
+
+def test_no_module_of_the_package_is_over_900_lines():
+    """A module past this does more than one job: split it by concern (docs/architecture.md)."""
+    long = [f"{p.relative_to(ROOT)}: {n} lines" for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES]
+    assert not long, "\n".join(long)

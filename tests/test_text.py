@@ -111,7 +111,7 @@ async def test_a_classifier_takes_text_and_answers_labels_scores_and_logits(tmp_
             probs = want.softmax(-1)
             assert result.outputs["label"][k] == LABELS[int(probs.argmax())].encode()
             assert abs(float(result.outputs["score"][k]) - float(probs.max())) < TOL
-        waste = engine.instance("sentiment").text_view()["padding_waste"]
+        waste = engine.instance("sentiment").snapshot()["text"]["padding_waste"]
         real = sum(len(t) for t in [ids["attention_mask"][k].nonzero()[0] for k in range(3)])
         assert waste == pytest.approx((3 * 32 - real) / real)
 
