@@ -85,7 +85,8 @@ def text_plan(cfg: ModelConfig, folder: Path) -> TextPlan | None:
         return None
     stamps = tuple(p.stat().st_mtime if p.exists() else 0.0
                    for p in (folder / "tokenizer.json", folder / "tokenizer_config.json", folder / "config.json"))
-    key = (str(folder.resolve()), stamps, cfg.tokenizer, cfg.max_length, cfg.truncation, cfg.buckets, cfg.source)
+    key = (str(folder.resolve()), stamps, cfg.tokenizer, cfg.max_length, cfg.truncation, cfg.buckets, cfg.source,
+           cfg.max_batch_size)
     with _PLANS_LOCK:
         if key in _PLANS:
             return _PLANS[key]
@@ -121,7 +122,8 @@ def _text_plan(cfg: ModelConfig, folder: Path) -> TextPlan | None:
     params = inspect.signature(cls.forward).parameters
     kind = head_kind(cls.__name__, ())
     return TextPlan(str(path), max_length, cfg.truncation, tuple(buckets), pair=kind in ("classify", "tokens"),
-                    token_types="token_type_ids" in params, pad_id=_pad_id(path, doc, tok_doc))
+                    token_types="token_type_ids" in params, pad_id=_pad_id(path, doc, tok_doc),
+                    max_rows=max(1, cfg.max_batch_size))
 
 
 def text_specs(cfg: ModelConfig, folder: Path,

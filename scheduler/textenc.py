@@ -43,6 +43,7 @@ class TextPlan:
     pair: bool  # takes text_pair too
     token_types: bool  # feeds token_type_ids (BERT-style pairs)
     pad_id: int
+    max_rows: int = 1024  # texts per request: the model's max_batch_size (what the engine would refuse)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,7 +51,8 @@ class TextPlan:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TextPlan:
         return cls(str(d["tokenizer"]), int(d["max_length"]), bool(d["truncation"]),
-                   tuple(int(b) for b in d["buckets"]), bool(d["pair"]), bool(d["token_types"]), int(d["pad_id"]))
+                   tuple(int(b) for b in d["buckets"]), bool(d["pair"]), bool(d["token_types"]), int(d["pad_id"]),
+                   int(d.get("max_rows", 1024)))
 
 
 def default_buckets(max_length: int) -> tuple[int, ...]:
@@ -107,7 +109,9 @@ class TextEncoder:
         self.plan = plan
         self._tok = Tokenizer.from_file(plan.tokenizer)
         self._tok.no_padding()
-        self._tok.no_truncation()  # lengths are checked here, against max_length, with a message
+        # what a text becomes is bounded whatever its size: max_length tokens (truncation on), or one
+        # more, enough to tell it is over the limit (off: refused below, with a message)
+        self._tok.enable_truncation(plan.max_length if plan.truncation else plan.max_length + 1)
 
     def encode(self, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
         """``text`` (and ``text_pair``) -> ``input_ids``, ``attention_mask`` (and
@@ -122,6 +126,8 @@ class TextEncoder:
         texts = _texts(TEXT, inputs[TEXT])
         if not texts:
             raise InputError(f"{TEXT}: expected at least one string, got none")
+        if len(texts) > plan.max_rows:
+            raise InputError(f"{TEXT}: {len(texts)} strings, over this model's max_batch_size of {plan.max_rows}")
         pairs = None
         if TEXT_PAIR in inputs:
             if not plan.pair:
@@ -134,8 +140,8 @@ class TextEncoder:
         longest = max(lengths)
         if longest > plan.max_length and not plan.truncation:
             k = lengths.index(longest)
-            raise InputError(f"{TEXT}: element {k} is {longest} tokens, over this model's max_length of "
-                             f"{plan.max_length} (truncation is off: shorten it, or set truncation = true)")
+            raise InputError(f"{TEXT}: element {k} is over this model's max_length of {plan.max_length} tokens "
+                             "(truncation is off: shorten it, or set truncation = true)")
         width = bucket_for(min(longest, plan.max_length), plan.buckets)
         ids = np.full((len(batch), width), plan.pad_id, dtype=np.int64)
         mask = np.zeros((len(batch), width), dtype=np.int64)

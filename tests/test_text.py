@@ -296,6 +296,19 @@ def fuzz_plan(tmp_path_factory):
     return TextPlan(str(folder / "tokenizer.json"), 16, False, (8, 16), True, True, 0)
 
 
+def test_a_huge_text_or_too_many_are_refused_or_cut_without_growing(fuzz_plan):
+    from modelconsole.scheduler.errors import InputError
+
+    huge = np.array(["movie " * 200_000], dtype=object)  # 1.2 MB, 200,000 tokens
+    with pytest.raises(InputError, match="element 0 is over this model's max_length of 16 tokens"):
+        encoder(fuzz_plan).encode({"text": huge})
+    cut = TextPlan(fuzz_plan.tokenizer, 16, True, (8, 16), False, False, 0, max_rows=2)
+    out = encoder(cut).encode({"text": huge})
+    assert out["input_ids"].shape == (1, 16) and out["attention_mask"].all()
+    with pytest.raises(InputError, match="3 strings, over this model's max_batch_size of 2"):
+        encoder(cut).encode({"text": np.array(["a", "b", "c"], dtype=object)})
+
+
 def test_fuzzed_text_is_tokenized_or_refused_with_a_400(fuzz_plan):
     from hypothesis import given, settings
     from hypothesis import strategies as st
