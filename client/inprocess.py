@@ -47,7 +47,7 @@ async def local_infer(engine: Any, name: str, version: str | None, inputs: Mappi
     if textenc.TEXT in inputs:  # a text model: tokenized here, as a front end does
         plan = engine.instance(name, version).text_plan
         if plan is not None:
-            inputs = textenc.encoder(plan).encode(dict(inputs))
+            inputs = await textenc.encode(plan, dict(inputs))
     tensors = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(wire.as_array(v)))
                for k, v in inputs.items()}
     result = await engine.infer(name, tensors, version=version)

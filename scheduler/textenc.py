@@ -15,6 +15,7 @@ dict on the wire: ``to_dict``/``from_dict``); ``TextEncoder`` is the loaded toke
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections.abc import Sequence
@@ -156,6 +157,20 @@ class TextEncoder:
         if types is not None:
             out["token_type_ids"] = types
         return out
+
+
+INLINE_BYTES = 4096  # a request with more text than this is tokenized on a thread, off the event loop
+
+
+async def encode(plan: TextPlan, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """``TextEncoder.encode`` for a request being served: short text right here (a thread hop
+    costs more than it), longer text on a thread, so the serving loop keeps answering others."""
+    enc = encoder(plan)
+    size = sum(len(v) for name in (TEXT, TEXT_PAIR) if name in inputs
+               for v in np.asarray(inputs[name], dtype=object).reshape(-1) if isinstance(v, (str, bytes)))
+    if size <= INLINE_BYTES:
+        return enc.encode(inputs)
+    return await asyncio.to_thread(enc.encode, inputs)
 
 
 _ENCODERS: dict[TextPlan, TextEncoder] = {}

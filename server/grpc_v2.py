@@ -240,7 +240,7 @@ class Servicer:
         if call.inputs is not None and textenc.TEXT in call.inputs:
             text = await self.link.check(call.model, call.version)
             if text is not None:  # tokenized here, in the front end, as over HTTP
-                call.inputs = textenc.encoder(text).encode(call.inputs)
+                call.inputs = await textenc.encode(text, call.inputs)
         answer = await self.link.infer(call)
         resp = M["ModelInferResponse"](model_name=answer.model, model_version=answer.version, id=request.id)
         wanted = call.outputs

@@ -258,7 +258,7 @@ async def infer(request: web.Request) -> web.Response:
         req = codec.decode_request(body, header_length)
         inputs = req.inputs
         if text is not None and textenc.TEXT in inputs:  # tokenized here, in the front end: never on the core
-            inputs = textenc.encoder(text).encode(inputs)
+            inputs = await textenc.encode(text, inputs)
         call = InferCall(name, version, inputs)
     call.priority = req.priority
     call.timeout_ms = req.timeout_ms
