@@ -138,6 +138,7 @@ class FleetInstance:
         self.inputs, self.outputs = (
             tuple(TensorSpec(s["name"], s["datatype"], tuple(s["shape"])) for s in x) if x else None for x in specs)
         self.replica_set = [_ReplicaView(r["state"]) for r in merged["replicas"]] or [_ReplicaView(self.state)]
+        self.text_plan = getattr(registered, "text_plan", None)  # takes text: the metadata lists text
 
 
 @dataclass
