@@ -155,9 +155,12 @@ class ModelConfig:
         if self.dtype:
             d["dtype"] = self.dtype
         if self.source_kind == "hf":  # stored and restored as given: None stays "decide from the folder"
-            for key in ("tokenizer", "max_length", "buckets"):
-                if getattr(self, key) is not None:
-                    d[key] = list(self.buckets or ()) if key == "buckets" else getattr(self, key)
+            if self.tokenizer is not None:
+                d["tokenizer"] = self.tokenizer
+            if self.max_length is not None:
+                d["max_length"] = self.max_length
+            if self.buckets is not None:
+                d["buckets"] = list(self.buckets)
             if self.truncation:
                 d["truncation"] = True
             if self.pooling != "mean":

@@ -130,7 +130,7 @@ def text_specs(cfg: ModelConfig, folder: Path,
                plan: TextPlan) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...], str]:
     """The engine-side inputs (token ids), the outputs people read, and the head kind."""
     doc = hf.read_config(folder, cfg.source)
-    derived_in, derived_out = hf.derive_specs(folder, cfg.source)
+    _, derived_out = hf.derive_specs(folder, cfg.source)
     inputs = tuple(TensorSpec(n, "INT64", (-1, -1)) for n in IDS
                    if n != "token_type_ids" or plan.token_types)
     kind = head_kind(str(doc["architectures"][0]), derived_out)
@@ -145,7 +145,6 @@ def text_specs(cfg: ModelConfig, folder: Path,
         outputs = (TensorSpec("embedding", "FP32", (-1, hidden)),)
     else:
         kind, outputs = "raw", derived_out
-    del derived_in
     return inputs, outputs, kind
 
 

@@ -117,6 +117,10 @@ class TextEncoder:
     def encode(self, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
         """``text`` (and ``text_pair``) -> ``input_ids``, ``attention_mask`` (and
         ``token_type_ids``), INT64 [batch, bucket]."""
+        return self.tokenize(*self.texts(inputs))
+
+    def texts(self, inputs: dict[str, Any]) -> tuple[list[str], list[str] | None]:
+        """The request's texts (and pairs), checked against the plan before any is tokenized."""
         plan = self.plan
         extra = [n for n in inputs if n not in (TEXT, TEXT_PAIR)]
         if extra:
@@ -136,6 +140,10 @@ class TextEncoder:
             pairs = _texts(TEXT_PAIR, inputs[TEXT_PAIR])
             if len(pairs) != len(texts):
                 raise InputError(f"{TEXT_PAIR}: expected {len(texts)} strings (one per '{TEXT}'), got {len(pairs)}")
+        return texts, pairs
+
+    def tokenize(self, texts: list[str], pairs: list[str] | None) -> dict[str, np.ndarray]:
+        plan = self.plan
         batch = self._tok.encode_batch(list(zip(texts, pairs)) if pairs is not None else texts)
         lengths = [len(e.ids) for e in batch]
         longest = max(lengths)
@@ -166,11 +174,10 @@ async def encode(plan: TextPlan, inputs: dict[str, Any]) -> dict[str, np.ndarray
     """``TextEncoder.encode`` for a request being served: short text right here (a thread hop
     costs more than it), longer text on a thread, so the serving loop keeps answering others."""
     enc = encoder(plan)
-    size = sum(len(v) for name in (TEXT, TEXT_PAIR) if name in inputs
-               for v in np.asarray(inputs[name], dtype=object).reshape(-1) if isinstance(v, (str, bytes)))
-    if size <= INLINE_BYTES:
-        return enc.encode(inputs)
-    return await asyncio.to_thread(enc.encode, inputs)
+    texts, pairs = enc.texts(inputs)
+    if sum(map(len, texts)) + sum(map(len, pairs or ())) <= INLINE_BYTES:
+        return enc.tokenize(texts, pairs)
+    return await asyncio.to_thread(enc.tokenize, texts, pairs)
 
 
 _ENCODERS: dict[TextPlan, TextEncoder] = {}

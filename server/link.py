@@ -49,8 +49,8 @@ class LocalLink:
         self.engine = engine
 
     async def check(self, name: str, version: str | None) -> TextPlan | None:
-        inst = self.engine.instance(name, version)  # ModelNotFound (404) before a byte of the body is read
-        plan: TextPlan | None = inst.text_plan
+        # ModelNotFound (404) before a byte of the body is read
+        plan: TextPlan | None = self.engine.instance(name, version).text_plan
         return plan
 
     @property
